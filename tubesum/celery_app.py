@@ -1,0 +1,79 @@
+"""Builds the Celery app: broker, queues, routes, delivery guarantees. No task code lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from kombu import Queue
+
+from tubesum.settings import Settings, get_settings
+
+TRANSCRIPTS_QUEUE = "transcripts"
+SUMMARISE_QUEUE = "summarise"
+FETCH_TASK = "tubesum.fetch_transcript"
+SUMMARISE_TASK = "tubesum.summarise"
+
+TASK_MODULES = ["workers.fetch_tasks", "workers.summarise_tasks"]
+
+
+def embedded_broker_options(settings: Settings) -> dict:
+    """The filesystem transport: one folder shared by every process on this machine."""
+    root = Path(settings.embedded_dir).resolve() / "broker"
+    for sub in ("queue", "processed", "control"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(root / "queue"),
+        "data_folder_out": str(root / "queue"),
+        "processed_folder": str(root / "processed"),
+        "store_processed": False,
+        "control_folder": str(root / "control"),
+    }
+
+
+def celery_config(settings: Settings) -> dict:
+    transport_options: dict = {
+        # Redis redelivers an unacked message after this; it must outlast the longest chunk,
+        # otherwise a running chunk is handed to a second worker.
+        "visibility_timeout": settings.visibility_timeout_s,
+    }
+    if settings.embedded_broker:
+        transport_options = embedded_broker_options(settings)
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # reconnect forever after a broker restart
+        "task_queues": [Queue(TRANSCRIPTS_QUEUE), Queue(SUMMARISE_QUEUE)],
+        "task_create_missing_queues": False,
+        "task_default_queue": TRANSCRIPTS_QUEUE,
+        "task_routes": {
+            FETCH_TASK: {"queue": TRANSCRIPTS_QUEUE},
+            SUMMARISE_TASK: {"queue": SUMMARISE_QUEUE},
+        },
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        # Progress lives in the database; results are only shown in Flower through events.
+        "task_ignore_result": True,
+        # At-least-once: ack after the work is committed; a killed worker's task is redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Flower sees every task from sent to done.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "worker_hijack_root_logger": False,
+        "broker_heartbeat": 30,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("tubesum", include=TASK_MODULES)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+app = create_app()
