@@ -1,0 +1,218 @@
+"""Fetch one video's transcript from YouTube and store it. Plain functions; the Celery task is thin.
+
+Error policy (per youtube-transcript-api exception):
+- transient, retried with backoff: ``RequestBlocked``/``IpBlocked`` (429, captcha, bot check — may
+  pass with time or another proxy), ``YouTubeRequestFailed`` (HTTP errors), requests' connection
+  errors and timeouts;
+- permanent, recorded on the video: every other ``CouldNotRetrieveTranscript`` — transcripts
+  disabled, no transcript in any wanted language, unavailable/unplayable/age-restricted video,
+  invalid id, not translatable, PO token required, consent cookie refused, unparsable page.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from enum import Enum
+
+import requests
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from youtube_transcript_api import (
+    CouldNotRetrieveTranscript,
+    NoTranscriptFound,
+    RequestBlocked,
+    YouTubeRequestFailed,
+    YouTubeTranscriptApi,
+)
+from youtube_transcript_api._transcripts import Transcript as YtTranscript, TranscriptList
+from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig, WebshareProxyConfig
+
+from models import Transcript, Video, VideoStatus
+from models.base import utcnow
+from tubesum.db import session_scope
+from tubesum.errors import PermanentFetchError, TransientFetchError
+from tubesum.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A video in one of these states is (re)claimed by a fetch task; any other state means a previous
+# delivery already finished the work, and a redelivered message is ignored.
+CLAIMABLE = (VideoStatus.queued.value, VideoStatus.fetching.value)
+# Longest failure reason stored on a video, characters (RequestBlocked's advice runs to paragraphs).
+MAX_REASON_CHARS = 600
+TRANSIENT_ERRORS = (RequestBlocked, YouTubeRequestFailed, requests.ConnectionError, requests.Timeout)
+
+
+class Outcome(str, Enum):
+    fetched = "fetched"  # transcript stored: enqueue the summary
+    failed = "failed"  # permanent failure recorded on the video
+    skipped = "skipped"  # not ours to do (already fetched, failed, or gone)
+
+
+@dataclass(frozen=True)
+class FetchedText:
+    text: str
+    language: str
+    language_code: str
+    is_generated: bool
+    translated_from: str | None
+    snippet_count: int
+    duration_s: float | None
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+
+class TimeoutSession(requests.Session):
+    """A Session that gives every request a (connect, read) timeout: the library passes none, and a
+    stalled socket would otherwise hold a worker forever."""
+
+    def __init__(self, *, timeout: tuple[float, float]):
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, method, url, **kwargs):  # type: ignore[no-untyped-def, override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        return super().request(method, url, **kwargs)
+
+
+def make_http_session(settings: Settings) -> requests.Session:
+    return TimeoutSession(timeout=(settings.http_connect_timeout_s, settings.http_read_timeout_s))
+
+
+def make_proxy_config(settings: Settings) -> ProxyConfig | None:
+    if settings.webshare_proxy_username and settings.webshare_proxy_password:
+        return WebshareProxyConfig(
+            proxy_username=settings.webshare_proxy_username,
+            proxy_password=settings.webshare_proxy_password,
+        )
+    if settings.proxy_http or settings.proxy_https:
+        return GenericProxyConfig(http_url=settings.proxy_http, https_url=settings.proxy_https)
+    return None
+
+
+_local = threading.local()
+
+
+def thread_api(settings: Settings) -> YouTubeTranscriptApi:
+    """This thread's API instance: the library (and its Session) is not thread-safe."""
+    api = getattr(_local, "api", None)
+    if api is None:
+        api = YouTubeTranscriptApi(proxy_config=make_proxy_config(settings), http_client=make_http_session(settings))
+        _local.api = api
+    return api
+
+
+# --- choosing and fetching -------------------------------------------------------------------------
+
+
+def choose_transcript(transcripts: TranscriptList, languages: list[str]) -> tuple[YtTranscript, str | None]:
+    """Manual in a preferred language, else generated in one, else any transcript translated into the
+    first preferred language. Returns (transcript, code it was translated from or None)."""
+    for find in (transcripts.find_manually_created_transcript, transcripts.find_generated_transcript):
+        try:
+            return find(languages), None
+        except NoTranscriptFound:
+            pass
+    target = languages[0]
+    for candidate in transcripts:  # manual ones first
+        if candidate.is_translatable and any(t.language_code == target for t in candidate.translation_languages):
+            return candidate.translate(target), candidate.language_code
+    raise NoTranscriptFound(transcripts.video_id, languages, transcripts)
+
+
+def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: list[str]) -> FetchedText:
+    """Raises PermanentFetchError or TransientFetchError with a human-readable reason."""
+    try:
+        chosen, translated_from = choose_transcript(api.list(video_id), languages)
+        fetched = chosen.fetch()
+    except TRANSIENT_ERRORS as exc:
+        raise TransientFetchError(describe(exc)) from exc
+    except CouldNotRetrieveTranscript as exc:
+        raise PermanentFetchError(describe(exc)) from exc
+    snippets = fetched.snippets
+    return FetchedText(
+        text=" ".join(s.text.replace("\n", " ").strip() for s in snippets if s.text.strip()),
+        language=fetched.language,
+        language_code=fetched.language_code,
+        is_generated=fetched.is_generated,
+        translated_from=translated_from,
+        snippet_count=len(snippets),
+        duration_s=(snippets[-1].start + snippets[-1].duration) if snippets else None,
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """One readable line: the exception's name and the library's cause, without its boilerplate."""
+    if isinstance(exc, CouldNotRetrieveTranscript):
+        cause = " ".join(line.strip() for line in exc.cause.splitlines() if line.strip())
+        text = f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+# --- database ------------------------------------------------------------------------------------
+
+
+def claim(video_pk: int, *, database_url: str) -> str | None:
+    """queued/fetching → fetching, count the attempt; the YouTube id, or None if there is nothing to do."""
+    with session_scope(database_url) as session:
+        video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
+        if video is None or video.status not in CLAIMABLE:
+            return None
+        video.status = VideoStatus.fetching.value
+        video.fetching_at = video.fetching_at or utcnow()
+        video.attempts += 1
+        return video.video_id
+
+
+def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
+    """fetching → fetched with the transcript, once. False if another delivery got there first."""
+    try:
+        with session_scope(database_url) as session:
+            video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
+            if video is None or video.status not in CLAIMABLE:
+                return False
+            session.add(Transcript(video_pk=video_pk, source="youtube", **fetched.__dict__))
+            video.status, video.fetched_at, video.error = VideoStatus.fetched.value, utcnow(), None
+    except IntegrityError:  # the unique video_pk: a transcript is already stored
+        return False
+    return True
+
+
+def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
+    """Record a permanent failure, unless the video already reached a later state."""
+    with session_scope(database_url) as session:
+        video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
+        if video is None or video.status not in CLAIMABLE:
+            return
+        video.status, video.error, video.failed_at = VideoStatus.failed.value, reason, utcnow()
+
+
+def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None) -> Outcome:
+    """Claim, download, store. Transient errors propagate as TransientFetchError (the caller retries);
+    permanent ones are recorded and return Outcome.failed."""
+    video_id = claim(video_pk, database_url=settings.database_url)
+    if video_id is None:
+        return Outcome.skipped
+    try:
+        fetched = download_transcript(video_id, api=api or thread_api(settings), languages=settings.transcript_languages)
+    except PermanentFetchError as exc:
+        log.info("video %s (%s) failed: %s", video_pk, video_id, exc)
+        mark_failed(video_pk, str(exc), database_url=settings.database_url)
+        return Outcome.failed
+    if not store(video_pk, fetched, database_url=settings.database_url):
+        return Outcome.skipped
+    return Outcome.fetched
+
+
+def backoff_delay(retries: int, *, base_s: float, max_s: float) -> float:
+    """Seconds before retry number ``retries + 1``: doubling from base_s, capped at max_s, with
+    "equal jitter" (half fixed, half random) so a blocked fleet does not retry in lock-step."""
+    ceiling = min(max_s, base_s * 2**retries)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
