@@ -1,0 +1,307 @@
+"""The generation engine: load a model once, then `generate()` one chunk of prompts at a time.
+
+The GPU worker and `tubesum bench` both call exactly this. Two backends sit behind one API:
+`fast` (workers/gpu/runner.py: packed prefill, static KV cache, CUDA graphs) for Llama-family
+models on one device, and `hf` (plain `model.generate()` with left padding) for every other
+architecture, for models sharded over several GPUs, and as the bench's baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+import torch
+
+from tubesum.errors import ModelLoadError, OutOfMemory
+from workers.gpu import dummy
+from workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "fast", "hf"]
+# Memory kept free beside weights and KV cache when sizing a chunk: prefill activations at the
+# token budget, logits, allocator fragmentation. In bytes.
+AUTO_CHUNK_RESERVE_BYTES = 6 * 2**30
+AUTO_CHUNK_SAFETY = 0.9  # use at most this share of what is left
+AUTO_CHUNK_MAX = 512
+CPU_AUTO_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Greedy decoding knobs (the summaries are deterministic by design)."""
+
+    max_new_tokens: int = 200
+    ignore_eos: bool = False  # benchmarks: every prompt generates exactly max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # new tokens, the stop token included when one ended the row
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+
+
+@dataclass
+class BatchTimings:
+    batch_size: int
+    prompt_tokens: int  # real prompt tokens
+    padded_prompt_tokens: int  # token slots the GPU computed in prefill
+    generated_tokens: int
+    prefill_s: float | None
+    decode_s: float | None
+    wall_s: float
+    peak_memory_bytes: int | None
+    started_at: datetime
+    ended_at: datetime
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class Engine:
+    model: torch.nn.Module
+    tokenizer: object
+    model_name: str
+    backend: str  # "fast" | "hf"
+    runner: LlamaRunner | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+    # ------------------------------------------------------------------ facts for batch rows
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def devices(self) -> str:
+        devmap = getattr(self.model, "hf_device_map", None)
+        if devmap and len(set(devmap.values())) > 1:
+            return ",".join(sorted({str(d) for d in devmap.values()}))
+        dev = self.device
+        if dev.type == "cuda":
+            return f"{dev}:{torch.cuda.get_device_name(dev)}"
+        return str(dev)
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def attn_implementation(self) -> str:
+        if self.runner is not None:
+            return self.runner.attn_implementation
+        return str(getattr(self.model.config, "_attn_implementation", "sdpa"))
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 4096))
+
+    @property
+    def host(self) -> str:
+        return socket.gethostname()
+
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        elem = next(self.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * kv * head_dim * elem
+
+    # ------------------------------------------------------------------ chunk sizing
+    def auto_chunk_size(self, *, prompt_tokens: int, new_tokens: int) -> int:
+        """The largest chunk whose KV cache fits in free memory beside a fixed reserve."""
+        dev = self.device
+        if dev.type != "cuda":
+            return CPU_AUTO_CHUNK
+        free, _total = torch.cuda.mem_get_info(dev)
+        slots = LlamaRunner.slots_for(prompt_tokens, new_tokens)
+        per_row = self.kv_bytes_per_token() * slots
+        usable = max(0.0, (free - AUTO_CHUNK_RESERVE_BYTES) * AUTO_CHUNK_SAFETY)
+        return int(max(1, min(AUTO_CHUNK_MAX, usable // per_row)))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 *, backend: str | None = None) -> tuple[list[Generation], BatchTimings]:
+        """One batched generation over the whole chunk. Results come back in input order.
+        Raises OutOfMemory (memory already released) when the chunk does not fit."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        use = backend or self.backend
+        started = datetime.now(timezone.utc)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            if use == "fast":
+                assert self.runner is not None, "fast backend needs a Llama-family model"
+                rows, stats = self.runner.generate(
+                    prompts, max_new_tokens=params.max_new_tokens, stop_ids=self.stop_ids,
+                    ignore_eos=params.ignore_eos)
+                prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
+            else:
+                rows, prefill_s, decode_s, padded = self._hf_generate(prompts, params)
+        except torch.OutOfMemoryError as exc:
+            self.release()
+            raise OutOfMemory(f"chunk of {len(prompts)} prompts did not fit: {exc}") from exc
+        wall = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        gens = [
+            Generation(
+                token_ids=row,
+                finish_reason="stop" if row and row[-1] in self.stop_ids and not params.ignore_eos else "length",
+                prompt_tokens=len(p),
+            )
+            for p, row in zip(prompts, rows)
+        ]
+        timings = BatchTimings(
+            batch_size=len(prompts), prompt_tokens=sum(len(p) for p in prompts),
+            padded_prompt_tokens=padded, generated_tokens=sum(len(g.token_ids) for g in gens),
+            prefill_s=prefill_s, decode_s=decode_s, wall_s=wall, peak_memory_bytes=peak,
+            started_at=started, ended_at=datetime.now(timezone.utc),
+        )
+        return gens, timings
+
+    def release(self) -> None:
+        """Drop the chunk-sized KV cache and graphs (after an OOM, or before a different size)."""
+        if self.runner is not None:
+            self.runner.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _hf_generate(self, prompts: list[list[int]], params: SamplingParams):
+        """Plain transformers generate(): left padding (decoder-only models continue from the
+        right edge), every stop id of the generation config, logits only for the last position."""
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        first_device = self.device
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens, do_sample=False, temperature=None, top_p=None,
+            top_k=None, pad_token_id=pad_id, eos_token_id=sorted(self.stop_ids) or None,
+        )
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = params.max_new_tokens
+        t0 = time.perf_counter()
+        out = self.model.generate(input_ids=ids.to(first_device), attention_mask=mask.to(first_device),
+                                  **kwargs)
+        if first_device.type == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        rows = []
+        for row in out[:, width:].tolist():
+            cut = []
+            for tok in row:
+                if tok == pad_id and tok not in self.stop_ids:
+                    break
+                cut.append(tok)
+                if tok in self.stop_ids and not params.ignore_eos:
+                    break
+            rows.append(cut)
+        # generate() does not expose a prefill/decode split.
+        return rows, None, None, len(prompts) * width
+
+
+# ---------------------------------------------------------------------- loading
+
+def resolve_device_map(device_map: str) -> str:
+    if device_map != "auto":
+        return device_map
+    count = torch.cuda.device_count()
+    if count == 0:
+        return "cpu"
+    # One GPU: place the model whole on it (the fast backend needs a single device).
+    # Several: shard with accelerate, the tutorial's LLaMA2-70B setup.
+    return "cuda:0" if count == 1 else "auto"
+
+
+def resolve_dtype(dtype: str, device_map: str) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device_map == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_attn(attn: str, device_map: str) -> str:
+    if attn != "auto":
+        return attn
+    if device_map != "cpu":
+        try:
+            import flash_attn  # noqa: F401  (FlashAttention 2 compiles from source: optional)
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """Every end token: Llama 3 ends a turn with <|eot_id|>, not EOS."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", attn: str = "auto",
+                backend: Backend = "auto") -> Engine:
+    """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend."""
+    dm = resolve_device_map(device_map)
+    torch_dtype = resolve_dtype(dtype, dm)
+    attn_impl = resolve_attn(attn, dm)
+    if dummy.is_dummy(model):
+        device = "cuda:0" if dm == "auto" else dm
+        hf_model, tokenizer = dummy.build_dummy(model, device=device, dtype=torch_dtype)
+        hf_model.config._attn_implementation = attn_impl if attn_impl != "flash_attention_2" else "sdpa"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+        hf_model.eval()
+    # Batched decoder-only generation continues from the right edge: pad on the left.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    sharded = len(set(getattr(hf_model, "hf_device_map", {}).values() or [0])) > 1
+    fast_ok = hf_model.config.model_type in SUPPORTED_MODEL_TYPES and not sharded
+    chosen = backend
+    if backend == "auto":
+        chosen = "fast" if fast_ok else "hf"
+    elif backend == "fast" and not fast_ok:
+        raise ModelLoadError(
+            f"fast backend needs a Llama-family model on one device; got "
+            f"{hf_model.config.model_type!r}{' sharded' if sharded else ''}")
+    runner = LlamaRunner(hf_model) if fast_ok else None
+    engine = Engine(model=hf_model, tokenizer=tokenizer, model_name=model, backend=chosen,
+                    runner=runner, stop_ids=stop_token_ids(hf_model, tokenizer))
+    log.info("loaded %s on %s (%s, attention %s, backend %s)", model, engine.devices,
+             engine.dtype, engine.attn_implementation, chosen)
+    return engine

@@ -1,0 +1,397 @@
+"""The fast generation runner for Llama-family models: the only code that drives the GPU per token.
+
+Why not `model.generate()`: it pads every prompt to the longest, computes full-vocabulary logits
+for every prompt position, grows a dynamic KV cache by concatenation, and launches thousands of
+small kernels per token from Python. This runner instead
+
+* prefills prompts **packed** (no padding: one long sequence of all prompts, with variable-length
+  FlashAttention when on CUDA) in sub-batches of a token budget, and computes logits only at each
+  prompt's last position;
+* decodes from a **pre-allocated KV cache** `[layers, batch, slots, kv_heads, head_dim]` where each
+  row reads only its own length (FlashAttention's `seqused_k`), with GQA handled by the kernel;
+* captures one decode step (all layers + greedy pick) in a **CUDA graph** and replays it, so a token
+  costs one launch instead of ~1,000.
+
+It reuses the HF model's own weights (q/k/v and gate/up are fused in place into single matrices;
+the HF modules keep working as views), so the HF model can still run `generate()` beside it.
+On CPU (tests) the same code runs with PyTorch SDPA per prompt and without graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Prompt tokens per prefill forward pass. Big enough for full-speed matmuls, small enough that the
+# MLP activations ([tokens, 2 × intermediate]) stay around a gigabyte for an 8B model.
+PREFILL_TOKEN_BUDGET = 16384
+# KV-cache slots are allocated in multiples of this, so similar chunks reuse one cache and graph.
+SLOT_ROUNDING = 256
+# How often (in decode steps) the host checks whether every row has finished.
+FINISH_CHECK_EVERY = 16
+
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """PyTorch ships FlashAttention-2 (with varlen + seqused_k) inside its CUDA build."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and hasattr(torch.ops.aten, "_flash_attention_forward")
+    )
+
+
+def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool, seqused_k=None):
+    # q: [Tq, H, D]; k, v: [Tk, KVH, D]; cu_*: [n+1] int32 offsets. Returns [Tq, H, D].
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, seqused_k=seqused_k
+    )
+    return out[0]
+
+
+@dataclass
+class _Layer:
+    wqkv: torch.Tensor  # [(H + 2·KVH)·D, hidden]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [hidden, H·D]
+    w13: torch.Tensor  # [2·inter, hidden]
+    w2: torch.Tensor  # [hidden, inter]
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head
+    k_norm: torch.Tensor | None
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate weights into one matrix and make each Linear a view into it (no extra memory)."""
+    weight = torch.cat([lin.weight.data for lin in linears], dim=0)
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([lin.bias.data for lin in linears], dim=0)
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row:row + n]
+        if bias is not None:
+            lin.bias.data = bias[row:row + n]
+        row += n
+    return weight, bias
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D] (HF's rotate-half convention)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+class KVCache:
+    """Pre-allocated keys and values for one chunk: [layers, rows, slots, kv_heads, head_dim]."""
+
+    def __init__(self, *, layers: int, rows: int, slots: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (layers, rows, slots, kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.rows, self.slots = rows, slots
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # [rows·slots, kv_heads, head_dim]: row r's slot s is at r·slots + s
+        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
+
+
+class _DecodeGraph:
+    """Static buffers and (on CUDA) a captured graph for one decode step of `rows` prompts."""
+
+    def __init__(self, runner: LlamaRunner, cache: KVCache, suppress: torch.Tensor | None,
+                 use_graph: bool) -> None:
+        dev = runner.device
+        self.runner, self.cache, self.suppress = runner, cache, suppress
+        self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] last token
+        self.pos = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] its position
+        self.next = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] greedy pick
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if use_graph:
+            self._capture()
+
+    def _step(self) -> None:
+        logits = self.runner.decode_logits(self.tokens, self.pos, self.cache)  # [B, V]
+        if self.suppress is not None:
+            logits.index_fill_(1, self.suppress, float("-inf"))
+        self.next.copy_(logits.argmax(dim=-1))
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (cuBLAS workspaces, lazy init), then record one step.
+        self.pos.fill_(0)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+
+@dataclass
+class RunStats:
+    prefill_s: float
+    decode_s: float
+    computed_prompt_tokens: int  # token slots the prefill computed (no padding: = real tokens)
+
+
+class LlamaRunner:
+    """Greedy batched generation for one Llama-family HF model on one device."""
+
+    def __init__(self, model: torch.nn.Module, *, use_cuda_graphs: bool | None = None) -> None:
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"fast runner does not support model_type {cfg.model_type!r}")
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.max_positions = cfg.max_position_embeddings
+        self.use_flash = flash_varlen_available(self.device, self.dtype)
+        self.use_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.attn_implementation = "flash_varlen" if self.use_flash else "sdpa"
+
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers: list[_Layer] = []
+        with torch.no_grad():
+            for layer in inner.layers:
+                att, mlp = layer.self_attn, layer.mlp
+                wqkv, bqkv = _fuse([att.q_proj, att.k_proj, att.v_proj])
+                w13, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+                self.layers.append(_Layer(
+                    wqkv=wqkv, bqkv=bqkv, wo=att.o_proj.weight, w13=w13, w2=mlp.down_proj.weight,
+                    ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                    q_norm=getattr(getattr(att, "q_norm", None), "weight", None),
+                    k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
+                ))
+            # cos/sin for every position once, with the model's own rotary code (rope scaling incl.)
+            positions = torch.arange(self.max_positions, device=self.device)[None]
+            probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+            cos, sin = inner.rotary_emb(probe, positions)
+            self.cos = cos[0].to(self.dtype)  # [max_positions, D]
+            self.sin = sin[0].to(self.dtype)
+        self._graph: _DecodeGraph | None = None
+        self._graph_key: tuple | None = None
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def kv_bytes_per_token(self) -> int:
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * len(self.layers) * self.n_kv * self.head_dim * elem
+
+    @staticmethod
+    def slots_for(longest_prompt: int, max_new_tokens: int) -> int:
+        return math.ceil((longest_prompt + max_new_tokens) / SLOT_ROUNDING) * SLOT_ROUNDING
+
+    # ------------------------------------------------------------------ one layer
+    def _qkv(self, lyr: _Layer, h: torch.Tensor, pos: torch.Tensor):
+        # h: [T, hidden]; pos: [T] → q [T, H, D], k, v [T, KVH, D], rotated
+        qkv = F.linear(h, lyr.wqkv, lyr.bqkv)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.n_heads, self.head_dim)
+        k = k.view(-1, self.n_kv, self.head_dim)
+        v = v.view(-1, self.n_kv, self.head_dim)
+        if lyr.q_norm is not None:
+            q, k = rms_norm(q, lyr.q_norm, self.eps), rms_norm(k, lyr.k_norm, self.eps)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [T, 1, D]
+        return rope(q, cos, sin), rope(k, cos, sin), v
+
+    def _mlp_residual(self, lyr: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + F.linear(attn.flatten(1), lyr.wo)
+        h = rms_norm(x, lyr.ln2, self.eps)
+        return x + F.linear(silu_mul(F.linear(h, lyr.w13)), lyr.w2)
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, prompts: list[list[int]], rows: list[int], cache: KVCache,
+                suppress: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `prompts` packed into one sequence, fill their cache rows, return their first
+        generated token [n]. Logits are computed only at each prompt's last position."""
+        lens = [len(p) for p in prompts]
+        dev = self.device
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)  # [T]
+        pos = torch.cat([torch.arange(n, device=dev) for n in lens])  # [T]
+        row_of = torch.repeat_interleave(
+            torch.tensor(rows, device=dev), torch.tensor(lens, device=dev))  # [T]
+        dest = row_of * cache.slots + pos  # flat cache slot of every token
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        cu = torch.tensor(offsets, dtype=torch.int32, device=dev)
+        last = cu[1:].long() - 1  # [n] index of each prompt's last token
+
+        x = F.embedding(ids, self.embed)  # [T, hidden]
+        for i, lyr in enumerate(self.layers):
+            q, k, v = self._qkv(lyr, rms_norm(x, lyr.ln1, self.eps), pos)
+            k_flat, v_flat = cache.flat(i)
+            k_flat.index_copy_(0, dest, k)
+            v_flat.index_copy_(0, dest, v)
+            if self.use_flash:
+                attn = _flash(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+            else:
+                attn = self._sdpa_prefill(q, k, v, offsets)
+            x = self._mlp_residual(lyr, x, attn)
+        h = rms_norm(x[last], self.norm, self.eps)  # [n, hidden]
+        logits = F.linear(h, self.lm_head).float()  # [n, V]
+        if suppress is not None:
+            logits.index_fill_(1, suppress, float("-inf"))
+        return logits.argmax(dim=-1)
+
+    def _sdpa_prefill(self, q, k, v, offsets: list[int]) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            # [1, H, L, D] causal attention over one prompt; GQA by repeating kv heads
+            qi = q[a:b].transpose(0, 1)[None]
+            ki = k[a:b].transpose(0, 1)[None].repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            vi = v[a:b].transpose(0, 1)[None].repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            out[a:b] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)[0].transpose(0, 1)
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One step for every row: tokens, pos: [B] → logits [B, V]. Capturable in a CUDA graph."""
+        rows = torch.arange(cache.rows, device=self.device)
+        dest = rows * cache.slots + pos  # [B]
+        used = (pos + 1).to(torch.int32)  # [B] keys each row may read
+        cu_q = torch.arange(cache.rows + 1, device=self.device, dtype=torch.int32)
+        cu_k = cu_q * cache.slots
+        x = F.embedding(tokens, self.embed)  # [B, hidden]
+        for i, lyr in enumerate(self.layers):
+            q, k, v = self._qkv(lyr, rms_norm(x, lyr.ln1, self.eps), pos)
+            k_flat, v_flat = cache.flat(i)
+            k_flat.index_copy_(0, dest, k)
+            v_flat.index_copy_(0, dest, v)
+            if self.use_flash:
+                attn = _flash(q, k_flat, v_flat, cu_q, cu_k, 1, cache.slots, causal=False,
+                              seqused_k=used)
+            else:
+                attn = self._sdpa_decode(q, i, cache, used)
+            x = self._mlp_residual(lyr, x, attn)
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+
+    def _sdpa_decode(self, q, layer: int, cache: KVCache, used: torch.Tensor) -> torch.Tensor:
+        # q: [B, H, D]; masked attention over each row's valid slots only.
+        keys = cache.k[layer].transpose(1, 2)  # [B, KVH, S, D]
+        vals = cache.v[layer].transpose(1, 2)
+        group = self.n_heads // self.n_kv
+        keys = keys.repeat_interleave(group, dim=1)
+        vals = vals.repeat_interleave(group, dim=1)
+        mask = torch.arange(cache.slots, device=self.device)[None, :] < used[:, None]  # [B, S]
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=mask[:, None, None])
+        return out[:, :, 0]  # [B, H, D]
+
+    # ------------------------------------------------------------------ whole chunk
+    def _decoder_for(self, rows: int, slots: int, suppress: tuple[int, ...]) -> _DecodeGraph:
+        key = (rows, slots, suppress)
+        if self._graph_key != key:
+            self.release()  # one cache + graph at a time: never hold two chunks' KV memory
+            cache = KVCache(layers=len(self.layers), rows=rows, slots=slots, kv_heads=self.n_kv,
+                            head_dim=self.head_dim, dtype=self.dtype, device=self.device)
+            sup = torch.tensor(suppress, device=self.device) if suppress else None
+            self._graph = _DecodeGraph(self, cache, sup, self.use_graphs)
+            self._graph_key = key
+        assert self._graph is not None
+        return self._graph
+
+    def release(self) -> None:
+        self._graph, self._graph_key = None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
+                 ignore_eos: bool = False) -> tuple[list[list[int]], RunStats]:
+        """Greedy continuation of every prompt; returns each row's new tokens (up to and including
+        its first stop token) in input order."""
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new exceeds the "
+                             f"model's {self.max_positions} positions")
+        n = len(prompts)
+        slots = min(self.slots_for(longest, max_new_tokens), self.max_positions)
+        suppress = tuple(sorted(stop_ids)) if ignore_eos else ()
+        dec = self._decoder_for(n, slots, suppress)
+        out = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)
+
+        t0 = _now(self.device)
+        # Sub-batches of whole prompts up to the token budget, in input order.
+        start = 0
+        while start < n:
+            end, budget = start, 0
+            while end < n and (end == start or budget + len(prompts[end]) <= PREFILL_TOKEN_BUDGET):
+                budget += len(prompts[end])
+                end += 1
+            first = self.prefill(prompts[start:end], list(range(start, end)), dec.cache,
+                                 suppress=dec.suppress)
+            out[start:end, 0] = first
+            start = end
+        dec.tokens.copy_(out[:, 0])
+        dec.pos.copy_(torch.tensor([len(p) for p in prompts], device=self.device))
+        t1 = _now(self.device)
+
+        stop = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
+        steps = 1
+        while steps < max_new_tokens:
+            if not ignore_eos and steps % FINISH_CHECK_EVERY == 0:
+                if bool(torch.isin(out[:, :steps], stop).any(dim=1).all()):
+                    break
+            dec.run()
+            out[:, steps] = dec.next
+            dec.tokens.copy_(dec.next)
+            dec.pos.add_(1)
+            steps += 1
+        t2 = _now(self.device)
+
+        result = []
+        for row in out[:, :steps].tolist():
+            if not ignore_eos:
+                for j, tok in enumerate(row):
+                    if tok in stop_ids:
+                        row = row[: j + 1]
+                        break
+            result.append(row)
+        total = sum(len(p) for p in prompts)
+        return result, RunStats(prefill_s=t1 - t0, decode_s=t2 - t1, computed_prompt_tokens=total)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
