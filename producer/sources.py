@@ -138,6 +138,22 @@ YDL_OPTIONS: dict[str, Any] = {"extract_flat": "in_playlist", "skip_download": T
                                "no_warnings": True}
 
 
+class _YdlLogger:
+    """yt-dlp prints errors to stderr even when quiet; route everything to logging instead."""
+
+    def debug(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    def info(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    def warning(self, msg: str) -> None:
+        log.info("yt-dlp: %s", msg)
+
+    def error(self, msg: str) -> None:
+        log.info("yt-dlp: %s", msg)
+
+
 def default_ydl(options: dict[str, Any]) -> Any:
     from yt_dlp import YoutubeDL  # heavy import, only needed when a playlist is given
 
@@ -149,10 +165,11 @@ def resolve_playlist(ref: PlaylistRef, *, make_ydl: YdlFactory = default_ydl) ->
     from yt_dlp.utils import DownloadError
 
     try:
-        with make_ydl(dict(YDL_OPTIONS)) as ydl:
+        with make_ydl({**YDL_OPTIONS, "logger": _YdlLogger()}) as ydl:
             info = ydl.extract_info(ref.url, download=False)
     except DownloadError as exc:
         reason = re.sub(r"^ERROR:\s*(\[[^\]]+\]\s*)?", "", str(exc)).strip()
+        reason = reason.removeprefix(f"{ref.playlist_id}:").strip()
         raise BadInput(f"playlist {ref.playlist_id} cannot be read: {reason}") from exc
     entries = [e for e in (info or {}).get("entries") or [] if e and e.get("id")]
     videos = [VideoRef(e["id"], e.get("title")) for e in entries if VIDEO_ID_RE.fullmatch(e["id"])]
