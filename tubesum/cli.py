@@ -66,6 +66,149 @@ def worker_fetch(
                             f"--concurrency={concurrency}", f"--loglevel={loglevel}"])
 
 
+# --- job status, export and embedded run ---------------------------------------------------------
+
+
+@app.command("status")
+def status_cmd(
+    job: int = typer.Argument(None, help="job id (default: the latest job)"),
+    all_jobs: bool = typer.Option(False, "--all", help="one line per recent job instead"),
+) -> None:
+    """Counts of a job's videos by state, and every failed video with its reason."""
+    from rich.console import Console
+
+    from tubesum.db import session_scope
+    from tubesum.errors import BadInput
+    from tubesum.jobs import all_jobs_table, all_job_statuses, job_status, status_tables
+
+    console = Console()
+    try:
+        with session_scope() as session:
+            if all_jobs:
+                console.print(all_jobs_table(all_job_statuses(session)))
+                return
+            status = job_status(session, job)
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for table in status_tables(status):
+        console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    job: int = typer.Argument(..., help="job id"),
+    output: str = typer.Option(..., "--output", "-o", help="file ending in .csv or .jsonl"),
+) -> None:
+    """Write one row per video (transcript facts, summary, batch timings) to CSV or JSON Lines."""
+    from pathlib import Path
+
+    from tubesum.db import session_scope
+    from tubesum.errors import BadInput
+    from tubesum.jobs import export_job
+
+    try:
+        with session_scope() as session:
+            rows = export_job(session, job, Path(output))
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {rows} rows to {output}")
+
+
+@app.command("run")
+def run_cmd(
+    sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
+    from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
+    transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
+    model: str = typer.Option(None, "--model", help="Hugging Face model id or path (default TUBESUM_MODEL)"),
+    chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto'"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
+    output: str = typer.Option(None, "--output", "-o", help="export file (.csv or .jsonl); default tubesum-job-<id>.csv"),
+    fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", help="parallel transcript fetches"),
+    fetch_only: bool = typer.Option(False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"),
+    timeout: float = typer.Option(None, "--timeout", help="give up waiting after this many seconds"),
+) -> None:
+    """Do a whole job on this machine: start local workers, submit, show progress, export, stop.
+
+    Needs no service by default (SQLite file and a filesystem broker in the working directory);
+    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead."""
+    from pathlib import Path
+
+    from tubesum.embedded import run_job, run_settings
+    from tubesum.errors import BadInput, TubesumError
+
+    try:
+        settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
+        result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
+                         export_path=Path(output) if output else None, fetch_only=fetch_only,
+                         fetch_concurrency=fetch_concurrency, timeout_s=timeout)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: workers stopped; unfinished videos stay queued (run `tubesum reconcile`)", err=True)
+        raise typer.Exit(130) from None
+    except (BadInput, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except TubesumError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    c = result.counts
+    typer.echo(f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
+               f"{c.failed} failed of {c.total}; exported to {result.export_path}")
+    raise typer.Exit(1 if c.failed or not (c.finished or fetch_only) else 0)
+
+
+# --- benchmark ----------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter("chunk sizes must be positive integers")
+    return values
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:<arch> (dummy:tiny, dummy:llama-3-8b)"),
+    chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep"),
+    prompts: int = typer.Option(64, "--prompts", help="prompts per chunk size (reused for larger chunks)"),
+    new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
+    transcripts: str = typer.Option(None, "--transcripts", help="CSV of real transcripts to build prompts from"),
+    job: int = typer.Option(None, "--job", help="build prompts from this job's stored transcripts"),
+    device: str = typer.Option("cuda", "--device", help="cuda, cpu or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
+    baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
+    max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most"),
+    extend: bool = typer.Option(True, "--extend/--no-extend", help="after the list, double the size until memory runs out"),
+    output: str = typer.Option("bench-out", "--output", "-o", help="directory for bench.json and the plots"),
+) -> None:
+    """The batching study: throughput and speedup against chunk size, on the worker's engine."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from workers.gpu.bench import run_bench
+    from workers.gpu.bench_table import print_report
+
+    console = Console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("loading model", total=None)
+        report = run_bench(
+            model=model, chunk_sizes=_int_list(chunk_sizes), prompts=prompts, new_tokens=new_tokens,
+            transcripts=transcripts, job=job, device=device, baseline=baseline,
+            baseline_sizes=_int_list(baseline_sizes), max_chunks=max_chunks, extend=extend,
+            out_dir=Path(output), dtype=dtype,
+            progress=lambda text: bar.update(task, description=text))
+    print_report(report, console)
+    console.print(f"wrote {Path(output) / 'bench.json'}, throughput.png, speedup.png")
+
+
 def main() -> None:
     app()
 
