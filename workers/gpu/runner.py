@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # Prompt tokens per prefill forward pass. Big enough for full-speed matmuls, small enough that the
 # MLP activations ([tokens, 2 × intermediate]) stay around a gigabyte for an 8B model.
 PREFILL_TOKEN_BUDGET = 16384
-# KV-cache slots are allocated in multiples of this, so similar chunks reuse one cache and graph.
-SLOT_ROUNDING = 256
+# KV-cache slots are allocated in multiples of this. A chunk reuses the current cache and graph
+# when it has the same number of rows and needs no more slots (rows read only their own length).
+SLOT_ROUNDING = 64
 # How often (in decode steps) the host checks whether every row has finished.
 FINISH_CHECK_EVERY = 16
 
@@ -320,7 +321,9 @@ class LlamaRunner:
     # ------------------------------------------------------------------ whole chunk
     def _decoder_for(self, rows: int, slots: int, suppress: tuple[int, ...]) -> _DecodeGraph:
         key = (rows, slots, suppress)
-        if self._graph_key != key:
+        cur = self._graph_key
+        reusable = cur is not None and cur[0] == rows and cur[1] >= slots and cur[2] == suppress
+        if not reusable:
             self.release()  # one cache + graph at a time: never hold two chunks' KV memory
             cache = KVCache(layers=len(self.layers), rows=rows, slots=slots, kv_heads=self.n_kv,
                             head_dim=self.head_dim, dtype=self.dtype, device=self.device)

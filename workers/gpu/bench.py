@@ -1,0 +1,279 @@
+"""`tubesum bench`: the tutorial's batching study, on the engine the GPU worker runs.
+
+For each chunk size: one untimed warm-up chunk (cache allocation, CUDA-graph capture), then timed
+chunks over the prompts; summaries/s, generated and total tokens/s, speedup over chunk 1 against
+ideal linear scaling, peak memory. Sizes beyond the list are tried, doubling, until memory runs
+out: that is reported as the limit, not a crash. `--baseline` times plain `model.generate()` on
+the same prompts in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tubesum.errors import OutOfMemory
+from workers.gpu.engine import Engine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# Reference workload (docs/benchmarks.md): prompt lengths uniform in [700, 1400), fixed seed.
+REF_MIN_TOKENS, REF_MAX_TOKENS, REF_SEED = 700, 1400, 1234
+MAX_EXTRA_DOUBLINGS = 3  # after the list: try 2x, 4x, 8x the largest size until OOM
+MATCH_PROMPTS = 4  # prompts whose batch-1 output is compared with their batched output
+
+
+@dataclass
+class SizeResult:
+    chunk_size: int
+    engine: str
+    prompts: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    peak_memory_gb: float | None = None
+    summaries_per_s: float = 0.0
+    generated_tokens_per_s: float = 0.0
+    total_tokens_per_s: float = 0.0
+    speedup: float | None = None
+    ideal_speedup: float = 0.0
+    efficiency: float | None = None
+    token_match_rate: float | None = None
+    oom: bool = False
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    model: str
+    engine: str
+    device: str
+    dtype: str
+    attention: str
+    new_tokens: int
+    prompt_source: str
+    torch_version: str = torch.__version__
+    transformers_version: str = ""
+    python: str = platform.python_version()
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    results: list[SizeResult] = field(default_factory=list)
+    baseline: list[SizeResult] = field(default_factory=list)
+    memory_limit_chunk: int | None = None
+    auto_chunk_size: int | None = None
+
+
+def reference_prompts(n: int, *, vocab_size: int, seed: int = REF_SEED,
+                      low: int = REF_MIN_TOKENS, high: int = REF_MAX_TOKENS) -> list[list[int]]:
+    """Synthetic prompts of the reference workload: random ids, lengths uniform in [low, high)."""
+    rng = random.Random(seed)
+    # Keep clear of the lowest ids, where dummy tokenizers put their special tokens.
+    return [[rng.randrange(16, vocab_size) for _ in range(rng.randrange(low, high))] for _ in range(n)]
+
+
+def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int) -> list[list[list[int]]]:
+    count = max(1, min(math.ceil(len(prompts) / size), max_chunks))
+    pool = prompts * math.ceil(size * count / len(prompts))  # reuse prompts for big sizes
+    return [pool[i * size:(i + 1) * size] for i in range(count)]
+
+
+def run_size(engine: Engine, prompts: list[list[int]], size: int, params: SamplingParams, *,
+             max_chunks: int, backend: str | None = None,
+             reference: dict[int, list[int]] | None = None) -> SizeResult:
+    """Warm up once, then time `max_chunks` chunks of `size` prompts."""
+    name = backend or engine.backend
+    res = SizeResult(chunk_size=size, engine=name, ideal_speedup=float(size))
+    chunks = _chunks_for(size, prompts, max_chunks)
+    try:
+        # Warm-up with the longest prompts so the timed chunks reuse its cache and graph.
+        warm = sorted(prompts, key=len, reverse=True)
+        warm = (warm * math.ceil(size / len(warm)))[:size]
+        engine.generate(warm, params, backend=backend)
+        peaks = []
+        for chunk in chunks:
+            gens, t = engine.generate(chunk, params, backend=backend)
+            res.prompts += len(chunk)
+            res.wall_s += t.wall_s
+            res.prefill_s += t.prefill_s or 0.0
+            res.decode_s += t.decode_s or 0.0
+            res.prompt_tokens += t.prompt_tokens
+            res.generated_tokens += t.generated_tokens
+            if t.peak_memory_bytes is not None:
+                peaks.append(t.peak_memory_bytes)
+            if reference is not None and chunk is chunks[0]:
+                res.token_match_rate = _match_rate(chunk, gens, reference)
+    except OutOfMemory as exc:
+        res.oom, res.note = True, str(exc).split(":")[0]
+        return res
+    res.peak_memory_gb = round(max(peaks) / 1e9, 2) if peaks else None
+    res.summaries_per_s = res.prompts / res.wall_s
+    res.generated_tokens_per_s = res.generated_tokens / res.wall_s
+    res.total_tokens_per_s = (res.generated_tokens + res.prompt_tokens) / res.wall_s
+    return res
+
+
+def _match_rate(chunk, gens, reference: dict[int, list[int]]) -> float | None:
+    """Share of token positions where the batched output equals the same prompt run alone."""
+    same = total = 0
+    for prompt, gen in zip(chunk, gens):
+        ref = reference.get(id(prompt))
+        if ref is None:
+            continue
+        total += len(ref)
+        same += sum(a == b for a, b in zip(ref, gen.token_ids))
+    return same / total if total else None
+
+
+def batch1_reference(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[int, list[int]]:
+    ref = {}
+    for p in prompts[:MATCH_PROMPTS]:
+        gens, _ = engine.generate([p], params)
+        ref[id(p)] = gens[0].token_ids
+    return ref
+
+
+def fill_speedups(results: list[SizeResult]) -> None:
+    base = next((r for r in results if r.chunk_size == 1 and not r.oom), None)
+    for r in results:
+        if base and not r.oom and base.generated_tokens_per_s > 0:
+            r.speedup = r.generated_tokens_per_s / base.generated_tokens_per_s
+            r.efficiency = r.speedup / r.ideal_speedup
+
+
+def sweep(engine: Engine, prompts: list[list[int]], params: SamplingParams, *,
+          chunk_sizes: list[int], extend: bool, max_chunks: int, progress=None,
+          backend: str | None = None, check_match: bool = True) -> tuple[list[SizeResult], int | None]:
+    sizes = list(chunk_sizes)
+    if extend:
+        top = max(sizes)
+        sizes += [top * 2 ** k for k in range(1, MAX_EXTRA_DOUBLINGS + 1)]
+    reference = batch1_reference(engine, prompts, params) if check_match else None
+    results: list[SizeResult] = []
+    limit = None
+    for size in sizes:
+        if progress:
+            progress(f"{backend or engine.backend} chunk {size}")
+        res = run_size(engine, prompts, size, params, max_chunks=max_chunks, backend=backend,
+                       reference=reference)
+        results.append(res)
+        log.info("chunk %d: %s", size, res)
+        if res.oom:
+            limit = size
+            break
+    engine.release()
+    fill_speedups(results)
+    return results, limit
+
+
+def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bench.json"
+    path.write_text(json.dumps(asdict(report), indent=2))
+    return [path, *plot(report, out_dir)]
+
+
+def plot(report: BenchReport, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report.results if not r.oom]
+    base = [r for r in report.baseline if not r.oom]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r.chunk_size for r in ok], [r.generated_tokens_per_s for r in ok], "o-",
+            label=f"tubesum ({report.engine})")
+    if base:
+        ax.plot([r.chunk_size for r in base], [r.generated_tokens_per_s for r in base], "s--",
+                label="plain generate()")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chunk size (prompts per batched generation)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"Throughput: {report.model} on {report.device}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "throughput.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_speedup = [r for r in ok if r.speedup is not None]
+    xs = [r.chunk_size for r in with_speedup]
+    ax.plot(xs, [r.speedup for r in with_speedup], "o-", label="measured speedup")
+    ax.plot(xs, xs, "k:", label="ideal (linear)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("chunk size")
+    ax.set_ylabel("speedup over chunk size 1")
+    ax.set_title("Speedup against ideal linear scaling")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "speedup.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
+              transcripts: str | None, job: int | None, device: str, baseline: bool,
+              baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,
+              dtype: str = "auto", progress=None) -> BenchReport:
+    """Load the model once, sweep chunk sizes (and the baseline), write bench.json and plots."""
+    import transformers
+
+    from workers.gpu.engine import load_engine
+
+    device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
+    engine = load_engine(model, device_map=device_map, dtype=dtype)
+    if transcripts or job is not None:
+        from workers.gpu.bench_prompts import prompts_from_source
+
+        prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts,
+                                         new_tokens=new_tokens)
+        source = transcripts or f"job {job}"
+    else:
+        high = min(REF_MAX_TOKENS, engine.max_context - new_tokens)
+        low = min(REF_MIN_TOKENS, high - 1)
+        prompt_ids = reference_prompts(prompts, vocab_size=engine.model.config.vocab_size,
+                                       low=low, high=high)
+        source = f"synthetic reference: {prompts} prompts of {low}-{high - 1} tokens, seed {REF_SEED}"
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    report = BenchReport(model=model, engine=engine.backend, device=engine.devices,
+                         dtype=engine.dtype, attention=engine.attn_implementation,
+                         new_tokens=new_tokens, prompt_source=source,
+                         transformers_version=transformers.__version__)
+    longest = max(len(p) for p in prompt_ids)
+    report.auto_chunk_size = engine.auto_chunk_size(prompt_tokens=longest, new_tokens=new_tokens)
+    report.results, report.memory_limit_chunk = sweep(
+        engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
+        max_chunks=max_chunks, progress=progress)
+    if baseline:
+        report.baseline, _ = sweep(
+            engine, prompt_ids, params, chunk_sizes=baseline_sizes or [1, max(chunk_sizes)],
+            extend=False, max_chunks=1, progress=progress, backend="hf", check_match=False)
+        fill_speedups(report.baseline)
+    write_outputs(report, out_dir)
+    return report
+
+
+def best(results: list[SizeResult]) -> SizeResult | None:
+    ok = [r for r in results if not r.oom]
+    return max(ok, key=lambda r: r.summaries_per_s) if ok else None

@@ -1,0 +1,52 @@
+"""Printing a bench report as the tutorial's table (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from workers.gpu.bench import BenchReport, SizeResult, best
+
+
+def _fmt(x: float | None, spec: str = ",.1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def size_table(title: str, rows: list[SizeResult]) -> Table:
+    table = Table(title=title)
+    for col in ("chunk", "summaries/s", "gen tok/s", "total tok/s", "speedup", "ideal",
+                "efficiency", "peak GB", "match vs bs1"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if r.oom:
+            table.add_row(str(r.chunk_size), "OOM: memory limit", *[""] * 7)
+            continue
+        table.add_row(
+            str(r.chunk_size), _fmt(r.summaries_per_s, ".2f"), _fmt(r.generated_tokens_per_s),
+            _fmt(r.total_tokens_per_s, ",.0f"), _fmt(r.speedup), _fmt(r.ideal_speedup, ".0f"),
+            _fmt(r.efficiency, ".0%") if r.efficiency is not None else "–",
+            _fmt(r.peak_memory_gb, ".1f"),
+            _fmt(r.token_match_rate, ".1%") if r.token_match_rate is not None else "–",
+        )
+    return table
+
+
+def print_report(report: BenchReport, console: Console) -> None:
+    console.print(f"[bold]{report.model}[/] on {report.device}, {report.dtype}, attention "
+                  f"{report.attention}, engine {report.engine}; torch {report.torch_version}, "
+                  f"transformers {report.transformers_version}; {report.prompt_source}; "
+                  f"{report.new_tokens} new tokens each")
+    console.print(size_table("tubesum engine", report.results))
+    if report.baseline:
+        console.print(size_table("plain model.generate() (same prompts, same process)", report.baseline))
+    top = best(report.results)
+    if top:
+        console.print(f"best: chunk {top.chunk_size} at {top.summaries_per_s:.2f} summaries/s")
+    if report.memory_limit_chunk:
+        console.print(f"memory limit: chunk {report.memory_limit_chunk} does not fit")
+    console.print(f"--chunk-size auto would pick {report.auto_chunk_size}")
+    for r in report.baseline:
+        ours = next((x for x in report.results if x.chunk_size == r.chunk_size and not x.oom), None)
+        if ours and not r.oom and r.summaries_per_s:
+            console.print(f"chunk {r.chunk_size}: {ours.summaries_per_s / r.summaries_per_s:.1f}x "
+                          f"plain generate() ({ours.summaries_per_s:.2f} vs {r.summaries_per_s:.2f} summaries/s)")
