@@ -14,6 +14,7 @@ the real yt-dlp. Nothing here touches the network, and production code never imp
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -161,8 +162,10 @@ def install_worker_replay() -> Any:
         return mount_replay(real_make_http_session(settings), adapter)
 
     fetch.make_http_session = replaying_session
-    from tubesum.celery_app import app
+    from tubesum.celery_app import TASK_MODULES, app
 
+    # Only the fetch task matters here; skip task modules other areas have not written yet.
+    app.conf.include = [m for m in TASK_MODULES if importlib.util.find_spec(m) is not None]
     return app
 
 
