@@ -129,3 +129,18 @@ def test_cli_submit_bad_input_is_one_line_exit_2(env) -> None:
 def test_producer_and_fetch_worker_never_import_torch() -> None:
     code = "import producer.submit, producer.progress, workers.fetch_tasks, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_wait_for_job_counts_until_every_video_is_terminal(settings, db_session) -> None:
+    from producer.progress import wait_for_job
+
+    job = Job(sources=["x"])
+    db_session.add_all([job, *(Video(job=job, video_id=f"v{i}", position=i, status=s)
+                               for i, s in enumerate(["done", "failed", "fetching", "summarising"]))])
+    db_session.commit()
+    counts = wait_for_job(job.id, database_url=settings.database_url, poll_s=0.01, timeout_s=0.05, show=False)
+    assert (counts.queued, counts.fetched, counts.summarised, counts.failed, counts.finished) == (1, 1, 1, 1, False)
+    db_session.query(Video).filter(Video.status != "failed").update({"status": "done"})
+    db_session.commit()
+    counts = wait_for_job(job.id, database_url=settings.database_url, poll_s=0.01, show=False)
+    assert (counts.total, counts.summarised, counts.failed, counts.finished) == (4, 3, 1, True)
