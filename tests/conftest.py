@@ -16,7 +16,8 @@ The vocabulary, in the order a test usually needs it:
 ``env``
     ``dict`` of the environment for subprocesses (``tubesum ...``, ``celery ...``): the current
     environment plus ``TUBESUM_DATABASE_URL=db_url``, ``TUBESUM_BROKER_URL=redis_url``,
-    ``TUBESUM_EMBEDDED_DIR`` in ``tmp_path``. Add or override keys freely; it is a fresh copy.
+    ``TUBESUM_EMBEDDED_DIR`` in ``tmp_path``, the checkout on ``PYTHONPATH`` (so
+    ``-A tests.youtube_replay:worker_app`` works from any cwd). Add or override keys freely; it is a fresh copy.
 ``settings``
     The same configuration applied to *this* process: the ``TUBESUM_*`` variables set with
     monkeypatch, ``get_settings``' cache cleared, and the module-level Celery app
@@ -82,6 +83,8 @@ POLL_INTERVAL_S = 0.1
 TABLES = ("summaries", "batches", "transcripts", "videos", "jobs")
 
 HOSTNAME = socket.gethostname()
+# The checkout: on PYTHONPATH of every subprocess, so `-A tests.youtube_replay:worker_app` imports.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -278,6 +281,7 @@ def _tubesum_env(*, db_url: str, redis_url: str, workdir: Path) -> dict[str, str
         TUBESUM_BROKER_URL=redis_url,
         TUBESUM_EMBEDDED_DIR=str(workdir / ".tubesum"),
         PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         # Tests never download anything.
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
@@ -308,11 +312,10 @@ def configure_celery_app(settings) -> None:  # type: ignore[no-untyped-def]
     from tubesum.celery_app import app, celery_config
 
     app.conf.update(celery_config(settings))
-    # Drop connections made to the previous broker.
-    app.pool.force_close_all()
+    # Forget the pools of the previous broker (kombu keeps them in a global registry keyed by
+    # connection; closing them would break the next test on the same URL).
     app._pool = None  # noqa: SLF001 - Celery rebuilds the pool lazily from conf
-    if "amqp" in app.__dict__:
-        app.amqp._producer_pool = None  # noqa: SLF001
+    app.amqp._producer_pool = None  # noqa: SLF001 - it wraps the closed pool
 
 
 @pytest.fixture
