@@ -66,6 +66,63 @@ def worker_fetch(
                             f"--concurrency={concurrency}", f"--loglevel={loglevel}"])
 
 
+# --- GPU (summarise) worker and its report --------------------------------------------------------
+
+
+@worker_app.command("summarise")
+def worker_summarise(
+    model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:<arch> (default TUBESUM_MODEL)"),
+    chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto' (default TUBESUM_CHUNK_SIZE)"),
+    chunk_wait: float = typer.Option(None, "--chunk-wait", help="seconds a partial chunk waits for more videos"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
+    device_map: str = typer.Option(None, "--device-map", help="auto, cpu, cuda:0, ..."),
+    dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32"),
+    attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager"),
+    backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
+    name: str = typer.Option("gpu@%h", "--name", "-n", help="Celery node name"),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+) -> None:
+    """Summarise: load the model once, then a Celery worker on the summarise queue only (threads
+    pool, one thread per chunk slot) that runs one batched generation per chunk."""
+    import logging
+
+    from tubesum.errors import ModelLoadError
+    from tubesum.settings import Settings
+    from workers.gpu.batcher import run_summarise_worker
+
+    overrides = {key: value for key, value in dict(
+        model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,
+        device_map=device_map, dtype=dtype, attn=attn).items() if value is not None}  # fmt: skip
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    try:
+        settings = Settings(**overrides)
+        run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+    except (ModelLoadError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("report")
+def report_cmd(
+    job: int = typer.Argument(..., help="job id"),
+    output: str = typer.Option(..., "--output", "-o", help="directory for batches.csv and the plots"),
+) -> None:
+    """Per-batch timings of a job: batches.csv, tokens/s by batch size and latency plots, a table."""
+    from pathlib import Path
+
+    from tubesum.db import session_scope
+    from tubesum.errors import BadInput
+    from tubesum.report import print_report, write_report
+
+    try:
+        with session_scope() as session:
+            report = write_report(session, job, Path(output))
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    print_report(report)
+
+
 # --- job status, export and embedded run ---------------------------------------------------------
 
 

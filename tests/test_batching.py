@@ -1,0 +1,115 @@
+"""The pure batching core: chunk timing and choice, OOM splits and sizing, cutting long transcripts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from workers.gpu.batching import (
+    ChunkSizer,
+    Pending,
+    halves,
+    pack_groups,
+    piece_budget,
+    plan_chunk,
+    seconds_until_ready,
+    split_even,
+)
+
+
+def test_a_full_chunk_runs_at_once():
+    assert seconds_until_ready(pending=8, limit=8, oldest_arrival=10.0, now=10.0, wait_s=2.0) == 0.0
+    assert seconds_until_ready(pending=9, limit=8, oldest_arrival=10.0, now=10.0, wait_s=2.0) == 0.0
+
+
+def test_a_partial_chunk_waits_from_its_oldest_prompt():
+    assert seconds_until_ready(pending=3, limit=8, oldest_arrival=10.0, now=10.5, wait_s=2.0) == pytest.approx(1.5)
+    assert seconds_until_ready(pending=3, limit=8, oldest_arrival=10.0, now=12.0, wait_s=2.0) == 0.0
+    assert seconds_until_ready(pending=3, limit=8, oldest_arrival=10.0, now=30.0, wait_s=2.0) == 0.0
+
+
+def test_nothing_pending_waits_forever():
+    assert seconds_until_ready(pending=0, limit=8, oldest_arrival=0.0, now=5.0, wait_s=2.0) == math.inf
+
+
+def test_plan_chunk_takes_continuations_first_then_arrival_order():
+    pending = [Pending(3.0, 10), Pending(1.0, 10), Pending(5.0, 10, continuation=True), Pending(2.0, 10)]
+    assert plan_chunk(pending, 2) == [1, 2]  # the reduce step, then the oldest
+    assert plan_chunk(pending, 10) == [0, 1, 2, 3]
+    assert plan_chunk(pending, 0) == [2]  # never an empty chunk
+
+
+def test_halves():
+    assert halves([1, 2, 3, 4, 5]) == ([1, 2, 3], [4, 5])
+    assert halves([1, 2]) == ([1], [2])
+    with pytest.raises(ValueError):
+        halves([1])
+
+
+def test_sizer_keeps_the_configured_size_until_an_oom():
+    sizer = ChunkSizer(32)
+    sizer.on_success(32)
+    sizer.on_success(5)
+    assert sizer.limit == 32
+
+
+def test_sizer_remembers_the_largest_size_that_worked_below_an_oom():
+    sizer = ChunkSizer(32)
+    sizer.on_success(8)
+    sizer.on_oom(32)
+    assert sizer.limit == 8  # worked before
+    sizer.on_success(16)  # a half of the split chunk
+    assert sizer.limit == 16
+    sizer.on_success(32)  # not believed: 32 ran out of memory
+    assert sizer.limit == 16
+
+
+def test_sizer_halves_before_anything_worked():
+    sizer = ChunkSizer(32)
+    sizer.on_oom(32)
+    assert sizer.limit == 16
+    sizer.on_oom(16)
+    assert sizer.limit == 8
+    sizer.on_oom(1)
+    assert sizer.limit == 1
+
+
+def test_sizer_learns_again_when_a_working_size_runs_out_later():
+    sizer = ChunkSizer(32)
+    sizer.on_oom(32)
+    sizer.on_success(16)
+    sizer.on_oom(16)  # longer prompts this time
+    assert sizer.limit == 8
+    sizer.on_success(8)
+    assert sizer.limit == 8
+
+
+def test_sizer_rejects_zero():
+    with pytest.raises(ValueError):
+        ChunkSizer(0)
+
+
+def test_piece_budget():
+    assert piece_budget(max_context=1024, max_new_tokens=200, template_tokens=100, margin=16) == 708
+
+
+@pytest.mark.parametrize("n,budget", [(1, 5), (10, 5), (11, 5), (1000, 333), (7, 7), (8, 7)])
+def test_split_even_covers_everything_within_budget(n, budget):
+    ranges = split_even(n, budget)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a == b for (_, a), (b, _) in zip(ranges, ranges[1:]))  # contiguous
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) <= budget and max(sizes) - min(sizes) <= 1
+    assert len(ranges) == math.ceil(n / budget)
+
+
+def test_split_even_of_nothing_is_one_empty_piece():
+    assert split_even(0, 5) == [(0, 0)]
+
+
+def test_pack_groups_keeps_order_and_fits_the_budget():
+    assert pack_groups([3, 3, 3, 3], budget=7, separator=1) == [[0, 1], [2, 3]]
+    assert pack_groups([3, 3, 3], budget=100, separator=1) == [[0, 1, 2]]
+    assert pack_groups([10, 2, 2], budget=5, separator=1) == [[0], [1, 2]]  # too long: alone
+    assert pack_groups([], budget=5, separator=1) == []

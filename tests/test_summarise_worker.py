@@ -1,0 +1,205 @@
+"""The GPU worker: the Batcher on the tiny CPU model, the database writes on PostgreSQL, and the
+`tubesum worker summarise` process against Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import select
+
+from models import Batch, Job, Summary, Transcript, Video
+from models.base import utcnow
+from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
+from tubesum.errors import OutOfMemory
+from workers.gpu.batcher import Batcher
+from workers.summarise import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+
+MAX_NEW = 24  # short summaries keep the CPU tests fast
+INSTRUCTION = "Summarise the transcript."
+FUTURE_TIMEOUT_S = 60
+
+SENTENCES = [
+    "Octopuses have three hearts and blue blood.",
+    "Some birds migrate thousands of kilometres every year, guided by the stars.",
+    "Trees talk to each other through fungi in the soil. Bees dance to tell their sisters where the flowers are.",
+    "The blue whale is the largest animal that has ever lived.",
+    "In this video we learn how plants turn sunlight into sugar and why leaves change colour in autumn.",
+]
+
+
+def transcript(i: int) -> str:
+    """Transcripts of different lengths."""
+    return " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(1 + i % 4))
+
+
+@dataclass
+class Recorder:
+    """A sink keeping what the Batcher would commit."""
+
+    batches: list[BatchRecord] = field(default_factory=list)
+    outcomes: dict[int, VideoOutcome] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, batch: BatchRecord, outcomes) -> None:
+        with self.lock:
+            self.batches.append(batch)
+            for o in outcomes:
+                o.batch_id = batch.id  # type: ignore[attr-defined]
+                self.outcomes[o.video_pk] = o
+
+    def ok(self) -> list[BatchRecord]:
+        return [b for b in self.batches if b.status == "ok"]
+
+
+class OomAbove:
+    """The engine, except that a chunk of more than ``max_batch`` prompts (or any chunk holding
+    a prompt longer than ``max_prompt`` tokens) raises OutOfMemory, as a full GPU would."""
+
+    def __init__(self, engine, *, max_batch: int = 10**9, max_prompt: int = 10**9) -> None:
+        self.engine, self.max_batch, self.max_prompt = engine, max_batch, max_prompt
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, params):
+        if len(prompts) > self.max_batch or max(len(p) for p in prompts) > self.max_prompt:
+            raise OutOfMemory(f"injected: chunk of {len(prompts)} prompts")
+        return self.engine.generate(prompts, params)
+
+
+@pytest.fixture
+def make_batcher(tiny_engine):
+    started: list[Batcher] = []
+
+    def make(*, chunk_size: int = 8, chunk_wait_s: float = 5.0, engine=None, max_new_tokens: int = MAX_NEW):
+        sink = Recorder()
+        batcher = Batcher(engine or tiny_engine, sink=sink, chunk_size=chunk_size, chunk_wait_s=chunk_wait_s,
+                          max_new_tokens=max_new_tokens, instruction=INSTRUCTION).start()
+        started.append(batcher)
+        return batcher, sink
+
+    yield make
+    for b in started:
+        b.stop(timeout=30)
+
+
+def summarise_all(batcher: Batcher, texts: dict[int, str]) -> dict[int, VideoOutcome]:
+    futures = {pk: batcher.submit(VideoInput(pk, text)) for pk, text in texts.items()}
+    return {pk: f.result(timeout=FUTURE_TIMEOUT_S) for pk, f in futures.items()}
+
+
+# --- the Batcher on the tiny model ------------------------------------------------------------------
+
+
+def test_a_full_chunk_runs_without_waiting(make_batcher):
+    batcher, sink = make_batcher(chunk_size=4, chunk_wait_s=30.0)
+    t0 = time.monotonic()
+    outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
+    assert time.monotonic() - t0 < 20  # two full chunks, not a 30 s wait
+    assert [b.batch_size for b in sink.batches] == [4, 4]
+    assert all(o.status == "done" and o.generated_tokens > 0 for o in outcomes.values())
+    assert {o.batch_id for o in outcomes.values()} == {b.id for b in sink.batches}  # type: ignore[attr-defined]
+
+
+def test_a_partial_chunk_runs_after_the_wait(make_batcher):
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.5)
+    t0 = time.monotonic()
+    outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(3)})
+    assert time.monotonic() - t0 >= 0.5
+    assert [b.batch_size for b in sink.batches] == [3]
+    (batch,) = sink.batches
+    assert batch.chunk_size == 8 and batch.status == "ok" and not batch.oom_split
+    assert batch.prompt_tokens == sum(o.prompt_tokens for o in outcomes.values())
+    assert batch.generated_tokens == sum(o.generated_tokens for o in outcomes.values())
+    assert batch.prefill_s is not None and batch.decode_s is not None and batch.wall_s > 0
+    assert batch.engine == "fast" and batch.dtype == "float32" and batch.devices == "cpu"
+
+
+def test_out_of_memory_splits_the_chunk_and_remembers_the_size(make_batcher, tiny_engine):
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=30.0, engine=OomAbove(tiny_engine, max_batch=2))
+    outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
+    assert all(o.status == "done" for o in outcomes.values())  # no video fails because of OOM
+    rows = [(b.batch_size, b.status, b.oom_split) for b in sink.batches]
+    assert rows == [(8, "oom", False), (4, "oom", True), (2, "ok", True), (2, "ok", True),
+                    (4, "oom", True), (2, "ok", True), (2, "ok", True)]  # fmt: skip
+    assert "out of memory" in sink.batches[0].note
+    assert batcher.sizer.limit == 2
+    # Later chunks are capped at the size that worked: no more OOM.
+    sink.batches.clear()
+    summarise_all(batcher, {pk: transcript(pk) for pk in range(100, 104)})
+    assert [(b.batch_size, b.status, b.oom_split) for b in sink.batches] == [(2, "ok", False), (2, "ok", False)]
+    assert "capped at 2" in sink.batches[0].note
+
+
+def test_a_prompt_that_does_not_fit_alone_fails_only_its_video(make_batcher, tiny_engine):
+    long_pk, text = 7, " ".join(SENTENCES * 3)
+    engine = OomAbove(tiny_engine, max_prompt=len(batcher_prompt(tiny_engine, text)) - 1)
+    batcher, sink = make_batcher(chunk_size=4, chunk_wait_s=30.0, engine=engine)
+    outcomes = summarise_all(batcher, {0: transcript(0), 1: transcript(1), 2: transcript(2), long_pk: text})
+    assert outcomes[long_pk].status == "failed" and "out of memory on a single prompt" in outcomes[long_pk].error
+    assert all(outcomes[pk].status == "done" for pk in (0, 1, 2))
+    assert sink.batches[0].status == "oom" and sink.batches[0].batch_size == 4
+
+
+def batcher_prompt(engine, text: str) -> list[int]:
+    from workers.summarise import PromptBuilder, SummaryPlan
+
+    b = PromptBuilder(engine.tokenizer, instruction=INSTRUCTION, max_context=engine.max_context,
+                      max_new_tokens=MAX_NEW, stop_ids=engine.stop_ids)
+    (ids,) = SummaryPlan(text, b).step
+    return ids
+
+
+def test_same_summary_alone_or_in_a_crowd_of_mixed_lengths(make_batcher):
+    batcher, _ = make_batcher(chunk_size=8, chunk_wait_s=0.05, max_new_tokens=40)
+    probe = "Bees dance to tell their sisters where the flowers are, and octopuses have three hearts."
+    alone = summarise_all(batcher, {1: probe})[1]
+    crowd = {pk: transcript(pk) * (1 + pk % 3) for pk in range(10, 17)}
+    batcher.chunk_wait_s = 30.0  # the 8 prompts go together
+    together = summarise_all(batcher, {**crowd, 1: probe})
+    assert len({o.batch_id for o in together.values()}) == 1  # type: ignore[attr-defined]
+    assert together[1].token_ids == alone.token_ids and len(alone.token_ids) > 0
+    assert together[1].text == alone.text
+
+
+def test_a_transcript_longer_than_the_context_is_map_reduced(make_batcher, tiny_engine):
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.2)
+    long_text = " ".join(SENTENCES) * 40
+    assert len(tiny_engine.tokenizer.encode(long_text)) > tiny_engine.max_context
+    outcomes = summarise_all(batcher, {1: long_text, 2: transcript(2)})
+    long_outcome = outcomes[1]
+    assert long_outcome.status == "done" and long_outcome.pieces >= 2
+    # First chunk: the pieces and the short video; next chunk: the reduce prompt.
+    assert [b.batch_size for b in sink.batches] == [long_outcome.pieces + 1, 1]
+    assert long_outcome.batch_id == sink.batches[1].id  # type: ignore[attr-defined]
+    assert long_outcome.first_batch_started_at == sink.batches[0].started_at
+    assert outcomes[2].pieces == 1 and outcomes[2].batch_id == sink.batches[0].id  # type: ignore[attr-defined]
+
+
+def test_a_redelivered_video_joins_the_one_in_flight(make_batcher):
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.3)
+    first = batcher.submit(VideoInput(5, transcript(5)))
+    second = batcher.submit(VideoInput(5, transcript(5)))
+    assert first.result(timeout=FUTURE_TIMEOUT_S) is second.result(timeout=FUTURE_TIMEOUT_S)
+    assert [b.batch_size for b in sink.batches] == [1]
+
+
+def test_a_failing_store_fails_the_tasks_and_the_batcher_goes_on(tiny_engine):
+    calls = []
+
+    def flaky(batch, outcomes):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("database unreachable")
+
+    batcher = Batcher(tiny_engine, sink=flaky, chunk_size=2, chunk_wait_s=0.05, max_new_tokens=8,
+                      instruction=INSTRUCTION).start()
+    try:
+        with pytest.raises(RuntimeError, match="unreachable"):
+            batcher.submit(VideoInput(1, transcript(1))).result(timeout=FUTURE_TIMEOUT_S)
+        assert batcher.submit(VideoInput(1, transcript(1))).result(timeout=FUTURE_TIMEOUT_S).status == "done"
+    finally:
+        batcher.stop(timeout=30)

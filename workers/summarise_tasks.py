@@ -1,0 +1,62 @@
+"""The summarise task: claim the video, hand it to this process's Batcher, wait, decide retry.
+
+Runs on the ``summarise`` queue in the GPU worker only (``tubesum worker summarise``: threads pool,
+one thread per chunk slot). This module is imported by every process that builds the Celery app
+(producer, fetch workers), so it must not import torch or load a model at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from tubesum.celery_app import SUMMARISE_TASK, app
+from tubesum.settings import get_settings
+from workers.summarise import claim_video, mark_failed
+
+if TYPE_CHECKING:  # importing the batcher imports torch
+    from workers.gpu.batcher import Batcher
+
+log = logging.getLogger(__name__)
+
+# A commit of a finished chunk that failed (database unreachable) is retried this many times.
+STORE_MAX_RETRIES = 5
+# Delay before such a retry, seconds.
+STORE_RETRY_DELAY_S = 10.0
+
+# The registry: the one Batcher of this process. `tubesum worker summarise` loads the model, builds
+# the Batcher and installs it here before the worker consumes its first message; the tasks read it.
+# A plain module-level slot because the model must be loaded once per process, by the worker
+# command, and never by the other processes that import this module.
+_batcher: Batcher | None = None
+
+
+def install_batcher(batcher: Batcher | None) -> None:
+    global _batcher
+    _batcher = batcher
+
+
+def current_batcher() -> Batcher:
+    if _batcher is None:
+        raise RuntimeError("no model in this process: summarise tasks run in `tubesum worker summarise`")
+    return _batcher
+
+
+@app.task(name=SUMMARISE_TASK, bind=True, max_retries=STORE_MAX_RETRIES)
+def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
+    settings = get_settings()
+    video_pk = int(video_pk)
+    batcher = current_batcher()
+    video = claim_video(video_pk, database_url=settings.database_url)
+    if video is None:
+        return "skipped"  # already done or failed (a redelivery), or not ours to do
+    try:
+        outcome = batcher.submit(video).result()
+    except ValueError as exc:  # the transcript cannot make a prompt for this model
+        log.warning("video %s failed: %s", video_pk, exc)
+        mark_failed(video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url)
+        return "failed"
+    except Exception as exc:  # storing the chunk failed, or the worker is stopping: try again later
+        log.warning("video %s: %s; retrying in %.0fs", video_pk, exc, STORE_RETRY_DELAY_S)
+        raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY_S)
+    return outcome.status
