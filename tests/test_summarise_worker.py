@@ -203,3 +203,112 @@ def test_a_failing_store_fails_the_tasks_and_the_batcher_goes_on(tiny_engine):
         assert batcher.submit(VideoInput(1, transcript(1))).result(timeout=FUTURE_TIMEOUT_S).status == "done"
     finally:
         batcher.stop(timeout=30)
+
+
+# --- the database writes (PostgreSQL) ------------------------------------------------------------------
+
+
+def add_videos(session, texts: list[str], *, status: str = "fetched") -> list[int]:
+    now = utcnow()
+    job = Job(sources=["test"], model="tiny")
+    session.add(job)
+    videos = []
+    for i, text in enumerate(texts):
+        video = Video(job=job, video_id=f"vid{i:08d}", position=i, status=status, queued_at=now, fetched_at=now)
+        session.add(video)
+        session.add(Transcript(video=video, text=text, source="csv"))
+        videos.append(video)
+    session.commit()
+    return [v.id for v in videos]
+
+
+def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
+    now = utcnow()
+    values = dict(
+        id=batch_id, worker_host="h", devices="cpu", model="tiny", dtype="float32", attn_implementation="sdpa",
+        engine="fast", chunk_size=8, batch_size=1, prompt_tokens=10, padded_prompt_tokens=10, generated_tokens=5,
+        prefill_s=0.1, decode_s=0.2, wall_s=0.3, generated_tokens_per_s=16.7, peak_memory_bytes=None,
+        oom_split=False, status="ok", note=None, started_at=now, ended_at=now,
+    )  # fmt: skip
+    values.update(overrides)
+    return BatchRecord(**values)
+
+
+def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):
+    (pk, empty, done) = add_videos(db_session, ["Bees dance.", "  ", "Whales sing."])
+    db_session.get(Video, done).status = "done"
+    db_session.commit()
+    assert claim_video(pk, database_url=db_url) == VideoInput(pk, "Bees dance.")
+    assert claim_video(pk, database_url=db_url) is not None  # a redelivery after a crash claims again
+    assert claim_video(empty, database_url=db_url) is None
+    assert claim_video(done, database_url=db_url) is None
+    db_session.expire_all()
+    video = db_session.get(Video, pk)
+    assert video.status == "summarising" and video.summarising_at is not None
+    assert db_session.get(Video, empty).status == "failed" and db_session.get(Video, empty).error == "empty transcript"
+    assert db_session.get(Video, done).status == "done"
+
+
+def test_store_batch_is_idempotent(db_url, db_session):
+    (pk, failing) = add_videos(db_session, ["Bees dance.", "Whales sing."])
+    claim_video(pk, database_url=db_url)
+    outcome = VideoOutcome(video_pk=pk, status="done", text="bees", token_ids=[1], finish_reason="stop",
+                           prompt_tokens=10, generated_tokens=5, first_batch_started_at=utcnow())
+    failure = VideoOutcome(video_pk=failing, status="failed", error="out of memory on a single prompt")
+    store_batch(record("a" * 32), [outcome, failure], database_url=db_url)
+    store_batch(record("c" * 32), [outcome], database_url=db_url)  # a second delivery's chunk
+    db_session.expire_all()
+    (summary,) = db_session.scalars(select(Summary)).all()
+    assert summary.batch_id == "a" * 32 and summary.text == "bees" and summary.pieces == 1
+    assert summary.queue_wait_s >= 0 and summary.latency_s >= summary.queue_wait_s
+    video = db_session.get(Video, pk)
+    assert video.status == "done" and video.done_at is not None
+    assert db_session.get(Video, failing).status == "failed"
+    assert len(db_session.scalars(select(Batch)).all()) == 2
+
+
+# --- the worker process (Redis + PostgreSQL) -------------------------------------------------------------
+
+TIMING_COLUMNS = ("worker_host", "devices", "model", "dtype", "attn_implementation", "engine", "chunk_size",
+                  "batch_size", "prompt_tokens", "padded_prompt_tokens", "generated_tokens", "prefill_s",
+                  "decode_s", "wall_s", "generated_tokens_per_s", "status", "started_at", "ended_at")  # fmt: skip
+
+
+def test_summarise_worker_process(env, settings, db_session, start_worker, wait_until, tiny_model_dir):
+    from tubesum.celery_app import SUMMARISE_TASK, app
+
+    pks = add_videos(db_session, [transcript(i) for i in range(10)])
+    env.update(TUBESUM_MAX_NEW_TOKENS=str(MAX_NEW), TUBESUM_CHUNK_WAIT_S="1.0")
+    name = "gpu-test"
+    start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "8",
+                       "--device-map", "cpu", "--name", f"{name}@%h"], name=name, env=env)  # fmt: skip
+    for pk in pks:
+        app.send_task(SUMMARISE_TASK, args=[pk])
+
+    def statuses():
+        db_session.expire_all()
+        return [s for (s,) in db_session.execute(select(Video.status).where(Video.id.in_(pks)))]
+
+    wait_until(lambda: all(s == "done" for s in statuses()), timeout=90, message=lambda: f"videos done: {statuses()}")
+    summaries = db_session.scalars(select(Summary)).all()
+    batches = db_session.scalars(select(Batch)).all()
+    assert len(summaries) == 10 and {s.video_pk for s in summaries} == set(pks)
+    assert sorted(b.batch_size for b in batches) == [2, 8]
+    for b in batches:
+        assert all(getattr(b, column) is not None for column in TIMING_COLUMNS), b.__dict__
+        assert b.engine == "fast" and b.model == str(tiny_model_dir) and b.chunk_size == 8
+    for s in summaries:
+        assert s.batch_id in {b.id for b in batches} and s.generated_tokens > 0
+        assert s.queue_wait_s is not None and s.latency_s is not None and s.finish_reason in ("stop", "length")
+    for v in db_session.scalars(select(Video).where(Video.id.in_(pks))):
+        assert v.summarising_at is not None and v.done_at is not None
+
+    # A redelivered message for a video already done is a no-op: only the new video is generated.
+    (new_pk,) = add_videos(db_session, [transcript(3)])
+    for pk in [pks[0], pks[1], new_pk]:
+        app.send_task(SUMMARISE_TASK, args=[pk])
+    wait_until(lambda: db_session.scalar(select(Summary.id).where(Summary.video_pk == new_pk)), timeout=60,
+               message="the new video's summary")
+    db_session.expire_all()
+    assert [b.batch_size for b in db_session.scalars(select(Batch).order_by(Batch.started_at))][-1] == 1
+    assert len(db_session.scalars(select(Summary)).all()) == 11
