@@ -1,0 +1,190 @@
+"""``tubesum report JOB -o DIR``: how the GPU worker did on a job.
+
+Writes ``batches.csv`` (one row per batched generation, out-of-memory attempts included) and two
+plots: generated tokens/s by batch size, and the distribution of per-video latency (submitted →
+summary stored). ``print_report`` shows the same numbers as a table by batch size.
+
+Which batches belong to a job: those its summaries point at, plus every other batch the same
+workers ran inside that window (out-of-memory attempts and the map steps of long transcripts,
+which no summary points at). With several jobs summarised at the same time on the same workers the
+window also holds the other jobs' batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window: the report runs on headless servers
+
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from models import Batch, Summary, Video  # noqa: E402
+from tubesum.jobs import get_job  # noqa: E402
+
+BATCH_COLUMNS: tuple[str, ...] = (
+    "id", "started_at", "ended_at", "worker_host", "devices", "model", "dtype", "attn_implementation",
+    "engine", "chunk_size", "batch_size", "videos_finished", "prompt_tokens", "padded_prompt_tokens",
+    "generated_tokens", "prefill_s", "decode_s", "wall_s", "generated_tokens_per_s", "peak_memory_bytes",
+    "oom_split", "status", "note",
+)  # fmt: skip
+BATCHES_CSV = "batches.csv"
+TOKENS_PLOT = "tokens_per_s_by_batch_size.png"
+LATENCY_PLOT = "latency_histogram.png"
+LATENCY_BINS = 20  # histogram bars
+PLOT_DPI = 120
+
+
+@dataclass(frozen=True)
+class SizeStats:
+    """The successful batches of one size."""
+
+    batch_size: int
+    batches: int
+    mean_tokens_per_s: float
+    mean_wall_s: float
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class JobReport:
+    job_id: int
+    rows: list[dict[str, object]]
+    latencies_s: list[float]
+    by_size: list[SizeStats]
+    files: list[Path]
+
+    @property
+    def oom_batches(self) -> int:
+        return sum(1 for r in self.rows if r["status"] == "oom")
+
+
+def job_batches(session: Session, job_id: int) -> list[dict[str, object]]:
+    """The job's batch rows (see the module doc), oldest first, keys BATCH_COLUMNS."""
+    job = get_job(session, job_id)
+    finished = dict(session.execute(
+        select(Summary.batch_id, func.count()).join(Video, Video.id == Summary.video_pk)
+        .where(Video.job_id == job_id, Summary.batch_id.is_not(None)).group_by(Summary.batch_id)
+    ).all())  # fmt: skip
+    if not finished:
+        return []
+    linked = session.scalars(select(Batch).where(Batch.id.in_(finished))).all()
+    hosts = {b.worker_host for b in linked}
+    last_end = max(b.ended_at for b in linked)
+    batches = session.scalars(
+        select(Batch)
+        .where(Batch.worker_host.in_(hosts), Batch.started_at >= job.created_at, Batch.ended_at <= last_end)
+        .order_by(Batch.started_at, Batch.id)
+    ).all()
+    rows = []
+    for b in {b.id: b for b in [*batches, *linked]}.values():
+        row = {column: getattr(b, column, None) for column in BATCH_COLUMNS}
+        row["videos_finished"] = finished.get(b.id, 0)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["started_at"], r["id"]))
+
+
+def job_latencies(session: Session, job_id: int) -> list[float]:
+    return [s for (s,) in session.execute(
+        select(Summary.latency_s).join(Video, Video.id == Summary.video_pk)
+        .where(Video.job_id == job_id, Summary.latency_s.is_not(None)).order_by(Summary.latency_s)
+    )]  # fmt: skip
+
+
+def stats_by_size(rows: list[dict[str, object]]) -> list[SizeStats]:
+    groups: dict[int, list[dict[str, object]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok":
+            groups[int(row["batch_size"])].append(row)  # type: ignore[arg-type]
+    return [
+        SizeStats(
+            batch_size=size, batches=len(g),
+            mean_tokens_per_s=statistics.fmean(float(r["generated_tokens_per_s"]) for r in g),  # type: ignore[arg-type]
+            mean_wall_s=statistics.fmean(float(r["wall_s"]) for r in g),  # type: ignore[arg-type]
+            generated_tokens=sum(int(r["generated_tokens"]) for r in g),  # type: ignore[arg-type]
+        )  # fmt: skip
+        for size, g in sorted(groups.items())
+    ]
+
+
+def write_batches_csv(rows: list[dict[str, object]], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=BATCH_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else (v.isoformat() if hasattr(v, "isoformat") else v)
+                             for k, v in row.items()})  # fmt: skip
+
+
+def plot_tokens_per_s(rows: list[dict[str, object]], by_size: list[SizeStats], path: Path) -> None:
+    """Each successful batch as a dot, the mean of each batch size as a line."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([r["batch_size"] for r in ok], [r["generated_tokens_per_s"] for r in ok], alpha=0.5,
+               label="one batch")
+    if by_size:
+        ax.plot([s.batch_size for s in by_size], [s.mean_tokens_per_s for s in by_size], marker="o",
+                color="C1", label="mean")
+    ax.set_xlabel("batch size (prompts in one generation)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Throughput by batch size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def plot_latency(latencies: list[float], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if latencies:
+        ax.hist(latencies, bins=min(LATENCY_BINS, max(1, len(latencies))), color="C2", edgecolor="white")
+        ax.axvline(statistics.median(latencies), color="k", linestyle="--",
+                   label=f"median {statistics.median(latencies):.1f} s")
+        ax.legend()
+    ax.set_xlabel("latency per video, submitted → summary stored (s)")
+    ax.set_ylabel("videos")
+    ax.set_title("Per-video latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def write_report(session: Session, job_id: int, out_dir: Path) -> JobReport:
+    """batches.csv and the two plots in ``out_dir``; returns what they show."""
+    rows = job_batches(session, job_id)
+    latencies = job_latencies(session, job_id)
+    by_size = stats_by_size(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / BATCHES_CSV, out_dir / TOKENS_PLOT, out_dir / LATENCY_PLOT]
+    write_batches_csv(rows, files[0])
+    plot_tokens_per_s(rows, by_size, files[1])
+    plot_latency(latencies, files[2])
+    return JobReport(job_id=job_id, rows=rows, latencies_s=latencies, by_size=by_size, files=files)
+
+
+def print_report(report: JobReport, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"job {report.job_id}: {len(report.rows)} batches ({report.oom_batches} out of memory)")
+    for header in ("batch size", "batches", "mean tokens/s", "mean seconds", "generated tokens"):
+        table.add_column(header, justify="right")
+    for s in report.by_size:
+        table.add_row(str(s.batch_size), str(s.batches), f"{s.mean_tokens_per_s:.1f}", f"{s.mean_wall_s:.2f}",
+                      str(s.generated_tokens))
+    console.print(table)
+    if report.latencies_s:
+        lat = report.latencies_s
+        p90 = lat[min(len(lat) - 1, int(0.9 * len(lat)))]
+        console.print(f"latency per video: median {statistics.median(lat):.1f} s, p90 {p90:.1f} s, "
+                      f"max {lat[-1]:.1f} s over {len(lat)} videos")
+    for path in report.files:
+        console.print(f"wrote {path}")
