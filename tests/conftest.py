@@ -163,12 +163,10 @@ class WorkerProcess:
         wait_until(ready, timeout=timeout, message=lambda: f"worker {self.name} to be ready:\n{self.log()}")
 
     def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> int:
-        """SIGTERM (Celery's warm shutdown), then SIGKILL the whole process group after ``timeout``."""
+        """SIGTERM to the main process (Celery's warm shutdown: it stops its own pool), then SIGKILL
+        the whole process group after ``timeout``."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -78,11 +78,12 @@ class LocalWorker:
             return ""
 
     def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int | None:
-        """Warm shutdown (SIGTERM to the worker's process group), SIGKILL after ``timeout_s``."""
+        """Warm shutdown (SIGTERM to the worker's main process, which stops its pool in order),
+        then SIGKILL to the whole process group after ``timeout_s``."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -164,7 +165,8 @@ def local_workers(settings: Settings, *, summarise: bool, fetch_concurrency: int
     logs = Path(settings.embedded_dir) / "logs"
     workers = [LocalWorker("fetch", [*cli, "fetch", "--concurrency", str(fetch_concurrency)], logs / "fetch.log")]
     if summarise:
-        argv = [*cli, "summarise", "--model", settings.model, "--chunk-size", str(settings.chunk_size)]
+        argv = [*cli, "summarise", "--model", settings.model, "--chunk-size", str(settings.chunk_size),
+                "--max-new-tokens", str(settings.max_new_tokens)]
         workers.append(LocalWorker("summarise", argv, logs / "summarise.log"))
     return workers
 
