@@ -179,6 +179,18 @@ def test_a_transcript_longer_than_the_context_is_map_reduced(make_batcher, tiny_
     assert outcomes[2].pieces == 1 and outcomes[2].batch_id == sink.batches[0].id  # type: ignore[attr-defined]
 
 
+def test_a_long_video_whose_pieces_do_not_fit_fails_alone(make_batcher, tiny_engine):
+    engine = OomAbove(tiny_engine, max_prompt=400)  # every piece of the long transcript is longer
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.2, engine=engine)
+    outcomes = summarise_all(batcher, {1: " ".join(SENTENCES) * 40, 2: transcript(2)})
+    assert outcomes[1].status == "failed" and "single prompt" in outcomes[1].error and outcomes[1].pieces >= 2
+    assert outcomes[2].status == "done"
+    # The first piece failed alone; the long video's other pieces never ran again.
+    ok = sink.ok()
+    assert len(ok) == 1 and ok[0].batch_size == 1 and ok[0].oom_split
+    assert sum(1 for b in sink.batches if b.status == "oom" and b.batch_size == 1) == 1
+
+
 def test_a_redelivered_video_joins_the_one_in_flight(make_batcher):
     batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.3)
     first = batcher.submit(VideoInput(5, transcript(5)))

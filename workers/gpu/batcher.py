@@ -109,7 +109,8 @@ class Batcher:
             self._pending.clear()
         for work in works:
             for future in work.futures:
-                future.set_exception(BatcherStopped("worker stopped before this video was summarised"))
+                if not future.done():
+                    future.set_exception(BatcherStopped("worker stopped before this video was summarised"))
 
     def submit(self, video: VideoInput) -> Future:
         """Queue a video; the Future resolves to its VideoOutcome once that is committed."""
@@ -208,7 +209,9 @@ class Batcher:
         self._commit(record, failed)
         if len(chunk) > 1:
             for half in halves(chunk):
-                self._run([p for p in half if not p.work.finished], oom_split=True)
+                alive = [p for p in half if not p.work.finished]  # a video may have failed meanwhile
+                if alive:
+                    self._run(alive, oom_split=True)
 
     # ------------------------------------------------------------------ outcomes
     def _outcome(self, work: _Work) -> VideoOutcome:
