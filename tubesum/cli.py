@@ -201,7 +201,8 @@ def run_cmd(
                          export_path=Path(output) if output else None, fetch_only=fetch_only,
                          fetch_concurrency=fetch_concurrency, timeout_s=timeout)
     except KeyboardInterrupt:
-        typer.echo("interrupted: workers stopped; unfinished videos stay queued (run `tubesum reconcile`)", err=True)
+        typer.echo("interrupted: workers stopped; unfinished videos stay on the queue for the next workers "
+                   "on this broker (another `tubesum run` here picks them up)", err=True)
         raise typer.Exit(130) from None
     except (BadInput, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
