@@ -73,3 +73,12 @@ def test_run_twenty_videos_with_the_tiny_model(env, tmp_path, tiny_model_dir):
         assert all(r[c] != "" for c in EXPORT_SUMMARY_COLUMNS if c != "summary"), r
         assert r["model"] == str(tiny_model_dir) and int(r["batch_size"]) in (CHUNK, VIDEOS - 2 * CHUNK)
         assert float(r["batch_seconds"]) > 0 and float(r["latency_s"]) >= float(r["queue_wait_s"]) >= 0
+
+    # The report of the same job, from the same SQLite file.
+    report = subprocess.run([sys.executable, "-m", "tubesum.cli", "report", "1", "-o", "report"], env=run_env,
+                            cwd=tmp_path, text=True, capture_output=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stdout + report.stderr
+    with (tmp_path / "report" / "batches.csv").open() as f:
+        assert [int(r["batch_size"]) for r in csv.DictReader(f)] == [CHUNK, CHUNK, VIDEOS - 2 * CHUNK]
+    assert (tmp_path / "report" / "tokens_per_s_by_batch_size.png").stat().st_size > 0
+    assert (tmp_path / "report" / "latency_histogram.png").stat().st_size > 0
