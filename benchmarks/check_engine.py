@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--model", default="dummy:llama-3-1b")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--profile-rows", default="", help="comma-separated row counts to profile")
     args = ap.parse_args()
     eng = load_engine(args.model, device_map="cuda:0")
     print("engine", eng.backend, eng.attn_implementation, eng.dtype, eng.devices)
@@ -53,7 +54,72 @@ def main() -> None:
     print("fast vs hf agreement", agree(rows["fast"], rows["hf"]), first_diverge(rows["fast"], rows["hf"]))
     print("fast batched vs alone", agree(rows["fast"], alone), first_diverge(rows["fast"], alone))
     print("graph vs no graph", agree(rows["fast"], nograph), first_diverge(rows["fast"], nograph))
+    eng.runner.use_graphs = True
+    eng.release()
+    logits_check(eng, prompts)
+    decode_check(eng, prompts)
+    for n in filter(None, args.profile_rows.split(",")):
+        profile_decode(eng, int(n))
+
+
+
+def logits_check(eng, prompts) -> None:
+    """Last-position logits of the fast runner against HF's own forward, prompt by prompt."""
+    from workers.gpu.runner import KVCache
+
+    r = eng.runner
+    for p in prompts[:4]:
+        cache = KVCache(layers=len(r.layers), rows=1, slots=len(p) + 64, kv_heads=r.n_kv,
+                        head_dim=r.head_dim, dtype=r.dtype, device=r.device)
+        with torch.inference_mode():
+            ours = r.prefill_logits([p], [0], cache)[0]
+            ref = eng.model(input_ids=torch.tensor([p], device=r.device)).logits[0, -1].float()
+        cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
+        top5 = ref.topk(5).indices.tolist()
+        gap = (ref.max() - ref[ours.argmax()]).item()
+        print(f"len {len(p)}: cosine {cos:.5f}, max|diff| {(ours - ref).abs().max().item():.4f}, "
+              f"logit std {ref.std().item():.4f}, our top1 in HF top5 {ours.argmax().item() in top5}, "
+              f"HF logit gap of our pick {gap:.4f}")
+
+
+def profile_decode(eng, rows: int, steps: int = 5) -> None:
+    """Kernel time of decode steps (graph replays) at `rows` prompts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = reference_prompts(rows, vocab_size=eng.model.config.vocab_size)
+    sp = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    eng.generate(prompts, sp)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.generate(prompts, sp)
+    print(f"--- profile, {rows} rows, prefill + {steps} decode steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
 if __name__ == "__main__":
     main()
+
+
+def decode_check(eng, prompts, steps: int = 12) -> None:
+    """Teacher-forced: our per-step decode logits (several rows of different lengths in one
+    cache) against HF's forward over prompt + our tokens, position by position."""
+    from workers.gpu.runner import KVCache
+
+    r = eng.runner
+    prompts = prompts[:3]
+    n = len(prompts)
+    cache = KVCache(layers=len(r.layers), rows=n, slots=max(map(len, prompts)) + steps + 64,
+                    kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device)
+    with torch.inference_mode():
+        logits = [r.prefill_logits(prompts, list(range(n)), cache)]  # [n, V]
+        toks = [logits[-1].argmax(-1)]
+        pos = torch.tensor([len(p) for p in prompts], device=r.device)
+        for j in range(steps - 1):
+            logits.append(r.decode_logits(toks[-1], pos + j, cache))
+            toks.append(logits[-1].argmax(-1))
+        ours = torch.stack(logits, 1)  # [n, steps, V]
+        for i, p in enumerate(prompts):
+            cont = [int(t[i]) for t in toks[:-1]]
+            ref = eng.model(input_ids=torch.tensor([p + cont], device=r.device)).logits[0, len(p) - 1:].float()
+            cos = torch.nn.functional.cosine_similarity(ours[i], ref, dim=-1)
+            print(f"decode row {i} (len {len(p)}): cosine per step min {cos.min().item():.5f} "
+                  f"mean {cos.mean().item():.5f}")

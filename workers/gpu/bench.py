@@ -262,6 +262,7 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
                          transformers_version=transformers.__version__)
     longest = max(len(p) for p in prompt_ids)
     report.auto_chunk_size = engine.auto_chunk_size(prompt_tokens=longest, new_tokens=new_tokens)
+    chunk_sizes = sorted({report.auto_chunk_size if c == 0 else c for c in chunk_sizes})
     report.results, report.memory_limit_chunk = sweep(
         engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
         max_chunks=max_chunks, progress=progress)

@@ -299,7 +299,8 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
         raise ModelLoadError(
             f"fast backend needs a Llama-family model on one device; got "
             f"{hf_model.config.model_type!r}{' sharded' if sharded else ''}")
-    runner = LlamaRunner(hf_model) if fast_ok else None
+    # attn="sdpa"/"eager" asks for PyTorch attention in the fast runner too (no FlashAttention).
+    runner = LlamaRunner(hf_model, allow_flash=attn not in ("sdpa", "eager")) if fast_ok else None
     engine = Engine(model=hf_model, tokenizer=tokenizer, model_name=model, backend=chosen,
                     runner=runner, stop_ids=stop_token_ids(hf_model, tokenizer))
     log.info("loaded %s on %s (%s, attention %s, backend %s)", model, engine.devices,

@@ -105,6 +105,42 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add fused with the next RMSNorm: returns (new residual stream, its norm)."""
+    x = x + delta
+    return x, rms_norm(x, w, eps)
+
+
+def qkv_rope(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+             pos: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+             q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float):
+    # qkv: [T, (H + 2·KVH)·D]; pos: [T] → q [T, H, D], k, v [T, KVH, D], q and k rotated
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.reshape(-1, n_heads, head_dim)
+    k = k.reshape(-1, n_kv, head_dim)
+    v = v.reshape(-1, n_kv, head_dim)
+    if q_norm is not None:  # Qwen3: RMSNorm over each head before rotation
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    cos, sin = cos_table[pos].unsqueeze(1), sin_table[pos].unsqueeze(1)  # [T, 1, D]
+    return rope(q, cos, sin), rope(k, cos, sin), v
+
+
+class _Ops:
+    """The elementwise steps between matmuls. On CUDA each is compiled (dynamic shapes, so one
+    compile serves every chunk) into one fused kernel: unfused, a decode step launches ~40 small
+    kernels per layer and they, not the weights, dominate batch-1 latency."""
+
+    def __init__(self, compiled: bool) -> None:
+        # Automatic dynamic shapes: only the token dimension becomes symbolic after the first
+        # recompile. (dynamic=True also made hidden sizes symbolic, and the resulting runtime
+        # index divisions made the prefill kernels 2-3x slower than memory speed.)
+        wrap = (lambda f: torch.compile(f, fullgraph=True)) if compiled else (lambda f: f)
+        self.rms_norm = wrap(rms_norm)
+        self.add_rms_norm = wrap(add_rms_norm)
+        self.qkv_rope = wrap(qkv_rope)
+        self.silu_mul = wrap(silu_mul)
+
+
 class KVCache:
     """Pre-allocated keys and values for one chunk: [layers, rows, slots, kv_heads, head_dim]."""
 
@@ -170,7 +206,8 @@ class RunStats:
 class LlamaRunner:
     """Greedy batched generation for one Llama-family HF model on one device."""
 
-    def __init__(self, model: torch.nn.Module, *, use_cuda_graphs: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, use_cuda_graphs: bool | None = None,
+                 allow_flash: bool = True, compile_ops: bool = True) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"fast runner does not support model_type {cfg.model_type!r}")
@@ -182,9 +219,10 @@ class LlamaRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.max_positions = cfg.max_position_embeddings
-        self.use_flash = flash_varlen_available(self.device, self.dtype)
+        self.use_flash = allow_flash and flash_varlen_available(self.device, self.dtype)
         self.use_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.attn_implementation = "flash_varlen" if self.use_flash else "sdpa"
+        self.ops = _Ops(compiled=self.device.type == "cuda" and compile_ops)
 
         inner = model.model
         self.embed = inner.embed_tokens.weight
@@ -221,30 +259,40 @@ class LlamaRunner:
     def slots_for(longest_prompt: int, max_new_tokens: int) -> int:
         return math.ceil((longest_prompt + max_new_tokens) / SLOT_ROUNDING) * SLOT_ROUNDING
 
-    # ------------------------------------------------------------------ one layer
-    def _qkv(self, lyr: _Layer, h: torch.Tensor, pos: torch.Tensor):
-        # h: [T, hidden]; pos: [T] → q [T, H, D], k, v [T, KVH, D], rotated
-        qkv = F.linear(h, lyr.wqkv, lyr.bqkv)
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.n_heads, self.head_dim)
-        k = k.view(-1, self.n_kv, self.head_dim)
-        v = v.view(-1, self.n_kv, self.head_dim)
-        if lyr.q_norm is not None:
-            q, k = rms_norm(q, lyr.q_norm, self.eps), rms_norm(k, lyr.k_norm, self.eps)
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [T, 1, D]
-        return rope(q, cos, sin), rope(k, cos, sin), v
-
-    def _mlp_residual(self, lyr: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + F.linear(attn.flatten(1), lyr.wo)
-        h = rms_norm(x, lyr.ln2, self.eps)
-        return x + F.linear(silu_mul(F.linear(h, lyr.w13)), lyr.w2)
+    # ------------------------------------------------------------------ all layers
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor,
+                 attend) -> torch.Tensor:
+        """ids, pos, dest: [T] → final-normed hidden states [T, hidden]. Writes every token's
+        keys and values to its cache slot `dest`; `attend(layer, q, k, v)` does the attention."""
+        ops, eps = self.ops, self.eps
+        x = F.embedding(ids, self.embed)  # [T, hidden]: the residual stream
+        h = ops.rms_norm(x, self.layers[0].ln1, eps)
+        for i, lyr in enumerate(self.layers):
+            q, k, v = ops.qkv_rope(F.linear(h, lyr.wqkv, lyr.bqkv), self.cos, self.sin, pos,
+                                   self.n_heads, self.n_kv, self.head_dim, lyr.q_norm, lyr.k_norm, eps)
+            k_flat, v_flat = cache.flat(i)
+            k_flat.index_copy_(0, dest, k)
+            v_flat.index_copy_(0, dest, v)
+            attn = attend(i, q, k, v)  # [T, H, D]
+            x, h = ops.add_rms_norm(x, F.linear(attn.flatten(1), lyr.wo), lyr.ln2, eps)
+            mlp = F.linear(ops.silu_mul(F.linear(h, lyr.w13)), lyr.w2)
+            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            x, h = ops.add_rms_norm(x, mlp, after, eps)
+        return h
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompts: list[list[int]], rows: list[int], cache: KVCache,
                 suppress: torch.Tensor | None = None) -> torch.Tensor:
         """Run `prompts` packed into one sequence, fill their cache rows, return their first
-        generated token [n]. Logits are computed only at each prompt's last position."""
+        generated token [n]."""
+        logits = self.prefill_logits(prompts, rows, cache)
+        if suppress is not None:
+            logits.index_fill_(1, suppress, float("-inf"))
+        return logits.argmax(dim=-1)
+
+    def prefill_logits(self, prompts: list[list[int]], rows: list[int], cache: KVCache) -> torch.Tensor:
+        """Logits [n, V] at each prompt's last position only (never the whole vocabulary for
+        every prompt token: at 256 × 1,400 tokens that alone would be ~180 GB)."""
         lens = [len(p) for p in prompts]
         dev = self.device
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)  # [T]
@@ -258,22 +306,15 @@ class LlamaRunner:
         cu = torch.tensor(offsets, dtype=torch.int32, device=dev)
         last = cu[1:].long() - 1  # [n] index of each prompt's last token
 
-        x = F.embedding(ids, self.embed)  # [T, hidden]
-        for i, lyr in enumerate(self.layers):
-            q, k, v = self._qkv(lyr, rms_norm(x, lyr.ln1, self.eps), pos)
-            k_flat, v_flat = cache.flat(i)
-            k_flat.index_copy_(0, dest, k)
-            v_flat.index_copy_(0, dest, v)
+        longest = max(lens)
+
+        def attend(_layer: int, q, k, v):
             if self.use_flash:
-                attn = _flash(q, k, v, cu, cu, max(lens), max(lens), causal=True)
-            else:
-                attn = self._sdpa_prefill(q, k, v, offsets)
-            x = self._mlp_residual(lyr, x, attn)
-        h = rms_norm(x[last], self.norm, self.eps)  # [n, hidden]
-        logits = F.linear(h, self.lm_head).float()  # [n, V]
-        if suppress is not None:
-            logits.index_fill_(1, suppress, float("-inf"))
-        return logits.argmax(dim=-1)
+                return _flash(q, k, v, cu, cu, longest, longest, causal=True)
+            return self._sdpa_prefill(q, k, v, offsets)
+
+        h = self._forward(ids, pos, cache, dest, attend)[last]  # [n, hidden]
+        return F.linear(h, self.lm_head).float()
 
     def _sdpa_prefill(self, q, k, v, offsets: list[int]) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -293,19 +334,26 @@ class LlamaRunner:
         used = (pos + 1).to(torch.int32)  # [B] keys each row may read
         cu_q = torch.arange(cache.rows + 1, device=self.device, dtype=torch.int32)
         cu_k = cu_q * cache.slots
-        x = F.embedding(tokens, self.embed)  # [B, hidden]
-        for i, lyr in enumerate(self.layers):
-            q, k, v = self._qkv(lyr, rms_norm(x, lyr.ln1, self.eps), pos)
-            k_flat, v_flat = cache.flat(i)
-            k_flat.index_copy_(0, dest, k)
-            v_flat.index_copy_(0, dest, v)
-            if self.use_flash:
-                attn = _flash(q, k_flat, v_flat, cu_q, cu_k, 1, cache.slots, causal=False,
-                              seqused_k=used)
-            else:
-                attn = self._sdpa_decode(q, i, cache, used)
-            x = self._mlp_residual(lyr, x, attn)
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+
+        group = self.n_heads // self.n_kv
+        cu_grouped = cu_q * group
+
+        def attend(layer: int, q, _k, _v):
+            if not self.use_flash:
+                return self._sdpa_decode(q, layer, cache, used)
+            k_flat, v_flat = cache.flat(layer)
+            # GQA packing: the `group` query heads that share a KV head become `group` query
+            # rows of that head, so each row's keys and values are read once, not once per head.
+            # q [B, H, D] → [B, KVH, g, D] → [B·g, KVH, D]
+            qg = q.view(cache.rows, self.n_kv, group, self.head_dim).transpose(1, 2)
+            qg = qg.reshape(cache.rows * group, self.n_kv, self.head_dim)
+            out = _flash(qg, k_flat, v_flat, cu_grouped, cu_k, group, cache.slots, causal=False,
+                         seqused_k=used)
+            # back: [B·g, KVH, D] → [B, g, KVH, D] → [B, KVH, g, D] → [B, H, D]
+            out = out.view(cache.rows, group, self.n_kv, self.head_dim).transpose(1, 2)
+            return out.reshape(cache.rows, self.n_heads, self.head_dim)
+
+        return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head).float()
 
     def _sdpa_decode(self, q, layer: int, cache: KVCache, used: torch.Tensor) -> torch.Tensor:
         # q: [B, H, D]; masked attention over each row's valid slots only.
