@@ -173,3 +173,25 @@ def test_run_settings_overrides_are_validated(monkeypatch: pytest.MonkeyPatch, c
     assert settings.database_url == f"sqlite:///{tmp_path / 'tubesum.db'}"  # absolute for every worker
     with pytest.raises(ValueError):
         run_settings(chunk_size="0")
+
+
+def test_filesystem_broker_carries_control_traffic_between_processes(
+    env: dict[str, str], tmp_path: Path, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remote control (ping, inspect) reaches a worker in another process through the embedded
+    broker's control folder; its task events with no listener leave no files behind."""
+    from tubesum.celery_app import create_app
+    from tubesum.settings import Settings
+
+    fs_env = {k: v for k, v in env.items() if k != "TUBESUM_BROKER_URL"}
+    worker = start_worker(env=fs_env, queue="transcripts", pool="solo", concurrency=1, name="fs-control")
+    monkeypatch.delenv("TUBESUM_BROKER_URL", raising=False)
+    app = create_app(Settings(embedded_dir=Path(fs_env["TUBESUM_EMBEDDED_DIR"])))
+    assert app.conf.broker_url == "filesystem://"
+    replies = app.control.ping(destination=[worker.name], timeout=5)
+    assert replies == [{worker.name: {"ok": "pong"}}]
+    queues = app.control.inspect(destination=[worker.name], timeout=5).active_queues()
+    assert [q["name"] for q in queues[worker.name]] == ["transcripts"]
+    worker.stop()
+    leftovers = list((Path(fs_env["TUBESUM_EMBEDDED_DIR"]) / "broker" / "queue").iterdir())
+    assert not [p for p in leftovers if "celeryev" in p.name], leftovers

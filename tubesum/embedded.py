@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +195,18 @@ class Watchdog(threading.Thread):
             self.join()
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _wait_fetched(job_id: int, *, database_url: str, timeout_s: float | None) -> JobCounts:
     """Until no video waits for a transcript (``--fetch-only``)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -253,9 +266,10 @@ def run_job(
             ) from None
         raise
     finally:
-        watchdog.stop()
-        for worker in reversed(workers):
-            worker.stop()
+        with _sigint_ignored():  # a second Ctrl-C must not leave workers behind
+            watchdog.stop()
+            for worker in reversed(workers):
+                worker.stop()
 
     path = export_path or Path(cwd) / f"tubesum-job-{job_id}.csv"
     with session_scope(settings.database_url) as session:
