@@ -162,7 +162,8 @@ STATUS_ORDER = ("queued", "fetching", "fetched", "summarising", "done", "failed"
 
 def status_tables(status: JobStatus) -> list[Table]:
     """The counts table, then (if any) the failed videos with their reasons."""
-    counts = Table(title=f"job {status.job_id} · {status.created_at:%Y-%m-%d %H:%M} · {status.model or ''}")
+    counts = Table(title=f"job {status.job_id}",
+                   caption=f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model or '?'}")
     counts.add_column("status")
     counts.add_column("videos", justify="right")
     by_status = status.counts.by_status
@@ -184,7 +185,7 @@ def status_tables(status: JobStatus) -> list[Table]:
 def all_jobs_table(jobs: Sequence[tuple[int, datetime, JobCounts]]) -> Table:
     table = Table(title="recent jobs")
     for column in ("job", "created", *STATUS_ORDER, "total"):
-        table.add_column(column, justify="right" if column not in ("created",) else "left")
+        table.add_column(column, justify="left" if column == "created" else "right", no_wrap=True)
     for job_id, created, counts in jobs:
         table.add_row(str(job_id), f"{created:%Y-%m-%d %H:%M}",
                       *(str(counts[name]) for name in STATUS_ORDER), str(counts.total))
