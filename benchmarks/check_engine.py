@@ -95,9 +95,6 @@ def profile_decode(eng, rows: int, steps: int = 5) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def decode_check(eng, prompts, steps: int = 12) -> None:
     """Teacher-forced: our per-step decode logits (several rows of different lengths in one
@@ -114,7 +111,7 @@ def decode_check(eng, prompts, steps: int = 12) -> None:
         toks = [logits[-1].argmax(-1)]
         pos = torch.tensor([len(p) for p in prompts], device=r.device)
         for j in range(steps - 1):
-            logits.append(r.decode_logits(toks[-1], pos + j, cache))
+            logits.append(r.decode_logits(toks[-1], pos + j, cache).float())
             toks.append(logits[-1].argmax(-1))
         ours = torch.stack(logits, 1)  # [n, steps, V]
         for i, p in enumerate(prompts):
@@ -123,3 +120,7 @@ def decode_check(eng, prompts, steps: int = 12) -> None:
             cos = torch.nn.functional.cosine_similarity(ours[i], ref, dim=-1)
             print(f"decode row {i} (len {len(p)}): cosine per step min {cos.min().item():.5f} "
                   f"mean {cos.mean().item():.5f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -220,19 +220,20 @@ def run_cmd(
 
 
 def _int_list(text: str) -> list[int]:
+    """Comma-separated positive integers; 'auto' becomes 0 (resolved once the model is loaded)."""
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [0 if x.strip() == "auto" else int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter("chunk sizes must be positive integers")
+    if not values or min(values) < 0:
+        raise typer.BadParameter("chunk sizes must be positive integers or 'auto'")
     return values
 
 
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:<arch> (dummy:tiny, dummy:llama-3-8b)"),
-    chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep"),
+    chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks"),
     prompts: int = typer.Option(64, "--prompts", help="prompts per chunk size (reused for larger chunks)"),
     new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of real transcripts to build prompts from"),

@@ -35,6 +35,9 @@ PREFILL_TOKEN_BUDGET = 16384
 # KV-cache slots are allocated in multiples of this. A chunk reuses the current cache and graph
 # when it has the same number of rows and needs no more slots (rows read only their own length).
 SLOT_ROUNDING = 64
+# From this many rows on, decode attention packs each KV head's query heads together (reads the
+# cache once instead of once per query head); below it, the two layout copies cost more.
+GQA_PACK_MIN_ROWS = 16
 # How often (in decode steps) the host checks whether every row has finished.
 FINISH_CHECK_EVERY = 16
 
@@ -157,15 +160,19 @@ class KVCache:
 
 
 class _DecodeGraph:
-    """Static buffers and (on CUDA) a captured graph for one decode step of `rows` prompts."""
+    """Static buffers and (on CUDA) a captured graph for one decode step of `rows` prompts.
+    The step also does its own bookkeeping (store the pick, advance position and step), so a
+    token costs exactly one graph launch from the host."""
 
     def __init__(self, runner: LlamaRunner, cache: KVCache, suppress: torch.Tensor | None,
-                 use_graph: bool) -> None:
+                 max_new_tokens: int, use_graph: bool) -> None:
         dev = runner.device
         self.runner, self.cache, self.suppress = runner, cache, suppress
+        self.max_new_tokens = max_new_tokens
         self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] last token
         self.pos = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] its position
-        self.next = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] greedy pick
+        self.out = torch.zeros(cache.rows, max_new_tokens, dtype=torch.long, device=dev)  # [B, N]
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)  # next column of `out`
         self.graph: torch.cuda.CUDAGraph | None = None
         if use_graph:
             self._capture()
@@ -174,20 +181,29 @@ class _DecodeGraph:
         logits = self.runner.decode_logits(self.tokens, self.pos, self.cache)  # [B, V]
         if self.suppress is not None:
             logits.index_fill_(1, self.suppress, float("-inf"))
-        self.next.copy_(logits.argmax(dim=-1))
+        nxt = logits.argmax(dim=-1)  # [B]
+        self.out.index_copy_(1, self.step, nxt[:, None])
+        self.tokens.copy_(nxt)
+        self.pos.add_(1)
+        self.step.add_(1)
 
     def _capture(self) -> None:
-        # Warm up on a side stream (cuBLAS workspaces, lazy init), then record one step.
-        self.pos.fill_(0)
+        # Warm up on a side stream (cuBLAS workspaces, kernel compilation), then record one step.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
+                self.reset()
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
+        self.reset()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
+
+    def reset(self) -> None:
+        self.pos.fill_(0)
+        self.step.fill_(1)
 
     def run(self) -> None:
         if self.graph is not None:
@@ -337,11 +353,15 @@ class LlamaRunner:
 
         group = self.n_heads // self.n_kv
         cu_grouped = cu_q * group
+        pack = group > 1 and cache.rows >= GQA_PACK_MIN_ROWS
 
         def attend(layer: int, q, _k, _v):
             if not self.use_flash:
                 return self._sdpa_decode(q, layer, cache, used)
             k_flat, v_flat = cache.flat(layer)
+            if not pack:
+                return _flash(q, k_flat, v_flat, cu_q, cu_k, 1, cache.slots, causal=False,
+                              seqused_k=used)
             # GQA packing: the `group` query heads that share a KV head become `group` query
             # rows of that head, so each row's keys and values are read once, not once per head.
             # q [B, H, D] → [B, KVH, g, D] → [B·g, KVH, D]
@@ -353,7 +373,8 @@ class LlamaRunner:
             out = out.view(cache.rows, group, self.n_kv, self.head_dim).transpose(1, 2)
             return out.reshape(cache.rows, self.n_heads, self.head_dim)
 
-        return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head).float()
+        # bf16 logits are fine for a greedy pick (same argmax as after a float cast).
+        return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head)
 
     def _sdpa_decode(self, q, layer: int, cache: KVCache, used: torch.Tensor) -> torch.Tensor:
         # q: [B, H, D]; masked attention over each row's valid slots only.
@@ -367,16 +388,18 @@ class LlamaRunner:
         return out[:, :, 0]  # [B, H, D]
 
     # ------------------------------------------------------------------ whole chunk
-    def _decoder_for(self, rows: int, slots: int, suppress: tuple[int, ...]) -> _DecodeGraph:
-        key = (rows, slots, suppress)
+    def _decoder_for(self, rows: int, slots: int, suppress: tuple[int, ...],
+                     max_new_tokens: int) -> _DecodeGraph:
+        key = (rows, slots, suppress, max_new_tokens)
         cur = self._graph_key
-        reusable = cur is not None and cur[0] == rows and cur[1] >= slots and cur[2] == suppress
+        reusable = (cur is not None and cur[0] == rows and cur[1] >= slots and cur[2] == suppress
+                    and cur[3] >= max_new_tokens)
         if not reusable:
             self.release()  # one cache + graph at a time: never hold two chunks' KV memory
             cache = KVCache(layers=len(self.layers), rows=rows, slots=slots, kv_heads=self.n_kv,
                             head_dim=self.head_dim, dtype=self.dtype, device=self.device)
             sup = torch.tensor(suppress, device=self.device) if suppress else None
-            self._graph = _DecodeGraph(self, cache, sup, self.use_graphs)
+            self._graph = _DecodeGraph(self, cache, sup, max_new_tokens, self.use_graphs)
             self._graph_key = key
         assert self._graph is not None
         return self._graph
@@ -398,8 +421,8 @@ class LlamaRunner:
         n = len(prompts)
         slots = min(self.slots_for(longest, max_new_tokens), self.max_positions)
         suppress = tuple(sorted(stop_ids)) if ignore_eos else ()
-        dec = self._decoder_for(n, slots, suppress)
-        out = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)
+        dec = self._decoder_for(n, slots, suppress, max_new_tokens)
+        out = dec.out
 
         t0 = _now(self.device)
         # Sub-batches of whole prompts up to the token budget, in input order.
@@ -415,6 +438,7 @@ class LlamaRunner:
             start = end
         dec.tokens.copy_(out[:, 0])
         dec.pos.copy_(torch.tensor([len(p) for p in prompts], device=self.device))
+        dec.step.fill_(1)
         t1 = _now(self.device)
 
         stop = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
@@ -424,9 +448,6 @@ class LlamaRunner:
                 if bool(torch.isin(out[:, :steps], stop).any(dim=1).all()):
                     break
             dec.run()
-            out[:, steps] = dec.next
-            dec.tokens.copy_(dec.next)
-            dec.pos.add_(1)
             steps += 1
         t2 = _now(self.device)
 
