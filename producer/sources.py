@@ -7,6 +7,8 @@ Decisions (the issue left these open):
   fail at fetch time with YouTube's own reason, so the job's report says what happened to each.
 - A CSV with bytes that are not UTF-8 is decoded with ``errors="replace"`` and a warning is logged:
   one bad character should not stop a thousand-video job.
+- NUL characters in a CSV are dropped (PostgreSQL text cannot store them); other control
+  characters are kept here and removed when the prompt is built.
 """
 
 from __future__ import annotations
@@ -208,7 +210,8 @@ def load_transcripts_csv(path: str | Path) -> list[CsvTranscript]:
     rows: list[CsvTranscript] = []
     for row in reader:
         line_no = reader.line_num
-        row = {(k or "").strip(): (v or "") for k, v in row.items()}
+        # NUL: PostgreSQL text cannot hold it (the whole job's insert would fail); never meaningful.
+        row = {(k or "").strip(): (v or "").replace("\x00", "") for k, v in row.items()}
         video_id = row["video_id"].strip()
         if not video_id or len(video_id) > CSV_MAX_ID_LEN:
             raise BadInput(f"transcripts CSV {str(path)!r} line {line_no}: video_id must be 1..{CSV_MAX_ID_LEN} characters, got {video_id!r}")

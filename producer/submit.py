@@ -8,6 +8,7 @@ it cannot find. If sending fails half-way, the unsent videos stay ``queued`` in 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from tubesum.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 EMPTY_CSV_TRANSCRIPT = "empty transcript in CSV"
+# Duplicate ids named in the warning, at most.
+DUPLICATES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,10 @@ def submit(
     csv_rows = load_transcripts_csv(transcripts_csv) if transcripts_csv else []
     if not all_sources and not csv_rows:
         raise BadInput("nothing to submit: give a video or playlist, --from-file or --transcripts")
-    planned = plan_videos(expand_sources(all_sources, make_ydl=make_ydl), csv_rows)
+    videos = expand_sources(all_sources, make_ydl=make_ydl)
+    planned = plan_videos(videos, csv_rows)
+    warn_duplicates([v.video_id for v in videos], what="sources")
+    warn_duplicates([r.video_id for r in csv_rows], what=f"transcripts CSV {str(transcripts_csv)!r}")
 
     job_id, to_fetch, to_summarise = record_job(planned, sources=all_sources, settings=settings,
                                                 transcripts_csv=transcripts_csv)
@@ -87,6 +93,15 @@ def submit(
         app.send_task(SUMMARISE_TASK, args=[pk])
     log.info("job %s: %d to fetch, %d with CSV transcripts", job_id, len(to_fetch), len(to_summarise))
     return job_id
+
+
+def warn_duplicates(video_ids: Sequence[str], *, what: str) -> None:
+    """Say which video ids appeared more than once (each is summarised once, at its first place)."""
+    repeated = sorted(v for v, n in Counter(video_ids).items() if n > 1)
+    if repeated:
+        shown = ", ".join(repeated[:DUPLICATES_SHOWN]) + (" ..." if len(repeated) > DUPLICATES_SHOWN else "")
+        log.warning("%s: %d video id(s) given more than once, kept once at the first place: %s",
+                    what, len(repeated), shown)
 
 
 def record_job(

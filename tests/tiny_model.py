@@ -1,7 +1,8 @@
 """The tiny model of the CPU tests: ``dummy:tiny`` (a ~3M-parameter random Llama with a ChatML
 tokenizer) saved with save_pretrained, and loaded by path through the same ``load_engine`` users run.
 
-Import the fixtures into a test module: ``from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401``.
+Import the fixtures into a test module: ``from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401``
+(``micro_model_dir``: ``dummy:micro``, one narrow layer, for long-transcript jobs).
 The model is written once per test process, whichever modules use it.
 """
 
@@ -15,18 +16,18 @@ from pathlib import Path
 import pytest
 
 _lock = threading.Lock()
-_saved: Path | None = None
+_saved: dict[str, Path] = {}
 
 
-def saved_tiny_model() -> Path:
-    """Directory of the saved tiny model, written on first use in this process."""
-    global _saved
+def saved_tiny_model(spec: str = "dummy:tiny") -> Path:
+    """Directory of the saved dummy model ``spec``, written on first use in this process."""
     with _lock:
-        if _saved is None:
+        if spec not in _saved:
             from workers.gpu.dummy import save_dummy
 
-            _saved = save_dummy("dummy:tiny", Path(tempfile.mkdtemp(prefix="tubesum-tiny-")) / "tiny")
-        return _saved
+            name = spec.removeprefix("dummy:")
+            _saved[spec] = save_dummy(spec, Path(tempfile.mkdtemp(prefix=f"tubesum-{name}-")) / name)
+        return _saved[spec]
 
 
 def load_tiny_engine(path: Path | None = None):  # -> workers.gpu.engine.Engine
@@ -38,6 +39,15 @@ def load_tiny_engine(path: Path | None = None):  # -> workers.gpu.engine.Engine
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     path = saved_tiny_model()
+    yield path
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir() -> Path:
+    """``dummy:micro``: one narrow layer, same tokenizer and context; for jobs with very long
+    transcripts, where the tiny model's CPU time would dominate the test."""
+    path = saved_tiny_model("dummy:micro")
     yield path
     shutil.rmtree(path.parent, ignore_errors=True)
 

@@ -326,7 +326,7 @@ def claim_video(video_pk: int, *, database_url: str) -> VideoInput | None:
             return None
         text = session.scalar(select(Transcript.text).where(Transcript.video_pk == video_pk))
         now = utcnow()
-        if not text or not text.strip():
+        if not text or not sanitize(text).strip():  # nothing left once control characters go
             video.status, video.error, video.failed_at = VideoStatus.failed.value, "empty transcript", now
             return None
         video.status = VideoStatus.summarising.value

@@ -43,6 +43,12 @@ ARCHS: dict[str, dict] = {
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
         rope_theta=10000.0, initializer_range=0.2, tie_word_embeddings=False,
     ),
+    # One narrow layer: cheap enough on CPU for a test job with a 200,000-word transcript.
+    "micro": dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_theta=10000.0, initializer_range=0.2, tie_word_embeddings=False,
+    ),
     "llama-3-8b": dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
