@@ -50,6 +50,8 @@ class Video(Base):
     status: Mapped[str] = mapped_column(String(16), default=VideoStatus.queued.value, index=True)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # fetch attempts so far
+    summarise_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims by a GPU worker
+    reconciles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # re-enqueues of a stuck video
 
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
     fetching_at: Mapped[datetime | None]

@@ -6,7 +6,7 @@ the real yt-dlp. Nothing here touches the network, and production code never imp
   recording the watch page, the innertube player call and the caption track get).
 - ``worker_app``: ``celery -A tests.youtube_replay:worker_app worker ...`` is tubesum's Celery app
   with every fetch answered by a ReplayAdapter, configured by ``TUBESUM_YOUTUBE_REPLAY`` (a JSON
-  file: ``{"videos": {"<id>": "<scenario>"}, "default": "ok"}``). Without the variable the
+  file: ``{"videos": {"<id>": "<scenario>"}, "default": "ok", "slow_s": 2.0}``). Without the variable the
   attribute refuses to load.
 - ``ReplayRH`` / ``replay_ydl``: a yt-dlp RequestHandler serving recorded pages, installed as the
   only handler of one ``YoutubeDL``; ``playlist_page`` builds a playlist page around ``ytInitialData``.
@@ -19,6 +19,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,8 @@ class ReplayAdapter(BaseAdapter):
     default: str = "ok"
     fixtures: Path = FIXTURES
     calls: list[Call] = field(default_factory=list)
+    # Scenario "slow": the "ok" answers, with the watch page this many seconds late (a fetch to kill).
+    slow_s: float = 2.0
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -119,7 +122,12 @@ class ReplayAdapter(BaseAdapter):
             return self._response(request, Step(status=404))
         if kind == "watch":
             self._last_video = video_id
-        scenario = SCENARIOS[self.scenario_for.get(video_id, self.default)]
+        name = self.scenario_for.get(video_id, self.default)
+        if name == "slow":
+            if kind == "watch":
+                time.sleep(self.slow_s)
+            name = "ok"
+        scenario = SCENARIOS[name]
         steps: tuple[Step, ...] = getattr(scenario, kind)
         with self._lock:
             n = self._counts[(video_id, kind)]
@@ -155,7 +163,8 @@ def install_worker_replay() -> Any:
     import workers.fetch as fetch
 
     config = json.loads(Path(os.environ[REPLAY_ENV]).read_text())
-    adapter = ReplayAdapter(scenario_for=config.get("videos", {}), default=config.get("default", "ok"))
+    adapter = ReplayAdapter(scenario_for=config.get("videos", {}), default=config.get("default", "ok"),
+                            slow_s=config.get("slow_s", 2.0))
     real_make_http_session = fetch.make_http_session
 
     def replaying_session(settings):  # type: ignore[no-untyped-def]

@@ -31,11 +31,28 @@ def embedded_broker_options(settings: Settings) -> dict:
     }
 
 
+# Delay before a task whose worker process died runs again, seconds (every other retry of ours
+# passes its own countdown).
+WORKER_LOST_RETRY_DELAY_S = 2
+# Publishing retries: about 90 s in all (0, 1, 2, 3, 4, then every 5 s).
+PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 1, "interval_max": 5}
+# Seconds between sweeps for unacknowledged messages past their visibility timeout, at most.
+MAX_RESTORE_INTERVAL_S = 10
+
+
+def restore_interval_s(visibility_timeout_s: int) -> int:
+    return max(1, min(MAX_RESTORE_INTERVAL_S, visibility_timeout_s // 10))
+
+
 def celery_config(settings: Settings) -> dict:
     transport_options: dict = {
         # Redis redelivers an unacked message after this; it must outlast the longest chunk,
-        # otherwise a running chunk is handed to a second worker.
+        # otherwise a running chunk is handed to a second worker. This is what brings back the
+        # messages of a worker killed as a whole (SIGKILL, OOM killer, lost host).
         "visibility_timeout": settings.visibility_timeout_s,
+        # Sweep for such messages often enough for a short test timeout; one sweep is one ZRANGE.
+        "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+        "unacked_restore_throttle": 1,
     }
     if settings.embedded_broker:
         transport_options = embedded_broker_options(settings)
@@ -58,8 +75,19 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,
         # At-least-once: ack after the work is committed; a killed worker's task is redelivered.
         "task_acks_late": True,
+        # A prefork child that dies mid-task (WorkerLostError) is retried like Task.retry(), up to
+        # the task's max_retries, then the task fails (and its video with it: workers/fetch_tasks.py).
+        # reject_on_worker_lost is only the fallback if sending that retry fails.
+        "task_retry_on_worker_lost": True,
         "task_reject_on_worker_lost": True,
+        "task_annotations": {
+            FETCH_TASK: {"max_retries": settings.fetch_max_retries + settings.max_worker_lost_retries,
+                         "default_retry_delay": WORKER_LOST_RETRY_DELAY_S},
+        },
         "worker_prefetch_multiplier": 1,
+        # Sending a message (submit, fetch → summarise) waits out a broker restart instead of
+        # failing after a second; past this the send fails and `tubesum reconcile` resends it.
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         # Flower sees every task from sent to done.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -62,8 +62,40 @@ def worker_fetch(
     from tubesum.celery_app import TRANSCRIPTS_QUEUE
     from tubesum.celery_app import app as celery_app
 
+    # No mingle/gossip: workers share nothing through them (state is in the database), and on the
+    # filesystem broker each start would leave a stale broadcast file. Flower uses events only.
     celery_app.worker_main(["worker", "-Q", TRANSCRIPTS_QUEUE, "-n", "fetch@%h", "-E",
+                            "--without-mingle", "--without-gossip",
                             f"--concurrency={concurrency}", f"--loglevel={loglevel}"])
+
+
+@app.command("reconcile")
+def reconcile_cmd(
+    stuck_after: float = typer.Option(None, "--stuck-after", help="seconds without progress before a video counts as stuck (default TUBESUM_STUCK_AFTER_S)"),
+    every: float = typer.Option(None, "--every", help="run a pass every this many seconds, until stopped"),
+) -> None:
+    """Re-enqueue videos stuck in queued/fetching/fetched/summarising (a dead worker or producer);
+    fail those re-enqueued too often. Run it beside the workers: `tubesum reconcile --every 300`."""
+    import logging
+    import signal
+    import threading
+
+    from tubesum.celery_app import app as celery_app
+    from tubesum.settings import get_settings
+    from workers.reconcile import reconcile, run_periodically
+
+    settings = get_settings()
+    if every is None:
+        typer.echo(reconcile(settings=settings, celery_app=celery_app, stuck_after_s=stuck_after).summary())
+        return
+    logging.basicConfig(level="INFO", format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run_periodically(settings=settings, celery_app=celery_app, every_s=every, stop=stop,
+                         stuck_after_s=stuck_after)
+    except KeyboardInterrupt:
+        pass
 
 
 # --- GPU (summarise) worker and its report --------------------------------------------------------

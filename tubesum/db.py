@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tubesum.settings import get_settings
@@ -32,6 +33,12 @@ def make_engine(url: str) -> Engine:
         return engine
     # pre_ping: a worker survives PostgreSQL restarts and dropped connections.
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Worth retrying: the connection dropped (server restart, terminated backend, network) or the
+    database is busy (SQLite lock). Constraint violations and bad data are not."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 @lru_cache(maxsize=4)

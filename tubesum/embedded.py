@@ -32,6 +32,7 @@ from tubesum.db import session_scope, upgrade
 from tubesum.errors import TubesumError
 from tubesum.jobs import export_format, export_job
 from tubesum.settings import Settings, get_settings
+from workers.reconcile import run_periodically
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +245,19 @@ def run_job(
     workers = local_workers(settings, summarise=not fetch_only, fetch_concurrency=fetch_concurrency)
     env = worker_env(settings)
     watchdog = Watchdog(workers)
+    celery_app = create_app(settings)
+    # The reconciler of this run (`tubesum reconcile --every` in distributed mode): videos whose
+    # message was lost, e.g. a worker restarted by hand, are sent again.
+    stop_reconciler = threading.Event()
+    reconciler = threading.Thread(target=run_periodically, name="tubesum-reconciler", daemon=True, kwargs=dict(
+        settings=settings, celery_app=celery_app, every_s=settings.reconcile_every_s, stop=stop_reconciler))
     try:
         for worker in workers:
             worker.start(env=env, cwd=cwd)
         watchdog.start()
         job_id = submit(sources, from_file=from_file, transcripts_csv=transcripts_csv, settings=settings,
-                        celery_app=create_app(settings))
+                        celery_app=celery_app)
+        reconciler.start()
         if fetch_only:
             counts = _wait_fetched(job_id, database_url=settings.database_url, timeout_s=timeout_s)
         else:
@@ -267,6 +275,7 @@ def run_job(
         raise
     finally:
         with _sigint_ignored():  # a second Ctrl-C must not leave workers behind
+            stop_reconciler.set()
             watchdog.stop()
             for worker in reversed(workers):
                 worker.stop()

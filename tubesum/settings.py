@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The tutorial's instruction, word for word.
@@ -26,6 +26,10 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 # Directory (relative to the working directory) holding the embedded broker's files.
 EMBEDDED_DIR = ".tubesum"
+# HTTP requests of one transcript fetch (watch page, innertube player, caption track).
+FETCH_REQUESTS = 3
+# A video is stuck only after missing this many heartbeats in a row.
+HEARTBEATS_PER_STUCK = 3
 
 
 class Settings(BaseSettings):
@@ -67,6 +71,13 @@ class Settings(BaseSettings):
     stuck_after_s: float = 1800.0
     # How many times a task whose worker process died is redelivered before the video fails.
     max_worker_lost_retries: int = 3
+    # How often the GPU worker refreshes `updated_at` of the videos it holds, seconds; at most
+    # stuck_after_s / HEARTBEATS_PER_STUCK, so a live worker's videos never look stuck.
+    heartbeat_s: float = 60.0
+    # Re-enqueues of one stuck video by the reconciler before it fails, so nothing loops forever.
+    max_reconciles: int = 3
+    # How often `tubesum run` runs a reconcile pass while it waits for the job, seconds.
+    reconcile_every_s: float = 300.0
 
     @field_validator("transcript_languages", mode="before")
     @classmethod
@@ -92,6 +103,23 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("transcript_languages needs at least one language code")
         return value
+
+    @model_validator(mode="after")
+    def _delivery_bounds(self) -> Settings:
+        # A fetch message stays unacknowledged for its retry countdown plus three HTTP requests;
+        # Redis must not hand it to a second worker meanwhile. (The GPU side cannot be checked
+        # here: keep the timeout above the longest chunk, see README "Failure handling".)
+        fetch_unacked_s = self.fetch_backoff_max_s + FETCH_REQUESTS * (
+            self.http_connect_timeout_s + self.http_read_timeout_s)
+        if self.visibility_timeout_s <= fetch_unacked_s:
+            raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
+                             f"unacknowledged fetch, {fetch_unacked_s:.0f}s (backoff max + request timeouts)")
+        if self.heartbeat_s <= 0 or self.stuck_after_s < HEARTBEATS_PER_STUCK * self.heartbeat_s:
+            raise ValueError(f"stuck_after_s ({self.stuck_after_s}) must be at least {HEARTBEATS_PER_STUCK} "
+                             f"heartbeats (heartbeat_s={self.heartbeat_s})")
+        if self.max_worker_lost_retries < 0 or self.max_reconciles < 0:
+            raise ValueError("max_worker_lost_retries and max_reconciles must be >= 0")
+        return self
 
     @property
     def embedded_broker(self) -> bool:

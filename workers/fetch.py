@@ -159,11 +159,21 @@ def describe(exc: BaseException) -> str:
 # --- database ------------------------------------------------------------------------------------
 
 
-def claim(video_pk: int, *, database_url: str) -> str | None:
-    """queued/fetching → fetching, count the attempt; the YouTube id, or None if there is nothing to do."""
+def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None) -> str | None:
+    """queued/fetching → fetching, count the attempt; the YouTube id, or None if there is nothing to do.
+
+    ``fetching`` is claimable because it is what a dead worker leaves behind; a second concurrent
+    delivery may then fetch too, and ``store`` keeps only the first transcript. A video already
+    claimed ``max_attempts`` times (its workers keep dying, or its messages keep coming back) fails
+    here instead, so no message loops forever."""
     with session_scope(database_url) as session:
         video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
         if video is None or video.status not in CLAIMABLE:
+            return None
+        if max_attempts is not None and video.attempts >= max_attempts:
+            video.status, video.failed_at = VideoStatus.failed.value, utcnow()
+            video.error = f"gave up after {video.attempts} fetch attempts that never finished (worker died?)"
+            log.warning("video %s: %s", video_pk, video.error)
             return None
         video.status = VideoStatus.fetching.value
         video.fetching_at = video.fetching_at or utcnow()
@@ -197,7 +207,7 @@ def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
 def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None) -> Outcome:
     """Claim, download, store. Transient errors propagate as TransientFetchError (the caller retries);
     permanent ones are recorded and return Outcome.failed."""
-    video_id = claim(video_pk, database_url=settings.database_url)
+    video_id = claim(video_pk, database_url=settings.database_url, max_attempts=max_fetch_attempts(settings))
     if video_id is None:
         return Outcome.skipped
     try:
@@ -209,6 +219,12 @@ def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi 
     if not store(video_pk, fetched, database_url=settings.database_url):
         return Outcome.skipped
     return Outcome.fetched
+
+
+def max_fetch_attempts(settings: Settings) -> int:
+    """Claims of one video before it fails: every retry of a transient error, plus the deliveries
+    a dying worker may cost (prefork child lost, whole worker killed, reconciler re-enqueue)."""
+    return settings.fetch_max_retries + 1 + settings.max_worker_lost_retries
 
 
 def backoff_delay(retries: int, *, base_s: float, max_s: float) -> float:

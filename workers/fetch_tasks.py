@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import logging
 
+from billiard.exceptions import WorkerLostError
+from celery.signals import task_failure
+
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
+from tubesum.db import is_transient_db_error
 from tubesum.errors import TransientFetchError
 from tubesum.settings import get_settings
 from workers.fetch import Outcome, backoff_delay, fetch_video, mark_failed
 
 log = logging.getLogger(__name__)
 
+# Retries of a task whose database write failed transiently (connection dropped, server restart);
+# past them the task fails and `tubesum reconcile` picks the video up later.
+DB_MAX_RETRIES = 12
+# Longest delay before such a retry, seconds (1, 2, 4, ... capped here).
+DB_RETRY_MAX_DELAY_S = 30.0
 
-@app.task(name=FETCH_TASK, bind=True, max_retries=None)
+
+def db_retry_delay(retries: int) -> float:
+    return min(DB_RETRY_MAX_DELAY_S, 2.0**retries)
+
+
+# max_retries comes from the app's task_annotations: fetch retries plus worker-lost retries.
+@app.task(name=FETCH_TASK, bind=True)
 def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
     video_pk = int(video_pk)
@@ -30,9 +45,24 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
         log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
         raise self.retry(exc=exc, countdown=delay)
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
+        if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:
+            delay = db_retry_delay(self.request.retries)
+            log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES) from None
         log.exception("video %s: unexpected error", video_pk)
         mark_failed(video_pk, f"unexpected error: {type(exc).__name__}: {exc}", database_url=settings.database_url)
         return Outcome.failed.value
     if outcome is Outcome.fetched:
         app.send_task(SUMMARISE_TASK, args=[video_pk])
     return outcome.value
+
+
+@task_failure.connect(sender=fetch_transcript)
+def _fail_video_of_lost_worker(sender=None, exception=None, args=None, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Celery gave up retrying a task whose worker process kept dying (task_retry_on_worker_lost):
+    record that on the video, in the worker's main process, instead of leaving it ``fetching``."""
+    if not isinstance(exception, WorkerLostError) or not args:
+        return
+    reason = f"the fetch worker process died on every attempt ({type(exception).__name__}: {exception})"
+    log.warning("video %s: %s", args[0], reason)
+    mark_failed(int(args[0]), reason, database_url=get_settings().database_url)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from models import Batch, Summary, Transcript, Video, VideoStatus
 from models.base import utcnow
@@ -315,9 +315,10 @@ class BatchRecord:
 CLAIMABLE = (VideoStatus.fetched.value, VideoStatus.summarising.value)
 
 
-def claim_video(video_pk: int, *, database_url: str) -> VideoInput | None:
-    """fetched/summarising → summarising; the transcript to summarise, or None when there is
-    nothing to do (already done or failed, not fetched, gone, or no transcript: then failed)."""
+def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = None) -> VideoInput | None:
+    """fetched/summarising → summarising, counting the claim; the transcript to summarise, or None
+    when there is nothing to do (already done or failed, not fetched, gone, or no transcript: then
+    failed). A video already claimed ``max_attempts`` times fails: its worker keeps dying on it."""
     with session_scope(database_url) as session:
         video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
         if video is None or video.status not in CLAIMABLE:
@@ -326,12 +327,29 @@ def claim_video(video_pk: int, *, database_url: str) -> VideoInput | None:
             return None
         text = session.scalar(select(Transcript.text).where(Transcript.video_pk == video_pk))
         now = utcnow()
+        if max_attempts is not None and video.summarise_attempts >= max_attempts:
+            video.status, video.failed_at = VideoStatus.failed.value, now
+            video.error = f"gave up after {video.summarise_attempts} summarise attempts that never finished (worker died?)"
+            log.warning("video %s: %s", video_pk, video.error)
+            return None
+        video.summarise_attempts += 1
         if not text or not sanitize(text).strip():  # nothing left once control characters go
             video.status, video.error, video.failed_at = VideoStatus.failed.value, "empty transcript", now
             return None
         video.status = VideoStatus.summarising.value
         video.summarising_at = video.summarising_at or now
         return VideoInput(video_pk=video_pk, transcript=text)
+
+
+def touch_videos(video_pks: Sequence[int], *, database_url: str) -> None:
+    """The GPU worker's heartbeat: ``updated_at`` = now for the videos it is still summarising, so
+    `tubesum reconcile` leaves them alone."""
+    if not video_pks:
+        return
+    with session_scope(database_url) as session:
+        session.execute(update(Video).where(Video.id.in_(sorted(video_pks)),
+                                            Video.status == VideoStatus.summarising.value)
+                        .values(updated_at=utcnow()))
 
 
 def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:

@@ -11,7 +11,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from tubesum.celery_app import SUMMARISE_TASK, app
-from tubesum.settings import get_settings
+from tubesum.db import is_transient_db_error
+from tubesum.settings import Settings, get_settings
 from workers.summarise import claim_video, mark_failed
 
 if TYPE_CHECKING:  # importing the batcher imports torch
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 STORE_MAX_RETRIES = 5
 # Delay before such a retry, seconds.
 STORE_RETRY_DELAY_S = 10.0
+# Delay before retrying a claim whose database connection dropped, seconds.
+CLAIM_RETRY_DELAY_S = 2.0
 
 # The registry: the one Batcher of this process. `tubesum worker summarise` loads the model, builds
 # the Batcher and installs it here before the worker consumes its first message; the tasks read it.
@@ -42,12 +45,25 @@ def current_batcher() -> Batcher:
     return _batcher
 
 
+def max_summarise_attempts(settings: Settings) -> int:
+    """Claims of one video before it fails: the first, every store retry, and the deliveries a
+    dying GPU worker may cost (visibility-timeout redelivery, reconciler re-enqueue)."""
+    return 1 + STORE_MAX_RETRIES + settings.max_worker_lost_retries
+
+
 @app.task(name=SUMMARISE_TASK, bind=True, max_retries=STORE_MAX_RETRIES)
 def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
     video_pk = int(video_pk)
     batcher = current_batcher()
-    video = claim_video(video_pk, database_url=settings.database_url)
+    try:
+        video = claim_video(video_pk, database_url=settings.database_url,
+                            max_attempts=max_summarise_attempts(settings))
+    except Exception as exc:
+        if not is_transient_db_error(exc):
+            raise
+        log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, CLAIM_RETRY_DELAY_S)
+        raise self.retry(exc=exc, countdown=CLAIM_RETRY_DELAY_S) from None
     if video is None:
         return "skipped"  # already done or failed (a redelivery), or not ours to do
     try:

@@ -26,6 +26,7 @@ from datetime import datetime
 from functools import partial
 
 from models.base import utcnow
+from tubesum.db import is_transient_db_error
 from tubesum.errors import OutOfMemory, TubesumError
 from tubesum.settings import Settings
 from workers.gpu.batching import ChunkSizer, Pending, halves, plan_chunk, seconds_until_ready
@@ -37,17 +38,23 @@ from workers.summarise import (
     VideoInput,
     VideoOutcome,
     store_batch,
+    touch_videos,
 )
 
 log = logging.getLogger(__name__)
 
 # How long `stop()` waits for the GPU thread to finish its current chunk, seconds.
 STOP_TIMEOUT_S = 600.0
+# Tries of storing a finished chunk when the database connection drops, and the pause between
+# them, seconds: a chunk is minutes of GPU time, not to be thrown away for a reconnect.
+STORE_ATTEMPTS = 4
+STORE_RETRY_S = 2.0
 # Prompt length `--chunk-size auto` plans the KV cache for, tokens (a 20-minute talk is ~4k;
 # longer chunks than that are caught by the out-of-memory split).
 AUTO_CHUNK_PROMPT_TOKENS = 4096
 
 Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
+Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → refresh their updated_at
 
 
 class BatcherStopped(TubesumError):
@@ -76,7 +83,9 @@ class _Prompt:
 
 class Batcher:
     def __init__(self, engine: Engine, *, sink: Sink, chunk_size: int, chunk_wait_s: float,
-                 max_new_tokens: int, instruction: str, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_new_tokens: int, instruction: str, clock: Callable[[], float] = time.monotonic,
+                 heartbeat: Heartbeat | None = None,
+                 heartbeat_s: float = 60.0) -> None:
         self.engine = engine
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
@@ -90,17 +99,34 @@ class Batcher:
         self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
+        # While a chunk runs for minutes, this thread keeps its videos' updated_at fresh, so
+        # `tubesum reconcile` tells them from the videos of a dead worker.
+        self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
+        self._beat_stop = threading.Event()
+        self._beat_thread = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
 
     # ------------------------------------------------------------------ task threads
     def start(self) -> Batcher:
         self._thread.start()
+        if self.heartbeat is not None:
+            self._beat_thread.start()
         return self
+
+    def _beat(self) -> None:
+        while not self._beat_stop.wait(self.heartbeat_s):
+            with self._cond:
+                pks = list(self._in_flight)
+            try:
+                self.heartbeat(pks)  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - a missed beat is retried next time
+                log.warning("heartbeat of %d videos failed", len(pks), exc_info=True)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Finish the chunk in progress, then fail whatever is still waiting with BatcherStopped."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._beat_stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
@@ -235,7 +261,7 @@ class Batcher:
     def _commit(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
         """Store the batch and its finished videos, then wake their tasks (which ack their messages)."""
         try:
-            self.sink(record, outcomes)
+            self._store(record, outcomes)
         except Exception as exc:  # noqa: BLE001 - the tasks decide (retry); the worker goes on
             log.exception("storing batch %s failed", record.id)
             with self._cond:
@@ -247,6 +273,17 @@ class Batcher:
                 work = self._in_flight.pop(outcome.video_pk, None)
             for future in work.futures if work else []:
                 future.set_result(outcome)
+
+    def _store(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                return self.sink(record, outcomes)
+            except Exception as exc:
+                if attempt == STORE_ATTEMPTS or not is_transient_db_error(exc):
+                    raise
+                log.warning("storing batch %s failed (%s); try %d of %d in %.0fs", record.id, exc,
+                            attempt + 1, STORE_ATTEMPTS, STORE_RETRY_S)
+                time.sleep(STORE_RETRY_S)
 
     def _fail_tasks(self, works: set[_Work], exc: BaseException) -> None:
         with self._cond:
@@ -309,7 +346,9 @@ def build_batcher(settings: Settings, *, backend: str = "auto") -> Batcher:
                          attn=settings.attn, backend=backend)  # type: ignore[arg-type]
     return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
                    chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
-                   max_new_tokens=settings.max_new_tokens, instruction=settings.prompt)
+                   max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
+                   heartbeat=partial(touch_videos, database_url=settings.database_url),
+                   heartbeat_s=settings.heartbeat_s)
 
 
 def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
