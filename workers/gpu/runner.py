@@ -150,8 +150,10 @@ class KVCache:
     def __init__(self, *, layers: int, rows: int, slots: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (layers, rows, slots, kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeroed, not empty: masked attention (the CPU path) still multiplies the unused slots'
+        # values by a zero weight, and 0 × NaN from uninitialised memory is NaN.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.rows, self.slots = rows, slots
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
