@@ -237,6 +237,9 @@ class LlamaRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.max_positions = cfg.max_position_embeddings
+        if self.device.type == "cuda":
+            # Graph capture and the side stream use the current device: make it the model's.
+            torch.cuda.set_device(self.device)
         self.use_flash = allow_flash and flash_varlen_available(self.device, self.dtype)
         self.use_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.attn_implementation = "flash_varlen" if self.use_flash else "sdpa"
