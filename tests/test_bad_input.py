@@ -29,8 +29,9 @@ from typer.testing import CliRunner
 from tests.conftest import REDIS_SERVER_URL, _tubesum_env, truncate_all
 from models import Job, Summary, Transcript, Video
 from tests.youtube_replay import playlist_initial_data, playlist_page, replay_ydl
-from tiny_model import micro_model_dir  # noqa: F401  (fixture)
+from tiny_model import micro_model_dir, tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.cli import app
+from workers.summarise import PromptBuilder
 
 pytestmark = pytest.mark.slow
 
@@ -310,3 +311,12 @@ def test_injection_attempt_changes_only_its_own_summary(mixed_job: MixedJob) -> 
     assert all(n == 1 for _, n in per_video)
     assert snapshot(mixed_job.database_url, mixed_job.bystander["job_id"]) == {
         k: v for k, v in mixed_job.bystander.items() if k != "job_id"}
+
+
+def test_a_nul_byte_generated_by_the_model_is_dropped_from_the_summary(tiny_engine) -> None:
+    """PostgreSQL text cannot hold NUL: one such summary used to fail its whole chunk's commit."""
+    builder = PromptBuilder(tiny_engine.tokenizer, instruction="Summarise.", max_context=tiny_engine.max_context,
+                            max_new_tokens=8, stop_ids=tiny_engine.stop_ids)
+    ids = tiny_engine.tokenizer.encode("bees\x00 dance", add_special_tokens=False)
+    assert tiny_engine.tokenizer.decode(ids) == "bees\x00 dance"
+    assert builder.decode(ids) == "bees dance"

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     device_map: str = "auto"  # "auto", "cuda:0", "cpu", ...
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # The host name written on this worker's batch rows; unset = the machine's hostname. For hosts
+    # that share a hostname (network namespaces, some container setups).
+    worker_host: str | None = None
 
     # --- fetching ------------------------------------------------------------------------------
     transcript_languages: Annotated[list[str], NoDecode] = ["en"]

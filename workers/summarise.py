@@ -183,7 +183,10 @@ class PromptBuilder:
         while ids and ids[-1] in self.stop_ids:
             ids.pop()
         with self.lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # A model can emit a NUL byte; PostgreSQL text cannot store one (the whole chunk's commit
+        # would fail, again on every retry).
+        return text.replace("\x00", "").strip()
 
 
 # --- one video: a single prompt, or map-reduce -------------------------------------------------------

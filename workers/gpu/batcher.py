@@ -84,7 +84,7 @@ class _Prompt:
 class Batcher:
     def __init__(self, engine: Engine, *, sink: Sink, chunk_size: int, chunk_wait_s: float,
                  max_new_tokens: int, instruction: str, clock: Callable[[], float] = time.monotonic,
-                 heartbeat: Heartbeat | None = None,
+                 worker_host: str | None = None, heartbeat: Heartbeat | None = None,
                  heartbeat_s: float = 60.0) -> None:
         self.engine = engine
         self.sink = sink
@@ -94,6 +94,7 @@ class Batcher:
         self.prompts = PromptBuilder(engine.tokenizer, instruction=instruction, max_context=engine.max_context,
                                      max_new_tokens=max_new_tokens, stop_ids=engine.stop_ids)
         self.clock = clock
+        self.worker_host = worker_host or engine.host  # written on every batch row
         self._pending: list[_Prompt] = []
         self._in_flight: dict[int, _Work] = {}  # by video pk: a redelivered message joins its video
         self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
@@ -302,7 +303,7 @@ class Batcher:
         note = None
         if self.sizer.limit < self.sizer.configured:
             note = f"chunks capped at {self.sizer.limit} after running out of memory"
-        return dict(id=uuid.uuid4().hex, worker_host=e.host, devices=e.devices, model=e.model_name,
+        return dict(id=uuid.uuid4().hex, worker_host=self.worker_host, devices=e.devices, model=e.model_name,
                     dtype=e.dtype, attn_implementation=e.attn_implementation, engine=e.backend,
                     chunk_size=self.sizer.configured, note=note)
 
@@ -347,6 +348,7 @@ def build_batcher(settings: Settings, *, backend: str = "auto") -> Batcher:
     return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
                    chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
                    max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
+                   worker_host=settings.worker_host,
                    heartbeat=partial(touch_videos, database_url=settings.database_url),
                    heartbeat_s=settings.heartbeat_s)
 
