@@ -345,6 +345,7 @@ def build_batcher(settings: Settings, *, backend: str = "auto") -> Batcher:
     """Load the model once and make the Batcher that stores into settings.database_url."""
     engine = load_engine(settings.model, device_map=settings.device_map, dtype=settings.dtype,
                          attn=settings.attn, backend=backend)  # type: ignore[arg-type]
+    log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
     return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
                    chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
                    max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
@@ -368,7 +369,10 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
              name, concurrency, settings.chunk_wait_s)
     try:
         app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
-                         "-n", name, "-E", "--prefetch-multiplier=1", f"--loglevel={loglevel}"])
+                         "-n", name, "-E", "--prefetch-multiplier=1",
+                         # Like the fetch worker: no start-up sync with peers (it only delays
+                         # start and leaves stale files on the filesystem broker).
+                         "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
     finally:
         batcher.stop()
         summarise_tasks.install_batcher(None)
