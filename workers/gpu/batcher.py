@@ -49,6 +49,10 @@ STOP_TIMEOUT_S = 600.0
 # them, seconds: a chunk is minutes of GPU time, not to be thrown away for a reconnect.
 STORE_ATTEMPTS = 4
 STORE_RETRY_S = 2.0
+# Task threads (and so unacknowledged messages) per chunk slot. With two, the next chunk's messages
+# are received and claimed while the current chunk generates, so the GPU never waits for the queue
+# or the database; the price is twice the messages to redeliver when the worker dies.
+CHUNKS_IN_HAND = 2
 # Prompt length `--chunk-size auto` plans the KV cache for, tokens (a 20-minute talk is ~4k;
 # longer chunks than that are caught by the out-of-memory split).
 AUTO_CHUNK_PROMPT_TOKENS = 4096
@@ -356,17 +360,17 @@ def build_batcher(settings: Settings, *, backend: str = "auto") -> Batcher:
 
 def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
                          backend: str = "auto") -> None:
-    """`tubesum worker summarise`: load the model, then consume the summarise queue with one task
-    thread per chunk slot, in this process (CUDA does not survive a fork)."""
+    """`tubesum worker summarise`: load the model, then consume the summarise queue with
+    CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
     from tubesum.celery_app import SUMMARISE_QUEUE, app
     from workers import summarise_tasks
 
     batcher = build_batcher(settings, backend=backend)
     summarise_tasks.install_batcher(batcher)
     batcher.start()
-    concurrency = batcher.sizer.configured
+    concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
-             name, concurrency, settings.chunk_wait_s)
+             name, batcher.sizer.configured, settings.chunk_wait_s)
     try:
         app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
                          "-n", name, "-E", "--prefetch-multiplier=1",
