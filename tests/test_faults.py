@@ -272,12 +272,13 @@ def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker
     first = start_worker(env=env, cwd=REPO, name="gpu-a", argv=gpu_worker_argv("gpu-a", tiny_model_dir))
     ids = [f"gpukill{i:04d}" for i in range(6)]
     job_id = submit_ids(ids, env, transcripts=True)
-    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 4, message="a chunk of 4 running")
+    # The worker holds two chunks of messages (CHUNKS_IN_HAND): a chunk of 4 runs, the other 2 wait.
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="a chunk of 4 running, 2 waiting")
     time.sleep(3.5)  # past stuck_after_s (3 s) since the claim: only the heartbeat keeps them fresh
     settings = Settings(**{k[len("TUBESUM_"):].lower(): v for k, v in env.items() if k.startswith("TUBESUM_") and k != REPLAY_ENV})
     kombu.pools.reset()
     assert reconcile(settings=settings, celery_app=create_app(settings)).resent_count == 0
-    assert len(in_state(db, job_id, "summarising")) == 4  # still mid-chunk
+    assert len(in_state(db, job_id, "summarising")) == 6  # still mid-chunk
     os.killpg(first.proc.pid, signal.SIGKILL)
     first.proc.wait(timeout=10)
 
@@ -286,7 +287,7 @@ def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker
     assert_nothing_lost(db, job_id, done=6)
     with db.connect() as conn:
         attempts = dict(conn.execute(select(Video.video_id, Video.summarise_attempts).where(Video.job_id == job_id)).all())
-    assert sorted(attempts.values()) == [1, 1, 2, 2, 2, 2]  # the killed chunk's four were claimed again
+    assert sorted(attempts.values()) == [2] * 6  # all six the killed worker held were claimed again
 
 
 # --- Redis and PostgreSQL ----------------------------------------------------------------------------
