@@ -60,3 +60,17 @@ def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
     assert [r.oom for r in results] == [False, False, False, True]
     assert limit == 8  # reported as the limit, not raised
     assert results[-1].note.startswith("chunk of 8 prompts did not fit")
+
+
+def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine, tmp_path: Path):
+    """--transcripts: each video's prompt is the worker's own (chat template, tags, instruction)."""
+    from workers.gpu.bench_prompts import prompts_from_source
+    from workers.summarise import PromptBuilder, SummaryPlan
+
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("video_id,transcript\nowl,Owls hunt at night.\nempty,\nbee,Bees dance.\n")
+    prompts = prompts_from_source(tiny_engine, transcripts=str(csv_path), job=None, limit=10, new_tokens=8)
+    builder = PromptBuilder(tiny_engine.tokenizer, instruction=__import__("tubesum.settings").settings.get_settings().prompt,
+                            max_context=tiny_engine.max_context, max_new_tokens=8, stop_ids=tiny_engine.stop_ids)
+    assert prompts == [SummaryPlan("Owls hunt at night.", builder).step[0], SummaryPlan("Bees dance.", builder).step[0]]
+    assert "Owls hunt at night." in tiny_engine.tokenizer.decode(prompts[0])
