@@ -14,7 +14,6 @@ import logging
 import math
 import platform
 import random
-import statistics
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,10 +225,6 @@ def plot(report: BenchReport, out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
 
 
 def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,

@@ -212,12 +212,8 @@ class Engine:
         )
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_new_tokens
-        t0 = time.perf_counter()
         out = self.model.generate(input_ids=ids.to(first_device), attention_mask=mask.to(first_device),
                                   **kwargs)
-        if first_device.type == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
         rows = []
         for row in out[:, width:].tolist():
             cut = []
