@@ -15,6 +15,7 @@ import requests
 
 from producer.submit import submit
 from tests.youtube_replay import REPLAY_ENV
+from tiny_model import tiny_model_dir  # noqa: F401
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
 
 pytestmark = pytest.mark.slow
@@ -145,3 +146,42 @@ def test_flower_api_refuses_requests_without_auth(flower: str) -> None:
         assert requests.get(flower + path, timeout=5).status_code == 401, path
         assert requests.get(flower + path, auth=("flower", "wrong"), timeout=5).status_code == 401, path
     assert requests.get(flower + "/api/tasks", auth=AUTH, timeout=5).status_code == 200
+
+
+def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
+    flower: str, env: dict[str, str], settings, start_worker, tmp_path: Path, wait_until, tiny_model_dir
+) -> None:
+    """One batched generation serves several videos, yet each video's task has its own state,
+    result and worker in Flower."""
+    env = {**env, "TUBESUM_MAX_NEW_TOKENS": "8", "TUBESUM_CHUNK_WAIT_S": "1"}
+    worker = start_worker(
+        env=env, name="gpu-flower",
+        argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",
+              "--device-map", "cpu", "--name", "gpu-flower@%h"],
+    )  # fmt: skip
+    wait_until(lambda: f'flower_worker_online{{worker="{worker.name}"}} 1.0'
+               in requests.get(f"{flower}/metrics", timeout=2).text,
+               timeout=30, message="flower to see the GPU worker's events")  # fmt: skip
+
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("video_id,transcript\n" + "".join(f"vid{i},Owls and bees number {i}.\n" for i in range(4)))
+    job_id = submit([], transcripts_csv=str(csv_path), settings=settings)
+
+    from models import Batch, Summary, Video
+    from tubesum.db import session_scope
+
+    with session_scope(settings.database_url) as s:
+        pks = [v.id for v in s.query(Video).filter(Video.job_id == job_id)]
+
+    def summarise_tasks() -> list[dict] | None:
+        found = [t for t in requests.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json().values()
+                 if t["name"] == SUMMARISE_TASK and t.get("state") == "SUCCESS"]
+        return found if len(found) == len(pks) else None
+
+    found = wait_until(summarise_tasks, timeout=120, message="every summarise task SUCCESS in Flower")
+    assert sorted(int(t["args"].strip("()[],")) for t in found) == sorted(pks)
+    assert {t["worker"] for t in found} == {worker.name}
+    assert {t["result"] for t in found} == {repr("done")}
+    with session_scope(settings.database_url) as s:
+        batches = {b for (b,) in s.query(Summary.batch_id).filter(Summary.video_pk.in_(pks))}
+        assert s.query(Batch).filter(Batch.id.in_(batches)).count() < len(pks)  # shared a chunk
