@@ -1,7 +1,7 @@
 """The summarise task: claim the video, hand it to this process's Batcher, wait, decide retry.
 
 Runs on the ``summarise`` queue in the GPU worker only (``tubesum worker summarise``: threads pool,
-one thread per chunk slot). This module is imported by every process that builds the Celery app
+two threads per chunk slot). This module is imported by every process that builds the Celery app
 (producer, fetch workers), so it must not import torch or load a model at import time.
 """
 
