@@ -173,7 +173,8 @@ class _DecodeGraph:
         self.max_new_tokens = max_new_tokens
         self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] last token
         self.pos = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] its position
-        self.out = torch.zeros(cache.rows, max_new_tokens, dtype=torch.long, device=dev)  # [B, N]
+        # [B, N + 1]: graph capture runs one step at column 1, which must exist even when N is 1.
+        self.out = torch.zeros(cache.rows, max_new_tokens + 1, dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)  # next column of `out`
         self.graph: torch.cuda.CUDAGraph | None = None
         if use_graph:
