@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from models.base import utcnow
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_playlist import task_args
 from tests.youtube_replay import REPLAY_ENV
+from own_redis import OwnRedis
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 from tubesum.celery_app import SUMMARISE_QUEUE, create_app
 from tubesum.settings import Settings
@@ -293,50 +293,10 @@ def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker
 # --- Redis and PostgreSQL ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OwnRedis:
-    """A redis-server of this test: append-only, in its own folder, restartable on the same port."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.proc = folder, free_port(), None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=(self.folder / "redis.log").open("ab"), stderr=subprocess.STDOUT)  # fmt: skip
-        client = redis.Redis(port=self.port)
-        try:
-            for _ in range(100):
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            raise RuntimeError(f"redis-server on {self.port} did not start")
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: Redis flushes the append-only file and exits
-            self.proc.wait(timeout=20)
-
-
 def test_workers_reconnect_after_a_redis_restart(fault_env, db, start_worker, wait_until, tmp_path):
     """Restart (our own, append-only) Redis while messages are queued: the queued messages survive,
     the running workers reconnect by themselves, and the job completes."""
-    own = OwnRedis(tmp_path / "redis")
+    own = OwnRedis(tmp_path / "redis", appendonly=True)
     own.start()
     try:
         env = {**fault_env, "TUBESUM_BROKER_URL": own.url}

@@ -8,15 +8,12 @@ from __future__ import annotations
 import csv
 import re
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import redis
+from own_redis import OwnRedis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -49,28 +46,11 @@ def test_dockerignore_keeps_secrets_and_databases_out_of_the_image() -> None:
 @pytest.fixture
 def redis_with_password(tmp_path: Path):
     """Our own redis-server on 127.0.0.1 that requires a password; yields (url, password)."""
-    password = "redis-" + secrets.token_hex(8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "redis.log").open("wb")
-    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
-                             str(port), "--requirepass", password, "--save", "", "--appendonly", "no"],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    client = redis.Redis(port=port, password=password)
+    own = OwnRedis(tmp_path / "redis", password="redis-" + secrets.token_hex(8)).start()
     try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        yield f"redis://:{password}@127.0.0.1:{port}/0", password
+        yield own.url, own.password
     finally:
-        client.close()
-        proc.kill()
-        proc.wait()
-        log.close()
+        own.stop()
 
 
 def test_passwords_in_service_urls_never_appear_in_logs_output_or_exports(
