@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from workers.gpu.bench import reference_prompts
-from workers.gpu.engine import SamplingParams, load_engine
+from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.workers.gpu.engine import SamplingParams, load_engine
 
 
 def agree(a: list[list[int]], b: list[list[int]]) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
 
 def logits_check(eng, prompts) -> None:
     """Last-position logits of the fast runner against HF's own forward, prompt by prompt."""
-    from workers.gpu.runner import KVCache
+    from tubesum.workers.gpu.runner import KVCache
 
     r = eng.runner
     for p in prompts[:4]:
@@ -99,7 +99,7 @@ def profile_decode(eng, rows: int, steps: int = 5) -> None:
 def decode_check(eng, prompts, steps: int = 12) -> None:
     """Teacher-forced: our per-step decode logits (several rows of different lengths in one
     cache) against HF's forward over prompt + our tokens, position by position."""
-    from workers.gpu.runner import KVCache
+    from tubesum.workers.gpu.runner import KVCache
 
     r = eng.runner
     prompts = prompts[:3]

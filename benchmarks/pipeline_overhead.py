@@ -35,9 +35,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from models import Batch, Summary, Video
-from producer.submit import plan_videos, record_job
-from producer.sources import load_transcripts_csv
+from tubesum.models import Batch, Summary, Video
+from tubesum.producer.submit import plan_videos, record_job
+from tubesum.producer.sources import load_transcripts_csv
 from tubesum.celery_app import SUMMARISE_TASK, create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.settings import get_settings

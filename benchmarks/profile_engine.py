@@ -12,9 +12,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import workers.gpu.runner as runner_mod
-from workers.gpu.bench import reference_prompts
-from workers.gpu.engine import SamplingParams, load_engine
+import tubesum.workers.gpu.runner as runner_mod
+from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.workers.gpu.engine import SamplingParams, load_engine
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """Database tables: a job holds videos; a video gets a transcript, then a summary made in a batch."""
 
-from models.base import Base
-from models.tables import Batch, Job, Summary, Transcript, Video, VideoStatus, TERMINAL_STATUSES
+from tubesum.models.base import Base
+from tubesum.models.tables import Batch, Job, Summary, Transcript, Video, VideoStatus, TERMINAL_STATUSES
 
 __all__ = ["Base", "Batch", "Job", "Summary", "Transcript", "Video", "VideoStatus", "TERMINAL_STATUSES"]

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 
-from models import Video, VideoStatus
+from tubesum.models import Video, VideoStatus
 from tubesum.db import session_scope
 
 # How often the database is polled for the job's counts, seconds.

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from celery import Celery
 
-from models import Job, Transcript, Video, VideoStatus
-from models.base import utcnow
-from producer.sources import (
+from tubesum.models import Job, Transcript, Video, VideoStatus
+from tubesum.models.base import utcnow
+from tubesum.producer.sources import (
     CsvTranscript,
     VideoRef,
     YdlFactory,

@@ -26,7 +26,7 @@ class SlowEngine:
 
 
 def main() -> None:
-    import workers.gpu.batcher as batcher
+    import tubesum.workers.gpu.batcher as batcher
     from tubesum.cli import main as cli
 
     delay_s = float(os.environ[SLOW_CHUNK_ENV])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from workers.gpu.batching import (
+from tubesum.workers.gpu.batching import (
     ChunkSizer,
     Pending,
     halves,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 from tubesum.errors import OutOfMemory
-from workers.gpu.bench import SamplingParams, reference_prompts, sweep
+from tubesum.workers.gpu.bench import SamplingParams, reference_prompts, sweep
 
 
 def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
@@ -64,8 +64,8 @@ def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
 
 def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine, tmp_path: Path):
     """--transcripts: each video's prompt is the worker's own (chat template, tags, instruction)."""
-    from workers.gpu.bench_prompts import prompts_from_source
-    from workers.summarise import PromptBuilder, SummaryPlan
+    from tubesum.workers.gpu.bench_prompts import prompts_from_source
+    from tubesum.workers.summarise import PromptBuilder, SummaryPlan
 
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("video_id,transcript\nowl,Owls hunt at night.\nempty,\nbee,Bees dance.\n")

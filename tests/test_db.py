@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Batch, Job, Summary, Transcript, Video, VideoStatus
+from tubesum.models import Batch, Job, Summary, Transcript, Video, VideoStatus
 from tubesum.db import make_engine, session_scope, upgrade
 
 EXPECTED_TABLES = {"jobs", "videos", "transcripts", "batches", "summaries", "alembic_version"}

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from models import Batch, Summary, Video
+from tubesum.models import Batch, Summary, Video
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

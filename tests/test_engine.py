@@ -9,8 +9,8 @@ import torch
 
 from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 from tubesum.errors import OutOfMemory
-from workers.gpu.engine import SamplingParams
-from workers.gpu.runner import KVCache, LlamaRunner
+from tubesum.workers.gpu.engine import SamplingParams
+from tubesum.workers.gpu.runner import KVCache, LlamaRunner
 
 
 def mixed_prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 120) -> list[list[int]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from models import Batch, Job, Summary, Transcript, Video
+from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.cli import app
 from tubesum.db import session_scope
 from tubesum.errors import BadInput

@@ -25,8 +25,8 @@ import redis
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
-from models import Job, Summary, Transcript, Video
-from models.base import utcnow
+from tubesum.models import Job, Summary, Transcript, Video
+from tubesum.models.base import utcnow
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_playlist import task_args
 from tests.youtube_replay import REPLAY_ENV
@@ -86,7 +86,7 @@ def db(db_url: str):
 
 def submit_ids(video_ids: list[str], env: dict[str, str], *, transcripts: bool = False) -> int:
     """``producer.submit`` in this process against ``env``'s broker and database."""
-    from producer.submit import submit
+    from tubesum.producer.submit import submit
 
     settings = Settings(**{k[len("TUBESUM_"):].lower(): v for k, v in env.items()
                            if k.startswith("TUBESUM_") and k != REPLAY_ENV})  # fmt: skip
@@ -266,7 +266,7 @@ def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker
     unacknowledged messages to a new worker; one summary per video, no video twice. Before the kill,
     the heartbeat keeps the chunk's videos fresh, so a reconcile pass leaves them alone."""
     from tubesum.celery_app import create_app
-    from workers.reconcile import reconcile
+    from tubesum.workers.reconcile import reconcile
 
     env = {**fault_env, SLOW_CHUNK_ENV: "7"}
     first = start_worker(env=env, cwd=REPO, name="gpu-a", argv=gpu_worker_argv("gpu-a", tiny_model_dir))

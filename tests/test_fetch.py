@@ -12,11 +12,11 @@ import pytest
 import redis
 from youtube_transcript_api import YouTubeTranscriptApi
 
-from models import Job, Transcript, Video
+from tubesum.models import Job, Transcript, Video
 from tests.youtube_replay import RECORDED_VIDEO_ID, REPLAY_ENV, ReplayAdapter, mount_replay
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings
-from workers.fetch import (
+from tubesum.workers.fetch import (
     Outcome,
     TimeoutSession,
     backoff_delay,
@@ -168,7 +168,7 @@ def test_fetch_video_leaves_finished_videos_alone(settings, db_session, status) 
 
 
 def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_worker, wait_until, tmp_path) -> None:
-    from producer.submit import submit
+    from tubesum.producer.submit import submit
     from tubesum.celery_app import create_app
 
     scenarios = {

@@ -13,7 +13,7 @@ import pytest
 import redis
 import requests
 
-from producer.submit import submit
+from tubesum.producer.submit import submit
 from tests.youtube_replay import REPLAY_ENV
 from tiny_model import tiny_model_dir  # noqa: F401
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
@@ -87,7 +87,7 @@ def test_flower_shows_every_task_with_state_and_worker(
 
     job_id = submit([*OK_IDS, DISABLED_ID], settings=settings)
 
-    from models import Video
+    from tubesum.models import Video
     from tubesum.db import session_scope
 
     with session_scope(settings.database_url) as s:
@@ -167,7 +167,7 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
     csv_path.write_text("video_id,transcript\n" + "".join(f"vid{i},Owls and bees number {i}.\n" for i in range(4)))
     job_id = submit([], transcripts_csv=str(csv_path), settings=settings)
 
-    from models import Batch, Summary, Video
+    from tubesum.models import Batch, Summary, Video
     from tubesum.db import session_scope
 
     with session_scope(settings.database_url) as s:

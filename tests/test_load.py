@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from models import Batch, Summary, Video
+from tubesum.models import Batch, Summary, Video
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ from own_redis import OwnRedis
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from models import Batch, Summary, Video
+from tubesum.models import Batch, Summary, Video
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import kombu.pools
 import pytest
 import redis
 
-from models import Job, Transcript, Video
-from producer.sources import PlaylistRef, VideoRef, resolve_playlist
-from producer.submit import EMPTY_CSV_TRANSCRIPT, submit
+from tubesum.models import Job, Transcript, Video
+from tubesum.producer.sources import PlaylistRef, VideoRef, resolve_playlist
+from tubesum.producer.submit import EMPTY_CSV_TRANSCRIPT, submit
 from tests.youtube_replay import playlist_initial_data, playlist_page, replay_ydl
 from tubesum.celery_app import create_app
 from tubesum.errors import BadInput
@@ -132,7 +132,7 @@ def test_producer_and_fetch_worker_never_import_torch() -> None:
 
 
 def test_wait_for_job_counts_until_every_video_is_terminal(settings, db_session) -> None:
-    from producer.progress import wait_for_job
+    from tubesum.producer.progress import wait_for_job
 
     job = Job(sources=["x"])
     db_session.add_all([job, *(Video(job=job, video_id=f"v{i}", position=i, status=s)

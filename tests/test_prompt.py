@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
-from workers.gpu.engine import Generation
-from workers.summarise import DATA_RULE, PromptBuilder, SummaryPlan, sanitize
+from tubesum.workers.gpu.engine import Generation
+from tubesum.workers.summarise import DATA_RULE, PromptBuilder, SummaryPlan, sanitize
 
 INSTRUCTION = "Summarise the transcript in one line."
 MAX_NEW = 50

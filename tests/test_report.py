@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from typer.testing import CliRunner
 
-from models import Batch, Job, Summary, Video
-from models.base import utcnow
+from tubesum.models import Batch, Job, Summary, Video
+from tubesum.models.base import utcnow
 from tubesum.cli import app as cli
 from tubesum.report import BATCH_COLUMNS, write_report
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.sources import (
+from tubesum.producer.sources import (
     CsvTranscript,
     PlaylistRef,
     VideoRef,
@@ -12,7 +12,7 @@ from producer.sources import (
     parse_source,
     read_sources_file,
 )
-from producer.submit import Planned, plan_videos
+from tubesum.producer.submit import Planned, plan_videos
 from tubesum.errors import BadInput
 
 VID = "dQw4w9WgXcQ"

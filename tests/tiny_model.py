@@ -23,7 +23,7 @@ def saved_tiny_model(spec: str = "dummy:tiny") -> Path:
     """Directory of the saved dummy model ``spec``, written on first use in this process."""
     with _lock:
         if spec not in _saved:
-            from workers.gpu.dummy import save_dummy
+            from tubesum.workers.gpu.dummy import save_dummy
 
             name = spec.removeprefix("dummy:")
             _saved[spec] = save_dummy(spec, Path(tempfile.mkdtemp(prefix=f"tubesum-{name}-")) / name)
@@ -31,7 +31,7 @@ def saved_tiny_model(spec: str = "dummy:tiny") -> Path:
 
 
 def load_tiny_engine(path: Path | None = None):  # -> workers.gpu.engine.Engine
-    from workers.gpu.engine import load_engine
+    from tubesum.workers.gpu.engine import load_engine
 
     return load_engine(str(path or saved_tiny_model()), device_map="cpu", dtype="float32")
 

@@ -160,7 +160,7 @@ def mount_replay(session: requests.Session, adapter: ReplayAdapter) -> requests.
 
 def install_worker_replay() -> Any:
     """Patch workers.fetch.make_http_session (in this worker process only) to mount a ReplayAdapter."""
-    import workers.fetch as fetch
+    import tubesum.workers.fetch as fetch
 
     config = json.loads(Path(os.environ[REPLAY_ENV]).read_text())
     adapter = ReplayAdapter(scenario_for=config.get("videos", {}), default=config.get("default", "ok"),

@@ -14,7 +14,7 @@ SUMMARISE_QUEUE = "summarise"
 FETCH_TASK = "tubesum.fetch_transcript"
 SUMMARISE_TASK = "tubesum.summarise"
 
-TASK_MODULES = ["workers.fetch_tasks", "workers.summarise_tasks"]
+TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise_tasks"]
 
 
 def embedded_broker_options(settings: Settings) -> dict:

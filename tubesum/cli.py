@@ -34,8 +34,8 @@ def submit_cmd(
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
 ) -> None:
     """Record a job and enqueue its videos; prints the job id."""
-    from producer.progress import wait_for_job
-    from producer.submit import submit
+    from tubesum.producer.progress import wait_for_job
+    from tubesum.producer.submit import submit
     from tubesum.errors import BadInput
     from tubesum.settings import get_settings
 
@@ -82,7 +82,7 @@ def reconcile_cmd(
 
     from tubesum.celery_app import app as celery_app
     from tubesum.settings import get_settings
-    from workers.reconcile import reconcile, run_periodically
+    from tubesum.workers.reconcile import reconcile, run_periodically
 
     settings = get_settings()
     if every is None:
@@ -120,7 +120,7 @@ def worker_summarise(
 
     from tubesum.errors import ModelLoadError
     from tubesum.settings import Settings
-    from workers.gpu.batcher import run_summarise_worker
+    from tubesum.workers.gpu.batcher import run_summarise_worker
 
     overrides = {key: value for key, value in dict(
         model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,
@@ -284,8 +284,8 @@ def bench_cmd(
     from rich.console import Console
     from rich.progress import Progress
 
-    from workers.gpu.bench import run_bench
-    from workers.gpu.bench_table import print_report
+    from tubesum.workers.gpu.bench import run_bench
+    from tubesum.workers.gpu.bench_table import print_report
 
     console = Console()
     with Progress(console=console, transient=True) as bar:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
+from importlib.resources import files
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tubesum.settings import get_settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # SQLite writers wait this long for a lock before failing (embedded mode has several processes).
 SQLITE_BUSY_TIMEOUT_S = 60
 
@@ -68,7 +67,7 @@ def alembic_config(url: str | None = None):  # -> alembic.config.Config
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(files("tubesum.migrations")))
     cfg.set_main_option("sqlalchemy.url", (url or get_settings().database_url).replace("%", "%%"))
     return cfg
 

@@ -25,14 +25,14 @@ from pathlib import Path
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
-from producer.progress import JobCounts, job_counts, wait_for_job
-from producer.submit import submit
+from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
+from tubesum.producer.submit import submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.errors import TubesumError
 from tubesum.jobs import export_format, export_job
 from tubesum.settings import Settings, get_settings
-from workers.reconcile import run_periodically
+from tubesum.workers.reconcile import run_periodically
 
 log = logging.getLogger(__name__)
 

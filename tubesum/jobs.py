@@ -17,8 +17,8 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models import Batch, Job, Summary, Transcript, Video
-from producer.progress import JobCounts
+from tubesum.models import Batch, Job, Summary, Transcript, Video
+from tubesum.producer.progress import JobCounts
 from tubesum.errors import BadInput
 
 # One row per video, in this column order (CSV header, JSON keys). Columns after "transcript_chars"

@@ -28,7 +28,7 @@ from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from models import Batch, Summary, Video  # noqa: E402
+from tubesum.models import Batch, Summary, Video  # noqa: E402
 from tubesum.jobs import get_job  # noqa: E402
 
 BATCH_COLUMNS: tuple[str, ...] = (

@@ -30,8 +30,8 @@ from youtube_transcript_api import (
 from youtube_transcript_api._transcripts import Transcript as YtTranscript, TranscriptList
 from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig, WebshareProxyConfig
 
-from models import Transcript, Video, VideoStatus
-from models.base import utcnow
+from tubesum.models import Transcript, Video, VideoStatus
+from tubesum.models.base import utcnow
 from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings

@@ -11,7 +11,7 @@ from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
 from tubesum.errors import TransientFetchError
 from tubesum.settings import get_settings
-from workers.fetch import Outcome, backoff_delay, fetch_video, mark_failed
+from tubesum.workers.fetch import Outcome, backoff_delay, fetch_video, mark_failed
 
 log = logging.getLogger(__name__)
 

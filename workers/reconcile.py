@@ -28,8 +28,8 @@ from datetime import datetime, timedelta
 from celery import Celery
 from sqlalchemy import select
 
-from models import Video, VideoStatus
-from models.base import utcnow
+from tubesum.models import Video, VideoStatus
+from tubesum.models.base import utcnow
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_QUEUE, SUMMARISE_TASK, TRANSCRIPTS_QUEUE
 from tubesum.db import session_scope
 from tubesum.settings import Settings

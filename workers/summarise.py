@@ -22,11 +22,11 @@ from typing import Protocol
 
 from sqlalchemy import select, update
 
-from models import Batch, Summary, Transcript, Video, VideoStatus
-from models.base import utcnow
-from models.tables import TERMINAL_STATUSES
+from tubesum.models import Batch, Summary, Transcript, Video, VideoStatus
+from tubesum.models.base import utcnow
+from tubesum.models.tables import TERMINAL_STATUSES
 from tubesum.db import session_scope
-from workers.gpu.batching import MIN_PIECE_TOKENS, pack_groups, piece_budget, split_even
+from tubesum.workers.gpu.batching import MIN_PIECE_TOKENS, pack_groups, piece_budget, split_even
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 from tubesum.celery_app import SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
 from tubesum.settings import Settings, get_settings
-from workers.summarise import claim_video, mark_failed
+from tubesum.workers.summarise import claim_video, mark_failed
 
 if TYPE_CHECKING:  # importing the batcher imports torch
-    from workers.gpu.batcher import Batcher
+    from tubesum.workers.gpu.batcher import Batcher
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 
-from models.base import utcnow
+from tubesum.models.base import utcnow
 from tubesum.db import is_transient_db_error
 from tubesum.errors import OutOfMemory, TubesumError
 from tubesum.settings import Settings
-from workers.gpu.batching import ChunkSizer, Pending, halves, plan_chunk, seconds_until_ready
-from workers.gpu.engine import BatchTimings, Engine, Generation, SamplingParams, load_engine
-from workers.summarise import (
+from tubesum.workers.gpu.batching import ChunkSizer, Pending, halves, plan_chunk, seconds_until_ready
+from tubesum.workers.gpu.engine import BatchTimings, Engine, Generation, SamplingParams, load_engine
+from tubesum.workers.summarise import (
     BatchRecord,
     PromptBuilder,
     SummaryPlan,
@@ -363,7 +363,7 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     """`tubesum worker summarise`: load the model, then consume the summarise queue with
     CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
     from tubesum.celery_app import SUMMARISE_QUEUE, app
-    from workers import summarise_tasks
+    from tubesum.workers import summarise_tasks
 
     batcher = build_batcher(settings, backend=backend)
     summarise_tasks.install_batcher(batcher)

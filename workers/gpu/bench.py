@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tubesum.errors import OutOfMemory
-from workers.gpu.engine import Engine, SamplingParams
+from tubesum.workers.gpu.engine import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,12 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     """Load the model once, sweep chunk sizes (and the baseline), write bench.json and plots."""
     import transformers
 
-    from workers.gpu.engine import load_engine
+    from tubesum.workers.gpu.engine import load_engine
 
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
     engine = load_engine(model, device_map=device_map, dtype=dtype)
     if transcripts or job is not None:
-        from workers.gpu.bench_prompts import prompts_from_source
+        from tubesum.workers.gpu.bench_prompts import prompts_from_source
 
         prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts,
                                          new_tokens=new_tokens)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from producer.sources import load_transcripts_csv
+from tubesum.producer.sources import load_transcripts_csv
 from tubesum.db import session_scope
 from tubesum.errors import BadInput
 from tubesum.settings import get_settings
-from workers.gpu.engine import Engine
-from workers.summarise import PromptBuilder, SummaryPlan
+from tubesum.workers.gpu.engine import Engine
+from tubesum.workers.summarise import PromptBuilder, SummaryPlan
 
 
 def _texts_from_job(job: int) -> list[str]:
-    from models import Transcript, Video
+    from tubesum.models import Transcript, Video
 
     with session_scope() as session:
         rows = session.scalars(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from workers.gpu.bench import BenchReport, SizeResult, best
+from tubesum.workers.gpu.bench import BenchReport, SizeResult, best
 
 
 def _fmt(x: float | None, spec: str = ",.1f") -> str:

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 
 from tubesum.errors import ModelLoadError, OutOfMemory
-from workers.gpu import dummy
-from workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
+from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
 
 log = logging.getLogger(__name__)
 
