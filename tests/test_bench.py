@@ -65,7 +65,8 @@ def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
 def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine, tmp_path: Path):
     """--transcripts: each video's prompt is the worker's own (chat template, tags, instruction)."""
     from tubesum.workers.gpu.bench_prompts import prompts_from_source
-    from tubesum.workers.summarise import PromptBuilder, SummaryPlan
+    from tubesum.workers.summarise.plan import SummaryPlan
+    from tubesum.workers.summarise.prompt import PromptBuilder
 
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("video_id,transcript\nowl,Owls hunt at night.\nempty,\nbee,Bees dance.\n")

@@ -14,12 +14,12 @@ from youtube_transcript_api import YouTubeTranscriptApi
 
 from tubesum.models import Job, Transcript, Video
 from tests.youtube_replay import RECORDED_VIDEO_ID, REPLAY_ENV, ReplayAdapter, mount_replay
+from tubesum.defaults import backoff_delay
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings
 from tubesum.workers.fetch import (
     Outcome,
     TimeoutSession,
-    backoff_delay,
     download_transcript,
     fetch_video,
     make_http_session,

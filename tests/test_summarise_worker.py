@@ -15,7 +15,7 @@ from tubesum.models.base import utcnow
 from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
 
 MAX_NEW = 24  # short summaries keep the CPU tests fast
 INSTRUCTION = "Summarise the transcript."
@@ -145,7 +145,8 @@ def test_a_prompt_that_does_not_fit_alone_fails_only_its_video(make_batcher, tin
 
 
 def batcher_prompt(engine, text: str) -> list[int]:
-    from tubesum.workers.summarise import PromptBuilder, SummaryPlan
+    from tubesum.workers.summarise.plan import SummaryPlan
+    from tubesum.workers.summarise.prompt import PromptBuilder
 
     b = PromptBuilder(engine.tokenizer, instruction=INSTRUCTION, max_context=engine.max_context,
                       max_new_tokens=MAX_NEW, stop_ids=engine.stop_ids)

@@ -120,7 +120,7 @@ def worker_summarise(
 
     from tubesum.errors import ModelLoadError
     from tubesum.settings import Settings
-    from tubesum.workers.gpu.batcher import run_summarise_worker
+    from tubesum.workers.gpu.worker import run_summarise_worker
 
     overrides = {key: value for key, value in dict(
         model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,

@@ -29,7 +29,7 @@ from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
 from tubesum.producer.submit import submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
-from tubesum.errors import TubesumError
+from tubesum.errors import TubesumError, WorkerDied
 from tubesum.jobs import export_format, export_job
 from tubesum.settings import Settings, get_settings
 from tubesum.workers.reconcile import run_periodically
@@ -44,10 +44,6 @@ WATCHDOG_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 40
 # How often `--fetch-only` polls the database, seconds.
 POLL_S = 1.0
-
-
-class WorkerDied(TubesumError):
-    """A worker process started by ``tubesum run`` exited while the job was still running."""
 
 
 @dataclass

@@ -23,3 +23,20 @@ class ModelLoadError(TubesumError):
 
 class OutOfMemory(TubesumError):
     """A chunk did not fit in accelerator memory; the batcher splits it and retries."""
+
+
+class PromptError(BadInput):
+    """A transcript cannot make a prompt for this model (context too small, template broken): the
+    video fails with this reason; an engine bug is never reported as this."""
+
+
+class WorkerStopping(TubesumError):
+    """The worker is shutting down; the video's message is redelivered to another worker."""
+
+
+class UnknownJob(BadInput):
+    """No job with this id (or no job at all yet)."""
+
+
+class WorkerDied(TubesumError):
+    """A worker process of `tubesum run` exited before the job finished."""

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.producer.progress import JobCounts
-from tubesum.errors import BadInput
+from tubesum.errors import BadInput, UnknownJob
 
 # One row per video, in this column order (CSV header, JSON keys). Columns after "transcript_chars"
 # come from the summaries and batches tables and are empty for a video not summarised (yet).
@@ -30,10 +30,6 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "queue_wait_s", "latency_s", "worker_host",
 )  # fmt: skip
 EXPORT_FORMATS = (".csv", ".jsonl")
-
-
-class UnknownJob(BadInput):
-    """No job with that id (or no job at all) in the database."""
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,11 @@ Error policy (per youtube-transcript-api exception):
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from dataclasses import dataclass
 from enum import Enum
 
 import requests
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from youtube_transcript_api import (
     CouldNotRetrieveTranscript,
@@ -30,19 +28,18 @@ from youtube_transcript_api import (
 from youtube_transcript_api._transcripts import Transcript as YtTranscript, TranscriptList
 from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig, WebshareProxyConfig
 
-from tubesum.models import Transcript, Video, VideoStatus
+from tubesum.models import Transcript, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings
+from tubesum.workers import video_state
+from tubesum.workers.video_state import FETCH_CLAIMABLE, clip_reason, lock_video
 
 log = logging.getLogger(__name__)
 
 # A video in one of these states is (re)claimed by a fetch task; any other state means a previous
 # delivery already finished the work, and a redelivered message is ignored.
-CLAIMABLE = (VideoStatus.queued.value, VideoStatus.fetching.value)
-# Longest failure reason stored on a video, characters (RequestBlocked's advice runs to paragraphs).
-MAX_REASON_CHARS = 600
 TRANSIENT_ERRORS = (RequestBlocked, YouTubeRequestFailed, requests.ConnectionError, requests.Timeout)
 
 
@@ -153,7 +150,7 @@ def describe(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+    return clip_reason(text)
 
 
 # --- database ------------------------------------------------------------------------------------
@@ -167,8 +164,8 @@ def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None) 
     claimed ``max_attempts`` times (its workers keep dying, or its messages keep coming back) fails
     here instead, so no message loops forever."""
     with session_scope(database_url) as session:
-        video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
-        if video is None or video.status not in CLAIMABLE:
+        video = lock_video(session, video_pk)
+        if video is None or video.status not in FETCH_CLAIMABLE:
             return None
         if max_attempts is not None and video.attempts >= max_attempts:
             video.status, video.failed_at = VideoStatus.failed.value, utcnow()
@@ -185,8 +182,8 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
     """fetching → fetched with the transcript, once. False if another delivery got there first."""
     try:
         with session_scope(database_url) as session:
-            video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
-            if video is None or video.status not in CLAIMABLE:
+            video = lock_video(session, video_pk)
+            if video is None or video.status not in FETCH_CLAIMABLE:
                 return False
             session.add(Transcript(video_pk=video_pk, source="youtube", **fetched.__dict__))
             video.status, video.fetched_at, video.error = VideoStatus.fetched.value, utcnow(), None
@@ -196,12 +193,8 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
 
 
 def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
-    """Record a permanent failure, unless the video already reached a later state."""
-    with session_scope(database_url) as session:
-        video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
-        if video is None or video.status not in CLAIMABLE:
-            return
-        video.status, video.error, video.failed_at = VideoStatus.failed.value, reason, utcnow()
+    """Record a permanent fetch failure, unless the video already reached a later state."""
+    video_state.mark_failed(video_pk, reason, database_url=database_url, only_from=FETCH_CLAIMABLE)
 
 
 def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None) -> Outcome:
@@ -225,10 +218,3 @@ def max_fetch_attempts(settings: Settings) -> int:
     """Claims of one video before it fails: every retry of a transient error, plus the deliveries
     a dying worker may cost (prefork child lost, whole worker killed, reconciler re-enqueue)."""
     return settings.fetch_max_retries + 1 + settings.max_worker_lost_retries
-
-
-def backoff_delay(retries: int, *, base_s: float, max_s: float) -> float:
-    """Seconds before retry number ``retries + 1``: doubling from base_s, capped at max_s, with
-    "equal jitter" (half fixed, half random) so a blocked fleet does not retry in lock-step."""
-    ceiling = min(max_s, base_s * 2**retries)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)

@@ -1,4 +1,4 @@
-"""The fetch task: parse the id, call workers.fetch, decide retry. Runs on the ``transcripts`` queue."""
+"""The fetch task: parse the id, call tubesum.workers.fetch, decide retry. Runs on the ``transcripts`` queue."""
 
 from __future__ import annotations
 
@@ -9,22 +9,12 @@ from celery.signals import task_failure
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
+from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError
 from tubesum.settings import get_settings
-from tubesum.workers.fetch import Outcome, backoff_delay, fetch_video, mark_failed
+from tubesum.workers.fetch import Outcome, fetch_video, mark_failed
 
 log = logging.getLogger(__name__)
-
-# Retries of a task whose database write failed transiently (connection dropped, server restart);
-# past them the task fails and `tubesum reconcile` picks the video up later.
-DB_MAX_RETRIES = 12
-# Longest delay before such a retry, seconds (1, 2, 4, ... capped here).
-DB_RETRY_MAX_DELAY_S = 30.0
-
-
-def db_retry_delay(retries: int) -> float:
-    return min(DB_RETRY_MAX_DELAY_S, 2.0**retries)
-
 
 # max_retries comes from the app's task_annotations: fetch retries plus worker-lost retries.
 @app.task(name=FETCH_TASK, bind=True)
@@ -46,7 +36,7 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
         raise self.retry(exc=exc, countdown=delay)
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
         if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:
-            delay = db_retry_delay(self.request.retries)
+            delay = backoff_delay(self.request.retries, base_s=1.0, max_s=DB_RETRY_MAX_DELAY_S, jitter=False)
             log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, delay)
             raise self.retry(exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES) from None
         log.exception("video %s: unexpected error", video_pk)

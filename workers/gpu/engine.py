@@ -19,6 +19,7 @@ import torch
 
 from tubesum.errors import ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
 
 log = logging.getLogger(__name__)
@@ -30,43 +31,6 @@ AUTO_CHUNK_RESERVE_BYTES = 6 * 2**30
 AUTO_CHUNK_SAFETY = 0.9  # use at most this share of what is left
 AUTO_CHUNK_MAX = 512
 CPU_AUTO_CHUNK = 8
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Greedy decoding knobs (the summaries are deterministic by design)."""
-
-    max_new_tokens: int = 200
-    ignore_eos: bool = False  # benchmarks: every prompt generates exactly max_new_tokens
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # new tokens, the stop token included when one ended the row
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-
-
-@dataclass
-class BatchTimings:
-    batch_size: int
-    prompt_tokens: int  # real prompt tokens
-    padded_prompt_tokens: int  # token slots the GPU computed in prefill
-    generated_tokens: int
-    prefill_s: float | None
-    decode_s: float | None
-    wall_s: float
-    peak_memory_bytes: int | None
-    started_at: datetime
-    ended_at: datetime
-
-    @property
-    def generated_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Runs on the ``summarise`` queue in the GPU worker only (``tubesum worker summarise``: threads pool,
 two threads per chunk slot). This module is imported by every process that builds the Celery app
-(producer, fetch workers), so it must not import torch or load a model at import time.
+(producer, fetch workers), so it must not import torch or load a model at import time: the GPU
+worker puts its Batcher on the Celery app (``attach_batcher``) before it consumes a message.
 """
 
 from __future__ import annotations
@@ -10,39 +11,35 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from celery import Celery
+
 from tubesum.celery_app import SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
+from tubesum.defaults import CLAIM_RETRY_DELAY_S, STORE_MAX_RETRIES, STORE_RETRY_DELAY_S
+from tubesum.errors import PromptError
 from tubesum.settings import Settings, get_settings
-from tubesum.workers.summarise import claim_video, mark_failed
+from tubesum.workers.summarise.store import claim_video
+from tubesum.workers.video_state import mark_failed
 
-if TYPE_CHECKING:  # importing the batcher imports torch
+if TYPE_CHECKING:  # the batcher's engine imports torch
     from tubesum.workers.gpu.batcher import Batcher
 
 log = logging.getLogger(__name__)
 
-# A commit of a finished chunk that failed (database unreachable) is retried this many times.
-STORE_MAX_RETRIES = 5
-# Delay before such a retry, seconds.
-STORE_RETRY_DELAY_S = 10.0
-# Delay before retrying a claim whose database connection dropped, seconds.
-CLAIM_RETRY_DELAY_S = 2.0
-
-# The registry: the one Batcher of this process. `tubesum worker summarise` loads the model, builds
-# the Batcher and installs it here before the worker consumes its first message; the tasks read it.
-# A plain module-level slot because the model must be loaded once per process, by the worker
-# command, and never by the other processes that import this module.
-_batcher: Batcher | None = None
+# The attribute of the Celery app that holds the one Batcher of a GPU worker process.
+_BATCHER_ATTR = "tubesum_batcher"
 
 
-def install_batcher(batcher: Batcher | None) -> None:
-    global _batcher
-    _batcher = batcher
+def attach_batcher(celery_app: Celery, batcher: Batcher | None) -> None:
+    """Give the tasks of this process their Batcher (the GPU worker, before it consumes)."""
+    setattr(celery_app, _BATCHER_ATTR, batcher)
 
 
-def current_batcher() -> Batcher:
-    if _batcher is None:
+def batcher_of(celery_app: Celery) -> Batcher:
+    batcher = getattr(celery_app, _BATCHER_ATTR, None)
+    if batcher is None:
         raise RuntimeError("no model in this process: summarise tasks run in `tubesum worker summarise`")
-    return _batcher
+    return batcher
 
 
 def max_summarise_attempts(settings: Settings) -> int:
@@ -55,7 +52,7 @@ def max_summarise_attempts(settings: Settings) -> int:
 def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
     video_pk = int(video_pk)
-    batcher = current_batcher()
+    batcher = batcher_of(self.app)
     try:
         video = claim_video(video_pk, database_url=settings.database_url,
                             max_attempts=max_summarise_attempts(settings))
@@ -68,11 +65,11 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
         return "skipped"  # already done or failed (a redelivery), or not ours to do
     try:
         outcome = batcher.submit(video).result()
-    except ValueError as exc:  # the transcript cannot make a prompt for this model
+    except PromptError as exc:  # the transcript cannot make a prompt for this model
         log.warning("video %s failed: %s", video_pk, exc)
         mark_failed(video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url)
         return "failed"
-    except Exception as exc:  # storing the chunk failed, or the worker is stopping: try again later
+    except Exception as exc:  # storing the chunk failed, or the worker is stopping: redeliver later
         log.warning("video %s: %s; retrying in %.0fs", video_pk, exc, STORE_RETRY_DELAY_S)
         raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY_S)
     return outcome.status
