@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.bench import SamplingParams, reference_prompts, sweep
 
 
+@pytest.mark.slow
 def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
     out = tmp_path / "bench"
     proc = subprocess.run(

@@ -35,6 +35,9 @@ from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 from tubesum.celery_app import SUMMARISE_QUEUE, create_app
 from tubesum.settings import Settings
 
+# Every test here drives real worker processes and kills or restarts things.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 # Short enough that redelivery and reconciling happen within a test; consistent with the
 # settings' own checks (visibility > backoff max + 3 requests' timeouts, stuck >= 3 heartbeats).

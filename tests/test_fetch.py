@@ -167,6 +167,7 @@ def test_fetch_video_leaves_finished_videos_alone(settings, db_session, status) 
 # --- a real worker process --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_worker, wait_until, tmp_path) -> None:
     from tubesum.producer.submit import submit
     from tubesum.celery_app import create_app

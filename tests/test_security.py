@@ -53,6 +53,7 @@ def redis_with_password(tmp_path: Path):
         own.stop()
 
 
+@pytest.mark.slow
 def test_passwords_in_service_urls_never_appear_in_logs_output_or_exports(
     env, db_url, redis_with_password, tmp_path, tiny_model_dir
 ) -> None:

@@ -287,6 +287,7 @@ TIMING_COLUMNS = ("worker_host", "devices", "model", "dtype", "attn_implementati
                   "decode_s", "wall_s", "generated_tokens_per_s", "status", "started_at", "ended_at")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_summarise_worker_process(env, settings, db_session, start_worker, wait_until, tiny_model_dir):
     from tubesum.celery_app import SUMMARISE_TASK, app
 

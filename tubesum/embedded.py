@@ -159,7 +159,9 @@ def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> di
 
 def local_workers(settings: Settings, *, summarise: bool, fetch_concurrency: int) -> list[LocalWorker]:
     """The ``tubesum worker`` commands of distributed mode, run as children of this process."""
-    cli = [sys.executable, "-m", "tubesum.cli", "worker"]
+    # -P: the working directory is not on sys.path, so nothing in it (a models.py, a workers/)
+    # can shadow a module the worker imports.
+    cli = [sys.executable, "-P", "-m", "tubesum.cli", "worker"]
     logs = Path(settings.embedded_dir) / "logs"
     workers = [LocalWorker("fetch", [*cli, "fetch", "--concurrency", str(fetch_concurrency)], logs / "fetch.log")]
     if summarise:
