@@ -77,4 +77,10 @@ def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine,
     builder = PromptBuilder(tiny_engine.tokenizer, instruction=__import__("tubesum.settings").settings.get_settings().prompt,
                             max_context=tiny_engine.max_context, max_new_tokens=8, stop_ids=tiny_engine.stop_ids)
     assert prompts == [SummaryPlan("Owls hunt at night.", builder).step[0], SummaryPlan("Bees dance.", builder).step[0]]
-    assert "Owls hunt at night." in tiny_engine.tokenizer.decode(prompts[0])
+    # Independently of the worker's code: the empty row is skipped, and each prompt carries its own
+    # transcript between the tags and the instruction, through the model's chat template.
+    texts = [tiny_engine.tokenizer.decode(p) for p in prompts]
+    assert len(prompts) == 2
+    for text, transcript in zip(texts, ["Owls hunt at night.", "Bees dance."], strict=True):
+        assert f"<transcript>\n{transcript}\n</transcript>" in text
+        assert "Summarise the transcript" in text and "<|im_start|>" in text
