@@ -29,7 +29,6 @@ from typer.testing import CliRunner
 from tests.conftest import REDIS_SERVER_URL, _tubesum_env, truncate_all
 from tubesum.models import Job, Summary, Transcript, Video
 from tests.youtube_replay import playlist_initial_data, playlist_page, replay_ydl
-from tiny_model import micro_model_dir, tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.cli import app
 from tubesum.workers.summarise.prompt import PromptBuilder
 

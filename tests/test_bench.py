@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.bench import SamplingParams, reference_prompts, sweep
 

@@ -16,7 +16,6 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from tubesum.models import Batch, Summary, Video
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

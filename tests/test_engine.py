@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.engine import SamplingParams
 from tubesum.workers.gpu.runner import KVCache, LlamaRunner

@@ -15,7 +15,6 @@ import requests
 
 from tubesum.producer.submit import submit
 from tests.youtube_replay import REPLAY_ENV
-from tiny_model import tiny_model_dir  # noqa: F401
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.errors import PromptError
 from tubesum.workers.gpu.params import Generation
 from tubesum.workers.summarise.plan import SummaryPlan

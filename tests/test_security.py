@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from own_redis import OwnRedis
+from tests.own_redis import OwnRedis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION_CODE = ("tubesum", "producer", "workers", "models", "migrations", "benchmarks")

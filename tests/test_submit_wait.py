@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tiny_model import tiny_model_dir  # noqa: F401
 
 WAIT_TIMEOUT_S = 240
 

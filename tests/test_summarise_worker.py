@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.batcher import Batcher
 from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
