@@ -50,7 +50,7 @@ class Planned:
 
 def plan_videos(videos: Sequence[VideoRef], csv_rows: Sequence[CsvTranscript]) -> list[Planned]:
     """Drop duplicates keeping first position; a CSV row supplies the transcript wherever the id is."""
-    by_csv = {}
+    by_csv: dict[str, CsvTranscript] = {}
     for row in csv_rows:
         by_csv.setdefault(row.video_id, row)
     planned: dict[str, Planned] = {}

@@ -72,9 +72,9 @@ class SummaryPlan:
     def _reduce_step(self, summaries: list[list[int]]) -> tuple[list[list[int]], bool]:
         p = self.prompts
         items: list[list[int]] = []
-        for ids in summaries:
+        for summary in summaries:
             # A summary longer than half a reduce prompt (only if sanitizing grew it): cut it.
-            items.extend(ids[a:b] for a, b in split_even(len(ids), p.budgets["reduce"] // 2))
+            items.extend(summary[a:b] for a, b in split_even(len(summary), p.budgets["reduce"] // 2))
         groups = pack_groups([len(i) for i in items], budget=p.budgets["reduce"], separator=len(p.separator))
         joined = []
         for group in groups:
