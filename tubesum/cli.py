@@ -98,6 +98,23 @@ def reconcile_cmd(
         pass
 
 
+@app.command("flower")
+def flower_cmd(
+    port: int = typer.Option(5555, "--port", help="port of Flower's pages and REST API"),
+    address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0: every one)"),
+) -> None:
+    """Flower (task monitor) with basic auth from FLOWER_BASIC_AUTH=user:password; refuses to start
+    without it or with an empty password."""
+    from tubesum.errors import BadInput
+    from tubesum.flower import exec_flower
+
+    try:
+        exec_flower(port=port, address=address)
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 # --- GPU (summarise) worker and its report --------------------------------------------------------
 
 

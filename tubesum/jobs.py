@@ -6,13 +6,13 @@ Plain query functions over a ``Session``; every value reaches SQL as a bound par
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from defusedcsv import csv as defused_csv
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -30,6 +30,9 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "queue_wait_s", "latency_s", "worker_host",
 )  # fmt: skip
 EXPORT_FORMATS = (".csv", ".jsonl")
+# Leading characters spreadsheets may read as the start of a formula besides those defusedcsv
+# handles (= + - @ | %): OWASP's CSV-injection list adds tab and carriage return.
+FORMULA_WHITESPACE = ("\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -128,16 +131,30 @@ def export_format(path: Path) -> str:
     return suffix
 
 
+def csv_cell(value: object) -> object:
+    """A value as a CSV cell: empty for None; a text starting with tab or CR gets the quote prefix
+    defusedcsv gives to ``=``/``+``/``-``/``@``/``|``/``%`` (so a spreadsheet shows it as text)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_WHITESPACE):
+        return "'" + value
+    return value
+
+
 def write_export(rows: Sequence[dict[str, object]], path: Path) -> None:
-    """Write rows as CSV (empty cell for a missing value) or JSON Lines (null), chosen by suffix."""
+    """Write rows as CSV (empty cell for a missing value) or JSON Lines (null), chosen by suffix.
+
+    Titles and summaries are untrusted (YouTube, the model): in CSV a cell that a spreadsheet would
+    run as a formula (``=HYPERLINK(...)``, ``+cmd|...``, ``@SUM(...)``) is prefixed with ``'``
+    (defusedcsv); numbers such as ``-1.5`` stay numbers. JSON Lines keeps every value exact."""
     fmt = export_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with tmp.open("w", newline="", encoding="utf-8") as out:
         if fmt == ".csv":
-            writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
+            writer = defused_csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
             writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         else:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
