@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -196,14 +197,18 @@ def check_writable(path: Path, *, what: str = "file") -> None:
         raise BadInput(f"cannot write into {str(path)!r}: it is a file, not a directory")
     if path.exists() and what == "file" and not os.access(path, os.W_OK):
         raise BadInput(f"cannot write {str(path)!r}: permission denied")
-    # The nearest existing folder must let us create the rest (the file, missing parents).
+    # The nearest existing folder must let us create the rest (the file, missing parents). Probed
+    # with a nameless temporary file: permission bits say nothing for root or a read-only mount.
     folder = path if what == "directory" and path.exists() else path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
         raise BadInput(f"cannot write {str(path)!r}: {str(folder)!r} is a file, not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write {str(path)!r}: permission denied on {str(folder)!r}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BadInput(f"cannot write {str(path)!r}: {exc.strerror or exc} in {str(folder)!r}") from None
 
 
 def check_export_path(output: str | Path, job_id: int = 0) -> Path:

@@ -29,7 +29,7 @@ from tubesum.models.base import utcnow
 from tubesum.db import is_transient_db_error
 from tubesum.errors import OutOfMemory, TubesumError
 from tubesum.settings import Settings
-from tubesum.workers.gpu.batching import ChunkSizer, Pending, halves, plan_chunk, seconds_until_ready
+from tubesum.workers.gpu.batching import ChunkSizer, Pending, chunk_line, halves, plan_chunk, seconds_until_ready
 from tubesum.workers.gpu.engine import BatchTimings, Engine, Generation, SamplingParams, load_engine
 from tubesum.workers.summarise import (
     BatchRecord,
@@ -100,6 +100,7 @@ class Batcher:
         self.clock = clock
         self.worker_host = worker_host or engine.host  # written on every batch row
         self._pending: list[_Prompt] = []
+        self._chunks_run = 0  # numbers the per-chunk log line
         self._in_flight: dict[int, _Work] = {}  # by video pk: a redelivered message joins its video
         self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
         self._stopping = False
@@ -207,6 +208,11 @@ class Batcher:
             self._on_oom(chunk, exc, started=started, wall_s=time.perf_counter() - t0, oom_split=oom_split)
             return
         self.sizer.on_success(len(chunk))
+        self._chunks_run += 1
+        log.info(chunk_line(self._chunks_run, videos=len({id(p.work) for p in chunk}),
+                            prompt_tokens=timings.prompt_tokens, generated_tokens=timings.generated_tokens,
+                            prefill_s=timings.prefill_s, decode_s=timings.decode_s, wall_s=timings.wall_s,
+                            peak_memory_bytes=timings.peak_memory_bytes))
         finished: list[_Work] = []
         for prompt, gen in zip(chunk, generations, strict=True):
             work = prompt.work
@@ -365,12 +371,14 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     from tubesum.celery_app import SUMMARISE_QUEUE, app
     from tubesum.workers import summarise_tasks
 
+    from celery.utils.nodenames import host_format
+
     batcher = build_batcher(settings, backend=backend)
     summarise_tasks.install_batcher(batcher)
     batcher.start()
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
-             name, batcher.sizer.configured, settings.chunk_wait_s)
+             host_format(name), batcher.sizer.configured, settings.chunk_wait_s)
     try:
         app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
                          "-n", name, "-E", "--prefetch-multiplier=1",
