@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from tubesum.defaults import MAX_RESTORE_INTERVAL_S, PUBLISH_RETRY_POLICY, WORKER_LOST_RETRY_DELAY_S
 from tubesum.settings import Settings, get_settings
@@ -16,6 +16,14 @@ FETCH_TASK = "tubesum.fetch_transcript"
 SUMMARISE_TASK = "tubesum.summarise"
 
 TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks"]
+
+
+def declared_queue(name: str) -> Queue:
+    """A queue bound to its own direct exchange under its own name. Without this Celery binds every
+    queue to the default exchange ("transcripts") with the default key, which the worker banner
+    shows as the summarise queue on the transcripts exchange. (Tasks are published to the queue by
+    name either way, so routing is the same; the banner and a raw publish now tell the truth.)"""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def embedded_broker_options(settings: Settings) -> dict:
@@ -53,7 +61,7 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # reconnect forever after a broker restart
-        "task_queues": [Queue(TRANSCRIPTS_QUEUE), Queue(SUMMARISE_QUEUE)],
+        "task_queues": [declared_queue(TRANSCRIPTS_QUEUE), declared_queue(SUMMARISE_QUEUE)],
         "task_create_missing_queues": False,
         "task_default_queue": TRANSCRIPTS_QUEUE,
         "task_routes": {

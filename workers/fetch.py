@@ -12,11 +12,13 @@ Error policy (per youtube-transcript-api exception):
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from enum import Enum
 
 import requests
+from urllib3.exceptions import NameResolutionError
 from sqlalchemy.exc import IntegrityError
 from youtube_transcript_api import (
     CouldNotRetrieveTranscript,
@@ -28,7 +30,7 @@ from youtube_transcript_api import (
 from youtube_transcript_api._transcripts import Transcript as YtTranscript, TranscriptList
 from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig, WebshareProxyConfig
 
-from tubesum.models import Transcript, VideoStatus
+from tubesum.models import Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
@@ -128,6 +130,9 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
         chosen, translated_from = choose_transcript(api.list(video_id), languages)
         fetched = chosen.fetch()
     except TRANSIENT_ERRORS as exc:
+        if unresolvable_host(exc):  # offline or no DNS: retrying for minutes would only hide it
+            raise PermanentFetchError(f"cannot resolve YouTube's host name (offline, or no DNS): "
+                                      f"{describe(exc)}") from exc
         raise TransientFetchError(describe(exc)) from exc
     except CouldNotRetrieveTranscript as exc:
         raise PermanentFetchError(describe(exc)) from exc
@@ -141,6 +146,22 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
         snippet_count=len(snippets),
         duration_s=(snippets[-1].start + snippets[-1].duration) if snippets else None,
     )
+
+
+def unresolvable_host(exc: BaseException) -> bool:
+    """True when a requests error comes from a failed DNS lookup (urllib3 wraps socket.gaierror in
+    NameResolutionError inside MaxRetryError inside requests' ConnectionError)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (NameResolutionError, socket.gaierror)):
+            return True
+        todo.extend([getattr(current, "reason", None), current.__cause__, current.__context__, *current.args])
+    return False
 
 
 def describe(exc: BaseException) -> str:
@@ -190,6 +211,15 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
     except IntegrityError:  # the unique video_pk: a transcript is already stored
         return False
     return True
+
+
+def note_retry(video_pk: int, reason: str, *, database_url: str) -> None:
+    """Record why a fetch is being retried on the still-fetching video, so progress shows it
+    (``store`` clears it on success, ``mark_failed`` replaces it)."""
+    with session_scope(database_url) as session:
+        video = session.get(Video, video_pk)
+        if video is not None and video.status in FETCH_CLAIMABLE:
+            video.error = clip_reason(f"retrying: {reason}")
 
 
 def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:

@@ -12,7 +12,7 @@ from tubesum.db import is_transient_db_error
 from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError
 from tubesum.settings import get_settings
-from tubesum.workers.fetch import Outcome, fetch_video, mark_failed
+from tubesum.workers.fetch import Outcome, fetch_video, mark_failed, note_retry
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
         delay = backoff_delay(self.request.retries, base_s=settings.fetch_backoff_base_s,
                               max_s=settings.fetch_backoff_max_s)
         log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
+        try:  # only for the progress line: a database hiccup here must not stop the retry
+            note_retry(video_pk, str(exc), database_url=settings.database_url)
+        except Exception:  # noqa: BLE001
+            log.warning("video %s: could not record the retry reason", video_pk, exc_info=True)
         raise self.retry(exc=exc, countdown=delay)
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
         if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:

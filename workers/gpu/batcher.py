@@ -29,7 +29,7 @@ from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
 from tubesum.errors import OutOfMemory, WorkerStopping
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu import records
-from tubesum.workers.gpu.batching import ChunkSizer, Pending, halves, plan_chunk, seconds_until_ready
+from tubesum.workers.gpu.batching import ChunkSizer, Pending, chunk_line, halves, plan_chunk, seconds_until_ready
 from tubesum.workers.gpu.params import Generation, SamplingParams
 from tubesum.workers.summarise.plan import SummaryPlan
 from tubesum.workers.summarise.prompt import PromptBuilder
@@ -82,6 +82,7 @@ class Batcher:
         self.clock = clock
         self.worker_host = worker_host or engine.host  # written on every batch row
         self._pending: list[_Prompt] = []
+        self._chunks_run = 0  # numbers the per-chunk log line
         self._in_flight: dict[int, _Work] = {}  # by video pk: a redelivered message joins its video
         self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
         self._stopping = False
@@ -189,6 +190,11 @@ class Batcher:
             self._on_oom(chunk, exc, started=started, wall_s=time.perf_counter() - t0, oom_split=oom_split)
             return
         self.sizer.on_success(len(chunk))
+        self._chunks_run += 1
+        log.info(chunk_line(self._chunks_run, videos=len({id(p.work) for p in chunk}),
+                            prompt_tokens=timings.prompt_tokens, generated_tokens=timings.generated_tokens,
+                            prefill_s=timings.prefill_s, decode_s=timings.decode_s, wall_s=timings.wall_s,
+                            peak_memory_bytes=timings.peak_memory_bytes))
         finished: list[_Work] = []
         for prompt, gen in zip(chunk, generations, strict=True):
             work = prompt.work

@@ -20,6 +20,7 @@ import torch
 from tubesum.errors import ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
+from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_model(model)  # seconds, not a minute of download retries, when it is not there
         try:
             tokenizer = AutoTokenizer.from_pretrained(model)
             hf_model = AutoModelForCausalLM.from_pretrained(

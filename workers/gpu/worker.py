@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+from celery.utils.nodenames import host_format
+
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
 from tubesum.workers.gpu.batcher import Batcher
@@ -65,7 +67,7 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     batcher.start()
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
-             name, batcher.sizer.configured, settings.chunk_wait_s)
+             host_format(name), batcher.sizer.configured, settings.chunk_wait_s)
     try:
         app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
                          "-n", name, "-E", "--prefetch-multiplier=1",
