@@ -269,7 +269,7 @@ def status_cmd(
                 lines = all_job_statuses(session)
                 if not lines:
                     raise NoJobs("no jobs yet")
-                console.print(all_jobs_table(lines))
+                console.print(all_jobs_table(lines, width=console.width))
                 return
             status = job_status(session, job)
     except (NoJobsYet, NoJobs) as exc:

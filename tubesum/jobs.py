@@ -15,7 +15,9 @@ from datetime import datetime
 from pathlib import Path
 
 from defusedcsv import csv as defused_csv
+from rich import box
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -270,17 +272,16 @@ def export_job(session: Session, job_id: int, path: Path) -> int:
 STATUS_ORDER = ("queued", "fetching", "fetched", "summarising", "done", "failed")
 
 
-def status_tables(status: JobStatus) -> list[Table]:
-    """The counts table, then (if any) the failed videos with their reasons."""
-    counts = Table(title=plain(f"job {status.job_id}"),
-                   caption=plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}"))
+def status_tables(status: JobStatus) -> list[Table | Text]:
+    """The counts table, a line with its date and model, then (if any) the failed videos."""
+    counts = Table(title=plain(f"job {status.job_id}"))
     counts.add_column("status")
     counts.add_column("videos", justify="right")
     by_status = status.counts.by_status
     for name in (*STATUS_ORDER, *sorted(set(by_status) - set(STATUS_ORDER))):
         counts.add_row(name, str(by_status.get(name, 0)))
     counts.add_row("total", str(status.counts.total), style="bold")
-    tables = [counts]
+    tables: list[Table | Text] = [counts, plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}")]
     if status.failures:
         failed = Table(title=f"{len(status.failures)} failed")
         failed.add_column("video_id", overflow="fold")
@@ -297,15 +298,29 @@ def status_tables(status: JobStatus) -> list[Table]:
 ALL_JOBS_COUNTS = ("queued", "fetched", "done", "failed", "total")
 
 
-def all_jobs_table(jobs: Sequence[JobLine]) -> Table:
-    table = Table(title="recent jobs", caption="queued includes fetching; fetched includes summarising")
+# The narrowest model column before the table gives up fitting the terminal, characters.
+MIN_MODEL_WIDTH = 12
+
+
+def all_jobs_table(jobs: Sequence[JobLine], *, width: int = 80) -> Table:
+    """One line per job in ``width`` columns: the counts keep their width, the model is cut."""
+    table = Table(title="recent jobs", caption="queued includes fetching; fetched includes summarising",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("job", justify="right", no_wrap=True)
     table.add_column("created", no_wrap=True)
     for column in ALL_JOBS_COUNTS:
         table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("model", overflow="ellipsis", no_wrap=True, ratio=1)
-    for line in jobs:
-        c = line.counts
-        table.add_row(str(line.job_id), f"{line.created_at:%m-%d %H:%M}", str(c.queued), str(c.fetched),
-                      str(c.summarised), str(c.failed), str(c.total), plain(line.model))
+    cells = [[str(line.job_id), f"{line.created_at:%m-%d %H:%M}", *map(str, _count_cells(line.counts))]
+             for line in jobs]
+    headers = ["job", "created", *ALL_JOBS_COUNTS]
+    fixed = sum(max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers))
+    separators = 3 * len(headers)  # " │ " between columns (padding 1 + rule + padding 1)
+    table.add_column("model", overflow="ellipsis", no_wrap=True,
+                     max_width=max(MIN_MODEL_WIDTH, width - fixed - separators))
+    for row, line in zip(cells, jobs, strict=True):
+        table.add_row(*row, plain(line.model))
     return table
+
+
+def _count_cells(c: JobCounts) -> tuple[int, ...]:
+    return (c.queued, c.fetched, c.summarised, c.failed, c.total)
