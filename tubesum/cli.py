@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import click
@@ -10,6 +12,9 @@ from typer.core import TyperCommand, TyperGroup
 
 from tubesum.display import clean
 from tubesum.settings import DEFAULT_MODEL
+
+# Exit codes: the work ran and some of it failed; bad input or configuration; Ctrl-C; SIGTERM.
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 # `tubesum --help` lists commands in the order a user meets them, grouped in panels.
 COMMAND_ORDER = ("run", "status", "export", "report", "submit", "worker", "reconcile", "db", "bench")
@@ -69,11 +74,28 @@ def _main(
     """Summarise every video of a YouTube playlist on your GPUs."""
 
 
-def _error(exc: BaseException, code: int = 2) -> typer.Exit:
+def _error(exc: BaseException, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """One line on stderr, data in it printed as plain text; the exit to raise."""
     text = "\n".join(clean(line) for line in str(exc).splitlines())  # a dead worker's log tail: lines
     typer.echo(f"error: {text}", err=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def exit_codes() -> Iterator[None]:
+    """The one place errors become exit codes: bad input or configuration (a named BadInput, a
+    model that cannot load, a setting that fails validation) exits 2 with its message; any other
+    named tubesum error (a worker died) exits 1; a bug keeps its traceback."""
+    from pydantic import ValidationError
+
+    from tubesum.errors import BadInput, ModelLoadError, TubesumError
+
+    try:
+        yield
+    except (BadInput, ModelLoadError, ValidationError) as exc:
+        raise _error(exc, EXIT_BAD_INPUT) from None
+    except TubesumError as exc:
+        raise _error(exc, EXIT_FAILED) from None
 
 
 @db_app.command("upgrade", cls=Command)
@@ -102,13 +124,10 @@ def submit_cmd(
     from tubesum.celery_app import app as celery_app
     from tubesum.producer.progress import missing_worker_hint, wait_for_job
     from tubesum.producer.submit import submit
-    from tubesum.errors import BadInput
     from tubesum.settings import get_settings
 
-    try:
+    with exit_codes():
         job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts)
-    except BadInput as exc:
-        raise _error(exc) from None
     typer.echo(job_id)
     if wait:
         try:
@@ -116,8 +135,8 @@ def submit_cmd(
                                   hint=missing_worker_hint(celery_app))
         except KeyboardInterrupt:
             typer.echo(f"stopped watching; job {job_id} goes on (`tubesum status {job_id}`)", err=True)
-            raise typer.Exit(130) from None
-        raise typer.Exit(1 if counts.failed else 0)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_FAILED if counts.failed else 0)
 
 
 # --- fetch workers -------------------------------------------------------------------------------
@@ -177,14 +196,10 @@ def flower_cmd(
 ) -> None:
     """Flower (task monitor) with basic auth from FLOWER_BASIC_AUTH=user:password; refuses to start
     without it or with an empty password."""
-    from tubesum.errors import BadInput
     from tubesum.flower import exec_flower
 
-    try:
+    with exit_codes():
         exec_flower(port=port, address=address)
-    except BadInput as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 # --- GPU (summarise) worker and its report --------------------------------------------------------
@@ -208,7 +223,6 @@ def worker_summarise(
     A Celery worker on the summarise queue only (threads pool, two threads per chunk slot)."""
     import logging
 
-    from tubesum.errors import ModelLoadError
     from tubesum.settings import Settings
     from tubesum.workers.gpu.worker import run_summarise_worker
 
@@ -216,11 +230,9 @@ def worker_summarise(
         model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,
         device_map=device_map, dtype=dtype, attn=attn).items() if value is not None}  # fmt: skip
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
-    try:
+    with exit_codes():
         settings = Settings(**overrides)
         run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
-    except (ModelLoadError, ValueError) as exc:
-        raise _error(exc) from None
 
 
 @app.command("report", cls=Command, rich_help_panel=PANEL_RESULTS)
@@ -232,17 +244,14 @@ def report_cmd(
     from pathlib import Path
 
     from tubesum.db import require_database, session_scope
-    from tubesum.errors import BadInput
     from tubesum.jobs import check_writable
     from tubesum.report import print_report, write_report
 
-    try:
+    with exit_codes():
         check_writable(Path(output), what="directory")
         require_database()
         with session_scope() as session:
             report = write_report(session, job, Path(output))
-    except BadInput as exc:
-        raise _error(exc) from None
     print_report(report)
 
 
@@ -258,27 +267,25 @@ def status_cmd(
     from rich.console import Console
 
     from tubesum.db import NoJobsYet, require_database, session_scope
-    from tubesum.errors import BadInput
     from tubesum.jobs import NoJobs, all_jobs_table, all_job_statuses, job_status, status_tables
 
     console = Console()
-    try:
-        require_database()  # before connecting: a missing SQLite file would be created
-        with session_scope() as session:
-            if all_jobs:
-                lines = all_job_statuses(session)
-                if not lines:
-                    raise NoJobs("no jobs yet")
-                console.print(all_jobs_table(lines, width=console.width))
-                return
-            status = job_status(session, job)
-    except (NoJobsYet, NoJobs) as exc:
-        if job is None:  # nothing submitted yet is an answer, not an error
-            typer.echo(clean(exc))
+    with exit_codes():
+        try:
+            require_database()  # before connecting: a missing SQLite file would be created
+            with session_scope() as session:
+                if all_jobs:
+                    lines = all_job_statuses(session)
+                    if not lines:
+                        raise NoJobs("no jobs yet")
+                    console.print(all_jobs_table(lines, width=console.width))
+                    return
+                status = job_status(session, job)
+        except (NoJobsYet, NoJobs) as exc:
+            if job is not None:
+                raise
+            typer.echo(clean(exc))  # nothing submitted yet is an answer, not an error
             return
-        raise _error(exc) from None
-    except BadInput as exc:
-        raise _error(exc) from None
     for table in status_tables(status):
         console.print(table)
 
@@ -291,16 +298,13 @@ def export_cmd(
 ) -> None:
     """Write one row per video (transcript facts, summary, batch timings) to CSV or JSON Lines."""
     from tubesum.db import require_database, session_scope
-    from tubesum.errors import BadInput
     from tubesum.jobs import check_export_path, export_job
 
-    try:
+    with exit_codes():
         path = check_export_path(output, job)  # before any query: no work for an unwritable path
         require_database()
         with session_scope() as session:
             rows = export_job(session, job, path)
-    except BadInput as exc:
-        raise _error(exc) from None
     typer.echo(f"wrote {rows} rows to {clean(path)}")
 
 
@@ -332,30 +336,26 @@ def run_cmd(
     from pathlib import Path
 
     from tubesum.embedded import Terminated, run_job, run_settings
-    from tubesum.errors import BadInput, ModelLoadError, TubesumError
 
     def say(text: str) -> None:
         typer.echo(clean(text), err=True)
 
     try:
-        settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
-                                device_map=device_map, dtype=dtype, attn=attn)
-        result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
-                         export_to=Path(output) if output else None, fetch_only=fetch_only,
-                         fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
+        with exit_codes():
+            settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
+                                    device_map=device_map, dtype=dtype, attn=attn)
+            result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
+                             export_to=Path(output) if output else None, fetch_only=fetch_only,
+                             fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
     except (KeyboardInterrupt, Terminated) as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         typer.echo(f"{how}: workers stopped; unfinished videos stay on the queue for the next workers "
                    "on this broker (another `tubesum run` here picks them up)", err=True)
-        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
-    except (BadInput, ModelLoadError, ValueError) as exc:
-        raise _error(exc) from None
-    except TubesumError as exc:
-        raise _error(exc, 1) from None
+        raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     c = result.counts
     typer.echo(f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
                f"{c.failed} failed of {c.total}; exported to {clean(result.export_path)}")
-    raise typer.Exit(1 if c.failed or not (c.finished or fetch_only) else 0)
+    raise typer.Exit(EXIT_FAILED if c.failed or not (c.finished or fetch_only) else 0)
 
 
 # --- benchmark ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tubesum.producer.submit import submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
-from tubesum.errors import TubesumError, WorkerDied
+from tubesum.errors import Terminated, WorkerDied
 from tubesum.jobs import check_export_path, check_writable, default_export_name, export_job, export_path
 from tubesum.models import Video, VideoStatus
 from tubesum.settings import Settings, get_settings
@@ -52,10 +52,6 @@ UNFINISHED = (VideoStatus.queued.value, VideoStatus.fetching.value, VideoStatus.
 LOG_TAIL_LINES = 40
 # How often `--fetch-only` polls the database, seconds.
 POLL_S = 1.0
-
-
-class Terminated(TubesumError):
-    """``tubesum run`` got SIGTERM: its workers are stopped, like after a Ctrl-C."""
 
 
 @dataclass

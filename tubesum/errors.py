@@ -40,3 +40,8 @@ class UnknownJob(BadInput):
 
 class WorkerDied(TubesumError):
     """A worker process of `tubesum run` exited before the job finished."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to `tubesum run`: handled like a Ctrl-C (workers stopped), exit code 143. Not a
+    TubesumError: it is an interruption, not a failure of the work."""
