@@ -31,20 +31,34 @@ def submit_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
+    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
+    reuse: bool = typer.Option(False, "--reuse", help="take over existing summaries of the same video, model and prompt"),
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
 ) -> None:
-    """Record a job and enqueue its videos; prints the job id."""
-    from tubesum.producer.progress import wait_for_job
+    """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
+    from tubesum.producer.progress import submit_progress, wait_for_job
     from tubesum.producer.submit import submit
     from tubesum.errors import BadInput
     from tubesum.settings import get_settings
 
+    recorded: list[int] = []
+
+    def on_job(job: int) -> None:  # the id first, before any message is sent
+        recorded.append(job)
+        typer.echo(job)
+
     try:
-        job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts)
+        with submit_progress() as progress:
+            job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
+                            reuse=reuse, on_job=on_job, progress=progress)
     except BadInput as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(job_id)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
+                   "CSV again, or `tubesum reconcile`, sends the rest" if recorded else
+                   "interrupted: nothing was recorded", err=True)
+        raise typer.Exit(130) from None
     if wait:
         counts = wait_for_job(job_id, database_url=get_settings().database_url)
         raise typer.Exit(1 if counts.failed else 0)
@@ -227,6 +241,7 @@ def run_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
+    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
     model: str = typer.Option(None, "--model", help="Hugging Face model id or path (default TUBESUM_MODEL)"),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto'"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
@@ -246,7 +261,8 @@ def run_cmd(
 
     try:
         settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
-        result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
+        result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
+                         settings=settings,
                          export_path=Path(output) if output else None, fetch_only=fetch_only,
                          fetch_concurrency=fetch_concurrency, timeout_s=timeout)
     except KeyboardInterrupt:

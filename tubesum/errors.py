@@ -23,3 +23,8 @@ class ModelLoadError(TubesumError):
 
 class OutOfMemory(TubesumError):
     """A chunk did not fit in accelerator memory; the batcher splits it and retries."""
+
+
+class VideoFailed(TubesumError):
+    """A video failed for good; its reason is already recorded. Raised by its task afterwards so
+    that the task ends as FAILURE (Flower shows it with this reason) without any retry."""
