@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -104,6 +106,30 @@ def missing_worker_hint(celery_app, *, timeout_s: float = INSPECT_TIMEOUT_S) -> 
                          for queue in missing)
 
     return hint
+# Units of a submit's phases: (divisor, unit) for the amount and rate shown.
+PHASE_UNITS = {"reading": (1e6, "MB"), "sending": (1.0, "messages")}
+
+
+@contextmanager
+def submit_progress(console: Console | None = None) -> Iterator[Callable[[str, int, int | None], None]]:
+    """Bars for a submit's two phases on stderr: reading the CSV (MB, MB/s, time left) and sending
+    the messages (count, messages/s, time left). Drawn only on a terminal."""
+    console = console or Console(stderr=True)
+    columns = (TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        tasks: dict[str, tuple[TaskID, float]] = {}
+
+        def report(phase: str, done: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = (bar.add_task(phase, total=total, amount="", rate=""), time.monotonic())
+            task, started = tasks[phase]
+            scale, unit = PHASE_UNITS.get(phase, (1.0, ""))
+            elapsed = max(time.monotonic() - started, 1e-6)
+            amount = f"{done / scale:,.0f}/{(total or 0) / scale:,.0f} {unit}"
+            bar.update(task, completed=done, total=total, amount=amount, rate=f"{done / scale / elapsed:,.0f} {unit}/s")
+
+        yield report
 
 
 def job_counts(job_id: int, *, database_url: str | None = None) -> JobCounts:

@@ -118,17 +118,31 @@ def submit_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
+    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
+    reuse: bool = typer.Option(False, "--reuse", help="take over existing summaries of the same video, model and prompt"),
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
 ) -> None:
-    """Record a job and enqueue its videos; prints the job id."""
+    """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
     from tubesum.celery_app import app as celery_app
-    from tubesum.producer.progress import missing_worker_hint, wait_for_job
+    from tubesum.producer.progress import missing_worker_hint, submit_progress, wait_for_job
     from tubesum.producer.submit import submit
     from tubesum.settings import get_settings
 
-    with exit_codes():
-        job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts)
-    typer.echo(job_id)
+    recorded: list[int] = []
+
+    def on_job(job: int) -> None:  # the id first, before any message is sent
+        recorded.append(job)
+        typer.echo(job)
+
+    try:
+        with exit_codes(), submit_progress() as progress:
+            job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
+                            reuse=reuse, on_job=on_job, progress=progress)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
+                   "CSV again, or `tubesum reconcile`, sends the rest" if recorded else
+                   "interrupted: nothing was recorded", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if wait:
         try:
             counts = wait_for_job(job_id, database_url=get_settings().database_url,
@@ -313,6 +327,7 @@ def run_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
+    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
     model: str = typer.Option(None, "--model", show_default=f"TUBESUM_MODEL, else {DEFAULT_MODEL}",
                               help="Hugging Face model id, local directory, or dummy:tiny for a dry run"),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto'"),
@@ -344,8 +359,8 @@ def run_cmd(
         with exit_codes():
             settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
                                     device_map=device_map, dtype=dtype, attn=attn)
-            result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
-                             export_to=Path(output) if output else None, fetch_only=fetch_only,
+            result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
+                             settings=settings, export_to=Path(output) if output else None, fetch_only=fetch_only,
                              fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
     except (KeyboardInterrupt, Terminated) as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"

@@ -299,6 +299,7 @@ def run_job(
     *,
     from_file: str | Path | None = None,
     transcripts_csv: str | Path | None = None,
+    encoding: str | None = None,
     settings: Settings | None = None,
     export_to: Path | None = None,
     fetch_only: bool = False,
@@ -349,8 +350,8 @@ def run_job(
         try:
             for worker in workers:
                 worker.start(env=env, cwd=cwd)
-            job_id = submit(sources, from_file=from_file, transcripts_csv=transcripts_csv, settings=settings,
-                            celery_app=celery_app)
+            job_id = submit(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding,
+                            settings=settings, celery_app=celery_app)
             reconciler.start()
             if fetch_only:
                 counts = _wait_fetched(job_id, database_url=settings.database_url, timeout_s=timeout_s, check=check)

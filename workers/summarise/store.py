@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select, update
 
 from tubesum.db import session_scope
+from tubesum.text import is_blank
 from tubesum.models import Batch, Summary, Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.models.tables import TERMINAL_STATUSES
@@ -94,7 +95,7 @@ def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = 
             log.warning("video %s: %s", video_pk, video.error)
             return None
         video.summarise_attempts += 1
-        if not text or not sanitize(text).strip():  # nothing left once control characters go
+        if not text or is_blank(sanitize(text)):  # nothing readable: spaces, control or zero-width characters
             video.status, video.error, video.failed_at = VideoStatus.failed.value, "empty transcript", now
             return None
         video.status = VideoStatus.summarising.value
