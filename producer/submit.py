@@ -46,6 +46,7 @@ from tubesum.producer.sources import (
     expand_sources,
     inspect_transcripts_csv,
     iter_transcripts_csv,
+    parse_source,
     read_sources_file,
 )
 from tubesum.settings import Settings, get_settings
@@ -142,6 +143,20 @@ def submit(
     sent = send_job(job_id, settings=settings, celery_app=app, progress=progress)
     log.info("job %s: %d messages sent", job_id, sent)
     return job_id
+
+
+def check_input(sources: Sequence[str], *, from_file: str | Path | None = None,
+                transcripts_csv: str | Path | None = None, encoding: str | None = None) -> None:
+    """What can be checked of the input without the network, in seconds: every source parses, the
+    sources file reads, the CSV decodes and has its columns. `tubesum run` calls this before it
+    checks the model or starts anything, so bad input is named first. Raises BadInput."""
+    all_sources = list(sources) + (read_sources_file(from_file) if from_file else [])
+    if not all_sources and not transcripts_csv:
+        raise BadInput("nothing to submit: give a video or playlist, --from-file or --transcripts")
+    for text in all_sources:
+        parse_source(text)
+    if transcripts_csv:
+        next(iter_transcripts_csv(inspect_transcripts_csv(transcripts_csv, encoding=encoding)), None)
 
 
 def warn_duplicates(video_ids: Iterable[str], *, what: str) -> None:

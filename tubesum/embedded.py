@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
-from tubesum.producer.submit import submit
+from tubesum.producer.submit import check_input, submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
@@ -323,6 +323,8 @@ def run_job(
         check_export_path(export_to)  # a bad suffix or an unwritable place fails before any work
     else:
         check_writable(cwd / default_export_name(0))
+    # Bad input is named before the model is looked for: both in seconds, input first.
+    check_input(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding)
     if not fetch_only:
         check_model(settings.model)  # seconds, not a minute of retries inside the worker
     upgrade(settings.database_url)  # idempotent; the SQLite file is created on first use
