@@ -3,7 +3,9 @@
 Issue 11 item 21's case: 50,000 rows of about 2,800 bytes (139 MB). The script writes that CSV
 (fixed seed), creates a scratch PostgreSQL database (migrated), claims an empty Redis database
 number, runs the real command as a subprocess, and prints one JSON line: seconds in all, seconds
-until the job id was printed, peak RSS of the command (MB), videos recorded, messages queued.
+until the job id was printed (the reading phase), CPU seconds of the command, peak RSS of the
+command (MB), the machine's load average (the dev machines are shared: wall time follows it),
+videos recorded, messages queued.
 Then it drops the database and flushes the Redis database it claimed.
 
     python benchmarks/big_submit.py                     # 50,000 rows, ~139 MB
@@ -85,14 +87,17 @@ def main() -> None:
         job_id_s = time.perf_counter() - start
         out, err = proc.communicate()
         total_s = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # `db upgrade` too: small next to this
+        peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
+        cpu_s = usage.ru_utime + usage.ru_stime
         if proc.returncode != 0:
             raise SystemExit(f"submit failed ({proc.returncode}):\n{out}\n{err}")
         with create_engine(db_url).connect() as c:
             videos = c.execute(text("select count(*) from videos")).scalar_one()
         queued = redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").llen("summarise")
         print(json.dumps({"rows": args.rows, "csv_mb": round(size / 1e6, 1), "seconds": round(total_s, 2),
-                          "job_id_after_s": round(job_id_s, 2), "peak_rss_mb": round(peak_mb),
+                          "job_id_after_s": round(job_id_s, 2), "cpu_s": round(cpu_s, 2), "peak_rss_mb": round(peak_mb),
+                          "load_average_1m": os.getloadavg()[0],
                           "job_id": int(job_line), "videos": videos, "messages_queued": queued}))
     finally:
         redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").flushdb()
