@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import redis
+from psycopg import sql
 from sqlalchemy import create_engine, text
 
 # Where the scratch database is created (user postgres, trust auth on the dev machines).
@@ -55,6 +56,13 @@ def write_csv(path: Path, rows: int, *, seed: int = 7) -> int:
     return path.stat().st_size
 
 
+def admin_sql(statement: sql.Composed) -> None:
+    """A statement on the server (CREATE/DROP DATABASE take no bound parameters: identifiers are
+    composed by psycopg)."""
+    with create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT").connect() as c:
+        c.connection.driver_connection.execute(statement)
+
+
 def claim_redis() -> int:
     claim = f"big_submit:{os.getpid()}:{secrets.token_hex(4)}"
     for number in REDIS_DBS:
@@ -71,9 +79,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tubesum-big-submit-"))
     size = write_csv(work / "big.csv", args.rows)
     db_name = f"tubesum_bench_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{db_name}"'))  # a generated name, not input
+    admin_sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
     redis_db = claim_redis()
     db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
     env = {**os.environ, "TUBESUM_DATABASE_URL": db_url, "TUBESUM_BROKER_URL": f"{REDIS_SERVER_URL}/{redis_db}"}
@@ -101,8 +107,7 @@ def main() -> None:
                           "job_id": int(job_line), "videos": videos, "messages_queued": queued}))
     finally:
         redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").flushdb()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+        admin_sql(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))
         for p in work.iterdir():
             p.unlink()
         work.rmdir()

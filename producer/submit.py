@@ -140,9 +140,13 @@ def submit(
             return unfinished
         warn_same_csv(csv_file, settings=settings, reuse=reuse)
     job_id = record_job(videos, csv_file, sources=all_sources, settings=settings, reuse=reuse, progress=progress)
-    if on_job is not None:
-        on_job(job_id)
-    sent = send_job(job_id, settings=settings, celery_app=app, progress=progress)
+    try:
+        if on_job is not None:
+            on_job(job_id)
+        sent = send_job(job_id, settings=settings, celery_app=app, progress=progress)
+    except BaseException:  # Ctrl-C even before the first message: the rest is for a resubmit or the reconciler
+        mark_send_stopped(job_id, settings=settings)
+        raise
     log.info("job %s: %d messages sent", job_id, sent)
     return job_id
 
@@ -339,6 +343,10 @@ def _record_videos(session: Session, job: Job, videos: Sequence[VideoRef], csv_f
         if row.video_id not in from_csv:
             recorder.add(row.video_id, row.title, row.transcript)
     recorder.flush()
+    # The send record exists from the commit on: an interrupted submit is recognisable at once.
+    total = session.scalar(select(func.count()).select_from(Video).where(
+        Video.job_id == job.id, Video.status.in_(list(UNSENT_TASK))))
+    _record_send(session, job, SendState(total, 0, -1, now))
     if recorder.reuse_from and recorder.reuse_from.taken:
         log.warning("job %d: %d video(s) took over an existing summary of the same video, model and prompt "
                     "(--reuse)", job.id, recorder.reuse_from.taken)
@@ -435,7 +443,8 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
                                         .limit(SEND_BATCH)).all()
             if not batch:
                 return sent
-            with celery_app.producer_or_acquire() as producer, producer.batch(max_size=SEND_BATCH):
+            # Up to two Redis commands a message (the message, its task-sent event): one flush per batch.
+            with celery_app.producer_or_acquire() as producer, producer.batch(max_size=2 * SEND_BATCH):
                 for pk, video_id, status, _ in batch:
                     celery_app.send_task(UNSENT_TASK[status], args=[pk], argsrepr=video_label(job_id, video_id),
                                          producer=producer)
@@ -449,6 +458,15 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
             _record_send(session, session.get(Job, job_id),
                          SendState(total, done_before + sent, through, utcnow(), stopped=True))
         raise
+
+
+def mark_send_stopped(job_id: int, *, settings: Settings) -> None:
+    """Record that this job's submit stopped before sending everything (nothing if it had finished)."""
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        state = SendState.of(job) if job else None
+        if state is not None and not state.complete and not state.stopped:
+            _record_send(session, job, SendState(state.total, state.sent, state.through, utcnow(), stopped=True))
 
 
 def bulk_sender(app: Celery, *, settings: Settings, messages: int) -> Celery:

@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, func, select, text
+from psycopg import sql
+from sqlalchemy import create_engine, func, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.big_submit import PG_ADMIN_URL, REDIS_SERVER_URL, claim_redis  # noqa: E402
+from benchmarks.big_submit import PG_ADMIN_URL, REDIS_SERVER_URL, admin_sql, claim_redis  # noqa: E402
 from tests.youtube_replay import REPLAY_ENV  # noqa: E402
 from tubesum.models import Video  # noqa: E402
 
@@ -70,9 +71,7 @@ def screenshot(url: str, out: Path) -> None:
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tubesum-flower-shot-"))
     db_name = f"tubesum_shot_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{db_name}"'))  # a generated name, not input
+    admin_sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
     redis_db = claim_redis()
     db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
     (work / "replay.json").write_text(json.dumps({"videos": {DISABLED: "transcripts_disabled"}, "default": "ok"}))
@@ -134,8 +133,7 @@ def main() -> None:
         import redis
 
         redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").flushdb()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+        admin_sql(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))
         shutil.rmtree(work, ignore_errors=True)
 
 
