@@ -3,7 +3,9 @@
 Issue 11 item 21's case: 50,000 rows of about 2,800 bytes (139 MB). The script writes that CSV
 (fixed seed), creates a scratch PostgreSQL database (migrated), claims an empty Redis database
 number, runs the real command as a subprocess, and prints one JSON line: seconds in all, seconds
-until the job id was printed, peak RSS of the command (MB), videos recorded, messages queued.
+until the job id was printed (the reading phase), CPU seconds of the command, peak RSS of the
+command (MB), the machine's load average (the dev machines are shared: wall time follows it),
+videos recorded, messages queued.
 Then it drops the database and flushes the Redis database it claimed.
 
     python benchmarks/big_submit.py                     # 50,000 rows, ~139 MB
@@ -54,6 +56,13 @@ def write_csv(path: Path, rows: int, *, seed: int = 7) -> int:
     return path.stat().st_size
 
 
+def admin_sql(statement: sql.Composed) -> None:
+    """A statement on the server (CREATE/DROP DATABASE take no bound parameters: identifiers are
+    composed by psycopg)."""
+    with create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT").connect() as c:
+        c.connection.driver_connection.execute(statement)
+
+
 def claim_redis() -> int:
     claim = f"big_submit:{os.getpid()}:{secrets.token_hex(4)}"
     for number in REDIS_DBS:
@@ -63,13 +72,6 @@ def claim_redis() -> int:
     raise SystemExit("no empty Redis database to claim")
 
 
-def create_database(name: str) -> sql.Composed:
-    # DDL takes no bound parameters: the name is quoted as an identifier instead.
-    return sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-
-
-def drop_database(name: str) -> sql.Composed:
-    return sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
 
 
 def main() -> None:
@@ -79,9 +81,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tubesum-big-submit-"))
     size = write_csv(work / "big.csv", args.rows)
     db_name = f"tubesum_bench_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.connection.dbapi_connection.execute(create_database(db_name))
+    admin_sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
     redis_db = claim_redis()
     db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
     env = {**os.environ, "TUBESUM_DATABASE_URL": db_url, "TUBESUM_BROKER_URL": f"{REDIS_SERVER_URL}/{redis_db}"}
@@ -95,19 +95,21 @@ def main() -> None:
         job_id_s = time.perf_counter() - start
         out, err = proc.communicate()
         total_s = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # `db upgrade` too: small next to this
+        peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
+        cpu_s = usage.ru_utime + usage.ru_stime
         if proc.returncode != 0:
             raise SystemExit(f"submit failed ({proc.returncode}):\n{out}\n{err}")
         with create_engine(db_url).connect() as c:
             videos = c.execute(text("select count(*) from videos")).scalar_one()
         queued = redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").llen("summarise")
         print(json.dumps({"rows": args.rows, "csv_mb": round(size / 1e6, 1), "seconds": round(total_s, 2),
-                          "job_id_after_s": round(job_id_s, 2), "peak_rss_mb": round(peak_mb),
+                          "job_id_after_s": round(job_id_s, 2), "cpu_s": round(cpu_s, 2), "peak_rss_mb": round(peak_mb),
+                          "load_average_1m": os.getloadavg()[0],
                           "job_id": int(job_line), "videos": videos, "messages_queued": queued}))
     finally:
         redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").flushdb()
-        with admin.connect() as c:
-            c.connection.dbapi_connection.execute(drop_database(db_name))
+        admin_sql(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))
         for p in work.iterdir():
             p.unlink()
         work.rmdir()

@@ -28,10 +28,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
+from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, celery_config
 from tubesum.celery_app import app as default_celery_app
 from tubesum.db import session_scope
 from tubesum.errors import BadInput
@@ -64,6 +64,9 @@ SEND_BATCH = 1000
 # A submit whose send record has not moved for this long is taken for dead: `tubesum reconcile`
 # or a resubmit of the same CSV finishes its sends. Seconds; one batch takes well under one.
 SEND_STALE_S = 120.0
+# A job with more messages than this is sent without a task-sent event per message (Flower lists
+# those tasks from the moment a worker receives them): the events double the time a big send takes.
+SENT_EVENTS_MAX_MESSAGES = 1000
 # Videos in these states wait for a message from the submit.
 UNSENT_TASK = {VideoStatus.queued.value: FETCH_TASK, VideoStatus.fetched.value: SUMMARISE_TASK}
 
@@ -138,9 +141,13 @@ def submit(
             return unfinished
         warn_same_csv(csv_file, settings=settings, reuse=reuse)
     job_id = record_job(videos, csv_file, sources=all_sources, settings=settings, reuse=reuse, progress=progress)
-    if on_job is not None:
-        on_job(job_id)
-    sent = send_job(job_id, settings=settings, celery_app=app, progress=progress)
+    try:
+        if on_job is not None:
+            on_job(job_id)
+        sent = send_job(job_id, settings=settings, celery_app=app, progress=progress)
+    except BaseException:  # Ctrl-C even before the first message: the rest is for a resubmit or the reconciler
+        mark_send_stopped(job_id, settings=settings)
+        raise
     log.info("job %s: %d messages sent", job_id, sent)
     return job_id
 
@@ -250,17 +257,51 @@ class _Recorder:
         for row, _ in rows:
             if row["video_id"] in reused:
                 row.update(status=VideoStatus.done.value, done_at=self.now, fetched_at=self.now)
-        ids = dict(self.session.execute(insert(Video).returning(Video.video_id, Video.id),
-                                        [row for row, _ in rows]).all())
-        transcripts = [{"video_pk": ids[row["video_id"]], "text": text, "source": "csv"}
+        ids = insert_videos(self.session, [row for row, _ in rows])
+        transcripts = [{"video_pk": ids[row["video_id"]], "text": text, "source": "csv", "created_at": self.now}
                        for row, text in rows if text is not None]
-        transcripts += [{"video_pk": ids[vid], **old.transcript} for vid, old in reused.items()
-                        if old.transcript is not None]
+        copied = [{"video_pk": ids[vid], **old.transcript} for vid, old in reused.items() if old.transcript is not None]
         if transcripts:
-            self.session.execute(insert(Transcript), transcripts)
+            insert_rows(self.session, Transcript.__table__, transcripts)
+        if copied:
+            self.session.execute(insert(Transcript), copied)
         if reused:
             self.session.execute(insert(Summary), [{**old.summary, "video_pk": ids[vid], "created_at": self.now}
                                                    for vid, old in reused.items()])
+
+
+def insert_videos(session: Session, rows: list[dict]) -> dict[str, int]:
+    """Insert video rows (all with the same keys); their ids by YouTube id."""
+    if not is_postgresql(session):
+        return dict(session.execute(insert(Video).returning(Video.video_id, Video.id), rows).all())
+    # COPY cannot return the ids it made: take them from the id sequence first.
+    sequence = func.pg_get_serial_sequence(Video.__table__.name, Video.id.key)
+    ids = session.scalars(select(func.nextval(sequence)).select_from(func.generate_series(1, len(rows)))).all()
+    defaults = {"attempts": 0, "summarise_attempts": 0, "reconciles": 0}
+    insert_rows(session, Video.__table__, [{**defaults, **row, "id": pk, "updated_at": row["queued_at"]}
+                                           for row, pk in zip(rows, ids, strict=True)])
+    return {row["video_id"]: pk for row, pk in zip(rows, ids, strict=True)}
+
+
+def insert_rows(session: Session, table: Table, rows: list[dict]) -> None:
+    """Insert rows that all have the same keys: PostgreSQL's COPY (one stream; the SQL-per-batch
+    of executemany costs several times more on 50,000 transcripts), a plain executemany elsewhere."""
+    if not is_postgresql(session):
+        session.execute(insert(table), rows)
+        return
+    from psycopg import sql  # the PostgreSQL driver's own composition of identifiers
+
+    columns = list(rows[0])
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns)))
+    driver = session.connection().connection.driver_connection  # same connection, same transaction
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+
+
+def is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def record_job(
@@ -317,6 +358,10 @@ def _record_videos(session: Session, job: Job, videos: Sequence[VideoRef], csv_f
         if row.video_id not in from_csv:
             recorder.add(row.video_id, row.title, row.transcript)
     recorder.flush()
+    # The send record exists from the commit on: an interrupted submit is recognisable at once.
+    total = session.scalar(select(func.count()).select_from(Video).where(
+        Video.job_id == job.id, Video.status.in_(list(UNSENT_TASK))))
+    _record_send(session, job, SendState(total, 0, -1, now))
     if recorder.reuse_from and recorder.reuse_from.taken:
         log.warning("job %d: %d video(s) took over an existing summary of the same video, model and prompt "
                     "(--reuse)", job.id, recorder.reuse_from.taken)
@@ -405,6 +450,7 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
         _record_send(session, job, SendState(total, done_before, through, utcnow()))
     sent = 0
     progress("sending", done_before, total)
+    celery_app = bulk_sender(celery_app, settings=settings, messages=remaining)
     try:
         while True:
             with session_scope(settings.database_url) as session:
@@ -412,7 +458,8 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
                                         .limit(SEND_BATCH)).all()
             if not batch:
                 return sent
-            with celery_app.producer_or_acquire() as producer, producer.batch(max_size=SEND_BATCH):
+            # Up to two Redis commands a message (the message, its task-sent event): one flush per batch.
+            with celery_app.producer_or_acquire() as producer, producer.batch(max_size=2 * SEND_BATCH):
                 for pk, video_id, status, _ in batch:
                     celery_app.send_task(UNSENT_TASK[status], args=[pk], argsrepr=video_label(job_id, video_id),
                                          producer=producer)
@@ -426,6 +473,26 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
             _record_send(session, session.get(Job, job_id),
                          SendState(total, done_before + sent, through, utcnow(), stopped=True))
         raise
+
+
+def mark_send_stopped(job_id: int, *, settings: Settings) -> None:
+    """Record that this job's submit stopped before sending everything (nothing if it had finished)."""
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        state = SendState.of(job) if job else None
+        if state is not None and not state.complete and not state.stopped:
+            _record_send(session, job, SendState(state.total, state.sent, state.through, utcnow(), stopped=True))
+
+
+def bulk_sender(app: Celery, *, settings: Settings, messages: int) -> Celery:
+    """``app``, or for a big send the same configuration without task-sent events."""
+    if messages <= SENT_EVENTS_MAX_MESSAGES or not app.conf.task_send_sent_event:
+        return app
+    quiet = Celery(app.main, set_as_current=False)
+    quiet.conf.update({**celery_config(settings), "broker_url": app.conf.broker_url,
+                       "broker_transport_options": app.conf.broker_transport_options,
+                       "task_send_sent_event": False})
+    return quiet
 
 
 def _record_send(session: Session, job: Job, state: SendState) -> None:

@@ -17,6 +17,9 @@ from tubesum.errors import BadInput
 
 # Flower reads this variable itself: ``user:password``, several separated by commas.
 FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"
+# Columns of Flower's Tasks page: the job and video (args), what happened (result, or the
+# exception of a failed video) besides Flower's defaults; the uuid stays on each task's own page.
+TASKS_COLUMNS = "name,args,state,result,exception,received,runtime,worker"
 
 
 def check_basic_auth(value: str | None) -> list[str]:
@@ -41,7 +44,7 @@ def check_basic_auth(value: str | None) -> list[str]:
 def flower_argv(*, port: int, address: str) -> list[str]:
     """Flower on this project's Celery app; no credentials here (they travel in the environment)."""
     return [sys.executable, "-m", "celery", "-A", "tubesum.celery_app", "flower",
-            f"--port={port}", f"--address={address}"]
+            f"--port={port}", f"--address={address}", f"--tasks-columns={TASKS_COLUMNS}"]
 
 
 def exec_flower(*, port: int, address: str, env: Mapping[str, str] | None = None) -> None:
