@@ -275,3 +275,25 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "benchmarking on the CPU" in result.stdout
     assert json.loads((tmp_path / "out" / "bench.json").read_text())
+
+
+# --- 9: the progress bar's loading phase, rate and ETA ------------------------------------------------
+
+
+def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> None:
+    from rich.console import Console
+
+    from tubesum.producer.progress import wait_for_job
+
+    job_id = add_job(db_session, ran="m", videos=2, failures=[("fail0000001", "t", "r")])
+    waiting = Video(job_id=job_id, video_id="wait0000001", position=9, status="queued", queued_at=utcnow())
+    db_session.add(waiting)
+    db_session.commit()
+    console = Console(record=True, width=100, force_terminal=False)
+    counts = wait_for_job(job_id, database_url=settings.database_url, poll_s=0.05, timeout_s=0.3, console=console,
+                          phase=lambda: "loading model org/big")
+    assert (counts.summarised, counts.failed, counts.queued) == (2, 1, 1)
+    bar, detail = console.export_text().splitlines()[:2]
+    assert bar.startswith(f"job {job_id} · loading model org/big") and "3/4" in bar
+    assert "ETA" in bar and "elapsed" in bar
+    assert detail == "queued 1 · fetched 0 · summarised 2 · failed 1"

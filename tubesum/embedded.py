@@ -26,11 +26,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
+from tubesum.producer.sources import load_transcripts_csv, parse_source, read_sources_file
 from tubesum.producer.submit import submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
-from tubesum.errors import TubesumError
+from tubesum.errors import ModelLoadError, TubesumError
 from tubesum.jobs import check_export_path, check_writable, default_export_name, export_job, export_path
 from tubesum.models import Video, VideoStatus
 from tubesum.settings import Settings, get_settings
@@ -193,6 +194,16 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _check_input_syntax(sources: Sequence[str], *, from_file: str | Path | None,
+                        transcripts_csv: str | Path | None) -> None:
+    """Raise the input's own BadInput, if it has one, without touching the network: a bad source
+    is the first thing to say, before a missing model."""
+    for source in [*sources, *(read_sources_file(from_file) if from_file else [])]:
+        parse_source(source)
+    if transcripts_csv:
+        load_transcripts_csv(transcripts_csv)
+
+
 def unfinished_elsewhere(database_url: str) -> dict[int, int]:
     """Unfinished videos of the jobs already in the database, by job: their messages are on the
     shared queues, so this run's workers take them too."""
@@ -329,7 +340,11 @@ def run_job(
     else:
         check_writable(cwd / default_export_name(0))
     if not fetch_only:
-        check_model(settings.model)  # seconds, not a minute of retries inside the worker
+        try:
+            check_model(settings.model)  # seconds, not a minute of retries inside the worker
+        except ModelLoadError:
+            _check_input_syntax(sources, from_file=from_file, transcripts_csv=transcripts_csv)
+            raise  # the input is fine: the model is what stops the run
     upgrade(settings.database_url)  # idempotent; the SQLite file is created on first use
     note = leftovers_note(unfinished_elsewhere(settings.database_url), model=None if fetch_only else settings.model)
     if note and say is not None:

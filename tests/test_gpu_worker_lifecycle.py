@@ -1,21 +1,28 @@
-"""Issue 11 item 9: Ctrl-C of `tubesum run` is fast. The GPU worker's warm shutdown used to wait for
-every message in hand to be summarised (videos waiting for a full chunk included), so the run killed
-it after 30 s. Now the Batcher drains: the chunk on the GPU finishes, the others go back at once."""
+"""Issue 11, the GPU worker as a user sees it: its log (item 11: the node name expanded, the queue
+banner true, one line per chunk) and its shutdown (item 9: Ctrl-C of `tubesum run` is fast). The warm
+shutdown used to wait for every message in hand to be summarised (videos waiting for a full chunk
+included), so the run killed it after 30 s; now the Batcher drains: the chunk on the GPU finishes,
+the others go back at once."""
 
 from __future__ import annotations
 
 import csv
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from tests.test_embedded import embedded_env  # noqa: F401  (fixture)
 from tests.test_summarise_worker import make_batcher  # noqa: F401  (fixture)
 from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
+from tests.test_summarise_worker import add_videos, transcript
+from tubesum.models import Video
 from tubesum.workers.gpu.batcher import BatcherStopped
 from tubesum.workers.summarise import VideoInput
 
@@ -61,3 +68,27 @@ def test_ctrl_c_of_a_run_with_videos_in_hand_is_fast(embedded_env, tmp_path: Pat
     assert proc.returncode == 130 and "workers killed" not in stderr
     text = log.read_text()
     assert "3 videos not yet in a chunk go back to the queue" in text and "Warm shutdown" in text
+
+
+@pytest.mark.slow
+def test_the_worker_log_names_itself_tells_its_queue_and_logs_each_chunk(
+        env, settings, db_session, start_worker, wait_until, tiny_model_dir) -> None:
+    from tubesum.celery_app import SUMMARISE_TASK, app
+
+    pks = add_videos(db_session, [transcript(i) for i in range(3)])
+    env.update(TUBESUM_MAX_NEW_TOKENS="8", TUBESUM_CHUNK_WAIT_S="1.0")
+    worker = start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",
+                                "--device-map", "cpu", "--name", "gpu-log@%h"], name="gpu-log", env=env)  # fmt: skip
+    for pk in pks:
+        app.send_task(SUMMARISE_TASK, args=[pk])
+
+    def statuses() -> list[str]:
+        db_session.expire_all()
+        return [s for (s,) in db_session.execute(select(Video.status).where(Video.id.in_(pks)))]
+
+    wait_until(lambda: statuses() == ["done"] * 3, timeout=90, message=lambda: f"videos done: {statuses()}")
+    log = worker.log()
+    assert f"summarise worker gpu-log@{socket.gethostname()}: chunks of up to 4" in log and "%h:" not in log
+    assert re.search(r"\.> summarise\s+exchange=summarise\(direct\) key=summarise", log), log
+    assert "exchange=transcripts" not in log
+    assert re.search(r"chunk 1: 3 videos, [\d.]+k? prompt tok, prefill \d+\.\d s, decode \d+\.\d s, [\d,]+ gen tok/s", log), log
