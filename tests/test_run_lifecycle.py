@@ -147,7 +147,7 @@ def test_a_run_says_what_leftover_work_it_picks_up(embedded_env, tmp_path: Path)
                             cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     assert ("note: 2 unfinished videos of earlier job 7 are still queued; this run's workers take them first "
-            "and fetches their transcripts (`tubesum status 7` shows them)") in result.stderr
+            "and fetch their transcripts (`tubesum status 7` shows them)") in result.stderr
 
 
 # --- 8: YouTube offline -------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -17,7 +16,7 @@ PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
     "A whole job on this machine", "Results", "Distributed mode", "Benchmark")
 
 
-def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+def _plain_flags(params: list) -> list:
     # An on/off flag takes no value: show no `<bool>` type beside it in --help.
     for param in params:
         if getattr(param, "is_flag", False) and param.metavar is None:
@@ -26,15 +25,15 @@ def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
 
 
 class Command(TyperCommand):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+    def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
 
 
 class Group(TyperGroup):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+    def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
         return sorted(names, key=lambda name: rank.get(name, len(rank)))

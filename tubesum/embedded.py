@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 # SIGTERM asks a Celery worker for a warm shutdown; after this many seconds it is killed, seconds.
 WORKER_STOP_TIMEOUT_S = 30.0
-# How often the run checks that every worker process is still alive, seconds (each progress poll).
-WATCHDOG_INTERVAL_S = 0.5
 # Celery's line once a worker consumes (the summarise worker prints it after loading its model).
 READY_MARK = " ready."
 # Video states of unfinished work: another job's videos in them are what a run's workers pick up.
@@ -218,12 +216,12 @@ def leftovers_note(leftovers: dict[int, int], *, model: str | None) -> str | Non
     """What this run will also do, in one line (None when nothing is left over)."""
     if not leftovers:
         return None
-    total = sum(leftovers.values())
-    jobs = ", ".join(str(j) for j in leftovers)
-    what = f"summarises them with {model}" if model else "fetches their transcripts"
-    return (f"note: {total} unfinished video{'s' if total != 1 else ''} of earlier job{'s' if len(leftovers) > 1 else ''} "
-            f"{jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take them first and "
-            f"{what} (`tubesum status {next(iter(leftovers))}` shows them)")
+    total, several = sum(leftovers.values()), len(leftovers) > 1
+    videos = f"{total} unfinished video{'s' if total != 1 else ''}"
+    jobs = f"earlier job{'s' if several else ''} {', '.join(str(j) for j in leftovers)}"
+    what = f"summarise them with {model}" if model else "fetch their transcripts"
+    return (f"note: {videos} of {jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take "
+            f"them first and {what} (`tubesum status {next(iter(leftovers))}` shows them)")
 
 
 @dataclass(frozen=True)
