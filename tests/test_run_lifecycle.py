@@ -65,9 +65,18 @@ def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
-def assert_all_gone(procs: list[psutil.Process]) -> None:
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]
+def assert_all_gone(procs: list[psutil.Process], timeout: float = 5) -> None:
+    """Every process gone (a zombie counts as gone); any left is killed so no test leaks one."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    left = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p.cmdline())
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, left
 
 
 # --- 1: a dying worker ends the run, however it was started ---------------------------------------------
@@ -108,6 +117,19 @@ def test_sigterm_stops_every_child_of_the_run(embedded_env, tmp_path: Path) -> N
     assert proc.returncode == 143, stderr
     assert "terminated: workers stopped" in stderr and "Traceback" not in stderr
     assert_all_gone(children)
+
+
+def test_workers_end_even_when_the_run_is_killed(embedded_env, tmp_path: Path) -> None:
+    replay(embedded_env, "http_429")
+    embedded_env["TUBESUM_FETCH_BACKOFF_BASE_S"] = "60"
+    proc = subprocess.Popen(cli("run", "blocked0001", "--fetch-only"), env=embedded_env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_text(tmp_path / ".tubesum" / "logs" / "fetch.log", "retrying in", proc)
+    children = descendants(proc.pid)
+    proc.kill()  # SIGKILL: no handler runs; the kernel tells the workers (PR_SET_PDEATHSIG)
+    proc.wait(timeout=10)
+    assert_all_gone(children, timeout=40)
+    assert "Warm shutdown" in (tmp_path / ".tubesum" / "logs" / "fetch.log").read_text()
 
 
 def test_a_second_ctrl_c_kills_the_workers_at_once(embedded_env, tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ class LocalWorker:
         self._log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_term_with_parent,
         )  # fmt: skip
         log.info("started %s worker (pid %s), log in %s", self.name, self.proc.pid, self.log_path)
 
@@ -135,6 +135,20 @@ class LocalWorker:
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None
+
+
+# prctl(2) option: the signal the kernel sends this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: get SIGTERM (a warm shutdown) if ``tubesum run`` itself dies
+    without stopping its workers (SIGKILL, a crash), instead of running on under PID 1. Linux only;
+    elsewhere the run's own SIGTERM and Ctrl-C handling is what stops them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(pid: int, sig: int) -> None:
