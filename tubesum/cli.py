@@ -174,7 +174,7 @@ def reconcile_cmd(
 
 @worker_app.command("summarise", cls=Command)
 def worker_summarise(
-    model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:<arch> (default TUBESUM_MODEL)"),
+    model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:ARCH (default TUBESUM_MODEL)"),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto' (default TUBESUM_CHUNK_SIZE)"),
     chunk_wait: float = typer.Option(None, "--chunk-wait", help="seconds a partial chunk waits for more videos"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
@@ -356,7 +356,7 @@ def _int_list(text: str) -> list[int]:
 
 @app.command("bench", cls=Command, rich_help_panel=PANEL_BENCH)
 def bench_cmd(
-    model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:<arch> (dummy:tiny, dummy:llama-3-8b)"),
+    model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:ARCH (dummy:tiny, dummy:llama-3-8b)"),
     chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks"),
     prompts: int = typer.Option(64, "--prompts", help="prompts per chunk size (reused for larger chunks)"),
     new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
