@@ -82,10 +82,12 @@ class JobProgress(Progress):
 
 
 class RateColumn(ProgressColumn):
-    """Finished videos per second (rich's own estimate over its sampling window)."""
+    """Finished videos per second (rich's own estimate over its sampling window, else the mean)."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.completed and task.elapsed:  # too few samples yet: the mean so far
+            speed = task.completed / task.elapsed
         return Text("" if speed is None else f"{speed:.2f} videos/s", style="progress.data.speed")
 
 

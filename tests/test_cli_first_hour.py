@@ -297,5 +297,5 @@ def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> 
     assert (counts.summarised, counts.failed, counts.queued) == (2, 1, 1)
     bar, detail = console.export_text().splitlines()[:2]
     assert bar.startswith(f"job {job_id} · loading model org/big") and "3/4" in bar
-    assert "ETA" in bar and "elapsed" in bar
+    assert "ETA" in bar and "elapsed" in bar and "videos/s" in bar
     assert detail == "queued 1 · fetched 0 · summarised 2 · failed 1"

@@ -165,9 +165,11 @@ def test_a_run_says_what_leftover_work_it_picks_up(embedded_env, tmp_path: Path)
         session.commit()
     engine.dispose()
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "a transcript")])
-    result = subprocess.run(cli("run", "--transcripts", str(csv_path), "--fetch-only"), env=embedded_env,
-                            cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(cli("run", "--transcripts", str(csv_path), "--fetch-only", "-o", "exports/"),
+                            env=embedded_env, cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("exported to exports/tubesum-job-8.csv")  # -o dir/: the default name in it
+    assert (tmp_path / "exports" / "tubesum-job-8.csv").is_file()
     assert ("note: 2 unfinished videos of earlier job 7 are still queued; this run's workers take them first "
             "and fetch their transcripts (`tubesum status 7` shows them)") in result.stderr
 

@@ -311,8 +311,6 @@ def run_cmd(
     output path are checked before anything starts.
 
     Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once."""
-    from pathlib import Path
-
     from tubesum.embedded import Terminated, run_job, run_settings
     from tubesum.errors import BadInput, ModelLoadError, TubesumError
 
@@ -323,7 +321,7 @@ def run_cmd(
         settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
                                 device_map=device_map, dtype=dtype, attn=attn)
         result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
-                         export_to=Path(output) if output else None, fetch_only=fetch_only,
+                         export_to=output, fetch_only=fetch_only,
                          fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
     except (KeyboardInterrupt, Terminated) as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"

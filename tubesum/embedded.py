@@ -329,7 +329,7 @@ def run_job(
     from_file: str | Path | None = None,
     transcripts_csv: str | Path | None = None,
     settings: Settings | None = None,
-    export_to: Path | None = None,
+    export_to: str | Path | None = None,  # a file, or a directory ("dir/" or existing) for the default name
     fetch_only: bool = False,
     fetch_concurrency: int = 2,
     timeout_s: float | None = None,
