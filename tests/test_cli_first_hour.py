@@ -121,6 +121,7 @@ def test_run_checks_the_model_before_accepting_the_job(sqlite_env, tmp_path, mod
     assert "Traceback" not in result.stderr and not (work / "tubesum.db").exists()  # no job accepted
 
 
+@pytest.mark.slow
 def test_the_summarise_worker_checks_its_model_in_seconds(env: dict[str, str], tmp_path: Path) -> None:
     started = time.monotonic()
     result = tubesum(["worker", "summarise", "--model", "tubesum-test/not-in-any-cache"], env=env, cwd=tmp_path)
@@ -145,6 +146,7 @@ def test_run_refuses_an_unwritable_output_before_any_work(sqlite_env: dict[str, 
     assert not (work / "tubesum.db").exists() and not (work / ".tubesum" / "logs").exists()
 
 
+@pytest.mark.slow
 def test_export_to_a_directory_or_an_unwritable_path(env, db_session, tmp_path: Path) -> None:
     job_id = add_job(db_session, ran="m", videos=2)
     (tmp_path / "out").mkdir()
@@ -163,6 +165,7 @@ def test_export_to_a_directory_or_an_unwritable_path(env, db_session, tmp_path: 
 # --- 9: help, version ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_lists_commands_in_order_without_bool_and_version(env: dict[str, str], tmp_path: Path) -> None:
     top = tubesum(["--help"], env=env, cwd=tmp_path)
     assert top.returncode == 0
