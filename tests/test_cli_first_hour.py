@@ -302,3 +302,11 @@ def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> 
     assert bar.startswith(f"job {job_id} · loading model org/big") and "3/4" in bar
     assert "ETA" in bar and "elapsed" in bar and "videos/s" in bar
     assert detail == "queued 1 · fetched 0 · summarised 2 · failed 1"
+
+
+def test_warnings_about_csv_ids_print_escapes_as_text(env: dict[str, str], tmp_path: Path) -> None:
+    csv_path = write_csv(tmp_path / "t.csv", [("\x1b[2Jclear", "one"), ("\x1b[2Jclear", "two")])
+    result = tubesum(["submit", "--transcripts", str(csv_path)], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "given more than once" in result.stderr and "\\x1b[2Jclear" in result.stderr
+    assert "\x1b" not in result.stderr + result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 import typer
@@ -396,7 +397,18 @@ def bench_cmd(
     console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)
 
 
+class _PlainFormatter(logging.Formatter):
+    """Warnings of the commands (a duplicated CSV id, say) carry user data: no terminal escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(clean(line) for line in super().format(record).splitlines())
+
+
 def main() -> None:
+    # The handler Python uses while nothing configured logging (submit, run, status); the worker
+    # commands configure their own and are not affected.
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(_PlainFormatter("%(message)s"))
     app()
 
 
