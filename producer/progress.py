@@ -34,8 +34,10 @@ HINT_EVERY_S = 10.0
 INSPECT_TIMEOUT_S = 2.0
 # Which command starts a consumer of each queue, for the hint.
 WORKER_COMMANDS = {"transcripts": "tubesum worker fetch", "summarise": "tubesum worker summarise"}
+# Characters of the bar itself, so the bar, counts, rate and times fit 80 columns.
+BAR_WIDTH = 24
 # Longest problem text shown in the progress line, characters.
-PROBLEM_CHARS = 90
+PROBLEM_CHARS = 160
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,24 @@ class JobCounts:
         return self.total > 0 and self.summarised + self.failed == self.total
 
 
+class JobProgress(Progress):
+    """The bar on one line, and under it the counts and the latest problem, which may wrap: at 80
+    columns they would not fit beside the bar, rate and ETA."""
+
+    def get_renderables(self):  # type: ignore[no-untyped-def]
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            if task.fields.get("detail"):
+                yield Text(task.fields["detail"], overflow="fold")
+
+
 class RateColumn(ProgressColumn):
-    """Finished videos per second (rich's own estimate over its sampling window)."""
+    """Finished videos per second (rich's own estimate over its sampling window, else the mean)."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.completed and task.elapsed:  # too few samples yet: the mean so far
+            speed = task.completed / task.elapsed
         return Text("" if speed is None else f"{speed:.2f} videos/s", style="progress.data.speed")
 
 
@@ -158,10 +173,10 @@ def wait_for_job(
     the wait (a dead worker); ``phase`` names what happens before videos move ("loading model");
     ``hint`` is asked every HINT_EVERY_S and a new answer is printed once, as a line of its own."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-               TimeRemainingColumn(), TimeElapsedColumn(), TextColumn("{task.fields[detail]}"))
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=BAR_WIDTH), MofNCompleteColumn(), RateColumn(),
+               TextColumn("ETA"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn())
     shown_hint, hint_due = None, time.monotonic() + HINT_EVERY_S
-    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+    with JobProgress(*columns, console=console, disable=not show, transient=False) as bar:
         task = bar.add_task(f"job {job_id}", total=None, detail="")
         while True:
             if check is not None:
@@ -181,6 +196,6 @@ def wait_for_job(
                 hint_due = time.monotonic() + HINT_EVERY_S
                 text = hint(counts)
                 if text and text != shown_hint:
-                    bar.console.print(Text(clean(text), style="yellow"))
+                    bar.console.print(Text(clean(text), style="yellow"), soft_wrap=True)
                 shown_hint = text
             time.sleep(poll_s)

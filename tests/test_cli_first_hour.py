@@ -121,6 +121,7 @@ def test_run_checks_the_model_before_accepting_the_job(sqlite_env, tmp_path, mod
     assert "Traceback" not in result.stderr and not (work / "tubesum.db").exists()  # no job accepted
 
 
+@pytest.mark.slow
 def test_the_summarise_worker_checks_its_model_in_seconds(env: dict[str, str], tmp_path: Path) -> None:
     started = time.monotonic()
     result = tubesum(["worker", "summarise", "--model", "tubesum-test/not-in-any-cache"], env=env, cwd=tmp_path)
@@ -145,6 +146,7 @@ def test_run_refuses_an_unwritable_output_before_any_work(sqlite_env: dict[str, 
     assert not (work / "tubesum.db").exists() and not (work / ".tubesum" / "logs").exists()
 
 
+@pytest.mark.slow
 def test_export_to_a_directory_or_an_unwritable_path(env, db_session, tmp_path: Path) -> None:
     job_id = add_job(db_session, ran="m", videos=2)
     (tmp_path / "out").mkdir()
@@ -163,6 +165,7 @@ def test_export_to_a_directory_or_an_unwritable_path(env, db_session, tmp_path: 
 # --- 9: help, version ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_lists_commands_in_order_without_bool_and_version(env: dict[str, str], tmp_path: Path) -> None:
     top = tubesum(["--help"], env=env, cwd=tmp_path)
     assert top.returncode == 0
@@ -174,6 +177,8 @@ def test_help_lists_commands_in_order_without_bool_and_version(env: dict[str, st
     for command in ([], ["run"], ["status"], ["submit"], ["export"], ["worker", "summarise"], ["bench"]):
         page = tubesum([*command, "--help"], env=env, cwd=tmp_path)
         assert page.returncode == 0 and "<bool>" not in page.stdout, page.stdout
+    # Markdown help drops <words> as HTML: placeholders are written in capitals.
+    assert "dummy:ARCH" in tubesum(["worker", "summarise", "--help"], env=env, cwd=tmp_path).stdout
     run_help = tubesum(["run", "--help"], env=env, cwd=tmp_path).stdout
     for option in ("--device-map", "--dtype", "--attn", DEFAULT_MODEL, "dummy:tiny"):
         assert option in run_help
@@ -275,3 +280,33 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "benchmarking on the CPU" in result.stdout
     assert json.loads((tmp_path / "out" / "bench.json").read_text())
+
+
+# --- 9: the progress bar's loading phase, rate and ETA ------------------------------------------------
+
+
+def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> None:
+    from rich.console import Console
+
+    from tubesum.producer.progress import wait_for_job
+
+    job_id = add_job(db_session, ran="m", videos=2, failures=[("fail0000001", "t", "r")])
+    waiting = Video(job_id=job_id, video_id="wait0000001", position=9, status="queued", queued_at=utcnow())
+    db_session.add(waiting)
+    db_session.commit()
+    console = Console(record=True, width=100, force_terminal=False)
+    counts = wait_for_job(job_id, database_url=settings.database_url, poll_s=0.05, timeout_s=0.3, console=console,
+                          phase=lambda: "loading model org/big")
+    assert (counts.summarised, counts.failed, counts.queued) == (2, 1, 1)
+    bar, detail = console.export_text().splitlines()[:2]
+    assert bar.startswith(f"job {job_id} · loading model org/big") and "3/4" in bar
+    assert "ETA" in bar and "elapsed" in bar and "videos/s" in bar
+    assert detail == "queued 1 · fetched 0 · summarised 2 · failed 1"
+
+
+def test_warnings_about_csv_ids_print_escapes_as_text(env: dict[str, str], tmp_path: Path) -> None:
+    csv_path = write_csv(tmp_path / "t.csv", [("\x1b[2Jclear", "one"), ("\x1b[2Jclear", "two")])
+    result = tubesum(["submit", "--transcripts", str(csv_path)], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "given more than once" in result.stderr and "\\x1b[2Jclear" in result.stderr
+    assert "\x1b" not in result.stderr + result.stdout

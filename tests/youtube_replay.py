@@ -123,6 +123,8 @@ class ReplayAdapter(BaseAdapter):
         if kind == "watch":
             self._last_video = video_id
         name = self.scenario_for.get(video_id, self.default)
+        if name == "dns_failure":  # offline: a real lookup of a name that never resolves (RFC 6761)
+            return requests.Session().get("https://www.youtube.invalid/watch", timeout=5)
         if name == "slow":
             if kind == "watch":
                 time.sleep(self.slow_s)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -22,7 +22,7 @@ PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
     "A whole job on this machine", "Results", "Distributed mode", "Benchmark")
 
 
-def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+def _plain_flags(params: list) -> list:
     # An on/off flag takes no value: show no `<bool>` type beside it in --help.
     for param in params:
         if getattr(param, "is_flag", False) and param.metavar is None:
@@ -31,15 +31,15 @@ def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
 
 
 class Command(TyperCommand):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+    def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
 
 
 class Group(TyperGroup):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+    def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
         return sorted(names, key=lambda name: rank.get(name, len(rank)))
@@ -221,7 +221,7 @@ def flower_cmd(
 
 @worker_app.command("summarise", cls=Command)
 def worker_summarise(
-    model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:<arch> (default TUBESUM_MODEL)"),
+    model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:ARCH (default TUBESUM_MODEL)"),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto' (default TUBESUM_CHUNK_SIZE)"),
     chunk_wait: float = typer.Option(None, "--chunk-wait", help="seconds a partial chunk waits for more videos"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
@@ -348,8 +348,6 @@ def run_cmd(
     output path are checked before anything starts.
 
     Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once."""
-    from pathlib import Path
-
     from tubesum.embedded import Terminated, run_job, run_settings
 
     def say(text: str) -> None:
@@ -360,7 +358,7 @@ def run_cmd(
             settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
                                     device_map=device_map, dtype=dtype, attn=attn)
             result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
-                             settings=settings, export_to=Path(output) if output else None, fetch_only=fetch_only,
+                             settings=settings, export_to=output, fetch_only=fetch_only,
                              fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
     except (KeyboardInterrupt, Terminated) as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
@@ -389,7 +387,7 @@ def _int_list(text: str) -> list[int]:
 
 @app.command("bench", cls=Command, rich_help_panel=PANEL_BENCH)
 def bench_cmd(
-    model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:<arch> (dummy:tiny, dummy:llama-3-8b)"),
+    model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:ARCH (dummy:tiny, dummy:llama-3-8b)"),
     chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks"),
     prompts: int = typer.Option(64, "--prompts", help="prompts per chunk size (reused for larger chunks)"),
     new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
@@ -431,7 +429,18 @@ def bench_cmd(
     console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)
 
 
+class _PlainFormatter(logging.Formatter):
+    """Warnings of the commands (a duplicated CSV id, say) carry user data: no terminal escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(clean(line) for line in super().format(record).splitlines())
+
+
 def main() -> None:
+    # The handler Python uses while nothing configured logging (submit, run, status); the worker
+    # commands configure their own and are not affected.
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(_PlainFormatter("%(message)s"))
     app()
 
 

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 # SIGTERM asks a Celery worker for a warm shutdown; after this many seconds it is killed, seconds.
 WORKER_STOP_TIMEOUT_S = 30.0
-# How often the run checks that every worker process is still alive, seconds (each progress poll).
-WATCHDOG_INTERVAL_S = 0.5
 # Celery's line once a worker consumes (the summarise worker prints it after loading its model).
 READY_MARK = " ready."
 # Video states of unfinished work: another job's videos in them are what a run's workers pick up.
@@ -71,7 +69,7 @@ class LocalWorker:
         self._log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_term_with_parent,
         )  # fmt: skip
         log.info("started %s worker (pid %s), log in %s", self.name, self.proc.pid, self.log_path)
 
@@ -128,6 +126,20 @@ class LocalWorker:
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None
+
+
+# prctl(2) option: the signal the kernel sends this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: get SIGTERM (a warm shutdown) if ``tubesum run`` itself dies
+    without stopping its workers (SIGKILL, a crash), instead of running on under PID 1. Linux only;
+    elsewhere the run's own SIGTERM and Ctrl-C handling is what stops them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -199,12 +211,12 @@ def leftovers_note(leftovers: dict[int, int], *, model: str | None) -> str | Non
     """What this run will also do, in one line (None when nothing is left over)."""
     if not leftovers:
         return None
-    total = sum(leftovers.values())
-    jobs = ", ".join(str(j) for j in leftovers)
-    what = f"summarises them with {model}" if model else "fetches their transcripts"
-    return (f"note: {total} unfinished video{'s' if total != 1 else ''} of earlier job{'s' if len(leftovers) > 1 else ''} "
-            f"{jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take them first and "
-            f"{what} (`tubesum status {next(iter(leftovers))}` shows them)")
+    total, several = sum(leftovers.values()), len(leftovers) > 1
+    videos = f"{total} unfinished video{'s' if total != 1 else ''}"
+    jobs = f"earlier job{'s' if several else ''} {', '.join(str(j) for j in leftovers)}"
+    what = f"summarise them with {model}" if model else "fetch their transcripts"
+    return (f"note: {videos} of {jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take "
+            f"them first and {what} (`tubesum status {next(iter(leftovers))}` shows them)")
 
 
 @dataclass(frozen=True)
@@ -301,7 +313,7 @@ def run_job(
     transcripts_csv: str | Path | None = None,
     encoding: str | None = None,
     settings: Settings | None = None,
-    export_to: Path | None = None,
+    export_to: str | Path | None = None,  # a file, or a directory ("dir/" or existing) for the default name
     fetch_only: bool = False,
     fetch_concurrency: int = 2,
     timeout_s: float | None = None,

@@ -262,7 +262,6 @@ def write_export(rows: Sequence[dict[str, object]], path: Path) -> None:
 def export_job(session: Session, job_id: int, path: Path) -> int:
     """Export the job to ``path`` (.csv or .jsonl); returns the number of rows written."""
     export_format(path)  # fail before querying
-    check_writable(path)
     rows = export_rows(session, job_id)
     write_export(rows, path)
     return len(rows)
@@ -281,7 +280,8 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
     for name in (*STATUS_ORDER, *sorted(set(by_status) - set(STATUS_ORDER))):
         counts.add_row(name, str(by_status.get(name, 0)))
     counts.add_row("total", str(status.counts.total), style="bold")
-    tables: list[Table | Text] = [counts, plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}")]
+    facts = plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}")
+    tables: list[Table | Text] = [counts, facts]
     if status.failures:
         failed = Table(title=f"{len(status.failures)} failed")
         failed.add_column("video_id", overflow="fold")
@@ -313,7 +313,7 @@ def all_jobs_table(jobs: Sequence[JobLine], *, width: int = 80) -> Table:
     cells = [[str(line.job_id), f"{line.created_at:%m-%d %H:%M}", *map(str, _count_cells(line.counts))]
              for line in jobs]
     headers = ["job", "created", *ALL_JOBS_COUNTS]
-    fixed = sum(max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers))
+    fixed = sum(max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers))
     separators = 3 * len(headers)  # " │ " between columns (padding 1 + rule + padding 1)
     table.add_column("model", overflow="ellipsis", no_wrap=True,
                      max_width=max(MIN_MODEL_WIDTH, width - fixed - separators))

@@ -126,6 +126,34 @@ class Batcher:
                 if not future.done():
                     future.set_exception(WorkerStopping("worker stopped before this video was summarised"))
 
+    def drain(self) -> None:
+        """Take no new chunk (the worker is shutting down): the chunk on the GPU finishes and is
+        stored, and every video waiting for a later chunk fails at once with WorkerStopping (its
+        task retries, so its message goes back to the queue). A warm shutdown then waits for one
+        chunk, not for every message in hand -- and a Ctrl-C of `tubesum run` takes seconds."""
+        with self._cond:
+            self._stopping = True
+            waiting = self._waiting_only()
+            for work in waiting:
+                work.finished = True
+                self._in_flight.pop(work.video.video_pk, None)
+            self._pending = [p for p in self._pending if p.work not in waiting]
+            self._cond.notify_all()
+        for work in waiting:
+            for future in work.futures:
+                if not future.done():
+                    future.set_exception(WorkerStopping("worker stopped before this video was summarised"))
+        if waiting:
+            log.info("shutting down: %d videos not yet in a chunk go back to the queue", len(waiting))
+
+    def _waiting_only(self) -> set[_Work]:
+        # Caller holds self._cond. Works none of whose current prompts is on the GPU or done.
+        pending: dict[int, int] = {}
+        for prompt in self._pending:
+            pending[id(prompt.work)] = pending.get(id(prompt.work), 0) + 1
+        return {w for w in self._in_flight.values()
+                if not w.outputs and pending.get(id(w), 0) == len(w.plan.step)}
+
     def submit(self, video: VideoInput) -> Future:
         """Queue a video; the Future resolves to its VideoOutcome once that is committed."""
         future: Future = Future()
@@ -151,6 +179,13 @@ class Batcher:
 
     def _enqueue(self, work: _Work, *, continuation: bool) -> None:
         # Caller holds self._cond.
+        if self._stopping and continuation:  # no chunk will run it: let its message go back now
+            work.finished = True
+            self._in_flight.pop(work.video.video_pk, None)
+            for future in work.futures:
+                if not future.done():
+                    future.set_exception(WorkerStopping("worker stopped between the steps of a long video"))
+            return
         now = self.clock()
         work.outputs = {}
         for index, ids in enumerate(work.plan.step):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from tubesum.display import clean, plain
 from tubesum.workers.gpu.bench import BenchReport, SizeResult, best
 
 
@@ -32,10 +34,11 @@ def size_table(title: str, rows: list[SizeResult]) -> Table:
 
 
 def print_report(report: BenchReport, console: Console) -> None:
-    console.print(f"[bold]{report.model}[/] on {report.device}, {report.dtype}, attention "
-                  f"{report.attention}, engine {report.engine}; torch {report.torch_version}, "
-                  f"transformers {report.transformers_version}; {report.prompt_source}; "
-                  f"{report.new_tokens} new tokens each")
+    # The model name and prompt source are the user's text: plain, never markup.
+    console.print(Text.assemble((clean(report.model), "bold"), plain(
+        f" on {report.device}, {report.dtype}, attention {report.attention}, engine {report.engine}; torch "
+        f"{report.torch_version}, transformers {report.transformers_version}; {report.prompt_source}; "
+        f"{report.new_tokens} new tokens each")))
     console.print(size_table("tubesum engine", report.results))
     if report.baseline:
         console.print(size_table("plain model.generate() (same prompts, same process)", report.baseline))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+from celery.signals import worker_shutting_down
 from celery.utils.nodenames import host_format
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
@@ -65,6 +66,7 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     batcher = build_batcher(load_warm_engine(settings, backend=backend), settings)
     attach_batcher(app, batcher)
     batcher.start()
+    worker_shutting_down.connect(lambda **_: batcher.drain(), weak=False)
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
              host_format(name), batcher.sizer.configured, settings.chunk_wait_s)
