@@ -217,7 +217,9 @@ class _DecodeGraph:
         self.rows, self.max_k, self.max_new_tokens = rows, max_k, max_new_tokens
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] last token
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] its position
-        self.advance = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] 1 real row, 0 dummy
+        # [B] the last position a row may reach (its region's last slot; 0 for dummy rows): a row
+        # that is done but still in the step writes there, never into the next row's region.
+        self.last_pos = torch.zeros(rows, dtype=torch.long, device=dev)
         # [B + 1] each row's offset in the flat cache; dummy rows sit on the scratch slot.
         self.cu_k = torch.full((rows + 1,), cache.scratch, dtype=torch.int32, device=dev)
         self.cu_k[rows] = cache.scratch + 1
@@ -235,7 +237,7 @@ class _DecodeGraph:
         nxt = logits.argmax(dim=-1)  # [B]
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.tokens.copy_(nxt)
-        self.pos.add_(self.advance)  # dummy rows stay on their scratch slot
+        torch.minimum(self.pos + 1, self.last_pos, out=self.pos)  # dummy rows stay on scratch
         self.step.add_(1)
 
     def _capture(self, pool) -> None:
@@ -253,15 +255,16 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=pool):
             self._step()
 
-    def load(self, first: torch.Tensor, pos: list[int], starts: list[int]) -> None:
-        """Point the first len(pos) rows at a chunk: first tokens [n], positions, cache offsets."""
+    def load(self, first: torch.Tensor, pos: list[int], starts: list[int], lengths: list[int]) -> None:
+        """Point the first len(pos) rows at a chunk: first tokens [n], positions, cache offsets
+        and region lengths (prompt + that row's new tokens)."""
         n, dev = len(pos), self.runner.device
         self.tokens.zero_()
         self.tokens[:n] = first
         self.pos.zero_()
         self.pos[:n] = torch.tensor(pos, device=dev)
-        self.advance.zero_()
-        self.advance[:n] = 1
+        self.last_pos.zero_()
+        self.last_pos[:n] = torch.tensor(lengths, device=dev) - 1
         self.cu_k.fill_(self.cache.scratch)
         self.cu_k[:n] = torch.tensor(starts, dtype=torch.int32, device=dev)
         self.cu_k[self.rows] = self.cache.scratch + 1
@@ -558,9 +561,9 @@ class LlamaRunner:
 
         t0 = _now(self.device)
         first = self._prefill_all(prompts, starts, dec)
-        dec.load(first, [len(p) for p in prompts], starts)
+        dec.load(first, [len(p) for p in prompts], starts, lengths)
         t1 = _now(self.device)
-        rows = self._decode(dec, limits, starts, stop_ids=stop_ids, ignore_eos=ignore_eos,
+        rows = self._decode(dec, limits, starts, lengths, stop_ids=stop_ids, ignore_eos=ignore_eos,
                             suppress=suppress)
         t2 = _now(self.device)
         result = [_cut(row, limit, None if ignore_eos else stop_ids) for row, limit in zip(rows, limits)]
@@ -580,7 +583,7 @@ class LlamaRunner:
             start = end
         return torch.cat(firsts)
 
-    def _decode(self, dec: _DecodeGraph, limits: list[int], starts: list[int], *,
+    def _decode(self, dec: _DecodeGraph, limits: list[int], starts: list[int], lengths: list[int], *,
                 stop_ids: set[int], ignore_eos: bool, suppress: tuple[int, ...]) -> list[list[int]]:
         """Replay decode steps until every row is done; each row's tokens (uncut), input order.
         With `drop_finished_rows`, rows that are done leave the step: once the rest fit a smaller
@@ -599,7 +602,7 @@ class LlamaRunner:
                     break
                 active = [i for i, d in enumerate(done) if not d]
                 if self.drop_finished_rows and row_bucket(len(active)) < dec.rows:
-                    dec, owner = self._shrink(dec, owner, active, kept, steps, starts, limits, suppress)
+                    dec, owner = self._shrink(dec, owner, active, kept, steps, starts, lengths, suppress)
             dec.run()
             steps += 1
         rows = dict(kept)
@@ -608,7 +611,7 @@ class LlamaRunner:
         return [rows[r] for r in range(len(limits))]
 
     def _shrink(self, dec: _DecodeGraph, owner: list[int], active: list[int], kept: dict[int, list[int]],
-                steps: int, starts: list[int], limits: list[int], suppress: tuple[int, ...]):
+                steps: int, starts: list[int], lengths: list[int], suppress: tuple[int, ...]):
         """Move the `active` graph rows of `dec` to a smaller bucket's graph at step `steps`."""
         for i, row in enumerate(dec.out[:len(owner), :steps].tolist()):
             if i not in active:
@@ -616,7 +619,8 @@ class LlamaRunner:
         owner = [owner[i] for i in active]
         idx = torch.tensor(active, device=self.device)
         small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens)
-        small.load(dec.tokens[idx], dec.pos[idx].tolist(), [starts[r] for r in owner])
+        small.load(dec.tokens[idx], dec.pos[idx].tolist(), [starts[r] for r in owner],
+                   [lengths[r] for r in owner])
         small.out[:len(active), :steps] = dec.out[idx, :steps]
         small.step.fill_(steps)
         return small, owner
