@@ -23,3 +23,7 @@ class ModelLoadError(TubesumError):
 
 class OutOfMemory(TubesumError):
     """A chunk did not fit in accelerator memory; the batcher splits it and retries."""
+
+
+class KVCacheTooSmall(OutOfMemory):
+    """Known before running: the prompts need more KV-cache tokens than the cache holds."""

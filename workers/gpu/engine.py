@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from tubesum.errors import ModelLoadError, OutOfMemory
+from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
 
@@ -167,7 +167,7 @@ class Engine:
             else:
                 rows, prefill_s, decode_s, padded = self._hf_generate(prompts, params)
         except CacheTooSmall as exc:  # planned, nothing allocated
-            raise OutOfMemory(str(exc)) from None
+            raise KVCacheTooSmall(str(exc)) from None
         except torch.OutOfMemoryError as exc:
             failure = str(exc).split("\n")[0][:300]
             # The traceback's frames hold the failed attempt's tensors (activations, logits):
