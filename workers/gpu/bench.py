@@ -332,7 +332,8 @@ def plot(report: BenchReport, out_dir: Path) -> list[Path]:
 def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
               transcripts: str | None, job: int | None, device: str, baseline: bool,
               baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,
-              dtype: str = "auto", progress=None, lengths: str = "both") -> BenchReport:
+              dtype: str = "auto", progress=None, lengths: str = "both",
+              varied_sizes: list[int] | None = None) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
     baseline), write bench.json and plots."""
     import transformers
@@ -369,7 +370,8 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     if lengths in ("varied", "both"):
         own = varied_lengths(len(prompt_ids), new_tokens=new_tokens)
         varied_params = SamplingParams(max_new_tokens=max(own), ignore_eos=True)
-        fit = [c for c in chunk_sizes if not report.memory_limit_chunk or c < report.memory_limit_chunk]
+        fit = [c for c in varied_sizes or chunk_sizes
+               if not report.memory_limit_chunk or c < report.memory_limit_chunk]
         for decode in ("static", "drop"):
             rows, _ = sweep(engine, prompt_ids, varied_params, chunk_sizes=fit or chunk_sizes,
                             extend=False, max_chunks=max_chunks, progress=progress,
