@@ -5,7 +5,7 @@
 # Usage: benchmarks/worker_path.sh OUT_DIR [MODEL] [CHUNK_SIZES...]   (default: auto 128 256)
 #   VIDEOS=1024 (videos per job), BENCH=1 (0: skip the bench on the same prompts),
 #   BENCH_PROMPTS=512 (prompts the bench uses: the job's first ones)
-#   BENCH_DEVICE=cuda (cpu for a smoke run with dummy:tiny)
+#   BENCH_DEVICE=cuda (cpu for a smoke run with dummy:tiny), BENCH_MAX_CHUNKS=2 (timed chunks a size)
 # Runs in embedded mode (SQLite + filesystem broker), so it needs no service on the GPU box.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: worker_path.sh OUT_DIR [MODEL] [CHUNK...]}"); shift
@@ -15,7 +15,7 @@ videos=${VIDEOS:-1024}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 py=${PYTHON:-python3}
-export PYTHONPATH="$repo:${PYTHONPATH:-}"
+# tubesum must be installed (pip install -e .): its card folders map into the tubesum namespace.
 "$py" "$repo/benchmarks/make_transcripts.py" --videos "$videos" -o "$out/transcripts.csv"
 
 for c in "${sizes[@]}"; do
@@ -34,9 +34,12 @@ done
 
 if [ "${BENCH:-1}" = 1 ]; then
     numbered=$(printf '%s\n' "${sizes[@]}" | grep -v auto | paste -sd, -)
-    COLUMNS=200 "$py" -m tubesum.cli bench --model "$model" --transcripts "$out/transcripts.csv" \
+    # From $out, not the repository root: a ./tubesum folder on sys.path would hide the
+    # installed package's namespace (tubesum.workers, tubesum.models...).
+    (cd "$out" && COLUMNS=200 "$py" -m tubesum.cli bench --model "$model" --transcripts transcripts.csv \
         --prompts "${BENCH_PROMPTS:-512}" --chunk-sizes "${numbered:+$numbered,}auto" --lengths fixed \
-        --no-extend --max-chunks 2 --new-tokens 150 --device "${BENCH_DEVICE:-cuda}" -o "$out/bench" > "$out/bench.log" 2>&1 \
+        --no-extend --max-chunks "${BENCH_MAX_CHUNKS:-2}" --new-tokens 150 --device "${BENCH_DEVICE:-cuda}" \
+        -o bench > bench.log 2>&1) \
         || echo "bench failed"
     tail -30 "$out/bench.log"
 fi
