@@ -5,7 +5,8 @@ FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/home/tubesum/.cache/huggingface
 
 WORKDIR /app
 
@@ -24,6 +25,8 @@ RUN pip install --no-deps . \
     && mkdir -p /home/tubesum/.cache/huggingface \
     && chown -R tubesum /home/tubesum /app
 
+# HF_HOME (above) is this folder, owned by the worker user: compose mounts the hf-cache volume
+# there, and a fresh named volume takes the folder's owner, so models are downloaded once.
 # Celery refuses nothing as root but warns; workers have no reason to be root.
 USER tubesum
 

@@ -5,25 +5,30 @@ Decisions (the issue left these open):
   open it); only ``/playlist?list=…`` or a watch URL with ``list=`` and no ``v=`` is a playlist.
 - Playlist entries YouTube shows as "[Private video]" / "[Deleted video]" are kept as videos: they
   fail at fetch time with YouTube's own reason, so the job's report says what happened to each.
-- A CSV with bytes that are not UTF-8 is decoded with ``errors="replace"`` and a warning is logged:
-  one bad character should not stop a thousand-video job.
+- A CSV's encoding is settled before any row is recorded: a byte-order mark (UTF-8, UTF-16, UTF-32)
+  or UTF-16's NUL pattern decides, otherwise the file must be valid UTF-8. One that is not is
+  refused with the encoding it looks like (``--encoding`` names it): replacing the bytes would lose
+  every accent of a Latin-1 file without a word.
 - NUL characters in a CSV are dropped (PostgreSQL text cannot store them); other control
   characters are kept here and removed when the prompt is built.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from tubesum.errors import BadInput
+from tubesum.text import is_blank
 
 log = logging.getLogger(__name__)
 
@@ -191,31 +196,157 @@ def expand_sources(sources: Iterable[str], *, make_ydl: YdlFactory = default_ydl
 
 # --- CSV of ready transcripts ----------------------------------------------------------------------
 
+# Bytes read at a time while hashing the file and checking its encoding.
+SCAN_BLOCK_BYTES = 1 << 20
+# Bytes around an undecodable byte that charset-normalizer reads to name the file's real encoding.
+GUESS_WINDOW_BYTES = 64 * 1024
+# A file without a byte-order mark whose first block is at least this share of NUL bytes, nearly
+# all at even (or all at odd) offsets, is UTF-16 (big- or little-endian); UTF-8 text has almost none.
+UTF16_NUL_SHARE = 0.3
+# Byte-order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
-def load_transcripts_csv(path: str | Path) -> list[CsvTranscript]:
-    """Rows of ``video_id,transcript[,title]``. Rows with an empty transcript are kept (transcript "")."""
+
+@dataclass(frozen=True)
+class CsvFile:
+    """A transcripts CSV checked before any row is recorded: readable, and decodable as a whole."""
+
+    path: Path
+    encoding: str  # the Python codec its rows are decoded with
+    size: int  # bytes
+    sha256: str  # of its bytes: the same file submitted twice is recognised
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def inspect_transcripts_csv(path: str | Path, *, encoding: str | None = None) -> CsvFile:
+    """Hash the file and settle its encoding in one streaming pass: a byte-order mark (UTF-8,
+    UTF-16, UTF-32) or UTF-16's NUL pattern decides; otherwise it must be valid UTF-8, and a file
+    that is not is refused with the encoding it looks like (no character is ever replaced).
+    ``encoding`` (``--encoding``) overrides the detection."""
+    path = Path(path)
+    if encoding is not None:
+        try:
+            encoding = codecs.lookup(encoding).name
+        except LookupError:
+            raise BadInput(f"unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    digest, size = hashlib.sha256(), 0
+    decoder = None
     try:
-        raw = Path(path).read_bytes()
+        with path.open("rb") as raw:
+            while block := raw.read(SCAN_BLOCK_BYTES):
+                if decoder is None:
+                    encoding = encoding or sniff_encoding(block)
+                    decoder = codecs.getincrementaldecoder(encoding)("strict")
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    # utf-8-sig counts from after its mark in the first block.
+                    shift = len(codecs.BOM_UTF8) if encoding == "utf-8-sig" and size == 0 else 0
+                    raise undecodable(path, encoding=encoding, offset=size + shift + max(0, exc.start)) from None
+                digest.update(block)
+                size += len(block)
+            if decoder is not None:
+                try:
+                    decoder.decode(b"", final=True)
+                except UnicodeDecodeError:
+                    raise undecodable(path, encoding=encoding, offset=max(0, size - 1)) from None
     except OSError as exc:
         raise BadInput(f"cannot read transcripts CSV {str(path)!r}: {exc.strerror or exc}") from exc
-    text = raw.decode("utf-8-sig", errors="replace")
-    if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
-        log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
+    return CsvFile(path, encoding or "utf-8", size, digest.hexdigest())
+
+
+def sniff_encoding(head: bytes) -> str:
+    """The codec a byte-order mark or UTF-16's NUL pattern names; else ``utf-8`` (checked later)."""
+    for bom, name in BOMS:
+        if head.startswith(bom):
+            return name
+    nuls = head.count(0)
+    if head and nuls >= UTF16_NUL_SHARE * len(head):
+        even = head[0::2].count(0)
+        return "utf-16-be" if even > (nuls - even) else "utf-16-le"
+    return "utf-8"
+
+
+def undecodable(path: Path, *, encoding: str, offset: int) -> BadInput:
+    """The refusal of a file that ``encoding`` cannot decode: where, which byte, and the encoding
+    it looks like."""
+    with path.open("rb") as raw:
+        before = raw.read(offset)
+        window = raw.read(GUESS_WINDOW_BYTES)
+    line = before.count(b"\n") + 1
+    start = max(0, len(before) - GUESS_WINDOW_BYTES // 2)
+    guesses = guess_encodings(before[start:] + window)
+    looks = (f"it looks like {' or '.join(guesses)}: save it as UTF-8, or pass --encoding {guesses[0]}" if guesses
+             else "save it as UTF-8, or pass --encoding with its encoding (e.g. latin-1, cp1252)")
+    what = "UTF-8" if encoding in ("utf-8", "utf-8-sig") else f"valid {encoding}"
+    return BadInput(f"transcripts CSV {str(path)!r} is not {what} (byte 0x{window[:1].hex()} on line {line}); {looks}")
+
+
+# Encodings named in the refusal, at most (a short sample fits several single-byte code pages).
+GUESSES_SHOWN = 2
+# Between guesses that read the sample equally well, the more common encoding is named first
+# (French text reads as well in cp1250 as in cp1252, but is far likelier to be cp1252).
+COMMON_ENCODINGS = ("cp1252", "iso8859-1", "iso8859-15", "cp1251", "cp1250", "shift_jis", "gb18030", "euc_kr", "big5")
+
+
+def guess_encodings(sample: bytes) -> list[str]:
+    """charset-normalizer's best guesses for a sample that is not UTF-8, as codec names."""
+    from charset_normalizer import from_bytes  # only needed for this message
+
+    matches = [m for m in from_bytes(sample) if m.encoding not in ("utf_8", "ascii")]
+    if not matches:
+        return []
+    best_chaos = min(m.chaos for m in matches)
+
+    def rank(name: str) -> int:
+        return COMMON_ENCODINGS.index(name) if name in COMMON_ENCODINGS else len(COMMON_ENCODINGS)
+
+    tied = sorted({codecs.lookup(m.encoding).name for m in matches if m.chaos == best_chaos}, key=rank)
+    rest = [codecs.lookup(m.encoding).name for m in matches if m.chaos != best_chaos]
+    return list(dict.fromkeys(tied + rest))[:GUESSES_SHOWN]
+
+
+def iter_transcripts_csv(csv_file: CsvFile, *, on_bytes: Callable[[int], None] | None = None) -> Iterator[CsvTranscript]:
+    """Rows of ``video_id,transcript[,title]``, streamed (memory stays flat whatever the file's
+    size). A blank transcript (only whitespace, control or zero-width characters) is kept as ""
+    and its video recorded as failed. ``on_bytes`` is told the file position as rows are read."""
     csv.field_size_limit(2**31 - 1)  # transcripts of long videos exceed the 128 KiB default
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = [c.strip() for c in reader.fieldnames or []]
-    missing = [c for c in CSV_REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise BadInput(f"transcripts CSV {str(path)!r} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
-    rows: list[CsvTranscript] = []
-    for row in reader:
-        line_no = reader.line_num
-        # NUL: PostgreSQL text cannot hold it (the whole job's insert would fail); never meaningful.
-        row = {(k or "").strip(): (v or "").replace("\x00", "") for k, v in row.items()}
-        video_id = row["video_id"].strip()
-        if not video_id or len(video_id) > CSV_MAX_ID_LEN:
-            raise BadInput(f"transcripts CSV {str(path)!r} line {line_no}: video_id must be 1..{CSV_MAX_ID_LEN} characters, got {video_id!r}")
-        rows.append(CsvTranscript(video_id, row["transcript"].strip(), row.get("title", "").strip() or None))
-    if not rows:
-        raise BadInput(f"transcripts CSV {str(path)!r} has no rows")
-    return rows
+    name = csv_file.name
+    with csv_file.path.open("rb") as raw, io.TextIOWrapper(raw, encoding=csv_file.encoding, newline="") as text:
+        reader = csv.DictReader(text)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in CSV_REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise BadInput(f"transcripts CSV {name!r} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
+        count = 0
+        for row in reader:
+            if None in row:  # more fields than the header: an unquoted comma, most likely
+                raise BadInput(f"transcripts CSV {name!r} line {reader.line_num} has {len(columns) + len(row[None])} "
+                               f"fields, the header {len(columns)}: quote a field that contains a comma")
+            # NUL: PostgreSQL text cannot hold it (the whole job's insert would fail); never meaningful.
+            row = {(k or "").strip(): (v or "").replace("\x00", "") for k, v in row.items()}
+            video_id = row["video_id"].strip()
+            if not video_id or len(video_id) > CSV_MAX_ID_LEN:
+                raise BadInput(f"transcripts CSV {name!r} line {reader.line_num}: video_id must be 1..{CSV_MAX_ID_LEN} characters, got {video_id!r}")
+            transcript = row["transcript"].strip()
+            yield CsvTranscript(video_id, "" if is_blank(transcript) else transcript, row.get("title", "").strip() or None)
+            count += 1
+            if on_bytes is not None and count % PROGRESS_EVERY_ROWS == 0:
+                on_bytes(raw.tell())
+        if on_bytes is not None:
+            on_bytes(csv_file.size)
+    if not count:
+        raise BadInput(f"transcripts CSV {name!r} has no rows")
+
+
+# Rows between two progress reports while reading a CSV.
+PROGRESS_EVERY_ROWS = 500
+
+
+def load_transcripts_csv(path: str | Path, *, encoding: str | None = None) -> list[CsvTranscript]:
+    """Every row at once (the bench's prompts; `tubesum submit` streams instead)."""
+    return list(iter_transcripts_csv(inspect_transcripts_csv(path, encoding=encoding)))

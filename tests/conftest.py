@@ -34,6 +34,10 @@ The vocabulary, in the order a test usually needs it:
 
     Every worker still running is stopped when the test ends, and their logs are printed when
     the test failed (they show under "Captured stdout teardown").
+``tiny_model_dir`` / ``micro_model_dir`` / ``tiny_engine`` (session)
+    A tiny Llama with random weights and a tokenizer trained on the spot, saved to a folder (load
+    it by path like a Hub model), a smaller one, and the engine loaded from the first on the CPU
+    (tests/tiny_model.py).
 ``wait_until`` (fixture returning a function)
     ``wait_until(predicate, timeout=30, message="...")`` polls ``predicate`` until it returns
     something truthy, returns that, and fails the test with ``message`` after ``timeout`` seconds.
@@ -60,6 +64,9 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+
+# The tiny real models, session-scoped: built once, shared by every test module that names them.
+from tests.tiny_model import micro_model_dir, tiny_engine, tiny_model_dir  # noqa: F401
 
 # --- named numbers -----------------------------------------------------------------------------
 # Server-level PostgreSQL URL used only to create and drop the per-session database.

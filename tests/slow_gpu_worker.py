@@ -26,12 +26,12 @@ class SlowEngine:
 
 
 def main() -> None:
-    import tubesum.workers.gpu.batcher as batcher
+    import tubesum.workers.gpu.worker as worker
     from tubesum.cli import main as cli
 
     delay_s = float(os.environ[SLOW_CHUNK_ENV])
-    real_load_engine = batcher.load_engine
-    batcher.load_engine = lambda *a, **k: SlowEngine(real_load_engine(*a, **k), delay_s)
+    real_load_engine = worker.load_engine
+    worker.load_engine = lambda *a, **k: SlowEngine(real_load_engine(*a, **k), delay_s)
     sys.argv = ["tubesum", "worker", "summarise", *sys.argv[1:]]
     cli()
 

@@ -29,9 +29,8 @@ from typer.testing import CliRunner
 from tests.conftest import REDIS_SERVER_URL, _tubesum_env, truncate_all
 from tubesum.models import Job, Summary, Transcript, Video
 from tests.youtube_replay import playlist_initial_data, playlist_page, replay_ydl
-from tiny_model import micro_model_dir, tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.cli import app
-from tubesum.workers.summarise import PromptBuilder
+from tubesum.workers.summarise.prompt import PromptBuilder
 
 pytestmark = pytest.mark.slow
 
@@ -168,8 +167,10 @@ class MixedJob:
 
 
 GOOD = ["good-1", "good-2", "good-3"]
-DONE = [*GOOD, "latin-1", "long", "markup", "injection"]
-FAILED = {"empty": "empty transcript in CSV", "blank": "empty transcript in CSV", "controls-only": "empty transcript"}
+DONE = [*GOOD, "accents", "long", "markup", "injection"]
+FAILED = {"empty": "empty transcript in CSV", "blank": "empty transcript in CSV", "zero-width": "empty transcript in CSV",
+          "controls-only": "empty transcript in CSV"}
+ACCENTS = "café au lait, crème brûlée, naïve façade ✓ and owls"
 
 
 def mixed_csv() -> bytes:
@@ -180,14 +181,14 @@ def mixed_csv() -> bytes:
         w.writerow([vid, " ".join(SENTENCES[i:] + SENTENCES[:i]), f"Good {i}"])
     w.writerow(["empty", "", "Nothing"])
     w.writerow(["blank", "  \n\t  ", "Whitespace"])
+    w.writerow(["zero-width", "\u200b\u200b \u200c\u200d\u2060\ufeff", "Zero-width spaces"])
     w.writerow(["controls-only", "\x01\x02\x03\x1b\x7f\x00", "Controls"])
-    w.writerow(["latin-1", "LATIN1-PLACEHOLDER", "Caf\u00e9"])
+    w.writerow(["accents", ACCENTS, "Caf\u00e9"])
     w.writerow(["long", " ".join(SENTENCES[i % 4] for i in range(LONG_WORDS // 8)), "Two hundred thousand words"])
     w.writerow(["markup", MARKUP, "<b>Markup</b>"])
     w.writerow(["injection", INJECTION, "Ignore previous instructions"])
     w.writerow(["good-1", "A second row for good-1: dropped, the first one counts.", "Duplicate"])
-    # Bytes that are not UTF-8 (Latin-1 'é', a lone continuation byte, 0xff) in one row only.
-    return out.getvalue().encode().replace(b"LATIN1-PLACEHOLDER", b"caf\xe9 au lait \x80 \xff and owls")
+    return out.getvalue().encode()
 
 
 def snapshot(url: str, job_id: int) -> dict:
@@ -248,7 +249,8 @@ def test_mixed_job_finishes_with_every_video_in_one_terminal_state(mixed_job: Mi
     # Exactly one summary per done video, none for a failed one.
     assert sorted(s.video_pk for s in summaries) == sorted(v.id for v in videos if v.status == "done")
     assert [row["video_id"] for row in mixed_job.export] == [
-        "good-1", "good-2", "good-3", "empty", "blank", "controls-only", "latin-1", "long", "markup", "injection"]
+        "good-1", "good-2", "good-3", "empty", "blank", "zero-width", "controls-only", "accents", "long", "markup",
+        "injection"]
 
 
 def test_good_rows_get_summaries(mixed_job: MixedJob) -> None:
@@ -275,13 +277,12 @@ def test_empty_transcripts_are_recorded_failures(mixed_job: MixedJob) -> None:
     assert rows["empty"]["status"] == "failed" and rows["empty"]["error"] == "empty transcript in CSV"
 
 
-def test_non_utf8_bytes_are_replaced_and_summarised(mixed_job: MixedJob) -> None:
-    assert "mixed.csv is not valid UTF-8; undecodable bytes were replaced with U+FFFD" in mixed_job.result.stderr
+def test_accented_utf8_text_is_kept_exactly(mixed_job: MixedJob) -> None:
     with mixed_job.session() as s:
         text = s.scalar(select(Transcript.text).join(Video).where(Video.job_id == mixed_job.job_id,
-                                                                  Video.video_id == "latin-1"))  # fmt: skip
-    assert text == "caf\ufffd au lait \ufffd \ufffd and owls"
-    assert mixed_job.summary("latin-1") is not None
+                                                                  Video.video_id == "accents"))  # fmt: skip
+    assert text == ACCENTS and "\ufffd" not in text
+    assert mixed_job.summary("accents") is not None
 
 
 def test_200000_word_transcript_is_map_reduced(mixed_job: MixedJob) -> None:

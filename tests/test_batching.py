@@ -10,13 +10,11 @@ from tubesum.workers.gpu.batching import (
     ChunkSizer,
     Pending,
     halves,
-    pack_groups,
-    piece_budget,
     plan_chunk,
     plan_token_chunk,
     seconds_until_ready,
-    split_even,
 )
+from tubesum.workers.summarise.split import pack_groups, piece_budget, split_even
 
 
 def test_a_full_chunk_runs_at_once():

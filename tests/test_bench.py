@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 import pytest
 
 from tubesum.errors import OutOfMemory
@@ -83,7 +82,8 @@ def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
 def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine, tmp_path: Path):
     """--transcripts: each video's prompt is the worker's own (chat template, tags, instruction)."""
     from tubesum.workers.gpu.bench_prompts import prompts_from_source
-    from tubesum.workers.summarise import PromptBuilder, SummaryPlan
+    from tubesum.workers.summarise.plan import SummaryPlan
+    from tubesum.workers.summarise.prompt import PromptBuilder
 
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("video_id,transcript\nowl,Owls hunt at night.\nempty,\nbee,Bees dance.\n")
@@ -91,7 +91,13 @@ def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine,
     builder = PromptBuilder(tiny_engine.tokenizer, instruction=__import__("tubesum.settings").settings.get_settings().prompt,
                             max_context=tiny_engine.max_context, max_new_tokens=8, stop_ids=tiny_engine.stop_ids)
     assert prompts == [SummaryPlan("Owls hunt at night.", builder).step[0], SummaryPlan("Bees dance.", builder).step[0]]
-    assert "Owls hunt at night." in tiny_engine.tokenizer.decode(prompts[0])
+    # Independently of the worker's code: the empty row is skipped, and each prompt carries its own
+    # transcript between the tags and the instruction, through the model's chat template.
+    texts = [tiny_engine.tokenizer.decode(p) for p in prompts]
+    assert len(prompts) == 2
+    for text, transcript in zip(texts, ["Owls hunt at night.", "Bees dance."], strict=True):
+        assert f"<transcript>\n{transcript}\n</transcript>" in text
+        assert "Summarise the transcript" in text and "<|im_start|>" in text
 
 
 def test_varied_lengths_are_seeded_and_look_like_summaries():
@@ -143,3 +149,4 @@ def test_plots_draw_for_any_sweep(tmp_path: Path, sizes, ooms):
     assert [p.name for p in paths] == ["throughput.png", "speedup.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+

@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from tubesum.models import Batch, Summary, Video
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,18 @@ def test_run_twenty_videos_with_the_tiny_model(env, tmp_path, tiny_model_dir):
         writer = csv.writer(f)
         writer.writerow(["video_id", "transcript", "title"])
         writer.writerows(rows)
+    # A user's own modules named like tubesum's folders or its dependencies must not shadow them in
+    # any process: the console script and its workers (-P) never import from the working directory.
+    for shadow in ("models.py", "producer.py", "migrations.py", "workers/__init__.py", "tubesum.py", "celery.py"):
+        (tmp_path / shadow).parent.mkdir(exist_ok=True)
+        (tmp_path / shadow).write_text("raise ImportError('the user\'s own module was imported')\n")
     run_env = {k: v for k, v in env.items()
                if k not in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL", "TUBESUM_EMBEDDED_DIR")}  # fmt: skip
     # A generous chunk wait: the first two chunks fill up on a slow machine too.
     run_env.update(TUBESUM_MAX_NEW_TOKENS="24", TUBESUM_DEVICE_MAP="cpu", TUBESUM_CHUNK_WAIT_S="4")
     export = tmp_path / "out.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "tubesum.cli", "run", "--transcripts", "transcripts.csv", "--model",
+        [str(Path(sys.executable).parent / "tubesum"), "run", "--transcripts", "transcripts.csv", "--model",
          str(tiny_model_dir), "--chunk-size", str(CHUNK), "-o", str(export), "--timeout", str(RUN_TIMEOUT_S - 60)],
         env=run_env, cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
@@ -74,7 +79,7 @@ def test_run_twenty_videos_with_the_tiny_model(env, tmp_path, tiny_model_dir):
         assert float(r["batch_seconds"]) > 0 and float(r["latency_s"]) >= float(r["queue_wait_s"]) >= 0
 
     # The report of the same job, from the same SQLite file.
-    report = subprocess.run([sys.executable, "-m", "tubesum.cli", "report", "1", "-o", "report"], env=run_env,
+    report = subprocess.run([str(Path(sys.executable).parent / "tubesum"), "report", "1", "-o", "report"], env=run_env,
                             cwd=tmp_path, text=True, capture_output=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stdout + report.stderr
     with (tmp_path / "report" / "batches.csv").open() as f:

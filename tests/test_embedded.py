@@ -161,7 +161,8 @@ def test_a_dying_worker_stops_the_run_with_its_log(tmp_path: Path, monkeypatch: 
         LocalWorker("summarise", dying, tmp_path / "logs" / "summarise.log")])
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "text", "")])
     with pytest.raises(WorkerDied, match=r"(?s)summarise worker exited with code 3.*out of luck"):
-        run_job([], transcripts_csv=csv_path, settings=run_settings(), show_progress=False, timeout_s=30)
+        run_job([], transcripts_csv=csv_path, settings=run_settings(model="dummy:tiny"), show_progress=False,
+                timeout_s=30)
 
 
 def test_run_settings_overrides_are_validated(monkeypatch: pytest.MonkeyPatch, clear_settings_cache: None,

@@ -8,7 +8,6 @@ import weakref
 import pytest
 import torch
 
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.engine import SamplingParams
 from tubesum.workers.gpu import runner as runner_mod

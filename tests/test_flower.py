@@ -1,9 +1,15 @@
 """Flower, for real: a fetch worker runs a small job; Flower's REST API shows every task of the job,
-its state and the worker that ran it, and refuses requests without credentials."""
+its state and the worker that ran it, and refuses requests without credentials.
+
+What a user sees there (issue 11 items 12-14): each task's arguments are ``job=N video=ID``, so
+Flower's search (``args:"job=N "``) filters one job; its result says what happened (characters
+fetched; summary length, batch, generate seconds); a video that failed is a FAILURE task with its
+reason. Flower is started the way the README says, with `tubesum flower`."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +21,6 @@ import requests
 
 from tubesum.producer.submit import submit
 from tests.youtube_replay import REPLAY_ENV
-from tiny_model import tiny_model_dir  # noqa: F401
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
 
 pytestmark = pytest.mark.slow
@@ -25,6 +30,7 @@ AUTH = ("flower", "s3cret-test")
 FLOWER_READY_TIMEOUT_S = 60.0
 OK_IDS = ["okVideo0001", "okVideo0002"]
 DISABLED_ID = "noCaptions1"
+OTHER_ID = "otherJob001"
 
 
 def free_port() -> int:
@@ -40,9 +46,9 @@ def flower(env: dict[str, str], tmp_path: Path, wait_until):  # type: ignore[no-
     log_path = tmp_path / "flower.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tubesum.celery_app", "flower", f"--port={port}",
-             "--address=127.0.0.1", f"--basic-auth={AUTH[0]}:{AUTH[1]}"],
-            env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "tubesum.cli", "flower", "--port", str(port), "--address", "127.0.0.1"],
+            env={**env, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}, cwd=tmp_path, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
         def healthy() -> bool:
@@ -63,6 +69,20 @@ def flower(env: dict[str, str], tmp_path: Path, wait_until):  # type: ignore[no-
                 proc.kill()
                 proc.wait()
             print("\n===== flower log =====\n" + log_path.read_text(errors="replace"))
+
+
+def tasks_of(flower: str, **params: str) -> list[dict]:
+    return list(requests.get(f"{flower}/api/tasks", params=params, auth=AUTH, timeout=5).json().values())
+
+
+def by_name_and_video(tasks: list[dict]) -> dict[tuple[str, str], dict]:
+    """Tasks keyed by (task name, YouTube id), read from the shown arguments ``job=N video=ID``."""
+    out = {}
+    for task in tasks:
+        match = re.fullmatch(r"job=\d+ video=(\S+)", task.get("args") or "")
+        if match:
+            out[(task["name"], match.group(1))] = task
+    return out
 
 
 def test_flower_shows_every_task_with_state_and_worker(
@@ -86,45 +106,49 @@ def test_flower_shows_every_task_with_state_and_worker(
     wait_until(worker_online, timeout=30, message="flower to see the worker's events")
 
     job_id = submit([*OK_IDS, DISABLED_ID], settings=settings)
-
-    from tubesum.models import Video
-    from tubesum.db import session_scope
-
-    with session_scope(settings.database_url) as s:
-        pks = {v.video_id: v.id for v in s.query(Video).filter(Video.job_id == job_id)}
-
-    def tasks() -> dict:
-        return requests.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json()
-
-    def by_name_and_pk(all_tasks: dict) -> dict[tuple[str, int], dict]:
-        out = {}
-        for task in all_tasks.values():
-            args = json.loads(task["args"].replace("(", "[").replace(")", "]").replace(",]", "]")) if task.get("args") else []
-            if args:
-                out[(task["name"], int(args[0]))] = task
-        return out
+    other_job = submit([OTHER_ID], settings=settings)  # another job, which the search must leave out
 
     def all_seen() -> dict | None:
-        seen = by_name_and_pk(tasks())
-        fetches_done = all(seen.get((FETCH_TASK, pk), {}).get("state") == "SUCCESS" for pk in pks.values())
-        summarises_sent = all((SUMMARISE_TASK, pks[v]) in seen for v in OK_IDS)
+        seen = by_name_and_video(tasks_of(flower))
+        fetches_done = all(seen.get((FETCH_TASK, v), {}).get("state") in ("SUCCESS", "FAILURE")
+                           for v in [*OK_IDS, DISABLED_ID, OTHER_ID])
+        summarises_sent = all((SUMMARISE_TASK, v) in seen for v in OK_IDS)
         return seen if fetches_done and summarises_sent else None
 
-    seen = wait_until(all_seen, timeout=60, message=lambda: f"every task in flower: {tasks()}")
+    seen = wait_until(all_seen, timeout=60, message=lambda: f"every task in flower: {tasks_of(flower)}")
 
-    for video_id, pk in pks.items():
-        fetch = seen[(FETCH_TASK, pk)]
+    for video_id in [*OK_IDS, DISABLED_ID]:
+        fetch = seen[(FETCH_TASK, video_id)]
+        assert fetch["args"] == f"job={job_id} video={video_id}"
         assert fetch["worker"] == worker.name
-        assert fetch["received"] and fetch["started"] and fetch["succeeded"]
-        assert fetch["result"] == repr("failed" if video_id == DISABLED_ID else "fetched")
+        assert fetch["received"] and fetch["started"]
         info = requests.get(f"{flower}/api/task/info/{fetch['uuid']}", auth=AUTH, timeout=5).json()
-        assert info["state"] == "SUCCESS" and info["worker"] == worker.name
+        assert info["worker"] == worker.name
+        if video_id == DISABLED_ID:
+            # A permanent failure is a FAILURE with its reason, not a SUCCESS that says "failed".
+            assert fetch["state"] == info["state"] == "FAILURE" and fetch["failed"]
+            assert f"VideoFailed('job={job_id} video={DISABLED_ID}: TranscriptsDisabled" in fetch["exception"]
+            assert fetch["retries"] == 0  # no retry of what cannot change
+        else:
+            assert fetch["state"] == info["state"] == "SUCCESS" and fetch["succeeded"]
+            assert re.fullmatch(r"'fetched [\d,]+ chars \(en\); sent to summarise'", fetch["result"]), fetch["result"]
     for video_id in OK_IDS:
         # No summarise worker runs here: the summarise task was sent (by the fetch worker) and waits.
-        summarise = seen[(SUMMARISE_TASK, pks[video_id])]
+        summarise = seen[(SUMMARISE_TASK, video_id)]
         assert summarise["state"] == "PENDING" and summarise.get("worker") is None
-        assert summarise["parent_id"] == seen[(FETCH_TASK, pks[video_id])]["uuid"]
-    assert (SUMMARISE_TASK, pks[DISABLED_ID]) not in seen
+        assert summarise["args"] == f"job={job_id} video={video_id}"
+        assert summarise["parent_id"] == seen[(FETCH_TASK, video_id)]["uuid"]
+    assert (SUMMARISE_TASK, DISABLED_ID) not in seen
+
+    # Flower's search filters one job: exactly its tasks, none of the other job's.
+    found = tasks_of(flower, search=f'args:"job={job_id} "')
+    assert sorted((t["name"], t["args"]) for t in found) == sorted(
+        [(FETCH_TASK, f"job={job_id} video={v}") for v in [*OK_IDS, DISABLED_ID]]
+        + [(SUMMARISE_TASK, f"job={job_id} video={v}") for v in OK_IDS])
+    failed = tasks_of(flower, search=f'args:"job={job_id} " state:FAILURE')
+    assert [t["args"] for t in failed] == [f"job={job_id} video={DISABLED_ID}"]
+    assert {t["args"] for t in tasks_of(flower, search=f'args:"job={other_job} "')} == {
+        f"job={other_job} video={OTHER_ID}"}
 
     # /api/workers asks the workers over the broker (remote control); refresh past Flower's cache.
     # Its broadcast waits only about a second for replies, so ask again until the worker answers.
@@ -138,7 +162,14 @@ def test_flower_shows_every_task_with_state_and_worker(
     queues = requests.get(f"{flower}/api/queues/length", auth=AUTH, timeout=10).json()
     assert {"name": "transcripts", "messages": 0} in queues["active_queues"]
     # Flower only measures queues some worker consumes; the waiting summarise messages are in Redis.
-    assert redis.Redis.from_url(env["TUBESUM_BROKER_URL"]).llen("summarise") == len(OK_IDS)
+    assert redis.Redis.from_url(env["TUBESUM_BROKER_URL"]).llen("summarise") == len(OK_IDS) + 1
+
+
+def test_flower_tasks_page_shows_job_and_outcome_columns(flower: str) -> None:
+    """`tubesum flower` puts args (job=N video=ID), result and exception on the Tasks page."""
+    page = requests.get(f"{flower}/tasks", auth=AUTH, timeout=5).text
+    columns = re.findall(r'<th data-column="(\w+)"', page)
+    assert columns == ["name", "args", "state", "result", "exception", "received", "runtime", "worker"]
 
 
 def test_flower_api_refuses_requests_without_auth(flower: str) -> None:
@@ -167,8 +198,9 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
     csv_path.write_text("video_id,transcript\n" + "".join(f"vid{i},Owls and bees number {i}.\n" for i in range(4)))
     job_id = submit([], transcripts_csv=str(csv_path), settings=settings)
 
-    from tubesum.models import Batch, Summary, Video
+    from tubesum.celery_app import app as celery_app
     from tubesum.db import session_scope
+    from tubesum.models import Batch, Job, Summary, Transcript, Video
 
     with session_scope(settings.database_url) as s:
         pks = [v.id for v in s.query(Video).filter(Video.job_id == job_id)]
@@ -179,9 +211,31 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
         return found if len(found) == len(pks) else None
 
     found = wait_until(summarise_tasks, timeout=120, message="every summarise task SUCCESS in Flower")
-    assert sorted(int(t["args"].strip("()[],")) for t in found) == sorted(pks)
-    assert {t["worker"] for t in found} == {worker.name}
-    assert {t["result"] for t in found} == {repr("done")}
     with session_scope(settings.database_url) as s:
-        batches = {b for (b,) in s.query(Summary.batch_id).filter(Summary.video_pk.in_(pks))}
-        assert s.query(Batch).filter(Batch.id.in_(batches)).count() < len(pks)  # shared a chunk
+        videos = {v.id: v.video_id for v in s.query(Video).filter(Video.job_id == job_id)}
+        summaries = {row.video_pk: row for row in s.query(Summary).filter(Summary.video_pk.in_(pks))}
+        walls = {b.id: b for b in s.query(Batch).filter(Batch.id.in_({x.batch_id for x in summaries.values()}))}
+    assert sorted(t["args"] for t in found) == sorted(f"job={job_id} video={v}" for v in videos.values())
+    assert {t["worker"] for t in found} == {worker.name}
+    by_video = {t["args"].split("video=")[1]: t for t in found}
+    for pk, video_id in videos.items():
+        summary = summaries[pk]
+        batch = walls[summary.batch_id]
+        # The result says what happened: summary length, which batch, how long it generated.
+        assert by_video[video_id]["result"] == repr(
+            f"summary {len(summary.text):,} chars, batch {summary.batch_id[:8]} of {batch.batch_size}, "
+            f"generate {batch.wall_s:.2f} s")
+    assert len(walls) < len(pks)  # shared a chunk
+
+    # A video the GPU worker fails (nothing readable in its transcript) is a FAILURE with the reason.
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, job_id)
+        blank = Video(job=job, video_id="zeroWidth01", position=99, status="fetched")
+        s.add_all([blank, Transcript(video=blank, text="\u200b" * 20, source="youtube")])
+        s.flush()
+        blank_pk = blank.id
+    celery_app.send_task(SUMMARISE_TASK, args=[blank_pk], argsrepr=f"job={job_id} video=zeroWidth01")
+    failed = wait_until(lambda: tasks_of(flower, search=f'args:"job={job_id} " state:FAILURE'), timeout=60,
+                        message="the failed summarise task in Flower")
+    assert [t["args"] for t in failed] == [f"job={job_id} video=zeroWidth01"]
+    assert f"VideoFailed('job={job_id} video=zeroWidth01: empty transcript')" == failed[0]["exception"]

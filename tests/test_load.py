@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import func, select
 
 from tubesum.models import Batch, Summary, Video
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from own_redis import OwnRedis
+from tests.own_redis import OwnRedis
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from tubesum.models import Batch, Summary, Video
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

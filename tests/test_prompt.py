@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
-from tubesum.workers.gpu.engine import Generation
-from tubesum.workers.summarise import DATA_RULE, PromptBuilder, SummaryPlan, sanitize
+from tubesum.errors import PromptError
+from tubesum.workers.gpu.params import Generation
+from tubesum.workers.summarise.plan import SummaryPlan
+from tubesum.workers.summarise.prompt import DATA_RULE, PromptBuilder, sanitize
 
 INSTRUCTION = "Summarise the transcript in one line."
 MAX_NEW = 50
@@ -69,7 +70,7 @@ def test_plain_prompt_without_a_chat_template(tiny_engine):
 
 
 def test_too_small_a_context_is_refused(tiny_engine):
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(PromptError, match="too small"):
         PromptBuilder(tiny_engine.tokenizer, instruction=INSTRUCTION, max_context=300, max_new_tokens=200,
                       stop_ids=tiny_engine.stop_ids)
 

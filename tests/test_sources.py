@@ -12,7 +12,7 @@ from tubesum.producer.sources import (
     parse_source,
     read_sources_file,
 )
-from tubesum.producer.submit import Planned, plan_videos
+from tubesum.text import is_blank
 from tubesum.errors import BadInput
 
 VID = "dQw4w9WgXcQ"
@@ -120,10 +120,34 @@ def test_csv_rejects_empty_or_overlong_ids(tmp_path) -> None:
         load_transcripts_csv(path)
 
 
-def test_csv_with_invalid_utf8_is_decoded_with_replacement(tmp_path) -> None:
+def test_csv_that_is_not_utf8_is_refused_naming_its_encoding(tmp_path) -> None:
     path = tmp_path / "t.csv"
     path.write_bytes(b"\xef\xbb\xbfvideo_id,transcript\nv1,caf\xe9 au lait\n")  # BOM, then Latin-1 bytes
-    assert load_transcripts_csv(path) == [CsvTranscript("v1", "caf\ufffd au lait", None)]
+    with pytest.raises(BadInput, match=r"is not UTF-8 \(byte 0xe9 on line 2\)"):
+        load_transcripts_csv(path)
+    french = "video_id,transcript,title\n" + "".join(
+        f"v{i},Le café et la crème brûlée sont très appréciés à Paris en été,Garçon {i}\n" for i in range(40))
+    path.write_bytes(french.encode("cp1252"))
+    with pytest.raises(BadInput, match=r"is not UTF-8 \(byte 0xe9 on line 2\); it looks like cp1252.*--encoding cp1252"):
+        load_transcripts_csv(path)
+    rows = load_transcripts_csv(path, encoding="cp1252")  # what the message says to do: no text lost
+    assert rows[0] == CsvTranscript("v0", "Le café et la crème brûlée sont très appréciés à Paris en été", "Garçon 0")
+    with pytest.raises(BadInput, match="unknown encoding 'klingon'"):
+        load_transcripts_csv(path, encoding="klingon")
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_csv_in_utf16_utf32_or_with_a_bom_is_read(tmp_path, codec) -> None:
+    """A byte-order mark names the encoding; UTF-16 without one is told by its NUL bytes."""
+    path = tmp_path / "t.csv"
+    path.write_bytes("video_id,transcript,title\nv1,café ünï ✓,Tëst\n".encode(codec))
+    assert load_transcripts_csv(path) == [CsvTranscript("v1", "café ünï ✓", "Tëst")]
+
+
+def test_transcript_of_zero_width_characters_is_empty(tmp_path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("video_id,transcript\nzw,\u200b\u200b \u200c\u200d\ufeff\u2060\nok,\u200bhello\n", encoding="utf-8")
+    assert load_transcripts_csv(path) == [CsvTranscript("zw", "", None), CsvTranscript("ok", "\u200bhello", None)]
 
 
 def test_csv_without_rows_is_bad_input(tmp_path) -> None:
@@ -133,12 +157,12 @@ def test_csv_without_rows_is_bad_input(tmp_path) -> None:
         load_transcripts_csv(path)
 
 
-def test_plan_drops_duplicates_keeping_first_position_and_attaches_csv() -> None:
-    a, b, c = "aaaaaaaaaaa", "bbbbbbbbbbb", "ccccccccccc"
-    videos = [VideoRef(a, "A"), VideoRef(b), VideoRef(a, "A again")]
-    rows = [CsvTranscript(b, "text of b", "B"), CsvTranscript("own-id", "text", None), CsvTranscript("own-id", "x")]
-    assert plan_videos(videos, rows) == [
-        Planned(a, "A", None),
-        Planned(b, "B", rows[0]),
-        Planned("own-id", None, rows[1]),
-    ]
+def test_is_blank() -> None:
+    assert is_blank("") and is_blank(" \t\n") and is_blank("\u200b\u200b") and is_blank("\x01\u00ad\u202e")
+    assert not is_blank("\u200bx") and not is_blank("ok")
+
+def test_csv_row_with_an_unquoted_comma_is_bad_input(tmp_path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("video_id,transcript\nv1,fine\nv2,owls, bats and bees\n")
+    with pytest.raises(BadInput, match="line 3 has 3 fields, the header 2: quote a field that contains a comma"):
+        load_transcripts_csv(path)

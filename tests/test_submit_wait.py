@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny_model import tiny_model_dir  # noqa: F401
+import pytest
+
 
 WAIT_TIMEOUT_S = 240
 
@@ -26,6 +27,7 @@ def submit_wait(csv_path: Path, env: dict[str, str], cwd: Path) -> subprocess.Co
                           env=env, cwd=cwd, capture_output=True, text=True, timeout=WAIT_TIMEOUT_S)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_submit_wait_exits_0_when_all_done_and_1_when_any_failed(env, tmp_path, start_worker, tiny_model_dir):
     env = {**env, "TUBESUM_MAX_NEW_TOKENS": "8", "TUBESUM_CHUNK_WAIT_S": "0.5"}
     start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",

@@ -14,10 +14,9 @@ from sqlalchemy import select
 
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
-from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
 
 MAX_NEW = 24  # short summaries keep the CPU tests fast
 INSTRUCTION = "Summarise the transcript."
@@ -204,7 +203,8 @@ def test_chunks_are_cut_by_the_token_budget_and_never_run_out(make_batcher, tiny
 
 
 def batcher_prompt(engine, text: str) -> list[int]:
-    from tubesum.workers.summarise import PromptBuilder, SummaryPlan
+    from tubesum.workers.summarise.plan import SummaryPlan
+    from tubesum.workers.summarise.prompt import PromptBuilder
 
     b = PromptBuilder(engine.tokenizer, instruction=INSTRUCTION, max_context=engine.max_context,
                       max_new_tokens=MAX_NEW, stop_ids=engine.stop_ids)
@@ -346,6 +346,7 @@ TIMING_COLUMNS = ("worker_host", "devices", "model", "dtype", "attn_implementati
                   "decode_s", "wall_s", "generated_tokens_per_s", "status", "started_at", "ended_at")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_summarise_worker_process(env, settings, db_session, start_worker, wait_until, tiny_model_dir):
     from tubesum.celery_app import SUMMARISE_TASK, app
 

@@ -1,7 +1,7 @@
 """The tiny model of the CPU tests: ``dummy:tiny`` (a ~3M-parameter random Llama with a ChatML
 tokenizer) saved with save_pretrained, and loaded by path through the same ``load_engine`` users run.
 
-Import the fixtures into a test module: ``from tiny_model import tiny_engine, tiny_model_dir  # noqa: F401``
+The fixtures are registered in tests/conftest.py: name them as test arguments.
 (``micro_model_dir``: ``dummy:micro``, one narrow layer, for long-transcript jobs).
 The model is written once per test process, whichever modules use it.
 """

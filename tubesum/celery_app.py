@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
+from tubesum.defaults import MAX_RESTORE_INTERVAL_S, PUBLISH_RETRY_POLICY, WORKER_LOST_RETRY_DELAY_S
 from tubesum.settings import Settings, get_settings
 
 TRANSCRIPTS_QUEUE = "transcripts"
@@ -14,7 +15,15 @@ SUMMARISE_QUEUE = "summarise"
 FETCH_TASK = "tubesum.fetch_transcript"
 SUMMARISE_TASK = "tubesum.summarise"
 
-TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise_tasks"]
+TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks"]
+
+
+def declared_queue(name: str) -> Queue:
+    """A queue bound to its own direct exchange under its own name. Without this Celery binds every
+    queue to the default exchange ("transcripts") with the default key, which the worker banner
+    shows as the summarise queue on the transcripts exchange. (Tasks are published to the queue by
+    name either way, so routing is the same; the banner and a raw publish now tell the truth.)"""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def embedded_broker_options(settings: Settings) -> dict:
@@ -29,15 +38,6 @@ def embedded_broker_options(settings: Settings) -> dict:
         "store_processed": False,
         "control_folder": str(root / "control"),
     }
-
-
-# Delay before a task whose worker process died runs again, seconds (every other retry of ours
-# passes its own countdown).
-WORKER_LOST_RETRY_DELAY_S = 2
-# Publishing retries: about 90 s in all (0, 1, 2, 3, 4, then every 5 s).
-PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 1, "interval_max": 5}
-# Seconds between sweeps for unacknowledged messages past their visibility timeout, at most.
-MAX_RESTORE_INTERVAL_S = 10
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
@@ -61,7 +61,7 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # reconnect forever after a broker restart
-        "task_queues": [Queue(TRANSCRIPTS_QUEUE), Queue(SUMMARISE_QUEUE)],
+        "task_queues": [declared_queue(TRANSCRIPTS_QUEUE), declared_queue(SUMMARISE_QUEUE)],
         "task_create_missing_queues": False,
         "task_default_queue": TRANSCRIPTS_QUEUE,
         "task_routes": {
@@ -98,9 +98,10 @@ def celery_config(settings: Settings) -> dict:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
+    """The app, configured lazily: settings are read (and the embedded broker's folders made) when
+    a worker, a producer or a test first uses it, never by importing this module."""
     app = Celery("tubesum", include=TASK_MODULES)
-    app.conf.update(celery_config(settings))
+    app.add_defaults(lambda: celery_config(settings or get_settings()))
     return app
 
 

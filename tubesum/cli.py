@@ -2,16 +2,103 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(help="Summarise every video of a YouTube playlist on your GPUs.", no_args_is_help=True)
-worker_app = typer.Typer(help="Start a worker.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-app.add_typer(worker_app, name="worker")
-app.add_typer(db_app, name="db")
+from tubesum.display import clean
+from tubesum.settings import DEFAULT_MODEL
+
+# Exit codes: the work ran and some of it failed; bad input or configuration; Ctrl-C; SIGTERM.
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+
+# `tubesum --help` lists commands in the order a user meets them, grouped in panels.
+COMMAND_ORDER = ("run", "status", "export", "report", "submit", "worker", "reconcile", "db", "bench")
+PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
+    "A whole job on this machine", "Results", "Distributed mode", "Benchmark")
 
 
-@db_app.command("upgrade")
+def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+    # An on/off flag takes no value: show no `<bool>` type beside it in --help.
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_flags(super().get_params(ctx))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: rank.get(name, len(rank)))
+
+
+def _typer(help_text: str) -> typer.Typer:
+    # Markdown: docstrings are wrapped by the terminal, not at their source line breaks.
+    return typer.Typer(help=help_text, no_args_is_help=True, cls=Group, rich_markup_mode="markdown")
+
+
+app = _typer("Summarise every video of a YouTube playlist on your GPUs.")
+worker_app = _typer("Start a worker: `fetch` (transcripts) or `summarise` (the GPU).")
+db_app = _typer("Database schema.")
+app.add_typer(worker_app, name="worker", rich_help_panel=PANEL_DISTRIBUTED)
+app.add_typer(db_app, name="db", rich_help_panel=PANEL_DISTRIBUTED)
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"tubesum {version('tubesum')}")
+        except PackageNotFoundError:
+            typer.echo("tubesum (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _version_flag: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit."),
+) -> None:
+    """Summarise every video of a YouTube playlist on your GPUs."""
+
+
+def _error(exc: BaseException, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """One line on stderr, data in it printed as plain text; the exit to raise."""
+    text = "\n".join(clean(line) for line in str(exc).splitlines())  # a dead worker's log tail: lines
+    typer.echo(f"error: {text}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def exit_codes() -> Iterator[None]:
+    """The one place errors become exit codes: bad input or configuration (a named BadInput, a
+    model that cannot load, a setting that fails validation) exits 2 with its message; any other
+    named tubesum error (a worker died) exits 1; a bug keeps its traceback."""
+    from pydantic import ValidationError
+
+    from tubesum.errors import BadInput, ModelLoadError, TubesumError
+
+    try:
+        yield
+    except (BadInput, ModelLoadError, ValidationError) as exc:
+        raise _error(exc, EXIT_BAD_INPUT) from None
+    except TubesumError as exc:
+        raise _error(exc, EXIT_FAILED) from None
+
+
+@db_app.command("upgrade", cls=Command)
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply the Alembic migrations to TUBESUM_DATABASE_URL."""
     from tubesum.db import upgrade
@@ -26,34 +113,50 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 # --- producer ----------------------------------------------------------------------------------
 
 
-@app.command("submit")
+@app.command("submit", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
 def submit_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
+    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
+    reuse: bool = typer.Option(False, "--reuse", help="take over existing summaries of the same video, model and prompt"),
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
 ) -> None:
-    """Record a job and enqueue its videos; prints the job id."""
-    from tubesum.producer.progress import wait_for_job
+    """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
+    from tubesum.celery_app import app as celery_app
+    from tubesum.producer.progress import missing_worker_hint, submit_progress, wait_for_job
     from tubesum.producer.submit import submit
-    from tubesum.errors import BadInput
     from tubesum.settings import get_settings
 
+    recorded: list[int] = []
+
+    def on_job(job: int) -> None:  # the id first, before any message is sent
+        recorded.append(job)
+        typer.echo(job)
+
     try:
-        job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts)
-    except BadInput as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(job_id)
+        with exit_codes(), submit_progress() as progress:
+            job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
+                            reuse=reuse, on_job=on_job, progress=progress)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
+                   "CSV again, or `tubesum reconcile`, sends the rest" if recorded else
+                   "interrupted: nothing was recorded", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if wait:
-        counts = wait_for_job(job_id, database_url=get_settings().database_url)
-        raise typer.Exit(1 if counts.failed else 0)
+        try:
+            counts = wait_for_job(job_id, database_url=get_settings().database_url,
+                                  hint=missing_worker_hint(celery_app))
+        except KeyboardInterrupt:
+            typer.echo(f"stopped watching; job {job_id} goes on (`tubesum status {job_id}`)", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_FAILED if counts.failed else 0)
 
 
 # --- fetch workers -------------------------------------------------------------------------------
 
 
-@worker_app.command("fetch")
+@worker_app.command("fetch", cls=Command)
 def worker_fetch(
     concurrency: int = typer.Option(4, "--concurrency", "-c", help="parallel fetches (processes)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
@@ -69,13 +172,15 @@ def worker_fetch(
                             f"--concurrency={concurrency}", f"--loglevel={loglevel}"])
 
 
-@app.command("reconcile")
+@app.command("reconcile", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
 def reconcile_cmd(
     stuck_after: float = typer.Option(None, "--stuck-after", help="seconds without progress before a video counts as stuck (default TUBESUM_STUCK_AFTER_S)"),
     every: float = typer.Option(None, "--every", help="run a pass every this many seconds, until stopped"),
 ) -> None:
-    """Re-enqueue videos stuck in queued/fetching/fetched/summarising (a dead worker or producer);
-    fail those re-enqueued too often. Run it beside the workers: `tubesum reconcile --every 300`."""
+    """Re-enqueue videos stuck by a dead worker or producer; fail those re-enqueued too often.
+
+    Stuck means queued, fetching, fetched or summarising for longer than TUBESUM_STUCK_AFTER_S.
+    Run it beside the workers: `tubesum reconcile --every 300`."""
     import logging
     import signal
     import threading
@@ -98,10 +203,23 @@ def reconcile_cmd(
         pass
 
 
+@app.command("flower")
+def flower_cmd(
+    port: int = typer.Option(5555, "--port", help="port of Flower's pages and REST API"),
+    address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0: every one)"),
+) -> None:
+    """Flower (task monitor) with basic auth from FLOWER_BASIC_AUTH=user:password; refuses to start
+    without it or with an empty password."""
+    from tubesum.flower import exec_flower
+
+    with exit_codes():
+        exec_flower(port=port, address=address)
+
+
 # --- GPU (summarise) worker and its report --------------------------------------------------------
 
 
-@worker_app.command("summarise")
+@worker_app.command("summarise", cls=Command)
 def worker_summarise(
     model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:<arch> (default TUBESUM_MODEL)"),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto' (default TUBESUM_CHUNK_SIZE)"),
@@ -114,106 +232,111 @@ def worker_summarise(
     name: str = typer.Option("gpu@%h", "--name", "-n", help="Celery node name"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
-    """Summarise: load the model once, then a Celery worker on the summarise queue only (threads
-    pool, one thread per chunk slot) that runs one batched generation per chunk."""
+    """Summarise on this machine's GPU: load the model once, then run one batched generation per chunk.
+
+    A Celery worker on the summarise queue only (threads pool, two threads per chunk slot)."""
     import logging
 
-    from tubesum.errors import ModelLoadError
     from tubesum.settings import Settings
-    from tubesum.workers.gpu.batcher import run_summarise_worker
+    from tubesum.workers.gpu.worker import run_summarise_worker
 
     overrides = {key: value for key, value in dict(
         model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,
         device_map=device_map, dtype=dtype, attn=attn).items() if value is not None}  # fmt: skip
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
-    try:
+    with exit_codes():
         settings = Settings(**overrides)
         run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
-    except (ModelLoadError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
-@app.command("report")
+@app.command("report", cls=Command, rich_help_panel=PANEL_RESULTS)
 def report_cmd(
     job: int = typer.Argument(..., help="job id"),
     output: str = typer.Option(..., "--output", "-o", help="directory for batches.csv and the plots"),
 ) -> None:
-    """Per-batch timings of a job: batches.csv, tokens/s by batch size and latency plots, a table."""
+    """Per-batch timings of a job: batches.csv, throughput and latency plots, and a table."""
     from pathlib import Path
 
-    from tubesum.db import session_scope
-    from tubesum.errors import BadInput
+    from tubesum.db import require_database, session_scope
+    from tubesum.jobs import check_writable
     from tubesum.report import print_report, write_report
 
-    try:
+    with exit_codes():
+        check_writable(Path(output), what="directory")
+        require_database()
         with session_scope() as session:
             report = write_report(session, job, Path(output))
-    except BadInput as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     print_report(report)
 
 
 # --- job status, export and embedded run ---------------------------------------------------------
 
 
-@app.command("status")
+@app.command("status", cls=Command, rich_help_panel=PANEL_RESULTS)
 def status_cmd(
     job: int = typer.Argument(None, help="job id (default: the latest job)"),
     all_jobs: bool = typer.Option(False, "--all", help="one line per recent job instead"),
 ) -> None:
-    """Counts of a job's videos by state, and every failed video with its reason."""
+    """Counts of a job's videos by state, the model that ran, and every failed video with its reason."""
     from rich.console import Console
 
-    from tubesum.db import session_scope
-    from tubesum.errors import BadInput
-    from tubesum.jobs import all_jobs_table, all_job_statuses, job_status, status_tables
+    from tubesum.db import NoJobsYet, require_database, session_scope
+    from tubesum.jobs import NoJobs, all_jobs_table, all_job_statuses, job_status, status_tables
 
     console = Console()
-    try:
-        with session_scope() as session:
-            if all_jobs:
-                console.print(all_jobs_table(all_job_statuses(session)))
-                return
-            status = job_status(session, job)
-    except BadInput as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    with exit_codes():
+        try:
+            require_database()  # before connecting: a missing SQLite file would be created
+            with session_scope() as session:
+                if all_jobs:
+                    lines = all_job_statuses(session)
+                    if not lines:
+                        raise NoJobs("no jobs yet")
+                    console.print(all_jobs_table(lines, width=console.width))
+                    return
+                status = job_status(session, job)
+        except (NoJobsYet, NoJobs) as exc:
+            if job is not None:
+                raise
+            typer.echo(clean(exc))  # nothing submitted yet is an answer, not an error
+            return
     for table in status_tables(status):
         console.print(table)
 
 
-@app.command("export")
+@app.command("export", cls=Command, rich_help_panel=PANEL_RESULTS)
 def export_cmd(
     job: int = typer.Argument(..., help="job id"),
-    output: str = typer.Option(..., "--output", "-o", help="file ending in .csv or .jsonl"),
+    output: str = typer.Option(..., "--output", "-o",
+                               help="file ending in .csv or .jsonl, or a directory (tubesum-job-N.csv in it for job N)"),
 ) -> None:
     """Write one row per video (transcript facts, summary, batch timings) to CSV or JSON Lines."""
-    from pathlib import Path
+    from tubesum.db import require_database, session_scope
+    from tubesum.jobs import check_export_path, export_job
 
-    from tubesum.db import session_scope
-    from tubesum.errors import BadInput
-    from tubesum.jobs import export_job
-
-    try:
+    with exit_codes():
+        path = check_export_path(output, job)  # before any query: no work for an unwritable path
+        require_database()
         with session_scope() as session:
-            rows = export_job(session, job, Path(output))
-    except BadInput as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"wrote {rows} rows to {output}")
+            rows = export_job(session, job, path)
+    typer.echo(f"wrote {rows} rows to {clean(path)}")
 
 
-@app.command("run")
+@app.command("run", cls=Command, rich_help_panel=PANEL_RUN)
 def run_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
-    model: str = typer.Option(None, "--model", help="Hugging Face model id or path (default TUBESUM_MODEL)"),
+    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
+    model: str = typer.Option(None, "--model", show_default=f"TUBESUM_MODEL, else {DEFAULT_MODEL}",
+                              help="Hugging Face model id, local directory, or dummy:tiny for a dry run"),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto'"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
-    output: str = typer.Option(None, "--output", "-o", help="export file (.csv or .jsonl); default tubesum-job-<id>.csv"),
+    device_map: str = typer.Option(None, "--device-map", help="auto, cpu, cuda:0, ... (default TUBESUM_DEVICE_MAP, auto)"),
+    dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32 (default TUBESUM_DTYPE, auto)"),
+    attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager (default TUBESUM_ATTN, auto)"),
+    output: str = typer.Option(None, "--output", "-o",
+                               help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"),
     fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", help="parallel transcript fetches"),
     fetch_only: bool = typer.Option(False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"),
     timeout: float = typer.Option(None, "--timeout", help="give up waiting after this many seconds"),
@@ -221,31 +344,33 @@ def run_cmd(
     """Do a whole job on this machine: start local workers, submit, show progress, export, stop.
 
     Needs no service by default (SQLite file and a filesystem broker in the working directory);
-    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead."""
+    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead. The model and the
+    output path are checked before anything starts.
+
+    Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once."""
     from pathlib import Path
 
-    from tubesum.embedded import run_job, run_settings
-    from tubesum.errors import BadInput, TubesumError
+    from tubesum.embedded import Terminated, run_job, run_settings
+
+    def say(text: str) -> None:
+        typer.echo(clean(text), err=True)
 
     try:
-        settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens)
-        result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, settings=settings,
-                         export_path=Path(output) if output else None, fetch_only=fetch_only,
-                         fetch_concurrency=fetch_concurrency, timeout_s=timeout)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: workers stopped; unfinished videos stay on the queue for the next workers "
+        with exit_codes():
+            settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
+                                    device_map=device_map, dtype=dtype, attn=attn)
+            result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
+                             settings=settings, export_to=Path(output) if output else None, fetch_only=fetch_only,
+                             fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
+    except (KeyboardInterrupt, Terminated) as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        typer.echo(f"{how}: workers stopped; unfinished videos stay on the queue for the next workers "
                    "on this broker (another `tubesum run` here picks them up)", err=True)
-        raise typer.Exit(130) from None
-    except (BadInput, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except TubesumError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     c = result.counts
     typer.echo(f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
-               f"{c.failed} failed of {c.total}; exported to {result.export_path}")
-    raise typer.Exit(1 if c.failed or not (c.finished or fetch_only) else 0)
+               f"{c.failed} failed of {c.total}; exported to {clean(result.export_path)}")
+    raise typer.Exit(EXIT_FAILED if c.failed or not (c.finished or fetch_only) else 0)
 
 
 # --- benchmark ----------------------------------------------------------------------------------
@@ -262,7 +387,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-@app.command("bench")
+@app.command("bench", cls=Command, rich_help_panel=PANEL_BENCH)
 def bench_cmd(
     model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:<arch> (dummy:tiny, dummy:llama-3-8b)"),
     chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks"),
@@ -270,7 +395,7 @@ def bench_cmd(
     new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of real transcripts to build prompts from"),
     job: int = typer.Option(None, "--job", help="build prompts from this job's stored transcripts"),
-    device: str = typer.Option("cuda", "--device", help="cuda, cpu or cuda:N"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if there is one, else the CPU), cuda, cpu or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype"),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
@@ -288,10 +413,16 @@ def bench_cmd(
     from rich.console import Console
     from rich.progress import Progress
 
-    from tubesum.workers.gpu.bench import run_bench
+    from tubesum.workers.gpu.bench import resolve_bench_device, run_bench
     from tubesum.workers.gpu.bench_table import print_report
 
     console = Console()
+    try:
+        device, note = resolve_bench_device(device)
+    except ValueError as exc:
+        raise _error(exc) from None
+    if note:
+        console.print(note, markup=False, highlight=False)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("loading model", total=None)
         report = run_bench(
@@ -302,7 +433,7 @@ def bench_cmd(
             varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
             progress=lambda text: bar.update(task, description=text))
     print_report(report, console)
-    console.print(f"wrote {Path(output) / 'bench.json'}, throughput.png, speedup.png")
+    console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)
 
 
 def main() -> None:

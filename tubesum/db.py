@@ -7,10 +7,14 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib.resources import files
 
-from sqlalchemy import Engine, create_engine, event
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tubesum.errors import BadInput
 from tubesum.settings import get_settings
 
 # SQLite writers wait this long for a lock before failing (embedded mode has several processes).
@@ -61,6 +65,41 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class NoDatabase(BadInput):
+    """The database cannot be read: it does not exist, or cannot be reached."""
+
+
+class NoJobsYet(NoDatabase):
+    """The database file or its tables do not exist yet: nothing was ever submitted to it."""
+
+
+# The table every migrated database has; its absence means `tubesum db upgrade` never ran there.
+JOBS_TABLE = "jobs"
+
+
+def require_database(url: str | None = None) -> None:
+    """Raise NoDatabase if ``url``'s database or its tables do not exist, creating nothing: a
+    SQLite file is never opened when missing (connecting would create it), and PostgreSQL's
+    "database does not exist" becomes one line."""
+    url = url or get_settings().database_url
+    parsed = make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).exists():
+            raise NoJobsYet(f"no jobs yet: there is no database at {parsed.database} "
+                             "(`tubesum run` or `tubesum db upgrade` creates it)")
+    try:
+        with get_engine(url).connect() as conn:
+            has_jobs = inspect(conn).has_table(JOBS_TABLE)
+    except OperationalError as exc:
+        if "does not exist" in str(exc.orig):
+            raise NoDatabase(f"database {parsed.database!r} does not exist on {parsed.host}: create it "
+                             f"(createdb {parsed.database}) and run `tubesum db upgrade`") from None
+        raise NoDatabase(f"cannot open the database {shown}: {str(exc.orig).strip().splitlines()[0]}") from None
+    if not has_jobs:
+        raise NoJobsYet(f"no jobs yet: the database {shown} has no tables; run `tubesum db upgrade`")
 
 
 def alembic_config(url: str | None = None):  # -> alembic.config.Config

@@ -9,7 +9,6 @@ running the same task code as distributed mode; only the URLs differ.
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import signal
@@ -17,37 +16,42 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
-from tubesum.producer.submit import submit
+from tubesum.producer.submit import check_input, submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
-from tubesum.errors import TubesumError
-from tubesum.jobs import export_format, export_job
+from tubesum.display import clean
+from tubesum.errors import Terminated, WorkerDied
+from tubesum.jobs import check_export_path, check_writable, default_export_name, export_job, export_path
+from tubesum.models import Video, VideoStatus
 from tubesum.settings import Settings, get_settings
+from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.reconcile import run_periodically
 
 log = logging.getLogger(__name__)
 
 # SIGTERM asks a Celery worker for a warm shutdown; after this many seconds it is killed, seconds.
 WORKER_STOP_TIMEOUT_S = 30.0
-# How often the watchdog checks that every worker process is still alive, seconds.
+# How often the run checks that every worker process is still alive, seconds (each progress poll).
 WATCHDOG_INTERVAL_S = 0.5
+# Celery's line once a worker consumes (the summarise worker prints it after loading its model).
+READY_MARK = " ready."
+# Video states of unfinished work: another job's videos in them are what a run's workers pick up.
+UNFINISHED = (VideoStatus.queued.value, VideoStatus.fetching.value, VideoStatus.fetched.value,
+              VideoStatus.summarising.value)
 # Lines of a dead worker's log shown in the error message.
 LOG_TAIL_LINES = 40
 # How often `--fetch-only` polls the database, seconds.
 POLL_S = 1.0
-
-
-class WorkerDied(TubesumError):
-    """A worker process started by ``tubesum run`` exited while the job was still running."""
 
 
 @dataclass
@@ -60,6 +64,7 @@ class LocalWorker:
     log_path: Path
     proc: subprocess.Popen | None = None
     _log_file: object = field(default=None, repr=False)
+    _ready: bool = field(default=False, repr=False)
 
     def start(self, *, env: dict[str, str], cwd: Path) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,31 +78,56 @@ class LocalWorker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def ready(self) -> bool:
+        """Consuming already (for the summarise worker: its model is loaded)."""
+        if not self._ready:
+            try:
+                self._ready = READY_MARK in self.log_path.read_text(errors="replace")
+            except FileNotFoundError:
+                pass
+        return self._ready
+
+    def died(self) -> WorkerDied:
+        code = self.proc.returncode if self.proc else "?"
+        return WorkerDied(f"the {self.name} worker exited with code {code} while the job was running; "
+                          f"last lines of {self.log_path}:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown: SIGTERM to the worker's main process, which stops its pool."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (the worker and its pool children)."""
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+
     def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int | None:
-        """Warm shutdown (SIGTERM to the worker's main process, which stops its pool in order),
-        then SIGKILL to the whole process group after ``timeout_s``."""
+        """Warm shutdown, then SIGKILL to the whole process group after ``timeout_s``."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s worker did not stop within %.0fs: killing it", self.name, timeout_s)
-                _signal_group(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        else:
-            _signal_group(self.proc.pid, signal.SIGKILL)  # orphaned pool children, if any
+        self.terminate()
+        self.wait(timeout_s)
+        return self.proc.returncode
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait for the warm shutdown; kill the group if it takes longer than ``timeout_s``."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            log.warning("%s worker did not stop within %.0fs: killing it", self.name, timeout_s)
+        self.kill()  # also orphaned pool children, if any
+        self.proc.wait()
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None
-        return self.proc.returncode
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -105,6 +135,76 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def stop_workers(workers: Sequence[LocalWorker], *, timeout_s: float = WORKER_STOP_TIMEOUT_S,
+                 say: Callable[[str], None] | None = None) -> None:
+    """Stop every worker at once (SIGTERM to all, then wait), so the slowest alone sets the time.
+    A second Ctrl-C (or SIGTERM) while waiting kills them all at once and is re-raised."""
+    started = [w for w in workers if w.proc is not None]
+    for worker in started:
+        worker.terminate()
+    if say is not None and any(w.alive() for w in started):
+        say("stopping the workers (Ctrl-C again to kill them now)")
+    deadline = time.monotonic() + timeout_s
+    try:
+        for worker in started:
+            worker.wait(deadline - time.monotonic())
+    except (KeyboardInterrupt, Terminated):
+        for worker in started:
+            worker.kill()
+        if say is not None:
+            say("workers killed")
+        raise
+
+
+def check_workers(workers: Sequence[LocalWorker]) -> None:
+    """Raise WorkerDied for the first worker process that is no longer running. Called from the
+    main thread's own wait loop: it works however the run was started (in the background, a
+    shell's SIGINT is ignored, so interrupting the main thread with it would never arrive)."""
+    for worker in workers:
+        if worker.proc is not None and not worker.alive():
+            raise worker.died()
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` in the main thread, so the run's ``finally`` stops the workers
+    (the default action would end the process at once and leave them running, reparented to init)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def unfinished_elsewhere(database_url: str) -> dict[int, int]:
+    """Unfinished videos of the jobs already in the database, by job: their messages are on the
+    shared queues, so this run's workers take them too."""
+    with session_scope(database_url) as session:
+        rows = session.execute(
+            select(Video.job_id, func.count()).where(Video.status.in_(UNFINISHED)).group_by(Video.job_id)
+            .order_by(Video.job_id)).all()  # fmt: skip
+    return {job_id: n for job_id, n in rows}
+
+
+def leftovers_note(leftovers: dict[int, int], *, model: str | None) -> str | None:
+    """What this run will also do, in one line (None when nothing is left over)."""
+    if not leftovers:
+        return None
+    total = sum(leftovers.values())
+    jobs = ", ".join(str(j) for j in leftovers)
+    what = f"summarises them with {model}" if model else "fetches their transcripts"
+    return (f"note: {total} unfinished video{'s' if total != 1 else ''} of earlier job{'s' if len(leftovers) > 1 else ''} "
+            f"{jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take them first and "
+            f"{what} (`tubesum status {next(iter(leftovers))}` shows them)")
 
 
 @dataclass(frozen=True)
@@ -120,6 +220,9 @@ def run_settings(
     model: str | None = None,
     chunk_size: int | str | None = None,
     max_new_tokens: int | None = None,
+    device_map: str | None = None,
+    dtype: str | None = None,
+    attn: str | None = None,
 ) -> Settings:
     """The settings of this run: the environment's, with the command line's overrides, and with
     relative SQLite and broker paths made absolute so every worker process sees the same files."""
@@ -131,6 +234,9 @@ def run_settings(
         update["chunk_size"] = "auto" if str(chunk_size).lower() == "auto" else int(chunk_size)
     if max_new_tokens is not None:
         update["max_new_tokens"] = max_new_tokens
+    for key, value in (("device_map", device_map), ("dtype", dtype), ("attn", attn)):
+        if value is not None:
+            update[key] = value
     url = make_url(base.database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         update["database_url"] = url.set(database=str(Path(url.database).resolve())).render_as_string(
@@ -163,55 +269,25 @@ def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> di
 
 def local_workers(settings: Settings, *, summarise: bool, fetch_concurrency: int) -> list[LocalWorker]:
     """The ``tubesum worker`` commands of distributed mode, run as children of this process."""
-    cli = [sys.executable, "-m", "tubesum.cli", "worker"]
+    # -P: the working directory is not on sys.path, so nothing in it (a models.py, a workers/)
+    # can shadow a module the worker imports.
+    cli = [sys.executable, "-P", "-m", "tubesum.cli", "worker"]
     logs = Path(settings.embedded_dir) / "logs"
     workers = [LocalWorker("fetch", [*cli, "fetch", "--concurrency", str(fetch_concurrency)], logs / "fetch.log")]
     if summarise:
         argv = [*cli, "summarise", "--model", settings.model, "--chunk-size", str(settings.chunk_size),
-                "--max-new-tokens", str(settings.max_new_tokens)]
+                "--max-new-tokens", str(settings.max_new_tokens), "--device-map", settings.device_map,
+                "--dtype", settings.dtype, "--attn", settings.attn]
         workers.append(LocalWorker("summarise", argv, logs / "summarise.log"))
     return workers
 
 
-class Watchdog(threading.Thread):
-    """Interrupts the main thread (as a Ctrl-C would) when a worker process dies mid-job."""
-
-    def __init__(self, workers: Sequence[LocalWorker]) -> None:
-        super().__init__(name="tubesum-watchdog", daemon=True)
-        self.workers = workers
-        self.dead: LocalWorker | None = None
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(WATCHDOG_INTERVAL_S):
-            for worker in self.workers:
-                if not worker.alive() and not self._stop_event.is_set():
-                    self.dead = worker
-                    _thread.interrupt_main()
-                    return
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join()
-
-
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _wait_fetched(job_id: int, *, database_url: str, timeout_s: float | None) -> JobCounts:
+def _wait_fetched(job_id: int, *, database_url: str, timeout_s: float | None,
+                  check: Callable[[], None]) -> JobCounts:
     """Until no video waits for a transcript (``--fetch-only``)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
+        check()
         counts = job_counts(job_id, database_url=database_url)
         if counts.queued == 0 or (deadline is not None and time.monotonic() >= deadline):
             return counts
@@ -223,64 +299,75 @@ def run_job(
     *,
     from_file: str | Path | None = None,
     transcripts_csv: str | Path | None = None,
+    encoding: str | None = None,
     settings: Settings | None = None,
-    export_path: Path | None = None,
+    export_to: Path | None = None,
     fetch_only: bool = False,
     fetch_concurrency: int = 2,
     timeout_s: float | None = None,
     show_progress: bool = True,
     console: Console | None = None,
     cwd: Path | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Migrate, start the workers, submit, wait with a progress bar, stop the workers, export.
+    """Check, migrate, start the workers, submit, wait with a progress bar, stop the workers, export.
 
-    The workers are stopped whatever happens (success, error, Ctrl-C). ``fetch_only`` starts no
-    summarise worker and returns once every video has a transcript or failed; their summarise
-    messages stay on the queue for a later ``tubesum worker summarise``."""
+    Everything that can be checked is checked before any work: the output path, the model. The
+    workers are stopped whatever happens (success, error, a dead worker, Ctrl-C, SIGTERM).
+    ``fetch_only`` starts no summarise worker and returns once every video has a transcript or
+    failed; their summarise messages stay on the queue for a later ``tubesum worker summarise``.
+    ``say`` gets the one-line notes (leftover work, stopping)."""
     settings = run_settings(settings)
     cwd = cwd or Path.cwd()
-    if export_path is not None:
-        export_format(export_path)  # a bad suffix fails before any work starts
+    if export_to is not None:
+        check_export_path(export_to)  # a bad suffix or an unwritable place fails before any work
+    else:
+        check_writable(cwd / default_export_name(0))
+    # Bad input is named before the model is looked for: both in seconds, input first.
+    check_input(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding)
+    if not fetch_only:
+        check_model(settings.model)  # seconds, not a minute of retries inside the worker
     upgrade(settings.database_url)  # idempotent; the SQLite file is created on first use
+    note = leftovers_note(unfinished_elsewhere(settings.database_url), model=None if fetch_only else settings.model)
+    if note and say is not None:
+        say(note)
     workers = local_workers(settings, summarise=not fetch_only, fetch_concurrency=fetch_concurrency)
     env = worker_env(settings)
-    watchdog = Watchdog(workers)
     celery_app = create_app(settings)
     # The reconciler of this run (`tubesum reconcile --every` in distributed mode): videos whose
     # message was lost, e.g. a worker restarted by hand, are sent again.
     stop_reconciler = threading.Event()
     reconciler = threading.Thread(target=run_periodically, name="tubesum-reconciler", daemon=True, kwargs=dict(
         settings=settings, celery_app=celery_app, every_s=settings.reconcile_every_s, stop=stop_reconciler))
-    try:
-        for worker in workers:
-            worker.start(env=env, cwd=cwd)
-        watchdog.start()
-        job_id = submit(sources, from_file=from_file, transcripts_csv=transcripts_csv, settings=settings,
-                        celery_app=celery_app)
-        reconciler.start()
-        if fetch_only:
-            counts = _wait_fetched(job_id, database_url=settings.database_url, timeout_s=timeout_s)
-        else:
-            counts = wait_for_job(job_id, database_url=settings.database_url, timeout_s=timeout_s,
-                                  show=show_progress, console=console)
-        watchdog.stop()
-    except KeyboardInterrupt:
-        watchdog.stop()
-        if watchdog.dead is not None:
-            dead = watchdog.dead
-            raise WorkerDied(
-                f"the {dead.name} worker exited with code {dead.proc.returncode if dead.proc else '?'} "
-                f"while the job was running; last lines of {dead.log_path}:\n{dead.log_tail()}"
-            ) from None
-        raise
-    finally:
-        with _sigint_ignored():  # a second Ctrl-C must not leave workers behind
-            stop_reconciler.set()
-            watchdog.stop()
-            for worker in reversed(workers):
-                worker.stop()
+    summariser = next((w for w in workers if w.name == "summarise"), None)
 
-    path = export_path or Path(cwd) / f"tubesum-job-{job_id}.csv"
+    def phase() -> str | None:
+        if summariser is not None and not summariser.ready():
+            return f"loading model {clean(settings.model)}"
+        return None
+
+    check = lambda: check_workers(workers)  # noqa: E731
+    interrupted = False
+    with sigterm_raises():
+        try:
+            for worker in workers:
+                worker.start(env=env, cwd=cwd)
+            job_id = submit(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding,
+                            settings=settings, celery_app=celery_app)
+            reconciler.start()
+            if fetch_only:
+                counts = _wait_fetched(job_id, database_url=settings.database_url, timeout_s=timeout_s, check=check)
+            else:
+                counts = wait_for_job(job_id, database_url=settings.database_url, timeout_s=timeout_s,
+                                      show=show_progress, console=console, check=check, phase=phase)
+        except (KeyboardInterrupt, Terminated):
+            interrupted = True
+            raise
+        finally:
+            stop_reconciler.set()
+            stop_workers(workers, say=say if interrupted else None)
+
+    path = export_path(export_to, job_id) if export_to is not None else Path(cwd) / default_export_name(job_id)
     with session_scope(settings.database_url) as session:
         export_job(session, job_id, path)
     return RunResult(job_id=job_id, counts=counts, export_path=path)

@@ -27,3 +27,28 @@ class OutOfMemory(TubesumError):
 
 class KVCacheTooSmall(OutOfMemory):
     """Known before running: the prompts need more KV-cache tokens than the cache holds."""
+
+
+class PromptError(BadInput):
+    """A transcript cannot make a prompt for this model (context too small, template broken): the
+    video fails with this reason; an engine bug is never reported as this."""
+
+
+class WorkerStopping(TubesumError):
+    """The worker is shutting down; the video's message is redelivered to another worker."""
+
+
+class UnknownJob(BadInput):
+    """No job with this id (or no job at all yet)."""
+
+
+class WorkerDied(TubesumError):
+    """A worker process of `tubesum run` exited before the job finished."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to `tubesum run`: handled like a Ctrl-C (workers stopped), exit code 143. Not a
+    TubesumError: it is an interruption, not a failure of the work."""
+class VideoFailed(TubesumError):
+    """A video failed for good; its reason is already recorded. Raised by its task afterwards so
+    that the task ends as FAILURE (Flower shows it with this reason) without any retry."""

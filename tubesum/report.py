@@ -23,11 +23,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window: the report runs on headless servers
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from tubesum.display import clean, plain  # noqa: E402
 from tubesum.models import Batch, Summary, Video  # noqa: E402
 from tubesum.jobs import get_job  # noqa: E402
 
@@ -42,6 +44,19 @@ TOKENS_PLOT = "tokens_per_s_by_batch_size.png"
 LATENCY_PLOT = "latency_histogram.png"
 LATENCY_BINS = 20  # histogram bars
 PLOT_DPI = 120
+# Batch sizes this few or fewer get one tick each on the throughput plot's x-axis.
+MAX_LABELLED_SIZES = 12
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("ch") else f"{n} {word}s"
+
+
+def run_facts(rows: list[dict[str, object]]) -> str:
+    """What ran, for plot titles: "model X on device Y" (several of each joined by ", ")."""
+    models = ", ".join(dict.fromkeys(str(r["model"]) for r in rows if r.get("model")))
+    devices = ", ".join(dict.fromkeys(str(r["devices"]) for r in rows if r.get("devices")))
+    return clean(f"{models or 'no model ran yet'}" + (f" on {devices}" if devices else ""))
 
 
 @dataclass(frozen=True)
@@ -125,8 +140,20 @@ def write_batches_csv(rows: list[dict[str, object]], path: Path) -> None:
                              for k, v in row.items()})  # fmt: skip
 
 
-def plot_tokens_per_s(rows: list[dict[str, object]], by_size: list[SizeStats], path: Path) -> None:
-    """Each successful batch as a dot, the mean of each batch size as a line."""
+def plot_tokens_per_s(rows: list[dict[str, object]], by_size: list[SizeStats], path: Path, *,
+                      job_id: int | None = None) -> None:
+    _save(tokens_figure(rows, by_size, job_id=job_id), path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def tokens_figure(rows: list[dict[str, object]], by_size: list[SizeStats], *,
+                  job_id: int | None = None) -> plt.Figure:
+    """Each successful batch as a dot, the mean of each batch size as a line. Batch sizes are
+    whole numbers: one tick per size (a one-batch job is not drawn on a 19.00-21.00 axis)."""
     ok = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r["batch_size"] for r in ok], [r["generated_tokens_per_s"] for r in ok], alpha=0.5,
@@ -134,29 +161,47 @@ def plot_tokens_per_s(rows: list[dict[str, object]], by_size: list[SizeStats], p
     if by_size:
         ax.plot([s.batch_size for s in by_size], [s.mean_tokens_per_s for s in by_size], marker="o",
                 color="C1", label="mean")
+    sizes = sorted({int(r["batch_size"]) for r in ok})  # type: ignore[arg-type]
+    if sizes and len(sizes) <= MAX_LABELLED_SIZES:
+        ax.set_xticks(sizes)
+        if len(sizes) == 1:
+            ax.set_xlim(max(0, sizes[0] - 1), sizes[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("batch size (prompts in one generation)")
     ax.set_ylabel("generated tokens / s")
-    ax.set_title("Throughput by batch size")
+    ax.set_title(_title("Throughput by batch size", job_id, rows), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    return fig
 
 
-def plot_latency(latencies: list[float], path: Path) -> None:
+def _title(what: str, job_id: int | None, rows: list[dict[str, object]]) -> str:
+    return f"{what}: job {job_id}\n{run_facts(rows)}" if job_id is not None else f"{what}\n{run_facts(rows)}"
+
+
+def plot_latency(latencies: list[float], path: Path, *, job_id: int | None = None,
+                 rows: list[dict[str, object]] | None = None) -> None:
+    _save(latency_figure(latencies, job_id=job_id, rows=rows), path)
+
+
+def latency_figure(latencies: list[float], *, job_id: int | None = None,
+                   rows: list[dict[str, object]] | None = None) -> plt.Figure:
+    """Histogram of per-video latency; the y-axis counts whole videos."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if latencies:
         ax.hist(latencies, bins=min(LATENCY_BINS, max(1, len(latencies))), color="C2", edgecolor="white")
         ax.axvline(statistics.median(latencies), color="k", linestyle="--",
                    label=f"median {statistics.median(latencies):.1f} s")
         ax.legend()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("latency per video, submitted → summary stored (s)")
     ax.set_ylabel("videos")
-    ax.set_title("Per-video latency")
+    ax.set_title(_title("Per-video latency", job_id, rows or []), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    return fig
 
 
 def write_report(session: Session, job_id: int, out_dir: Path) -> JobReport:
@@ -167,14 +212,15 @@ def write_report(session: Session, job_id: int, out_dir: Path) -> JobReport:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / BATCHES_CSV, out_dir / TOKENS_PLOT, out_dir / LATENCY_PLOT]
     write_batches_csv(rows, files[0])
-    plot_tokens_per_s(rows, by_size, files[1])
-    plot_latency(latencies, files[2])
+    plot_tokens_per_s(rows, by_size, files[1], job_id=job_id)
+    plot_latency(latencies, files[2], job_id=job_id, rows=rows)
     return JobReport(job_id=job_id, rows=rows, latencies_s=latencies, by_size=by_size, files=files)
 
 
 def print_report(report: JobReport, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"job {report.job_id}: {len(report.rows)} batches ({report.oom_batches} out of memory)")
+    table = Table(title=plain(f"job {report.job_id}: {plural(len(report.rows), 'batch')} "
+                              f"({report.oom_batches} out of memory) · {run_facts(report.rows)}"))
     for header in ("batch size", "batches", "mean tokens/s", "mean seconds", "generated tokens"):
         table.add_column(header, justify="right")
     for s in report.by_size:
@@ -185,6 +231,6 @@ def print_report(report: JobReport, console: Console | None = None) -> None:
         lat = report.latencies_s
         p90 = lat[min(len(lat) - 1, int(0.9 * len(lat)))]
         console.print(f"latency per video: median {statistics.median(lat):.1f} s, p90 {p90:.1f} s, "
-                      f"max {lat[-1]:.1f} s over {len(lat)} videos")
+                      f"max {lat[-1]:.1f} s over {plural(len(lat), 'video')}")
     for path in report.files:
-        console.print(f"wrote {path}")
+        console.print(plain(f"wrote {path}"))

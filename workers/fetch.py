@@ -12,13 +12,13 @@ Error policy (per youtube-transcript-api exception):
 from __future__ import annotations
 
 import logging
-import random
+import socket
 import threading
 from dataclasses import dataclass
 from enum import Enum
 
 import requests
-from sqlalchemy import select
+from urllib3.exceptions import NameResolutionError
 from sqlalchemy.exc import IntegrityError
 from youtube_transcript_api import (
     CouldNotRetrieveTranscript,
@@ -35,14 +35,13 @@ from tubesum.models.base import utcnow
 from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings
+from tubesum.workers import video_state
+from tubesum.workers.video_state import FETCH_CLAIMABLE, clip_reason, lock_video
 
 log = logging.getLogger(__name__)
 
 # A video in one of these states is (re)claimed by a fetch task; any other state means a previous
 # delivery already finished the work, and a redelivered message is ignored.
-CLAIMABLE = (VideoStatus.queued.value, VideoStatus.fetching.value)
-# Longest failure reason stored on a video, characters (RequestBlocked's advice runs to paragraphs).
-MAX_REASON_CHARS = 600
 TRANSIENT_ERRORS = (RequestBlocked, YouTubeRequestFailed, requests.ConnectionError, requests.Timeout)
 
 
@@ -131,6 +130,9 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
         chosen, translated_from = choose_transcript(api.list(video_id), languages)
         fetched = chosen.fetch()
     except TRANSIENT_ERRORS as exc:
+        if unresolvable_host(exc):  # offline or no DNS: retrying for minutes would only hide it
+            raise PermanentFetchError(f"cannot resolve YouTube's host name (offline, or no DNS): "
+                                      f"{describe(exc)}") from exc
         raise TransientFetchError(describe(exc)) from exc
     except CouldNotRetrieveTranscript as exc:
         raise PermanentFetchError(describe(exc)) from exc
@@ -146,6 +148,22 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
     )
 
 
+def unresolvable_host(exc: BaseException) -> bool:
+    """True when a requests error comes from a failed DNS lookup (urllib3 wraps socket.gaierror in
+    NameResolutionError inside MaxRetryError inside requests' ConnectionError)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (NameResolutionError, socket.gaierror)):
+            return True
+        todo.extend([getattr(current, "reason", None), current.__cause__, current.__context__, *current.args])
+    return False
+
+
 def describe(exc: BaseException) -> str:
     """One readable line: the exception's name and the library's cause, without its boilerplate."""
     if isinstance(exc, CouldNotRetrieveTranscript):
@@ -153,7 +171,7 @@ def describe(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+    return clip_reason(text)
 
 
 # --- database ------------------------------------------------------------------------------------
@@ -167,8 +185,8 @@ def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None) 
     claimed ``max_attempts`` times (its workers keep dying, or its messages keep coming back) fails
     here instead, so no message loops forever."""
     with session_scope(database_url) as session:
-        video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
-        if video is None or video.status not in CLAIMABLE:
+        video = lock_video(session, video_pk)
+        if video is None or video.status not in FETCH_CLAIMABLE:
             return None
         if max_attempts is not None and video.attempts >= max_attempts:
             video.status, video.failed_at = VideoStatus.failed.value, utcnow()
@@ -185,8 +203,8 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
     """fetching → fetched with the transcript, once. False if another delivery got there first."""
     try:
         with session_scope(database_url) as session:
-            video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
-            if video is None or video.status not in CLAIMABLE:
+            video = lock_video(session, video_pk)
+            if video is None or video.status not in FETCH_CLAIMABLE:
                 return False
             session.add(Transcript(video_pk=video_pk, source="youtube", **fetched.__dict__))
             video.status, video.fetched_at, video.error = VideoStatus.fetched.value, utcnow(), None
@@ -195,13 +213,18 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
     return True
 
 
-def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
-    """Record a permanent failure, unless the video already reached a later state."""
+def note_retry(video_pk: int, reason: str, *, database_url: str) -> None:
+    """Record why a fetch is being retried on the still-fetching video, so progress shows it
+    (``store`` clears it on success, ``mark_failed`` replaces it)."""
     with session_scope(database_url) as session:
-        video = session.execute(select(Video).where(Video.id == video_pk).with_for_update()).scalar_one_or_none()
-        if video is None or video.status not in CLAIMABLE:
-            return
-        video.status, video.error, video.failed_at = VideoStatus.failed.value, reason, utcnow()
+        video = session.get(Video, video_pk)
+        if video is not None and video.status in FETCH_CLAIMABLE:
+            video.error = clip_reason(f"retrying: {reason}")
+
+
+def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
+    """Record a permanent fetch failure, unless the video already reached a later state."""
+    video_state.mark_failed(video_pk, reason, database_url=database_url, only_from=FETCH_CLAIMABLE)
 
 
 def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None) -> Outcome:
@@ -225,10 +248,3 @@ def max_fetch_attempts(settings: Settings) -> int:
     """Claims of one video before it fails: every retry of a transient error, plus the deliveries
     a dying worker may cost (prefork child lost, whole worker killed, reconciler re-enqueue)."""
     return settings.fetch_max_retries + 1 + settings.max_worker_lost_retries
-
-
-def backoff_delay(retries: int, *, base_s: float, max_s: float) -> float:
-    """Seconds before retry number ``retries + 1``: doubling from base_s, capped at max_s, with
-    "equal jitter" (half fixed, half random) so a blocked fleet does not retry in lock-step."""
-    ceiling = min(max_s, base_s * 2**retries)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)

@@ -1,4 +1,8 @@
-"""The fetch task: parse the id, call workers.fetch, decide retry. Runs on the ``transcripts`` queue."""
+"""The fetch task: parse the id, call tubesum.workers.fetch, decide retry. Runs on the ``transcripts`` queue.
+
+What Flower shows (workers/task_report.py): arguments ``job=N video=ID``, kept on retries and
+passed on to the summarise message; a result such as ``fetched 12,345 chars (en)``; a permanently
+failed video ends its task as FAILURE with the reason (``VideoFailed``, no retry)."""
 
 from __future__ import annotations
 
@@ -9,28 +13,28 @@ from celery.signals import task_failure
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
-from tubesum.errors import TransientFetchError
+from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, backoff_delay
+from tubesum.errors import TransientFetchError, VideoFailed
 from tubesum.settings import get_settings
-from tubesum.workers.fetch import Outcome, backoff_delay, fetch_video, mark_failed
+from tubesum.workers.fetch import Outcome, fetch_video, mark_failed, note_retry
+from tubesum.workers.task_report import fetch_result, label_of, now, video_report
 
 log = logging.getLogger(__name__)
 
-# Retries of a task whose database write failed transiently (connection dropped, server restart);
-# past them the task fails and `tubesum reconcile` picks the video up later.
-DB_MAX_RETRIES = 12
-# Longest delay before such a retry, seconds (1, 2, 4, ... capped here).
-DB_RETRY_MAX_DELAY_S = 30.0
 
-
-def db_retry_delay(retries: int) -> float:
-    return min(DB_RETRY_MAX_DELAY_S, 2.0**retries)
+def shown_args(request, video_pk: int, *, database_url: str) -> str:  # type: ignore[no-untyped-def]
+    """This task's ``job=N video=ID`` (from its message, else the database), for the messages it sends."""
+    argsrepr = getattr(request, "argsrepr", None) or ""
+    return argsrepr if argsrepr.startswith("job=") else label_of(video_pk, database_url=database_url)
 
 
 # max_retries comes from the app's task_annotations: fetch retries plus worker-lost retries.
-@app.task(name=FETCH_TASK, bind=True)
+# throws: a VideoFailed is an expected end, logged in one line without a traceback.
+@app.task(name=FETCH_TASK, bind=True, throws=(VideoFailed,))
 def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
     video_pk = int(video_pk)
+    started = now()
     try:
         outcome = fetch_video(video_pk, settings=settings)
     except TransientFetchError as exc:
@@ -39,22 +43,33 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
             reason = f"gave up after {attempt} attempts: {exc}"
             log.warning("video %s: %s", video_pk, reason)
             mark_failed(video_pk, reason, database_url=settings.database_url)
-            return Outcome.failed.value
-        delay = backoff_delay(self.request.retries, base_s=settings.fetch_backoff_base_s,
-                              max_s=settings.fetch_backoff_max_s)
-        log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
-        raise self.retry(exc=exc, countdown=delay)
+            outcome = Outcome.failed
+        else:
+            delay = backoff_delay(self.request.retries, base_s=settings.fetch_backoff_base_s,
+                                  max_s=settings.fetch_backoff_max_s)
+            log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
+            try:  # only for the progress line: a database hiccup here must not stop the retry
+                note_retry(video_pk, str(exc), database_url=settings.database_url)
+            except Exception:  # noqa: BLE001
+                log.warning("video %s: could not record the retry reason", video_pk, exc_info=True)
+            raise self.retry(exc=exc, countdown=delay,
+                             argsrepr=shown_args(self.request, video_pk, database_url=settings.database_url))
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
         if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:
-            delay = db_retry_delay(self.request.retries)
+            delay = backoff_delay(self.request.retries, base_s=1.0, max_s=DB_RETRY_MAX_DELAY_S, jitter=False)
             log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, delay)
-            raise self.retry(exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES) from None
+            # The message's own argsrepr: the database may be the thing that is down.
+            raise self.retry(exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES,
+                             argsrepr=getattr(self.request, "argsrepr", None)) from None
         log.exception("video %s: unexpected error", video_pk)
         mark_failed(video_pk, f"unexpected error: {type(exc).__name__}: {exc}", database_url=settings.database_url)
-        return Outcome.failed.value
+        outcome = Outcome.failed
+    report = video_report(video_pk, database_url=settings.database_url)
+    if report is not None and report.failed_since(started):
+        raise VideoFailed(f"{report.label}: {report.error}")
     if outcome is Outcome.fetched:
-        app.send_task(SUMMARISE_TASK, args=[video_pk])
-    return outcome.value
+        app.send_task(SUMMARISE_TASK, args=[video_pk], argsrepr=report.label if report else None)
+    return fetch_result(report, fetched=outcome is Outcome.fetched)
 
 
 @task_failure.connect(sender=fetch_transcript)

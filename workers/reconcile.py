@@ -32,7 +32,9 @@ from tubesum.models import Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_QUEUE, SUMMARISE_TASK, TRANSCRIPTS_QUEUE
 from tubesum.db import session_scope
+from tubesum.producer.submit import resume_stale_sends
 from tubesum.settings import Settings
+from tubesum.workers.task_report import video_label
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class ReconcileReport:
     resent: dict[str, list[int]] = field(default_factory=dict)  # state → video pks sent again
     failed: list[int] = field(default_factory=list)  # gave up: too many reconciles
     waiting: int = 0  # stale but their queue is not empty yet
+    resumed_jobs: list[int] = field(default_factory=list)  # jobs whose interrupted submit was finished
 
     @property
     def resent_count(self) -> int:
@@ -59,7 +62,9 @@ class ReconcileReport:
 
     def summary(self) -> str:
         by_state = ", ".join(f"{len(p)} {s}" for s, p in sorted(self.resent.items())) or "none"
-        return f"re-enqueued {self.resent_count} ({by_state}); failed {len(self.failed)}; left waiting {self.waiting}"
+        resumed = f"; finished the sends of job(s) {', '.join(map(str, self.resumed_jobs))}" if self.resumed_jobs else ""
+        return (f"re-enqueued {self.resent_count} ({by_state}); failed {len(self.failed)}; "
+                f"left waiting {self.waiting}{resumed}")
 
 
 def queue_depths(celery_app: Celery) -> dict[str, int]:
@@ -71,12 +76,13 @@ def queue_depths(celery_app: Celery) -> dict[str, int]:
 
 def reconcile(*, settings: Settings, celery_app: Celery, stuck_after_s: float | None = None,
               now: datetime | None = None) -> ReconcileReport:
-    """One pass: find the stuck videos, count and commit, then send their messages."""
+    """One pass: finish the sends of interrupted submits; find the stuck videos, count and commit,
+    then send their messages."""
     stuck_after_s = settings.stuck_after_s if stuck_after_s is None else stuck_after_s
     now = now or utcnow()
+    report = ReconcileReport(resumed_jobs=resume_stale_sends(settings=settings, celery_app=celery_app))
     depths = queue_depths(celery_app)
-    report = ReconcileReport()
-    resend: list[tuple[int, str]] = []
+    resend: list[tuple[int, str, str]] = []  # (video pk, task, shown arguments)
     with session_scope(settings.database_url) as session:
         # SKIP LOCKED: a video a worker is writing right now is not stuck; two reconcilers split the work.
         stuck = session.scalars(
@@ -97,10 +103,10 @@ def reconcile(*, settings: Settings, celery_app: Celery, stuck_after_s: float | 
             video.reconciles += 1
             video.updated_at = now  # not stuck again before another stuck_after_s
             report.resent.setdefault(video.status, []).append(video.id)
-            resend.append((video.id, RESEND_TASK[video.status]))
+            resend.append((video.id, RESEND_TASK[video.status], video_label(video.job_id, video.video_id)))
     # After the commit: a crash here leaves the videos to the next pass, stuck_after_s later.
-    for pk, task in resend:
-        celery_app.send_task(task, args=[pk])
+    for pk, task, shown in resend:
+        celery_app.send_task(task, args=[pk], argsrepr=shown)
     if resend or report.failed:
         log.warning("reconcile: %s", report.summary())
     return report

@@ -21,55 +21,41 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
+from typing import TYPE_CHECKING
 
-from tubesum.models.base import utcnow
 from tubesum.db import is_transient_db_error
-from tubesum.errors import KVCacheTooSmall, OutOfMemory, TubesumError
-from tubesum.settings import Settings
+from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
+from tubesum.errors import KVCacheTooSmall, OutOfMemory, WorkerStopping
+from tubesum.models.base import utcnow
+from tubesum.workers.gpu import records
 from tubesum.workers.gpu.batching import (
     ChunkSizer,
     Pending,
+    chunk_line,
     halves,
     plan_chunk,
     plan_token_chunk,
     seconds_until_ready,
 )
-from tubesum.workers.gpu.engine import BatchTimings, Engine, Generation, SamplingParams, load_engine
-from tubesum.workers.summarise import (
-    BatchRecord,
-    PromptBuilder,
-    SummaryPlan,
-    VideoInput,
-    VideoOutcome,
-    store_batch,
-    touch_videos,
-)
+from tubesum.workers.gpu.params import Generation, SamplingParams
+from tubesum.workers.summarise.plan import SummaryPlan
+from tubesum.workers.summarise.prompt import PromptBuilder
+from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome
+
+if TYPE_CHECKING:  # the engine imports torch; the batcher itself does not
+    from tubesum.workers.gpu.engine import Engine
 
 log = logging.getLogger(__name__)
 
 # How long `stop()` waits for the GPU thread to finish its current chunk, seconds.
 STOP_TIMEOUT_S = 600.0
-# Tries of storing a finished chunk when the database connection drops, and the pause between
-# them, seconds: a chunk is minutes of GPU time, not to be thrown away for a reconnect.
-STORE_ATTEMPTS = 4
-STORE_RETRY_S = 2.0
-# Task threads (and so unacknowledged messages) per chunk slot. With two, the next chunk's messages
-# are received and claimed while the current chunk generates, so the GPU never waits for the queue
-# or the database; the price is twice the messages to redeliver when the worker dies.
-CHUNKS_IN_HAND = 2
 
 Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
 Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → refresh their updated_at
-
-
-class BatcherStopped(TubesumError):
-    """The worker is shutting down; the video's message is redelivered to another worker."""
 
 
 @dataclass(eq=False)
@@ -107,6 +93,7 @@ class Batcher:
         self.clock = clock
         self.worker_host = worker_host or engine.host  # written on every batch row
         self._pending: list[_Prompt] = []
+        self._chunks_run = 0  # numbers the per-chunk log line
         self._in_flight: dict[int, _Work] = {}  # by video pk: a redelivered message joins its video
         self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
         self._stopping = False
@@ -134,7 +121,7 @@ class Batcher:
                 log.warning("heartbeat of %d videos failed", len(pks), exc_info=True)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Finish the chunk in progress, then fail whatever is still waiting with BatcherStopped."""
+        """Finish the chunk in progress, then fail whatever is still waiting with WorkerStopping."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -148,14 +135,14 @@ class Batcher:
         for work in works:
             for future in work.futures:
                 if not future.done():
-                    future.set_exception(BatcherStopped("worker stopped before this video was summarised"))
+                    future.set_exception(WorkerStopping("worker stopped before this video was summarised"))
 
     def submit(self, video: VideoInput) -> Future:
         """Queue a video; the Future resolves to its VideoOutcome once that is committed."""
         future: Future = Future()
         with self._cond:
             if self._stopping:
-                raise BatcherStopped("worker is stopping")
+                raise WorkerStopping("worker is stopping")
             work = self._in_flight.get(video.video_pk)
             if work is not None:
                 work.futures.append(future)
@@ -230,6 +217,11 @@ class Batcher:
                          lone_retry=lone_retry)
             return
         self.sizer.on_success(len(chunk))
+        self._chunks_run += 1
+        log.info(chunk_line(self._chunks_run, videos=len({id(p.work) for p in chunk}),
+                            prompt_tokens=timings.prompt_tokens, generated_tokens=timings.generated_tokens,
+                            prefill_s=timings.prefill_s, decode_s=timings.decode_s, wall_s=timings.wall_s,
+                            peak_memory_bytes=timings.peak_memory_bytes))
         finished: list[_Work] = []
         for prompt, gen in zip(chunk, generations, strict=True):
             work = prompt.work
@@ -245,7 +237,8 @@ class Batcher:
             else:
                 with self._cond:
                     self._enqueue(work, continuation=True)
-        self._commit(self._record(chunk, timings, oom_split=oom_split), [self._outcome(w) for w in finished])
+        record = records.batch_record(self._facts(), timings, oom_split=oom_split)
+        self._commit(record, [self._outcome(w) for w in finished])
 
     def _on_oom(self, chunk: list[_Prompt], exc: OutOfMemory, *, started: datetime, wall_s: float,
                 oom_split: bool, lone_retry: bool) -> None:
@@ -266,7 +259,8 @@ class Batcher:
         else:
             log.warning("chunk of %d prompts ran out of memory; retrying it in halves (later chunks "
                         "capped at %d)", len(chunk), self.sizer.limit)
-        record = self._oom_record(chunk, str(exc), started=started, wall_s=wall_s, oom_split=oom_split)
+        record = records.oom_record(self._facts(), batch_size=len(chunk), prompt_tokens=sum(len(p.ids) for p in chunk),
+                                    error=str(exc), started=started, wall_s=wall_s, oom_split=oom_split)
         self._commit(record, failed)
         if retry_alone:
             self._run(chunk, oom_split=True, lone_retry=True)
@@ -318,9 +312,10 @@ class Batcher:
             except Exception as exc:
                 if attempt == STORE_ATTEMPTS or not is_transient_db_error(exc):
                     raise
+                pause = backoff_delay(attempt - 1, base_s=STORE_RETRY_BASE_S, max_s=30.0, jitter=False)
                 log.warning("storing batch %s failed (%s); try %d of %d in %.0fs", record.id, exc,
-                            attempt + 1, STORE_ATTEMPTS, STORE_RETRY_S)
-                time.sleep(STORE_RETRY_S)
+                            attempt + 1, STORE_ATTEMPTS, pause)
+                time.sleep(pause)
 
     def _fail_tasks(self, works: set[_Work], exc: BaseException) -> None:
         with self._cond:
@@ -333,84 +328,5 @@ class Batcher:
                 if not future.done():
                     future.set_exception(exc)
 
-    # ------------------------------------------------------------------ batch rows
-    def _facts(self) -> dict:
-        e = self.engine
-        note = None
-        if self.sizer.limit < self.sizer.configured:
-            note = f"chunks capped at {self.sizer.limit} after running out of memory"
-        return dict(id=uuid.uuid4().hex, worker_host=self.worker_host, devices=e.devices, model=e.model_name,
-                    dtype=e.dtype, attn_implementation=e.attn_implementation, engine=e.backend,
-                    chunk_size=self.sizer.configured, note=note)
-
-    def _record(self, chunk: list[_Prompt], t: BatchTimings, *, oom_split: bool) -> BatchRecord:
-        return BatchRecord(
-            **self._facts(), batch_size=t.batch_size, prompt_tokens=t.prompt_tokens,
-            padded_prompt_tokens=t.padded_prompt_tokens, generated_tokens=t.generated_tokens,
-            prefill_s=t.prefill_s, decode_s=t.decode_s, wall_s=t.wall_s,
-            generated_tokens_per_s=t.generated_tokens_per_s, peak_memory_bytes=t.peak_memory_bytes,
-            oom_split=oom_split, status="ok", started_at=t.started_at, ended_at=t.ended_at,
-        )  # fmt: skip
-
-    def _oom_record(self, chunk: list[_Prompt], error: str, *, started: datetime, wall_s: float,
-                    oom_split: bool) -> BatchRecord:
-        facts = self._facts()
-        facts["note"] = f"out of memory, split in halves: {error}"
-        return BatchRecord(
-            **facts, batch_size=len(chunk), prompt_tokens=sum(len(p.ids) for p in chunk),
-            padded_prompt_tokens=0, generated_tokens=0, prefill_s=None, decode_s=None, wall_s=wall_s,
-            generated_tokens_per_s=0.0, peak_memory_bytes=None, oom_split=oom_split, status="oom",
-            started_at=started, ended_at=utcnow(),
-        )  # fmt: skip
-
-
-# ---------------------------------------------------------------------- the worker process
-
-
-def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
-    """The prompt cap of every chunk. A number is taken as given (chunks are still cut by the
-    token budget); `auto` holds enough prompts to fill the KV cache, which then decides each
-    chunk's size from the prompts in hand."""
-    if settings.chunk_size != "auto":
-        return int(settings.chunk_size)
-    size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens)
-    log.info("--chunk-size auto: up to %d prompts a chunk, as many as %s KV-cache tokens hold",
-             size, engine.token_capacity)
-    return size
-
-
-def build_batcher(settings: Settings, *, backend: str = "auto") -> Batcher:
-    """Load the model once and make the Batcher that stores into settings.database_url."""
-    engine = load_engine(settings.model, device_map=settings.device_map, dtype=settings.dtype,
-                         attn=settings.attn, backend=backend)  # type: ignore[arg-type]
-    log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
-    return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
-                   chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
-                   max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
-                   worker_host=settings.worker_host,
-                   heartbeat=partial(touch_videos, database_url=settings.database_url),
-                   heartbeat_s=settings.heartbeat_s)
-
-
-def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
-                         backend: str = "auto") -> None:
-    """`tubesum worker summarise`: load the model, then consume the summarise queue with
-    CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
-    from tubesum.celery_app import SUMMARISE_QUEUE, app
-    from tubesum.workers import summarise_tasks
-
-    batcher = build_batcher(settings, backend=backend)
-    summarise_tasks.install_batcher(batcher)
-    batcher.start()
-    concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
-    log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
-             name, batcher.sizer.configured, settings.chunk_wait_s)
-    try:
-        app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
-                         "-n", name, "-E", "--prefetch-multiplier=1",
-                         # Like the fetch worker: no start-up sync with peers (it only delays
-                         # start and leaves stale files on the filesystem broker).
-                         "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
-    finally:
-        batcher.stop()
-        summarise_tasks.install_batcher(None)
+    def _facts(self) -> records.EngineFacts:
+        return records.engine_facts(self.engine, worker_host=self.worker_host, sizer=self.sizer)

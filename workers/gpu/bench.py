@@ -329,6 +329,22 @@ def plot(report: BenchReport, out_dir: Path) -> list[Path]:
     return paths
 
 
+def resolve_bench_device(device: str) -> tuple[str, str | None]:
+    """``--device auto`` is CUDA when there is a CUDA device, else the CPU with a note; an explicit
+    ``cuda`` on a machine without one is a one-line ValueError. Returns (device, note or None)."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        if has_cuda:
+            return "cuda", None
+        return "cpu", "note: no CUDA device here (or torch was built without CUDA): benchmarking on the CPU"
+    if device.startswith("cuda") and not has_cuda:
+        raise ValueError(f"--device {device}: no CUDA device here (or torch was built without CUDA); "
+                         "use --device cpu, or leave --device out to pick the CPU")
+    return device, None
+
+
 def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
               transcripts: str | None, job: int | None, device: str, baseline: bool,
               baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,

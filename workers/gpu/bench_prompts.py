@@ -9,7 +9,8 @@ from tubesum.db import session_scope
 from tubesum.errors import BadInput
 from tubesum.settings import get_settings
 from tubesum.workers.gpu.engine import Engine
-from tubesum.workers.summarise import PromptBuilder, SummaryPlan
+from tubesum.workers.summarise.plan import SummaryPlan
+from tubesum.workers.summarise.prompt import PromptBuilder
 
 
 def _texts_from_job(job: int) -> list[str]:

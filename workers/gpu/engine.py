@@ -20,6 +20,8 @@ import torch
 
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
+from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
 
 log = logging.getLogger(__name__)
@@ -34,43 +36,6 @@ CPU_AUTO_CHUNK = 8
 # After a real CUDA out-of-memory error the planned KV capacity shrinks to this share of itself
 # (the activation reserve was too small for this card's state). Fraction.
 OOM_CAPACITY_SHRINK = 0.9
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Greedy decoding knobs (the summaries are deterministic by design)."""
-
-    max_new_tokens: int = 200
-    ignore_eos: bool = False  # benchmarks: every prompt generates exactly max_new_tokens
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # new tokens, the stop token included when one ended the row
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-
-
-@dataclass
-class BatchTimings:
-    batch_size: int
-    prompt_tokens: int  # real prompt tokens
-    padded_prompt_tokens: int  # token slots the GPU computed in prefill
-    generated_tokens: int
-    prefill_s: float | None
-    decode_s: float | None
-    wall_s: float
-    peak_memory_bytes: int | None
-    started_at: datetime
-    ended_at: datetime
-
-    @property
-    def generated_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
 @dataclass
@@ -327,6 +292,7 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_model(model)  # seconds, not a minute of download retries, when it is not there
         try:
             tokenizer = AutoTokenizer.from_pretrained(model)
             hf_model = AutoModelForCausalLM.from_pretrained(

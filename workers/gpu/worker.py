@@ -1,0 +1,78 @@
+"""The GPU worker process: load the model, build the Batcher, consume the summarise queue.
+
+`tubesum worker summarise` runs this. The model is loaded in this process (CUDA does not survive a
+fork), the Celery pool is threads: CHUNKS_IN_HAND task threads per chunk slot, each handing its
+video to the one Batcher and waiting for its summary to be committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from celery.utils.nodenames import host_format
+
+from tubesum.celery_app import SUMMARISE_QUEUE, app
+from tubesum.settings import Settings
+from tubesum.workers.gpu.batcher import Batcher
+from tubesum.workers.gpu.engine import Engine, load_engine
+from tubesum.workers.summarise.store import store_batch, touch_videos
+from tubesum.workers.summarise.tasks import attach_batcher
+
+log = logging.getLogger(__name__)
+
+# Task threads (and so unacknowledged messages) per chunk slot. With two, the next chunk's messages
+# are received and claimed while the current chunk generates, so the GPU never waits for the queue
+# or the database; the price is twice the messages to redeliver when the worker dies.
+CHUNKS_IN_HAND = 2
+
+
+def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
+    """The prompt cap of every chunk. A number is taken as given (chunks are still cut by the
+    token budget); `auto` holds enough prompts to fill the KV cache, which then decides each
+    chunk's size from the prompts in hand."""
+    if settings.chunk_size != "auto":
+        return int(settings.chunk_size)
+    size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens)
+    log.info("--chunk-size auto: up to %d prompts a chunk, as many as %s KV-cache tokens hold",
+             size, engine.token_capacity)
+    return size
+
+
+def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
+    """Load the model once and compile its kernels before the first chunk."""
+    engine = load_engine(settings.model, device_map=settings.device_map, dtype=settings.dtype,
+                         attn=settings.attn, backend=backend)  # type: ignore[arg-type]
+    log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
+    return engine
+
+
+def build_batcher(engine: Engine, settings: Settings) -> Batcher:
+    """The Batcher over a loaded engine, storing into settings.database_url."""
+    return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
+                   chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
+                   max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
+                   worker_host=settings.worker_host,
+                   heartbeat=partial(touch_videos, database_url=settings.database_url),
+                   heartbeat_s=settings.heartbeat_s)
+
+
+def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
+                         backend: str = "auto") -> None:
+    """`tubesum worker summarise`: load the model, then consume the summarise queue with
+    CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
+    batcher = build_batcher(load_warm_engine(settings, backend=backend), settings)
+    attach_batcher(app, batcher)
+    batcher.start()
+    concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
+    log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
+             host_format(name), batcher.sizer.configured, settings.chunk_wait_s)
+    try:
+        app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
+                         "-n", name, "-E", "--prefetch-multiplier=1",
+                         # Like the fetch worker: no start-up sync with peers (it only delays
+                         # start and leaves stale files on the filesystem broker).
+                         "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
+    finally:
+        batcher.stop()
+        attach_batcher(app, None)

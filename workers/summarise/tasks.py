@@ -1,0 +1,88 @@
+"""The summarise task: claim the video, hand it to this process's Batcher, wait, decide retry.
+
+Runs on the ``summarise`` queue in the GPU worker only (``tubesum worker summarise``: threads pool,
+two threads per chunk slot). This module is imported by every process that builds the Celery app
+(producer, fetch workers), so it must not import torch or load a model at import time: the GPU
+worker puts its Batcher on the Celery app (``attach_batcher``) before it consumes a message.
+
+What Flower shows (workers/task_report.py): arguments ``job=N video=ID``; a result such as
+``summary 412 chars, batch 3f2a9c01 of 32, generate 3.21 s``; a video that failed ends its task as
+FAILURE with the reason (``VideoFailed``, no retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from celery import Celery
+
+from tubesum.celery_app import SUMMARISE_TASK, app
+from tubesum.db import is_transient_db_error
+from tubesum.defaults import CLAIM_RETRY_DELAY_S, STORE_MAX_RETRIES, STORE_RETRY_DELAY_S
+from tubesum.errors import PromptError, VideoFailed
+from tubesum.settings import Settings, get_settings
+from tubesum.workers.summarise.store import claim_video
+from tubesum.workers.task_report import now, summarise_result, video_report
+from tubesum.workers.video_state import mark_failed
+
+if TYPE_CHECKING:  # the batcher's engine imports torch
+    from tubesum.workers.gpu.batcher import Batcher
+
+log = logging.getLogger(__name__)
+
+# The attribute of the Celery app that holds the one Batcher of a GPU worker process.
+_BATCHER_ATTR = "tubesum_batcher"
+
+
+def attach_batcher(celery_app: Celery, batcher: Batcher | None) -> None:
+    """Give the tasks of this process their Batcher (the GPU worker, before it consumes)."""
+    setattr(celery_app, _BATCHER_ATTR, batcher)
+
+
+def batcher_of(celery_app: Celery) -> Batcher:
+    batcher = getattr(celery_app, _BATCHER_ATTR, None)
+    if batcher is None:
+        raise RuntimeError("no model in this process: summarise tasks run in `tubesum worker summarise`")
+    return batcher
+
+
+def max_summarise_attempts(settings: Settings) -> int:
+    """Claims of one video before it fails: the first, every store retry, and the deliveries a
+    dying GPU worker may cost (visibility-timeout redelivery, reconciler re-enqueue)."""
+    return 1 + STORE_MAX_RETRIES + settings.max_worker_lost_retries
+
+
+# throws: a VideoFailed is an expected end, logged in one line without a traceback.
+@app.task(name=SUMMARISE_TASK, bind=True, max_retries=STORE_MAX_RETRIES, throws=(VideoFailed,))
+def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
+    settings = get_settings()
+    video_pk = int(video_pk)
+    started = now()
+    batcher = batcher_of(self.app)
+    try:
+        video = claim_video(video_pk, database_url=settings.database_url,
+                            max_attempts=max_summarise_attempts(settings))
+    except Exception as exc:
+        if not is_transient_db_error(exc):
+            raise
+        log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, CLAIM_RETRY_DELAY_S)
+        raise self.retry(exc=exc, countdown=CLAIM_RETRY_DELAY_S, argsrepr=_argsrepr(self.request)) from None
+    if video is not None:  # None: already done or failed (a redelivery), not ours to do, or failed by the claim
+        try:
+            batcher.submit(video).result()
+        except PromptError as exc:  # the transcript cannot make a prompt for this model
+            log.warning("video %s failed: %s", video_pk, exc)
+            mark_failed(video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url)
+        except Exception as exc:  # storing the chunk failed, or the worker is stopping: redeliver later
+            log.warning("video %s: %s; retrying in %.0fs", video_pk, exc, STORE_RETRY_DELAY_S)
+            raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY_S, argsrepr=_argsrepr(self.request))
+    report = video_report(video_pk, database_url=settings.database_url)
+    if report is not None and report.failed_since(started):
+        raise VideoFailed(f"{report.label}: {report.error}")
+    return summarise_result(report, summarised=video is not None)
+
+
+def _argsrepr(request) -> str | None:  # type: ignore[no-untyped-def]
+    """The message's shown arguments (``job=N video=ID``), kept on a retry."""
+    return getattr(request, "argsrepr", None) or None
