@@ -1,9 +1,9 @@
 """The generation engine: load a model once, then `generate()` one chunk of prompts at a time.
 
 The GPU worker and `tubesum bench` both call exactly this. Two backends sit behind one API:
-`fast` (workers/gpu/runner.py: packed prefill, ragged KV cache planned in tokens, CUDA graphs) for Llama-family
-models on one device, and `hf` (plain `model.generate()` with left padding) for every other
-architecture, for models sharded over several GPUs, and as the bench's baseline.
+`fast` (workers/gpu/runner.py: packed prefill, ragged KV cache planned in tokens, CUDA graphs)
+for Llama-family models on one device, and `hf` (plain `model.generate()` with left padding) for
+every other architecture, for models sharded over several GPUs, and as the bench's baseline.
 """
 
 from __future__ import annotations
