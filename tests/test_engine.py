@@ -11,7 +11,7 @@ import torch
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.engine import SamplingParams
 from tubesum.workers.gpu import runner as runner_mod
-from tubesum.workers.gpu.runner import KVCache, LlamaRunner, row_bucket
+from tubesum.workers.gpu.runner import KVCache, LlamaRunner, kv_token_capacity, row_bucket
 
 
 def mixed_prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 120) -> list[list[int]]:
@@ -144,6 +144,15 @@ def test_the_cache_is_allocated_once_and_graphs_are_keyed_by_row_bucket(tiny_eng
     tiny_engine.generate(mixed_prompts(9, seed=8, low=5, high=60), params)  # bucket 16
     assert tiny_engine.runner._kv is cache  # one allocation for every chunk
     assert sorted(key[0] for key in tiny_engine.runner._graphs) == [4, 16]
+
+
+def test_kv_token_capacity_is_what_is_left_after_the_reserve():
+    gib, per_token = 2**30, 128 * 1024  # Llama-3-8B in bf16: 128 KiB of KV a token
+    assert kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token,
+                             share=1.0) == 60 * 8192
+    assert kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token,
+                             share=0.5) == 30 * 8192
+    assert kv_token_capacity(free_bytes=2 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token) == 0
 
 
 def test_row_buckets():

@@ -187,6 +187,13 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+def kv_token_capacity(*, free_bytes: int, reserve_bytes: int, bytes_per_token: int,
+                      share: float = KV_MEMORY_SHARE) -> int:
+    """KV-cache tokens that fit in `free_bytes` once `reserve_bytes` (activations, logits,
+    headroom) are set aside, using `share` of what is left (slack for fragmentation)."""
+    return int(max(0, free_bytes - reserve_bytes) * share) // bytes_per_token
+
+
 def row_starts(lengths: list[int]) -> list[int]:
     """Rows packed back to back: each row's offset in the flat cache ([n]), given its length."""
     starts, at = [], 0
@@ -372,9 +379,9 @@ class LlamaRunner:
         del probe
         torch.cuda.empty_cache()
         logits = MAX_PLANNED_ROWS * self.lm_head.shape[0] * self.lm_head.element_size()
-        reserve = activations + logits + MEMORY_HEADROOM_BYTES
         free, _total = torch.cuda.mem_get_info(dev)
-        capacity = int(max(0, free - reserve) * KV_MEMORY_SHARE) // self.kv_bytes_per_token
+        capacity = kv_token_capacity(free_bytes=free, reserve_bytes=activations + logits + MEMORY_HEADROOM_BYTES,
+                                     bytes_per_token=self.kv_bytes_per_token)
         log.info("KV cache: %d tokens (%.1f GiB) = free %.1f GiB - activations %.2f GiB - logits "
                  "%.2f GiB - headroom %.1f GiB", capacity, capacity * self.kv_bytes_per_token / 2**30,
                  free / 2**30, activations / 2**30, logits / 2**30, MEMORY_HEADROOM_BYTES / 2**30)
