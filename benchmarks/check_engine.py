@@ -42,6 +42,7 @@ def main() -> None:
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     rows = {}
     for name, kwargs in [("fast", {}), ("hf", {"backend": "hf"})]:
+        eng.release()  # plain generate() needs the memory the KV cache holds
         eng.generate(prompts, sp, **kwargs)
         t = time.perf_counter()
         gens, tm = eng.generate(prompts, sp, **kwargs)
@@ -56,6 +57,15 @@ def main() -> None:
     print("graph vs no graph", agree(rows["fast"], nograph), first_diverge(rows["fast"], nograph))
     eng.runner.use_graphs = True
     eng.release()
+    # Varied lengths: finished rows leaving the step (smaller row buckets) against keeping them.
+    own = [max(1, args.new_tokens * (i + 1) // len(prompts)) for i in range(len(prompts))]
+    dropped = [g.token_ids for g in eng.generate(prompts, sp, new_tokens=own)[0]]
+    eng.runner.drop_finished_rows = False
+    static = [g.token_ids for g in eng.generate(prompts, sp, new_tokens=own)[0]]
+    eng.runner.drop_finished_rows = True
+    print("varied lengths: lengths ok", [len(r) for r in dropped] == own,
+          "dropped vs static agreement", agree(dropped, static), first_diverge(dropped, static))
+    eng.release()  # the checks below allocate their own small caches
     logits_check(eng, prompts)
     decode_check(eng, prompts)
     for n in filter(None, args.profile_rows.split(",")):
@@ -69,7 +79,7 @@ def logits_check(eng, prompts) -> None:
 
     r = eng.runner
     for p in prompts[:4]:
-        cache = KVCache(layers=len(r.layers), rows=1, slots=len(p) + 64, kv_heads=r.n_kv,
+        cache = KVCache(layers=len(r.layers), capacity=len(p) + 64, kv_heads=r.n_kv,
                         head_dim=r.head_dim, dtype=r.dtype, device=r.device)
         with torch.inference_mode():
             ours = r.prefill_logits([p], [0], cache)[0]
@@ -104,14 +114,22 @@ def decode_check(eng, prompts, steps: int = 12) -> None:
     r = eng.runner
     prompts = prompts[:3]
     n = len(prompts)
-    cache = KVCache(layers=len(r.layers), rows=n, slots=max(map(len, prompts)) + steps + 64,
-                    kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device)
+    # Ragged: each row at its own offset, with gaps of stale values between the rows.
+    starts, at = [], 0
+    for p in prompts:
+        starts.append(at)
+        at += len(p) + steps + 100
+    cache = KVCache(layers=len(r.layers), capacity=at, kv_heads=r.n_kv, head_dim=r.head_dim,
+                    dtype=r.dtype, device=r.device)
+    cache.k.normal_()
+    cache.v.normal_()
+    cu_k = torch.tensor(starts + [at], dtype=torch.int32, device=r.device)
     with torch.inference_mode():
-        logits = [r.prefill_logits(prompts, list(range(n)), cache)]  # [n, V]
+        logits = [r.prefill_logits(prompts, starts, cache)]  # [n, V]
         toks = [logits[-1].argmax(-1)]
         pos = torch.tensor([len(p) for p in prompts], device=r.device)
         for j in range(steps - 1):
-            logits.append(r.decode_logits(toks[-1], pos + j, cache).float())
+            logits.append(r.decode_logits(toks[-1], pos + j, cu_k, cache, max_k=4096).float())
             toks.append(logits[-1].argmax(-1))
         ours = torch.stack(logits, 1)  # [n, steps, V]
         for i, p in enumerate(prompts):

@@ -40,9 +40,9 @@ def main() -> None:
 
     # Cache and graph sized for 64 new tokens; rewind so the profiled steps stay inside them.
     eng.generate(prompts, SamplingParams(max_new_tokens=64, ignore_eos=True))
-    dec = eng.runner._graph
+    dec = next(reversed(eng.runner._graphs.values()))  # the graph that chunk used last
     dec.step.fill_(1)
-    dec.pos.copy_(torch.tensor([len(p) for p in prompts], device=dec.pos.device))
+    dec.pos[:len(prompts)].copy_(torch.tensor([len(p) for p in prompts], device=dec.pos.device))
     for _ in range(3):
         dec.run()
     torch.cuda.synchronize()

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from tubesum.workers.gpu.batching import ChunkSizer, Pending, halves, plan_chunk, seconds_until_ready
+from tubesum.workers.gpu.batching import (
+    ChunkSizer,
+    Pending,
+    halves,
+    plan_chunk,
+    plan_token_chunk,
+    seconds_until_ready,
+)
 from tubesum.workers.summarise.split import pack_groups, piece_budget, split_even
 
 
@@ -39,6 +46,25 @@ def test_halves():
         halves([1])
 
 
+def test_token_chunk_takes_as_many_prompts_as_the_budget_holds():
+    pending = [Pending(float(i), n) for i, n in enumerate([1000, 1200, 1100, 900, 1300])]
+    # each needs its tokens + 150 new: 1150, 1350, 1250, 1050, 1450
+    assert plan_token_chunk(pending, max_new_tokens=150, token_capacity=3750, max_prompts=99) == [0, 1, 2]
+    assert plan_token_chunk(pending, max_new_tokens=150, token_capacity=3749, max_prompts=99) == [0, 1]
+    assert plan_token_chunk(pending, max_new_tokens=150, token_capacity=10**6, max_prompts=4) == [0, 1, 2, 3]
+    assert plan_token_chunk(pending, max_new_tokens=150, token_capacity=10**6, max_prompts=99) == [0, 1, 2, 3, 4]
+
+
+def test_token_chunk_keeps_plan_chunk_order_and_is_never_empty():
+    pending = [Pending(3.0, 100), Pending(1.0, 5000), Pending(5.0, 100, continuation=True)]
+    assert plan_token_chunk(pending, max_new_tokens=10, token_capacity=300, max_prompts=8) == [2]
+    # the oldest prompt alone is beyond the budget: it goes alone (the engine fails it, with numbers)
+    assert plan_token_chunk(pending[:2], max_new_tokens=10, token_capacity=300, max_prompts=8) == [1]
+    # first come, first served: the short prompt behind it does not jump the queue
+    assert plan_token_chunk(pending[:2], max_new_tokens=10, token_capacity=6000, max_prompts=8) == [0, 1]
+    assert plan_token_chunk(pending, max_new_tokens=10, token_capacity=10**6, max_prompts=0) == [2]
+
+
 def test_sizer_keeps_the_configured_size_until_an_oom():
     sizer = ChunkSizer(32)
     sizer.on_success(32)
@@ -46,35 +72,47 @@ def test_sizer_keeps_the_configured_size_until_an_oom():
     assert sizer.limit == 32
 
 
-def test_sizer_remembers_the_largest_size_that_worked_below_an_oom():
-    sizer = ChunkSizer(32)
-    sizer.on_success(8)
-    sizer.on_oom(32)
-    assert sizer.limit == 8  # worked before
-    sizer.on_success(16)  # a half of the split chunk
-    assert sizer.limit == 16
-    sizer.on_success(32)  # not believed: 32 ran out of memory
-    assert sizer.limit == 16
-
-
-def test_sizer_halves_before_anything_worked():
+def test_sizer_halves_on_each_oom():
     sizer = ChunkSizer(32)
     sizer.on_oom(32)
     assert sizer.limit == 16
     sizer.on_oom(16)
     assert sizer.limit == 8
+    sizer.on_oom(16)  # the other half of the same chunk: no lower than the cap it taught
+    assert sizer.limit == 8
     sizer.on_oom(1)
     assert sizer.limit == 1
 
 
-def test_sizer_learns_again_when_a_working_size_runs_out_later():
-    sizer = ChunkSizer(32)
+def test_sizer_grows_back_after_consecutive_successes_up_to_the_configured_size():
+    sizer = ChunkSizer(32, regrow_after=3)
+    sizer.on_oom(32)
+    sizer.on_oom(16)
+    assert sizer.limit == 8
+    sizer.on_success(8)
+    sizer.on_success(3)  # a partial chunk says nothing about the cap
+    sizer.on_success(8)
+    assert sizer.limit == 8
+    sizer.on_success(8)
+    assert sizer.limit == 16  # three in a row at the cap: doubled
+    for _ in range(3):
+        sizer.on_success(16)
+    assert sizer.limit == 32
+    for _ in range(6):
+        sizer.on_success(32)
+    assert sizer.limit == 32  # never above the configured size
+
+
+def test_sizer_streak_restarts_after_an_oom():
+    sizer = ChunkSizer(32, regrow_after=2)
     sizer.on_oom(32)
     sizer.on_success(16)
     sizer.on_oom(16)  # longer prompts this time
     assert sizer.limit == 8
     sizer.on_success(8)
     assert sizer.limit == 8
+    sizer.on_success(8)
+    assert sizer.limit == 16
 
 
 def test_sizer_rejects_zero():

@@ -10,10 +10,19 @@ from pathlib import Path
 import pytest
 
 from tubesum.errors import OutOfMemory
-from tubesum.workers.gpu.bench import SamplingParams, reference_prompts, sweep
+from tubesum.workers.gpu.bench import (
+    BenchReport,
+    SamplingParams,
+    SizeResult,
+    auto_chunks,
+    plot,
+    reference_prompts,
+    sweep,
+    varied_lengths,
+)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a subprocess that loads the model and runs fixed and varied sweeps (~1 min)
 def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -24,15 +33,21 @@ def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "summaries/s" in proc.stdout and "plain model.generate()" in proc.stdout
     report = json.loads((out / "bench.json").read_text())
-    sizes = [r["chunk_size"] for r in report["results"]]
-    assert sizes == sorted({1, 2, report["auto_chunk_size"]})
+    fixed = [r for r in report["results"] if r["lengths"] == "fixed"]
+    assert [r["chunk_size"] for r in fixed] == [1, 2, report["auto_chunk_size"]]
+    assert fixed[-1]["note"].startswith("auto")
+    varied = [(r["decode"], r["chunk_size"]) for r in report["results"] if r["lengths"] == "varied"]
+    assert varied == [(d, c) for d in ("static", "drop") for c in (1, 2, report["auto_chunk_size"])]
+    assert "dropping finished rows" in proc.stdout and report["token_capacity"] > 0
     for r in report["results"]:
         assert not r["oom"]
+        if r["lengths"] == "varied":
+            continue
         assert r["generated_tokens"] == r["prompts"] * 6  # stop tokens suppressed: fixed work
         assert r["summaries_per_s"] > 0 and r["total_tokens_per_s"] > r["generated_tokens_per_s"]
         assert r["token_match_rate"] == 1.0  # fp32 on CPU: batched output equals batch 1
         assert r["ideal_speedup"] == r["chunk_size"]
-    assert report["results"][0]["speedup"] == 1.0
+    assert fixed[0]["speedup"] == 1.0
     assert [r["engine"] for r in report["baseline"]] == ["hf", "hf"]
     assert report["engine"] == "fast" and report["attention"] == "sdpa"
     for png in ("throughput.png", "speedup.png"):
@@ -48,10 +63,10 @@ class _SmallCard:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, prompts, params, *, backend=None):
+    def generate(self, prompts, params, *, backend=None, new_tokens=None):
         if len(prompts) > self.limit:
             raise OutOfMemory(f"chunk of {len(prompts)} prompts did not fit: injected")
-        return self._engine.generate(prompts, params, backend=backend)
+        return self._engine.generate(prompts, params, backend=backend, new_tokens=new_tokens)
 
 
 def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
@@ -83,3 +98,55 @@ def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine,
     for text, transcript in zip(texts, ["Owls hunt at night.", "Bees dance."], strict=True):
         assert f"<transcript>\n{transcript}\n</transcript>" in text
         assert "Summarise the transcript" in text and "<|im_start|>" in text
+
+
+def test_varied_lengths_are_seeded_and_look_like_summaries():
+    lengths = varied_lengths(2000)
+    assert lengths == varied_lengths(2000)
+    assert min(lengths) >= 40 and max(lengths) <= 250
+    assert 110 <= sum(lengths) / len(lengths) <= 130  # mean about 120
+    assert max(varied_lengths(50, new_tokens=6)) <= 10  # scaled for short CPU runs
+
+
+def test_varied_lengths_rows_stop_at_their_own_length_static_or_dropped(tiny_engine):
+    prompts = reference_prompts(6, vocab_size=512, low=5, high=40)
+    own = [3, 25, 7, 1, 12, 4]
+    params = SamplingParams(max_new_tokens=25, ignore_eos=True)
+    for decode in ("static", "drop"):
+        results, _ = sweep(tiny_engine, prompts, params, chunk_sizes=[6], extend=False, max_chunks=1,
+                           check_match=False, own_lengths=own, decode=decode)
+        (r,) = results
+        assert (r.lengths, r.decode, r.generated_tokens) == ("varied", decode, sum(own))
+    assert tiny_engine.runner.drop_finished_rows  # the engine's default is restored
+
+
+def test_auto_chunks_take_what_the_token_budget_holds():
+    prompts = [[1] * n for n in (100, 200, 300)]
+    chunks = auto_chunks(prompts, [10, 10, 10], token_capacity=420, cap=8, max_chunks=3)
+    # 110 + 210 = 320 fits, + 310 does not; then 310 + 110 = 420 fits; then 210 (+ 310 does not)
+    assert [[len(p) for p in c] for c in chunks] == [[100, 200], [300, 100], [200]]
+    assert [len(c) for c in auto_chunks(prompts, [10] * 3, token_capacity=None, cap=2, max_chunks=2)] == [2, 2]
+
+
+def _result(size: int, *, oom: bool = False, lengths: str = "fixed", decode: str = "drop") -> SizeResult:
+    rate = 0.0 if oom else 100.0 * size ** 0.5
+    return SizeResult(chunk_size=size, engine="fast", oom=oom, generated_tokens_per_s=rate,
+                      summaries_per_s=rate / 150, lengths=lengths, decode=decode)
+
+
+@pytest.mark.parametrize("sizes,ooms", [
+    ([128, 256, 512], {512}),  # no chunk 1 (the crash: nothing to log-scale)
+    ([256], set()),  # a single size
+    ([64, 128], {64, 128}),  # nothing fit
+    ([1, 2, 4], set()),
+])
+def test_plots_draw_for_any_sweep(tmp_path: Path, sizes, ooms):
+    report = BenchReport(model="dummy:llama-3-8b", engine="fast", device="cuda:0", dtype="bfloat16",
+                         attention="flash_varlen", new_tokens=150, prompt_source="test")
+    report.results = [_result(c, oom=c in ooms) for c in sizes]
+    report.results += [_result(c, oom=c in ooms, lengths="varied", decode=d) for d in ("static", "drop") for c in sizes]
+    paths = plot(report, tmp_path)
+    assert [p.name for p in paths] == ["throughput.png", "speedup.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+import weakref
 
 import pytest
 import torch
 
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.engine import SamplingParams
-from tubesum.workers.gpu.runner import KVCache, LlamaRunner
+from tubesum.workers.gpu import runner as runner_mod
+from tubesum.workers.gpu.runner import KVCache, LlamaRunner, kv_token_capacity, row_bucket
 
 
 def mixed_prompts(n: int, *, seed: int = 0, low: int = 3, high: int = 120) -> list[list[int]]:
@@ -53,15 +55,20 @@ def test_fast_runner_equals_plain_generate(tiny_engine):
 
 
 def test_logits_match_hf_forward(tiny_engine):
+    """Ragged cache: rows at their own offsets, with gaps between them, read only their own keys."""
     r: LlamaRunner = tiny_engine.runner
     prompts = mixed_prompts(3, seed=3, low=10)
-    cache = KVCache(layers=len(r.layers), rows=3, slots=256, kv_heads=r.n_kv, head_dim=r.head_dim,
+    starts = [5, 5 + len(prompts[0]) + 40, 300]  # out of order lengths, gaps of garbage between
+    cache = KVCache(layers=len(r.layers), capacity=600, kv_heads=r.n_kv, head_dim=r.head_dim,
                     dtype=r.dtype, device=r.device)
+    cache.k.normal_()  # stale values from earlier chunks must never be read
+    cache.v.normal_()
     with torch.inference_mode():
-        ours = r.prefill_logits(prompts, [0, 1, 2], cache)
+        ours = r.prefill_logits(prompts, starts, cache)
         tokens = ours.argmax(-1)
         pos = torch.tensor([len(p) for p in prompts])
-        step = r.decode_logits(tokens, pos, cache)
+        cu_k = torch.tensor(starts + [cache.capacity], dtype=torch.int32)
+        step = r.decode_logits(tokens, pos, cu_k, cache, max_k=256)
         for i, p in enumerate(prompts):
             ref = tiny_engine.model(input_ids=torch.tensor([p + [int(tokens[i])]])).logits[0, -2:]
             torch.testing.assert_close(ours[i], ref[0], rtol=1e-4, atol=1e-4)
@@ -94,26 +101,85 @@ def test_rejects_prompts_beyond_the_context(tiny_engine):
         tiny_engine.generate([[]], SamplingParams(max_new_tokens=4))
 
 
-def test_out_of_memory_becomes_a_named_error_and_frees_the_cache(tiny_engine, monkeypatch):
+def test_out_of_memory_frees_every_tensor_of_the_failed_attempt(tiny_engine, monkeypatch):
+    """The error the batcher keeps while it retries the halves must not keep the failed
+    attempt's tensors alive (the exception's traceback frames hold them)."""
+    alive = []
+
     def boom(*args, **kwargs):
+        activations = torch.ones(1024, 1024)  # what a real prefill holds when memory runs out
+        alive.append(weakref.ref(activations))
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(tiny_engine.runner, "prefill_logits", boom)
-    with pytest.raises(OutOfMemory, match="chunk of 2 prompts did not fit"):
+    capacity = tiny_engine.runner.token_capacity
+    with pytest.raises(OutOfMemory, match="chunk of 2 prompts did not fit") as caught:
         tiny_engine.generate(mixed_prompts(2), SamplingParams(max_new_tokens=4))
-    assert tiny_engine.runner._graph is None  # released: the halves start from free memory
+    assert alive and alive[0]() is None  # freed while the OutOfMemory error is still held
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    assert tiny_engine.runner._kv is None and not tiny_engine.runner._graphs  # released
+    assert tiny_engine.runner.token_capacity == int(capacity * 0.9)  # plans a little less
+    tiny_engine.runner._capacity = capacity  # the session's engine, for the other tests
 
 
-def test_cache_is_reused_for_same_rows_and_smaller_prompts(tiny_engine):
+def test_a_chunk_beyond_the_token_capacity_is_refused_with_the_numbers(tiny_engine, monkeypatch):
+    monkeypatch.setattr(tiny_engine.runner, "_capacity", 300)
+    prompts = [[10] * 100, [11] * 120]
+    with pytest.raises(OutOfMemory, match=r"a chunk of 4 prompts needs 472 KV-cache tokens .*holds 300"):
+        tiny_engine.generate(prompts * 2, SamplingParams(max_new_tokens=8))  # 4 × (1xx + 8)
+    with pytest.raises(OutOfMemory, match=r"a single prompt needs 408 KV-cache tokens .*holds 300"):
+        tiny_engine.generate([[12] * 400], SamplingParams(max_new_tokens=8))
+    gens, _ = tiny_engine.generate(prompts, SamplingParams(max_new_tokens=8))  # 236 tokens: fits
+    assert len(gens) == 2
+    tiny_engine.release()
+
+
+def test_the_cache_is_allocated_once_and_graphs_are_keyed_by_row_bucket(tiny_engine):
+    tiny_engine.release()
     params = SamplingParams(max_new_tokens=8)
     tiny_engine.generate(mixed_prompts(3, seed=6, low=100, high=120), params)
-    first = tiny_engine.runner._graph
-    tiny_engine.generate(mixed_prompts(3, seed=7, low=5, high=20), params)
-    assert tiny_engine.runner._graph is first
-    tiny_engine.generate(mixed_prompts(4, seed=7, low=5, high=20), params)
-    assert tiny_engine.runner._graph is not first  # other row count: a new cache
+    cache = tiny_engine.runner._kv
+    assert cache.capacity == tiny_engine.runner.token_capacity
+    tiny_engine.generate(mixed_prompts(4, seed=7, low=5, high=20), params)  # same bucket (4)
+    tiny_engine.generate(mixed_prompts(9, seed=8, low=5, high=60), params)  # bucket 16
+    assert tiny_engine.runner._kv is cache  # one allocation for every chunk
+    assert sorted(key[0] for key in tiny_engine.runner._graphs) == [4, 16]
+
+
+def test_kv_token_capacity_is_what_is_left_after_the_reserve():
+    gib, per_token = 2**30, 128 * 1024  # Llama-3-8B in bf16: 128 KiB of KV a token
+    assert kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token,
+                             share=1.0) == 60 * 8192
+    assert kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token,
+                             share=0.5) == 30 * 8192
+    assert kv_token_capacity(free_bytes=2 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token) == 0
+
+
+def test_row_buckets():
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 17, 32, 33, 187, 256, 257)] == \
+        [1, 2, 4, 8, 32, 32, 64, 192, 256, 288]
+
+
+def test_each_row_stops_at_its_own_length_and_finished_rows_leave_the_step(tiny_engine, monkeypatch):
+    """The bench's emulated end tokens; rows that are done move out of the step (a smaller
+    bucket), and that changes no token (fp32 on CPU: exact)."""
+    prompts = mixed_prompts(9, seed=9)
+    lengths = [3, 70, 5, 17, 9, 4, 33, 2, 6]
+    params = SamplingParams(max_new_tokens=70, ignore_eos=True)
+    runner = tiny_engine.runner
+    tiny_engine.release()
+    dropped, _ = tiny_engine.generate(prompts, params, new_tokens=lengths)
+    assert [len(g.token_ids) for g in dropped] == lengths
+    assert sorted(key[0] for key in runner._graphs) == [1, 2, 4, 16]  # 9 rows, then 3, 2, 1 left
+    monkeypatch.setattr(runner, "drop_finished_rows", False)
+    static, t = tiny_engine.generate(prompts, params, new_tokens=lengths)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dropped]
+    assert t.generated_tokens == sum(lengths)
+    full, _ = tiny_engine.generate(prompts, params)
+    assert [g.token_ids[:n] for g, n in zip(full, lengths)] == [g.token_ids for g in dropped]
 
 
 def test_auto_chunk_size_on_cpu_is_a_fixed_safe_number(tiny_engine):
     assert tiny_engine.auto_chunk_size(prompt_tokens=1000, new_tokens=150) >= 1
     assert tiny_engine.kv_bytes_per_token() == 2 * 4 * 4 * 32 * 4  # layers·kv heads·head dim·fp32
+    assert tiny_engine.token_capacity == runner_mod.CPU_TOKEN_CAPACITY

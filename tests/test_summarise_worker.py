@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from tubesum.models import Batch, Job, Summary, Transcript, Video
@@ -143,6 +145,63 @@ def test_a_prompt_that_does_not_fit_alone_fails_only_its_video(make_batcher, tin
     assert sink.batches[0].status == "oom" and sink.batches[0].batch_size == 4
 
 
+def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batcher, tiny_engine, monkeypatch):
+    """torch's OutOfMemoryError inside the real engine (one unlucky chunk): the failed attempt's
+    tensors are freed before the halves run, the halves succeed, and after enough chunks at the
+    lowered cap it doubles back to the configured size."""
+    from tubesum.workers.gpu.batching import REGROW_AFTER_SUCCESSES
+
+    runner = tiny_engine.runner
+    real_prefill, capacity = runner.prefill_logits, runner.token_capacity
+    failed_attempt: list = []
+
+    def prefill_once_oom(prompts, starts, cache):
+        if len(prompts) > 4 and not failed_attempt:
+            activations = torch.ones(256, 1024)
+            failed_attempt.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        assert not failed_attempt or failed_attempt[0]() is None  # freed before any retry ran
+        return real_prefill(prompts, starts, cache)
+
+    monkeypatch.setattr(runner, "prefill_logits", prefill_once_oom)
+    try:
+        batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=30.0)
+        outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
+        assert all(o.status == "done" for o in outcomes.values())
+        assert [(b.batch_size, b.status, b.oom_split) for b in sink.batches] == [
+            (8, "oom", False), (4, "ok", True), (4, "ok", True)]
+        assert "Tried to allocate 2.00 GiB" in sink.batches[0].note
+        assert batcher.sizer.limit == 4
+        pk = 100
+        while batcher.sizer.limit < 8:  # chunks at the cap until it grows back
+            summarise_all(batcher, {pk + i: transcript(i) for i in range(4)})
+            pk += 4
+        assert sum(1 for b in sink.batches if b.batch_size == 4) == REGROW_AFTER_SUCCESSES
+        sink.batches.clear()
+        summarise_all(batcher, {pk + i: transcript(i) for i in range(8)})
+        assert [(b.batch_size, b.status) for b in sink.batches] == [(8, "ok")]
+    finally:
+        runner._capacity = capacity  # the engine planned 10% less after the OOM; the session's engine
+        runner.release()
+
+
+def test_chunks_are_cut_by_the_token_budget_and_never_run_out(make_batcher, tiny_engine, monkeypatch):
+    texts = {pk: transcript(pk) for pk in range(12)}
+    lengths = {pk: len(batcher_prompt(tiny_engine, t)) for pk, t in texts.items()}
+    budget = 3 * (max(lengths.values()) + MAX_NEW)  # about three prompts a chunk
+    monkeypatch.setattr(tiny_engine.runner, "_capacity", budget)
+    tiny_engine.runner.release()
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=1.0)  # the last, partial chunk waits
+    outcomes = summarise_all(batcher, texts)
+    assert all(o.status == "done" for o in outcomes.values())
+    assert all(b.status == "ok" for b in sink.batches)  # no OOM: planned in tokens
+    assert sum(b.batch_size for b in sink.batches) == 12
+    assert all(3 <= b.batch_size < 8 for b in sink.batches[:-1])  # full by tokens, not by count
+    for b in sink.batches:
+        assert b.prompt_tokens + MAX_NEW * b.batch_size <= budget
+    tiny_engine.runner.release()
+
+
 def batcher_prompt(engine, text: str) -> list[int]:
     from tubesum.workers.summarise.plan import SummaryPlan
     from tubesum.workers.summarise.prompt import PromptBuilder
@@ -185,10 +244,11 @@ def test_a_long_video_whose_pieces_do_not_fit_fails_alone(make_batcher, tiny_eng
     outcomes = summarise_all(batcher, {1: " ".join(SENTENCES) * 40, 2: transcript(2)})
     assert outcomes[1].status == "failed" and "single prompt" in outcomes[1].error and outcomes[1].pieces >= 2
     assert outcomes[2].status == "done"
-    # The first piece failed alone; the long video's other pieces never ran again.
+    # The first piece failed alone (tried once more on the emptied card); the long video's other
+    # pieces never ran again.
     ok = sink.ok()
     assert len(ok) == 1 and ok[0].batch_size == 1 and ok[0].oom_split
-    assert sum(1 for b in sink.batches if b.status == "oom" and b.batch_size == 1) == 1
+    assert sum(1 for b in sink.batches if b.status == "oom" and b.batch_size == 1) == 2
 
 
 def test_a_redelivered_video_joins_the_one_in_flight(make_batcher):

@@ -400,8 +400,12 @@ def bench_cmd(
     max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most"),
     extend: bool = typer.Option(True, "--extend/--no-extend", help="after the list, double the size until memory runs out"),
     output: str = typer.Option("bench-out", "--output", "-o", help="directory for bench.json and the plots"),
+    varied_sizes: str = typer.Option(None, "--varied-chunk-sizes", help="chunk sizes for varied lengths (default: --chunk-sizes)"),
+    lengths: str = typer.Option("both", "--lengths", help="output lengths: fixed (every prompt --new-tokens), varied (each its own, seeded, mean ~0.8x --new-tokens), or both"),
 ) -> None:
     """The batching study: throughput and speedup against chunk size, on the worker's engine."""
+    if lengths not in ("fixed", "varied", "both"):
+        raise typer.BadParameter(f"--lengths must be fixed, varied or both, not {lengths!r}")
     from pathlib import Path
 
     from rich.console import Console
@@ -423,7 +427,8 @@ def bench_cmd(
             model=model, chunk_sizes=_int_list(chunk_sizes), prompts=prompts, new_tokens=new_tokens,
             transcripts=transcripts, job=job, device=device, baseline=baseline,
             baseline_sizes=_int_list(baseline_sizes), max_chunks=max_chunks, extend=extend,
-            out_dir=Path(output), dtype=dtype,
+            out_dir=Path(output), dtype=dtype, lengths=lengths,
+            varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
             progress=lambda text: bar.update(task, description=text))
     print_report(report, console)
     console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)

@@ -25,6 +25,10 @@ class OutOfMemory(TubesumError):
     """A chunk did not fit in accelerator memory; the batcher splits it and retries."""
 
 
+class KVCacheTooSmall(OutOfMemory):
+    """Known before running: the prompts need more KV-cache tokens than the cache holds."""
+
+
 class PromptError(BadInput):
     """A transcript cannot make a prompt for this model (context too small, template broken): the
     video fails with this reason; an engine bug is never reported as this."""

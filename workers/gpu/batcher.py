@@ -9,8 +9,11 @@ its summary is in the database. Only this thread touches the model.
 
 A long transcript becomes several map prompts in the chunk(s) of its video, and its reduce
 prompts are queued first for the next chunk (see ``workers.summarise.SummaryPlan``).
-Out of memory: the batch row is recorded as ``oom``, the chunk is split in halves and each half
-retried; ``ChunkSizer`` caps later chunks at the largest size that worked.
+Memory is planned in tokens: a chunk takes as many prompts as the engine's KV cache holds (each
+prompt's tokens + max new tokens), capped by the chunk size. Out of memory all the same: the
+failed attempt's memory is given back (the engine), the batch row is recorded as ``oom``, the
+chunk is split in halves and each half retried; ``ChunkSizer`` caps later chunks and grows the
+cap back after chunks succeed.
 """
 
 from __future__ import annotations
@@ -26,10 +29,18 @@ from typing import TYPE_CHECKING
 
 from tubesum.db import is_transient_db_error
 from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
-from tubesum.errors import OutOfMemory, WorkerStopping
+from tubesum.errors import KVCacheTooSmall, OutOfMemory, WorkerStopping
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu import records
-from tubesum.workers.gpu.batching import ChunkSizer, Pending, chunk_line, halves, plan_chunk, seconds_until_ready
+from tubesum.workers.gpu.batching import (
+    ChunkSizer,
+    Pending,
+    chunk_line,
+    halves,
+    plan_chunk,
+    plan_token_chunk,
+    seconds_until_ready,
+)
 from tubesum.workers.gpu.params import Generation, SamplingParams
 from tubesum.workers.summarise.plan import SummaryPlan
 from tubesum.workers.summarise.prompt import PromptBuilder
@@ -206,23 +217,39 @@ class Batcher:
         with self._cond:
             while not self._stopping:
                 limit = self.sizer.limit
-                wait = seconds_until_ready(
+                chosen = self._plan()
+                # A chunk is full at the prompt cap, or when the token budget left prompts over.
+                full = bool(self._pending) and (len(chosen) >= limit or len(chosen) < len(self._pending))
+                wait = 0.0 if full else seconds_until_ready(
                     pending=len(self._pending), limit=limit, now=self.clock(), wait_s=self.chunk_wait_s,
                     oldest_arrival=min((p.pending.arrived for p in self._pending), default=0.0))
                 if wait <= 0:
-                    chosen = set(plan_chunk([p.pending for p in self._pending], limit))
+                    chosen = set(chosen)
                     chunk = [p for i, p in enumerate(self._pending) if i in chosen]
                     self._pending = [p for i, p in enumerate(self._pending) if i not in chosen]
                     return chunk
                 self._cond.wait(None if wait == float("inf") else wait)
             return None
 
-    def _run(self, chunk: list[_Prompt], *, oom_split: bool) -> None:
+    def _plan(self) -> list[int]:
+        """Indices into _pending of the next chunk (caller holds self._cond)."""
+        pending = [p.pending for p in self._pending]
+        capacity = self.engine.token_capacity
+        if capacity is None:  # plain generate(): memory not planned in tokens
+            return plan_chunk(pending, self.sizer.limit)
+        return plan_token_chunk(pending, max_new_tokens=self.params.max_new_tokens,
+                                token_capacity=capacity, max_prompts=self.sizer.limit)
+
+    def _run(self, chunk: list[_Prompt], *, oom_split: bool, lone_retry: bool = False) -> None:
         started, t0 = utcnow(), time.perf_counter()
+        oom: OutOfMemory | None = None
         try:
             generations, timings = self.engine.generate([p.ids for p in chunk], self.params)
         except OutOfMemory as exc:
-            self._on_oom(chunk, exc, started=started, wall_s=time.perf_counter() - t0, oom_split=oom_split)
+            oom = exc  # handled below, outside this block: the halves run with no live traceback
+        if oom is not None:
+            self._on_oom(chunk, oom, started=started, wall_s=time.perf_counter() - t0, oom_split=oom_split,
+                         lone_retry=lone_retry)
             return
         self.sizer.on_success(len(chunk))
         self._chunks_run += 1
@@ -249,21 +276,30 @@ class Batcher:
         self._commit(record, [self._outcome(w) for w in finished])
 
     def _on_oom(self, chunk: list[_Prompt], exc: OutOfMemory, *, started: datetime, wall_s: float,
-                oom_split: bool) -> None:
+                oom_split: bool, lone_retry: bool) -> None:
         self.sizer.on_oom(len(chunk))
         failed: list[VideoOutcome] = []
-        if len(chunk) == 1:
+        retry_alone = len(chunk) == 1 and not lone_retry and not isinstance(exc, KVCacheTooSmall)
+        if len(chunk) == 1 and not retry_alone:
             (prompt,) = chunk
-            reason = f"out of memory on a single prompt of {len(prompt.ids)} tokens: {exc}"
+            # Alone, on a card the engine has just emptied (or beyond the whole KV cache): it
+            # cannot fit. The numbers say why.
+            reason = (f"out of memory on a single prompt of {len(prompt.ids)} tokens + "
+                      f"{self.params.max_new_tokens} new (KV cache of {self.engine.token_capacity} "
+                      f"tokens): {exc}")
             log.warning("video %s failed: %s", prompt.work.video.video_pk, reason)
             failed.append(self._failure(prompt.work, reason))
+        elif retry_alone:
+            log.warning("a single prompt ran out of memory; retrying it once on the emptied card")
         else:
             log.warning("chunk of %d prompts ran out of memory; retrying it in halves (later chunks "
                         "capped at %d)", len(chunk), self.sizer.limit)
         record = records.oom_record(self._facts(), batch_size=len(chunk), prompt_tokens=sum(len(p.ids) for p in chunk),
                                     error=str(exc), started=started, wall_s=wall_s, oom_split=oom_split)
         self._commit(record, failed)
-        if len(chunk) > 1:
+        if retry_alone:
+            self._run(chunk, oom_split=True, lone_retry=True)
+        elif len(chunk) > 1:
             for half in halves(chunk):
                 alive = [p for p in half if not p.work.finished]  # a video may have failed meanwhile
                 if alive:

@@ -1,9 +1,10 @@
 """The pure core of the GPU worker's batching: plain Python on plain numbers, no torch, no Celery.
 
 * when a partial chunk has waited long enough (``seconds_until_ready``);
-* which pending prompts go into the next chunk (``plan_chunk``);
+* which pending prompts go into the next chunk (``plan_chunk``; ``plan_token_chunk`` when the
+  KV cache is planned in tokens: as many prompts as the token budget holds);
 * how a chunk that ran out of memory is split (``halves``) and how big later chunks may be
-  (``ChunkSizer``: remembers the largest size that worked).
+  (``ChunkSizer``: halves after an OOM, grows back after chunks succeed).
 
 Cutting long transcripts into pieces is the summarise step's business: workers/summarise/split.py.
 """
@@ -16,6 +17,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# Consecutive chunks that must succeed at the lowered size limit before it doubles again
+# (towards the configured size) after an out-of-memory error. Chunks.
+REGROW_AFTER_SUCCESSES = 4
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -44,6 +50,26 @@ def plan_chunk(pending: Sequence[Pending], limit: int) -> list[int]:
     return sorted(order[: max(1, limit)])
 
 
+def plan_token_chunk(pending: Sequence[Pending], *, max_new_tokens: int, token_capacity: int,
+                     max_prompts: int) -> list[int]:
+    """Indices of the prompts for the next chunk when KV memory is planned in tokens: in
+    ``plan_chunk``'s order (continuations, then arrival), as many as fit both ``max_prompts`` and
+    the token budget (each prompt needs its tokens + ``max_new_tokens`` of KV cache). Stops at
+    the first prompt that does not fit (first come, first served: no long prompt waits forever
+    behind shorter ones). Never empty: a first prompt beyond the budget goes alone, and the
+    engine fails it with the numbers."""
+    order = sorted(range(len(pending)), key=lambda i: (not pending[i].continuation, pending[i].arrived, i))
+    chosen: list[int] = []
+    used = 0
+    for i in order[: max(1, max_prompts)]:
+        need = pending[i].prompt_tokens + max_new_tokens
+        if chosen and used + need > token_capacity:
+            break
+        chosen.append(i)
+        used += need
+    return sorted(chosen)
+
+
 def halves(items: Sequence[T]) -> tuple[list[T], list[T]]:
     """Split a chunk that did not fit into two chunks (the first one gets the odd item)."""
     if len(items) < 2:
@@ -55,34 +81,28 @@ def halves(items: Sequence[T]) -> tuple[list[T], list[T]]:
 class ChunkSizer:
     """How many prompts a chunk may hold, learnt from out-of-memory errors.
 
-    Starts at the configured size. After an OOM at size n, chunks are capped at the largest size
-    that has worked below n (or n // 2 before any has): the split halves then teach it more.
-    A later OOM at or below the cap lowers it again (longer prompts need more memory)."""
+    Starts at the configured size. An OOM at size n caps chunks at n // 2 (the split halves then
+    run at about that size). After REGROW_AFTER_SUCCESSES chunks in a row succeed at the cap,
+    it doubles, up to the configured size: an OOM is often one unlucky chunk (longest prompts,
+    a fragmented moment), not a property of the card for the rest of the worker's life."""
 
-    def __init__(self, configured: int) -> None:
+    def __init__(self, configured: int, *, regrow_after: int = REGROW_AFTER_SUCCESSES) -> None:
         if configured < 1:
             raise ValueError("chunk size must be >= 1")
         self.configured = configured
-        self.smallest_oom: int | None = None  # smallest chunk size that ran out of memory
-        self.largest_ok = 0  # largest chunk size that worked, below smallest_oom
-
-    @property
-    def limit(self) -> int:
-        if self.smallest_oom is None:
-            return self.configured
-        if self.largest_ok:
-            return min(self.configured, self.largest_ok)
-        return max(1, min(self.configured, self.smallest_oom // 2))
+        self.regrow_after = regrow_after
+        self.limit = configured
+        self.streak = 0  # chunks in a row that succeeded at the current limit
 
     def on_success(self, n: int) -> None:
-        if self.smallest_oom is None or n < self.smallest_oom:
-            self.largest_ok = max(self.largest_ok, n)
+        if self.limit >= self.configured or n < self.limit:
+            return  # a smaller chunk says nothing about whether the cap could be raised
+        self.streak += 1
+        if self.streak >= self.regrow_after:
+            self.limit, self.streak = min(self.configured, self.limit * 2), 0
 
     def on_oom(self, n: int) -> None:
-        if self.smallest_oom is None or n < self.smallest_oom:
-            self.smallest_oom = n
-        if self.largest_ok >= self.smallest_oom:
-            self.largest_ok = 0  # what worked before was shorter prompts; learn again
+        self.limit, self.streak = max(1, min(self.limit, n // 2)), 0
 
 
 # --- the per-chunk log line ---------------------------------------------------------------------

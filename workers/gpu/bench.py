@@ -5,6 +5,12 @@ chunks over the prompts; summaries/s, generated and total tokens/s, speedup over
 ideal linear scaling, peak memory. Sizes beyond the list are tried, doubling, until memory runs
 out: that is reported as the limit, not a crash. `--baseline` times plain `model.generate()` on
 the same prompts in the same process.
+
+`--lengths varied` gives each prompt its own output length, drawn with a fixed seed like real
+summaries (40-250 tokens, mean about 120), and stops each row there (an emulated end token: the
+random weights never pick one). Those sizes run twice: "static" (a finished row keeps its place
+in the decode step until the chunk's longest row is done) and "drop" (finished rows leave the
+step: the engine's default).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 import torch
 
 from tubesum.errors import OutOfMemory
+from tubesum.workers.gpu.batching import Pending, plan_token_chunk
 from tubesum.workers.gpu.engine import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,13 @@ DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 REF_MIN_TOKENS, REF_MAX_TOKENS, REF_SEED = 700, 1400, 1234
 MAX_EXTRA_DOUBLINGS = 3  # after the list: try 2x, 4x, 8x the largest size until OOM
 MATCH_PROMPTS = 4  # prompts whose batch-1 output is compared with their batched output
+# Varied output lengths (--lengths varied): triangular between these, mode chosen for a mean of
+# about 120 tokens, like 100-word summaries that end on their own. Tokens, at --new-tokens 150
+# (VARIED_AT_NEW_TOKENS); other --new-tokens scale them (a CPU smoke run stays short).
+VARIED_MIN_TOKENS, VARIED_MODE_TOKENS, VARIED_MAX_TOKENS = 40, 70, 250
+VARIED_AT_NEW_TOKENS = 150
+VARIED_SEED = 4321
+LENGTHS = ("fixed", "varied")
 
 
 @dataclass
@@ -52,6 +66,8 @@ class SizeResult:
     token_match_rate: float | None = None
     oom: bool = False
     note: str = ""
+    lengths: str = "fixed"  # fixed: every prompt --new-tokens; varied: its own length
+    decode: str = "drop"  # static: finished rows stay in the step; drop: they leave it
 
 
 @dataclass
@@ -71,6 +87,7 @@ class BenchReport:
     baseline: list[SizeResult] = field(default_factory=list)
     memory_limit_chunk: int | None = None
     auto_chunk_size: int | None = None
+    token_capacity: int | None = None  # KV-cache tokens the engine planned
 
 
 def reference_prompts(n: int, *, vocab_size: int, seed: int = REF_SEED,
@@ -81,6 +98,32 @@ def reference_prompts(n: int, *, vocab_size: int, seed: int = REF_SEED,
     return [[rng.randrange(16, vocab_size) for _ in range(rng.randrange(low, high))] for _ in range(n)]
 
 
+def varied_lengths(n: int, *, new_tokens: int = VARIED_AT_NEW_TOKENS, seed: int = VARIED_SEED) -> list[int]:
+    """Each prompt's own output length, tokens: seeded; at 150 new tokens 40-250, mean about 120."""
+    rng = random.Random(seed)
+    scale = new_tokens / VARIED_AT_NEW_TOKENS
+    return [max(1, round(scale * rng.triangular(VARIED_MIN_TOKENS, VARIED_MAX_TOKENS, VARIED_MODE_TOKENS)))
+            for _ in range(n)]
+
+
+def auto_chunks(prompts: list[list[int]], lengths: list[int], *, token_capacity: int | None,
+                cap: int, max_chunks: int) -> list[list[list[int]]]:
+    """`--chunk-size auto` on these prompts, as the worker plans it: chunk after chunk from the
+    prompts in hand (cycled, in order), each taking as many as the token budget holds (a
+    prompt needs its tokens + its output length of KV cache), at most `cap`."""
+    count = max_chunks * cap
+    pool = (list(zip(prompts, lengths)) * math.ceil(count / len(prompts)))[:count]
+    if token_capacity is None:
+        return [[p for p, _ in pool[i * cap:(i + 1) * cap]] for i in range(max_chunks)]
+    chunks, at = [], 0
+    while len(chunks) < max_chunks and at < len(pool):
+        pending = [Pending(0.0, len(p) + n) for p, n in pool[at:at + cap]]
+        taken = len(plan_token_chunk(pending, max_new_tokens=0, token_capacity=token_capacity, max_prompts=cap))
+        chunks.append([p for p, _ in pool[at:at + taken]])
+        at += taken
+    return chunks
+
+
 def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int) -> list[list[list[int]]]:
     count = max(1, min(math.ceil(len(prompts) / size), max_chunks))
     pool = prompts * math.ceil(size * count / len(prompts))  # reuse prompts for big sizes
@@ -89,19 +132,32 @@ def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int) -> list[li
 
 def run_size(engine: Engine, prompts: list[list[int]], size: int, params: SamplingParams, *,
              max_chunks: int, backend: str | None = None,
-             reference: dict[int, list[int]] | None = None) -> SizeResult:
-    """Warm up once, then time `max_chunks` chunks of `size` prompts."""
+             reference: dict[int, list[int]] | None = None,
+             own_lengths: dict[int, int] | None = None) -> SizeResult:
+    """Warm up once, then time `max_chunks` chunks of `size` prompts. `own_lengths`: each
+    prompt's output length by id(prompt) (varied lengths)."""
     name = backend or engine.backend
     res = SizeResult(chunk_size=size, engine=name, ideal_speedup=float(size))
-    chunks = _chunks_for(size, prompts, max_chunks)
+    if size == 0:  # auto: each chunk as many prompts as the token budget holds
+        own = [own_lengths[id(p)] for p in prompts] if own_lengths else [params.max_new_tokens] * len(prompts)
+        cap = engine.auto_chunk_cap(new_tokens=params.max_new_tokens)  # as the worker holds
+        chunks = auto_chunks(prompts, own, token_capacity=engine.token_capacity, cap=cap,
+                             max_chunks=max_chunks)
+        res.chunk_size = round(sum(map(len, chunks)) / len(chunks))
+        res.ideal_speedup = float(res.chunk_size)
+        res.note = "auto: " + ", ".join(str(len(c)) for c in chunks)
+    else:
+        chunks = _chunks_for(size, prompts, max_chunks)
+
+    def lengths_of(chunk: list[list[int]]) -> list[int] | None:
+        return None if own_lengths is None else [own_lengths[id(p)] for p in chunk]
+
     try:
-        # Warm-up with the longest prompts so the timed chunks reuse its cache and graph.
-        warm = sorted(prompts, key=len, reverse=True)
-        warm = (warm * math.ceil(size / len(warm)))[:size]
-        engine.generate(warm, params, backend=backend)
+        # Warm-up with the first chunk (cache allocation, graph capture for its row bucket).
+        engine.generate(chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]))
         peaks = []
         for chunk in chunks:
-            gens, t = engine.generate(chunk, params, backend=backend)
+            gens, t = engine.generate(chunk, params, backend=backend, new_tokens=lengths_of(chunk))
             res.prompts += len(chunk)
             res.wall_s += t.wall_s
             res.prefill_s += t.prefill_s or 0.0
@@ -152,24 +208,38 @@ def fill_speedups(results: list[SizeResult]) -> None:
 
 def sweep(engine: Engine, prompts: list[list[int]], params: SamplingParams, *,
           chunk_sizes: list[int], extend: bool, max_chunks: int, progress=None,
-          backend: str | None = None, check_match: bool = True) -> tuple[list[SizeResult], int | None]:
-    sizes = list(chunk_sizes)
-    if extend:
-        top = max(sizes)
-        sizes += [top * 2 ** k for k in range(1, MAX_EXTRA_DOUBLINGS + 1)]
+          backend: str | None = None, check_match: bool = True,
+          own_lengths: list[int] | None = None, decode: str = "drop") -> tuple[list[SizeResult], int | None]:
+    """Every size in turn (then doubling, with `extend`) until one does not fit. With
+    `own_lengths` (one per prompt), rows stop at their own length; `decode` "static" keeps
+    finished rows in the step."""
+    sizes = sorted(chunk_sizes, key=lambda c: (c == 0, c))  # 0 = auto, last
+    numbered = [c for c in sizes if c]
+    if extend and numbered:
+        top = max(numbered)
+        sizes[len(numbered):len(numbered)] = [top * 2 ** k for k in range(1, MAX_EXTRA_DOUBLINGS + 1)]
     reference = batch1_reference(engine, prompts, params) if check_match else None
+    by_id = None if own_lengths is None else {id(p): n for p, n in zip(prompts, own_lengths)}
+    runner = engine.runner
+    if runner is not None:
+        runner.drop_finished_rows = decode != "static"
     results: list[SizeResult] = []
     limit = None
     for size in sizes:
+        if size and limit is not None:
+            continue  # larger than a size that did not fit
         if progress:
-            progress(f"{backend or engine.backend} chunk {size}")
+            progress(f"{backend or engine.backend} chunk {size or 'auto'}")
         res = run_size(engine, prompts, size, params, max_chunks=max_chunks, backend=backend,
-                       reference=reference)
+                       reference=reference, own_lengths=by_id)
+        res.lengths = "fixed" if own_lengths is None else "varied"
+        res.decode = decode
         results.append(res)
         log.info("chunk %d: %s", size, res)
-        if res.oom:
+        if res.oom and size:
             limit = size
-            break
+    if runner is not None:
+        runner.drop_finished_rows = True
     engine.release()
     fill_speedups(results)
     return results, limit
@@ -182,44 +252,76 @@ def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
     return [path, *plot(report, out_dir)]
 
 
+def _series(results: list[SizeResult]) -> dict[str, list[SizeResult]]:
+    """Results that ran, by (lengths, decode), each in chunk-size order."""
+    out: dict[str, list[SizeResult]] = {}
+    for r in sorted((r for r in results if not r.oom), key=lambda r: r.chunk_size):
+        name = "fixed lengths" if r.lengths == "fixed" else f"varied lengths, {r.decode}"
+        out.setdefault(name, []).append(r)
+    return out
+
+
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot(report: BenchReport, out_dir: Path) -> list[Path]:
+    """throughput.png and speedup.png for whatever the sweep produced: any sizes, with or
+    without chunk 1, sizes that ran out of memory, a single size, nothing that fit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in report.results if not r.oom]
+    series = _series(report.results)
     base = [r for r in report.baseline if not r.oom]
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r.chunk_size for r in ok], [r.generated_tokens_per_s for r in ok], "o-",
-            label=f"tubesum ({report.engine})")
+    for name, rows in series.items():
+        ax.plot([r.chunk_size for r in rows], [r.generated_tokens_per_s for r in rows], "o-",
+                label=f"tubesum ({report.engine}), {name}")
     if base:
         ax.plot([r.chunk_size for r in base], [r.generated_tokens_per_s for r in base], "s--",
                 label="plain generate()")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("chunk size (prompts per batched generation)")
-    ax.set_ylabel("generated tokens / s")
+    if series or base:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size (prompts per batched generation)")
+        ax.set_ylabel("generated tokens / s")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    else:
+        _no_data(ax, "no chunk size fit in memory")
     ax.set_title(f"Throughput: {report.model} on {report.device}")
-    ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "throughput.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    with_speedup = [r for r in ok if r.speedup is not None]
-    xs = [r.chunk_size for r in with_speedup]
-    ax.plot(xs, [r.speedup for r in with_speedup], "o-", label="measured speedup")
-    ax.plot(xs, xs, "k:", label="ideal (linear)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("chunk size")
-    ax.set_ylabel("speedup over chunk size 1")
+    drawn = False
+    for name, rows in series.items():
+        # Over chunk 1 when it ran; otherwise over the smallest size that ran (and said so).
+        first = rows[0]
+        if first.generated_tokens_per_s <= 0:
+            continue
+        xs = [r.chunk_size / first.chunk_size for r in rows]
+        ys = [r.generated_tokens_per_s / first.generated_tokens_per_s for r in rows]
+        ax.plot([r.chunk_size for r in rows], ys, "o-", label=f"{name} (over chunk {first.chunk_size})")
+        if not drawn:
+            ax.plot([r.chunk_size for r in rows], xs, "k:", label="ideal (linear)")
+        drawn = True
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("chunk size")
+        ax.set_ylabel("speedup over the smallest chunk size")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    else:
+        _no_data(ax, "no chunk size fit in memory")
     ax.set_title("Speedup against ideal linear scaling")
-    ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     paths.append(out_dir / "speedup.png")
     fig.savefig(paths[-1], dpi=120)
@@ -246,14 +348,18 @@ def resolve_bench_device(device: str) -> tuple[str, str | None]:
 def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
               transcripts: str | None, job: int | None, device: str, baseline: bool,
               baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,
-              dtype: str = "auto", progress=None) -> BenchReport:
-    """Load the model once, sweep chunk sizes (and the baseline), write bench.json and plots."""
+              dtype: str = "auto", progress=None, lengths: str = "both",
+              varied_sizes: list[int] | None = None) -> BenchReport:
+    """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
+    baseline), write bench.json and plots."""
     import transformers
 
     from tubesum.workers.gpu.engine import load_engine
 
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
     engine = load_engine(model, device_map=device_map, dtype=dtype)
+    if engine.device.type == "cuda":
+        engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
         from tubesum.workers.gpu.bench_prompts import prompts_from_source
 
@@ -270,22 +376,36 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     report = BenchReport(model=model, engine=engine.backend, device=engine.devices,
                          dtype=engine.dtype, attention=engine.attn_implementation,
                          new_tokens=new_tokens, prompt_source=source,
-                         transformers_version=transformers.__version__)
-    longest = max(len(p) for p in prompt_ids)
-    report.auto_chunk_size = engine.auto_chunk_size(prompt_tokens=longest, new_tokens=new_tokens)
-    chunk_sizes = sorted({report.auto_chunk_size if c == 0 else c for c in chunk_sizes})
-    report.results, report.memory_limit_chunk = sweep(
-        engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
-        max_chunks=max_chunks, progress=progress)
+                         transformers_version=transformers.__version__,
+                         token_capacity=engine.token_capacity)
+    if lengths in ("fixed", "both"):
+        fixed, report.memory_limit_chunk = sweep(
+            engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
+            max_chunks=max_chunks, progress=progress)
+        report.results += fixed
+    if lengths in ("varied", "both"):
+        own = varied_lengths(len(prompt_ids), new_tokens=new_tokens)
+        varied_params = SamplingParams(max_new_tokens=max(own), ignore_eos=True)
+        fit = [c for c in varied_sizes or chunk_sizes
+               if not report.memory_limit_chunk or c < report.memory_limit_chunk]
+        for decode in ("static", "drop"):
+            rows, _ = sweep(engine, prompt_ids, varied_params, chunk_sizes=fit or chunk_sizes,
+                            extend=False, max_chunks=max_chunks, progress=progress,
+                            check_match=False, own_lengths=own, decode=decode)
+            report.results += rows
+    auto = [r for r in report.results if r.note.startswith("auto") and not r.oom]
+    report.auto_chunk_size = auto[0].chunk_size if auto else engine.auto_chunk_size(
+        prompt_tokens=max(len(p) for p in prompt_ids), new_tokens=new_tokens)
     if baseline:
+        numbered = [c for c in chunk_sizes if c]
         report.baseline, _ = sweep(
-            engine, prompt_ids, params, chunk_sizes=baseline_sizes or [1, max(chunk_sizes)],
+            engine, prompt_ids, params, chunk_sizes=baseline_sizes or [1, max(numbered or [1])],
             extend=False, max_chunks=1, progress=progress, backend="hf", check_match=False)
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)
     return report
 
 
-def best(results: list[SizeResult]) -> SizeResult | None:
-    ok = [r for r in results if not r.oom]
+def best(results: list[SizeResult], lengths: str = "fixed") -> SizeResult | None:
+    ok = [r for r in results if not r.oom and r.lengths == lengths]
     return max(ok, key=lambda r: r.summaries_per_s) if ok else None

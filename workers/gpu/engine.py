@@ -1,9 +1,9 @@
 """The generation engine: load a model once, then `generate()` one chunk of prompts at a time.
 
 The GPU worker and `tubesum bench` both call exactly this. Two backends sit behind one API:
-`fast` (workers/gpu/runner.py: packed prefill, static KV cache, CUDA graphs) for Llama-family
-models on one device, and `hf` (plain `model.generate()` with left padding) for every other
-architecture, for models sharded over several GPUs, and as the bench's baseline.
+`fast` (workers/gpu/runner.py: packed prefill, ragged KV cache planned in tokens, CUDA graphs)
+for Llama-family models on one device, and `hf` (plain `model.generate()` with left padding) for
+every other architecture, for models sharded over several GPUs, and as the bench's baseline.
 """
 
 from __future__ import annotations
@@ -11,27 +11,31 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
 import torch
 
-from tubesum.errors import ModelLoadError, OutOfMemory
+from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
 from tubesum.workers.gpu.model_check import check_model
-from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
+from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "fast", "hf"]
-# Memory kept free beside weights and KV cache when sizing a chunk: prefill activations at the
-# token budget, logits, allocator fragmentation. In bytes.
-AUTO_CHUNK_RESERVE_BYTES = 6 * 2**30
-AUTO_CHUNK_SAFETY = 0.9  # use at most this share of what is left
+# Most prompts `--chunk-size auto` holds at once (the token budget cuts chunks below it).
 AUTO_CHUNK_MAX = 512
+# Prompt length `--chunk-size auto` expects when deciding how many prompts to hold in hand, so
+# that shorter prompts than usual still fill the token budget. Tokens.
+AUTO_TYPICAL_PROMPT_TOKENS = 1024
 CPU_AUTO_CHUNK = 8
+# After a real CUDA out-of-memory error the planned KV capacity shrinks to this share of itself
+# (the activation reserve was too small for this card's state). Fraction.
+OOM_CAPACITY_SHRINK = 0.9
 
 
 @dataclass
@@ -85,22 +89,31 @@ class Engine:
         return 2 * cfg.num_hidden_layers * kv * head_dim * elem
 
     # ------------------------------------------------------------------ chunk sizing
+    @property
+    def token_capacity(self) -> int | None:
+        """KV-cache tokens a chunk may use (prompt + new tokens of every row), or None when the
+        backend does not plan memory in tokens (plain generate())."""
+        return self.runner.token_capacity if self.runner is not None and self.backend == "fast" else None
+
     def auto_chunk_size(self, *, prompt_tokens: int, new_tokens: int) -> int:
-        """The largest chunk whose KV cache fits in free memory beside a fixed reserve."""
-        dev = self.device
-        if dev.type != "cuda":
+        """How many prompts of `prompt_tokens` the token budget holds (at most AUTO_CHUNK_MAX)."""
+        capacity = self.token_capacity
+        if capacity is None or self.device.type != "cuda":
             return CPU_AUTO_CHUNK
-        free, _total = torch.cuda.mem_get_info(dev)
-        slots = LlamaRunner.slots_for(prompt_tokens, new_tokens)
-        per_row = self.kv_bytes_per_token() * slots
-        usable = max(0.0, (free - AUTO_CHUNK_RESERVE_BYTES) * AUTO_CHUNK_SAFETY)
-        return int(max(1, min(AUTO_CHUNK_MAX, usable // per_row)))
+        return int(max(1, min(AUTO_CHUNK_MAX, capacity // (prompt_tokens + new_tokens))))
+
+    def auto_chunk_cap(self, *, new_tokens: int) -> int:
+        """`--chunk-size auto`: prompts held in hand, enough to fill the token budget with
+        shorter-than-typical prompts; each chunk is then cut by the budget."""
+        return self.auto_chunk_size(prompt_tokens=AUTO_TYPICAL_PROMPT_TOKENS, new_tokens=new_tokens)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 *, backend: str | None = None) -> tuple[list[Generation], BatchTimings]:
+                 *, backend: str | None = None,
+                 new_tokens: list[int] | None = None) -> tuple[list[Generation], BatchTimings]:
         """One batched generation over the whole chunk. Results come back in input order.
-        Raises OutOfMemory (memory already released) when the chunk does not fit."""
+        Raises OutOfMemory when the chunk does not fit, with every tensor of the failed attempt
+        already freed. `new_tokens`: each prompt's own length (fast backend; the bench)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use = backend or self.backend
@@ -108,18 +121,27 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        failure: str | None = None
         try:
             if use == "fast":
                 assert self.runner is not None, "fast backend needs a Llama-family model"
                 rows, stats = self.runner.generate(
                     prompts, max_new_tokens=params.max_new_tokens, stop_ids=self.stop_ids,
-                    ignore_eos=params.ignore_eos)
+                    ignore_eos=params.ignore_eos, new_tokens=new_tokens)
                 prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
             else:
                 rows, prefill_s, decode_s, padded = self._hf_generate(prompts, params)
+        except CacheTooSmall as exc:  # planned, nothing allocated
+            raise KVCacheTooSmall(str(exc)) from None
         except torch.OutOfMemoryError as exc:
-            self.release()
-            raise OutOfMemory(f"chunk of {len(prompts)} prompts did not fit: {exc}") from exc
+            failure = str(exc).split("\n")[0][:300]
+            # The traceback's frames hold the failed attempt's tensors (activations, logits):
+            # clear them here, and raise OutOfMemory outside this block with no chain to `exc`,
+            # so nothing keeps that memory alive while the chunk's halves run.
+            traceback.clear_frames(exc.__traceback__)
+        if failure is not None:
+            self._recover_from_oom()
+            raise OutOfMemory(f"chunk of {len(prompts)} prompts did not fit: {failure}")
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         gens = [
@@ -138,6 +160,19 @@ class Engine:
         )
         return gens, timings
 
+    def _recover_from_oom(self) -> None:
+        """Give the failed attempt's memory back and plan a little less KV cache from now on."""
+        cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
+        if self.runner is not None:
+            self.runner.shrink_capacity(OOM_CAPACITY_SHRINK)  # drops cache and graphs too
+        self.release()
+        if cuda:
+            after = torch.cuda.memory_allocated(self.device)
+            log.warning("out of memory: %.2f GiB allocated before recovery, %.2f GiB after; KV "
+                        "cache planned for %s tokens from now on", before / 2**30, after / 2**30,
+                        self.token_capacity)
+
     def warmup(self) -> float:
         """Compile the fused kernels (for one and for several rows/tokens, so the shapes become
         dynamic) before the first real chunk, so its batch row times generation, not compilation.
@@ -150,10 +185,13 @@ class Engine:
             prompts = [[token] * (16 + 8 * i) for i in range(rows)]
             self.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
         self.release()
+        assert self.runner is not None
+        self.runner.token_capacity  # measure once, with the compiled kernels, before any chunk
         return time.perf_counter() - t0
 
     def release(self) -> None:
-        """Drop the chunk-sized KV cache and graphs (after an OOM, or before a different size)."""
+        """Drop the KV cache and decode graphs (after an OOM, or before plain generate() needs
+        the memory); the next fast chunk allocates them again at the planned capacity."""
         if self.runner is not None:
             self.runner.release()
         if self.device.type == "cuda":

@@ -7,10 +7,14 @@ small kernels per token from Python. This runner instead
 * prefills prompts **packed** (no padding: one long sequence of all prompts, with variable-length
   FlashAttention when on CUDA) in sub-batches of a token budget, and computes logits only at each
   prompt's last position;
-* decodes from a **pre-allocated KV cache** `[layers, batch, slots, kv_heads, head_dim]` where each
-  row reads only its own length (FlashAttention's `seqused_k`), with GQA handled by the kernel;
-* captures one decode step (all layers + greedy pick) in a **CUDA graph** and replays it, so a token
-  costs one launch instead of ~1,000.
+* decodes from a **ragged KV cache**: one flat buffer `[layers, tokens, kv_heads, head_dim]`,
+  allocated once at the runner's `token_capacity`, where each row owns exactly its prompt + its
+  new tokens at its own offset and reads only its own length (FlashAttention varlen through
+  `cu_seqlens_k` offsets and `seqused_k`), with GQA handled by the kernel. Memory is planned in
+  tokens, not in rows × (longest prompt + max new);
+* captures one decode step (all layers + greedy pick) in a **CUDA graph** per bucketed row count
+  (rows padded with dummy entries up to the bucket) and replays it, so a token costs one launch
+  instead of ~1,000.
 
 It reuses the HF model's own weights (q/k/v and gate/up are fused in place into single matrices;
 the HF modules keep working as views), so the HF model can still run `generate()` beside it.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +37,25 @@ log = logging.getLogger(__name__)
 # Prompt tokens per prefill forward pass. Big enough for full-speed matmuls, small enough that the
 # MLP activations ([tokens, 2 × intermediate]) stay around a gigabyte for an 8B model.
 PREFILL_TOKEN_BUDGET = 16384
-# KV-cache slots are allocated in multiples of this. A chunk reuses the current cache and graph
-# when it has the same number of rows and needs no more slots (rows read only their own length).
-SLOT_ROUNDING = 64
+# Decode graphs are captured for bucketed row counts (powers of two up to this, then multiples of
+# it): a chunk of 187 rows replays the 192-row graph with 5 dummy rows. Rows.
+ROW_BUCKET = 32
+# The longest KV region a decode graph reads (FlashAttention's max_seqlen_k, baked into the
+# graph) is rounded up to a multiple of this. Tokens.
+MAX_K_ROUNDING = 1024
+# Decode graphs kept at once (each holds static buffers of its row count; intermediates share one
+# memory pool). The least recently used is dropped beyond this.
+MAX_GRAPHS = 8
+# Memory left unplanned beside weights, KV cache and the measured activation peak: cuBLAS
+# workspaces, CUDA-graph pools, allocator fragmentation. Bytes.
+MEMORY_HEADROOM_BYTES = int(1.5 * 2**30)
+# Share of the remaining free memory the KV cache may take (the rest is slack for fragmentation).
+KV_MEMORY_SHARE = 0.97
+# The most rows a decode step is planned for when reserving its logits ([rows, vocab]). Rows.
+MAX_PLANNED_ROWS = 512
+# KV-cache tokens on the CPU (tests): enough for any chunk of the tiny models; the buffer is
+# `empty`, so untouched pages cost nothing. Tokens.
+CPU_TOKEN_CAPACITY = 1 << 16
 # From this many rows on, decode attention packs each KV head's query heads together (reads the
 # cache once instead of once per query head); below it, the two layout copies cost more.
 GQA_PACK_MIN_ROWS = 16
@@ -145,67 +166,116 @@ class _Ops:
 
 
 class KVCache:
-    """Pre-allocated keys and values for one chunk: [layers, rows, slots, kv_heads, head_dim]."""
+    """Keys and values of every row in one flat buffer per layer: [layers, capacity + 1, kv_heads,
+    head_dim]. A row owns `[start, start + prompt + new tokens)`; the last slot is scratch that
+    dummy rows of a padded decode graph write to and read from."""
 
-    def __init__(self, *, layers: int, rows: int, slots: int, kv_heads: int, head_dim: int,
+    def __init__(self, *, layers: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (layers, rows, slots, kv_heads, head_dim)
-        # Zeroed, not empty: masked attention (the CPU path) still multiplies the unused slots'
-        # values by a zero weight, and 0 × NaN from uninitialised memory is NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.rows, self.slots = rows, slots
+        shape = (layers, capacity + 1, kv_heads, head_dim)
+        # Empty, not zeroed: every reader is limited to slots its row has written (seqused_k on
+        # CUDA, per-row slices on the CPU). Only the scratch slot is zeroed (no NaN in dummy rows).
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, capacity].zero_()
+        self.v[:, capacity].zero_()
+        self.capacity = capacity
+        self.scratch = capacity  # the dummy rows' slot
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # [rows·slots, kv_heads, head_dim]: row r's slot s is at r·slots + s
-        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
+        # [capacity + 1, kv_heads, head_dim]: token t of the row starting at s is at s + t
+        return self.k[layer], self.v[layer]
+
+
+def kv_token_capacity(*, free_bytes: int, reserve_bytes: int, bytes_per_token: int,
+                      share: float = KV_MEMORY_SHARE) -> int:
+    """KV-cache tokens that fit in `free_bytes` once `reserve_bytes` (activations, logits,
+    headroom) are set aside, using `share` of what is left (slack for fragmentation)."""
+    return int(max(0, free_bytes - reserve_bytes) * share) // bytes_per_token
+
+
+def row_starts(lengths: list[int]) -> list[int]:
+    """Rows packed back to back: each row's offset in the flat cache ([n]), given its length."""
+    starts, at = [], 0
+    for n in lengths:
+        starts.append(at)
+        at += n
+    return starts
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a decode graph is captured for: powers of two below ROW_BUCKET, then
+    multiples of ROW_BUCKET (few captures; at most ROW_BUCKET - 1 dummy rows)."""
+    if rows <= ROW_BUCKET:
+        return 1 << max(0, rows - 1).bit_length()
+    return math.ceil(rows / ROW_BUCKET) * ROW_BUCKET
 
 
 class _DecodeGraph:
-    """Static buffers and (on CUDA) a captured graph for one decode step of `rows` prompts.
-    The step also does its own bookkeeping (store the pick, advance position and step), so a
-    token costs exactly one graph launch from the host."""
+    """Static buffers and (on CUDA) a captured graph for one decode step of `rows` rows (a
+    bucket: real rows first, dummy rows after). The step also does its own bookkeeping (store the
+    pick, advance position and step), so a token costs exactly one graph launch from the host."""
 
-    def __init__(self, runner: LlamaRunner, cache: KVCache, suppress: torch.Tensor | None,
-                 max_new_tokens: int, use_graph: bool) -> None:
+    def __init__(self, runner: LlamaRunner, cache: KVCache, *, rows: int, max_k: int,
+                 suppress: torch.Tensor | None, max_new_tokens: int, use_graph: bool,
+                 pool=None) -> None:
         dev = runner.device
         self.runner, self.cache, self.suppress = runner, cache, suppress
-        self.max_new_tokens = max_new_tokens
-        self.tokens = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] last token
-        self.pos = torch.zeros(cache.rows, dtype=torch.long, device=dev)  # [B] its position
+        self.rows, self.max_k, self.max_new_tokens = rows, max_k, max_new_tokens
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] last token
+        self.pos = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] its position
+        # [B] the last position a row may reach (its region's last slot; 0 for dummy rows): a row
+        # that is done but still in the step writes there, never into the next row's region.
+        self.last_pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        # [B + 1] each row's offset in the flat cache; dummy rows sit on the scratch slot.
+        self.cu_k = torch.full((rows + 1,), cache.scratch, dtype=torch.int32, device=dev)
+        self.cu_k[rows] = cache.scratch + 1
         # [B, N + 1]: graph capture runs one step at column 1, which must exist even when N is 1.
-        self.out = torch.zeros(cache.rows, max_new_tokens + 1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(rows, max_new_tokens + 1, dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)  # next column of `out`
         self.graph: torch.cuda.CUDAGraph | None = None
         if use_graph:
-            self._capture()
+            self._capture(pool)
 
     def _step(self) -> None:
-        logits = self.runner.decode_logits(self.tokens, self.pos, self.cache)  # [B, V]
+        logits = self.runner.decode_logits(self.tokens, self.pos, self.cu_k, self.cache, self.max_k)  # [B, V]
         if self.suppress is not None:
             logits.index_fill_(1, self.suppress, float("-inf"))
         nxt = logits.argmax(dim=-1)  # [B]
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.tokens.copy_(nxt)
-        self.pos.add_(1)
+        torch.minimum(self.pos + 1, self.last_pos, out=self.pos)  # dummy rows stay on scratch
         self.step.add_(1)
 
-    def _capture(self) -> None:
+    def _capture(self, pool) -> None:
         # Warm up on a side stream (cuBLAS workspaces, kernel compilation), then record one step.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.reset()
+                self.step.fill_(1)
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.reset()
+        self.step.fill_(1)
+        self.pos.zero_()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self._step()
 
-    def reset(self) -> None:
-        self.pos.fill_(0)
+    def load(self, first: torch.Tensor, pos: list[int], starts: list[int], lengths: list[int]) -> None:
+        """Point the first len(pos) rows at a chunk: first tokens [n], positions, cache offsets
+        and region lengths (prompt + that row's new tokens)."""
+        n, dev = len(pos), self.runner.device
+        self.tokens.zero_()
+        self.tokens[:n] = first
+        self.pos.zero_()
+        self.pos[:n] = torch.tensor(pos, device=dev)
+        self.last_pos.zero_()
+        self.last_pos[:n] = torch.tensor(lengths, device=dev) - 1
+        self.cu_k.fill_(self.cache.scratch)
+        self.cu_k[:n] = torch.tensor(starts, dtype=torch.int32, device=dev)
+        self.cu_k[self.rows] = self.cache.scratch + 1
+        self.out[:n, 0] = first
         self.step.fill_(1)
 
     def run(self) -> None:
@@ -226,7 +296,8 @@ class LlamaRunner:
     """Greedy batched generation for one Llama-family HF model on one device."""
 
     def __init__(self, model: torch.nn.Module, *, use_cuda_graphs: bool | None = None,
-                 allow_flash: bool = True, compile_ops: bool = True) -> None:
+                 allow_flash: bool = True, compile_ops: bool = True,
+                 token_capacity: int | None = None) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"fast runner does not support model_type {cfg.model_type!r}")
@@ -268,8 +339,12 @@ class LlamaRunner:
             cos, sin = inner.rotary_emb(probe, positions)
             self.cos = cos[0].to(self.dtype)  # [max_positions, D]
             self.sin = sin[0].to(self.dtype)
-        self._graph: _DecodeGraph | None = None
-        self._graph_key: tuple | None = None
+        self._capacity: int | None = token_capacity  # KV tokens; measured on first use when None
+        self._kv: KVCache | None = None
+        self._graphs: OrderedDict[tuple, _DecodeGraph] = OrderedDict()  # LRU, by (bucket, max_k, ...)
+        self._pool = None  # the decode graphs' shared memory pool
+        # Rows that finished stop costing decode time (they leave the step at the next bucket).
+        self.drop_finished_rows = True
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -277,9 +352,46 @@ class LlamaRunner:
         elem = torch.finfo(self.dtype).bits // 8
         return 2 * len(self.layers) * self.n_kv * self.head_dim * elem
 
-    @staticmethod
-    def slots_for(longest_prompt: int, max_new_tokens: int) -> int:
-        return math.ceil((longest_prompt + max_new_tokens) / SLOT_ROUNDING) * SLOT_ROUNDING
+    @property
+    def token_capacity(self) -> int:
+        """KV-cache tokens this runner holds: measured once (on CUDA: free memory after the
+        weights and a measured activation reserve), then fixed."""
+        if self._capacity is None:
+            self._capacity = self._measure_capacity() if self.device.type == "cuda" else CPU_TOKEN_CAPACITY
+        return self._capacity
+
+    @torch.inference_mode()
+    def _measure_capacity(self) -> int:
+        """Free memory minus the activation peak of one full prefill piece (measured, not
+        guessed), the decode logits of MAX_PLANNED_ROWS rows and a headroom, in KV tokens."""
+        dev = self.device
+        self.release()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        probe = KVCache(layers=len(self.layers), capacity=PREFILL_TOKEN_BUDGET, kv_heads=self.n_kv,
+                        head_dim=self.head_dim, dtype=self.dtype, device=dev)
+        probe_bytes = probe.k.numel() * probe.k.element_size() * 2
+        rows = 8  # several prompts: the varlen path the chunks take
+        length = PREFILL_TOKEN_BUDGET // rows
+        self.prefill_logits([[1] * length] * rows, row_starts([length] * rows), probe)
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - base - probe_bytes
+        del probe
+        torch.cuda.empty_cache()
+        logits = MAX_PLANNED_ROWS * self.lm_head.shape[0] * self.lm_head.element_size()
+        free, _total = torch.cuda.mem_get_info(dev)
+        capacity = kv_token_capacity(free_bytes=free, reserve_bytes=activations + logits + MEMORY_HEADROOM_BYTES,
+                                     bytes_per_token=self.kv_bytes_per_token)
+        log.info("KV cache: %d tokens (%.1f GiB) = free %.1f GiB - activations %.2f GiB - logits "
+                 "%.2f GiB - headroom %.1f GiB", capacity, capacity * self.kv_bytes_per_token / 2**30,
+                 free / 2**30, activations / 2**30, logits / 2**30, MEMORY_HEADROOM_BYTES / 2**30)
+        return capacity
+
+    def shrink_capacity(self, factor: float) -> None:
+        """After a real out-of-memory error: plan fewer KV tokens (the cache is re-allocated at
+        the new size for the next chunk)."""
+        self._capacity = int(self.token_capacity * factor)
+        self.release()
 
     # ------------------------------------------------------------------ all layers
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor,
@@ -303,25 +415,26 @@ class LlamaRunner:
         return h
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, prompts: list[list[int]], rows: list[int], cache: KVCache,
+    def prefill(self, prompts: list[list[int]], starts: list[int], cache: KVCache,
                 suppress: torch.Tensor | None = None) -> torch.Tensor:
-        """Run `prompts` packed into one sequence, fill their cache rows, return their first
-        generated token [n]."""
-        logits = self.prefill_logits(prompts, rows, cache)
+        """Run `prompts` packed into one sequence, write their keys and values at `starts`,
+        return their first generated token [n]."""
+        logits = self.prefill_logits(prompts, starts, cache)
         if suppress is not None:
             logits.index_fill_(1, suppress, float("-inf"))
         return logits.argmax(dim=-1)
 
-    def prefill_logits(self, prompts: list[list[int]], rows: list[int], cache: KVCache) -> torch.Tensor:
+    def prefill_logits(self, prompts: list[list[int]], starts: list[int], cache: KVCache) -> torch.Tensor:
         """Logits [n, V] at each prompt's last position only (never the whole vocabulary for
-        every prompt token: at 256 × 1,400 tokens that alone would be ~180 GB)."""
+        every prompt token: at 256 × 1,400 tokens that alone would be ~180 GB). Prompt i's
+        token t goes to cache slot starts[i] + t."""
         lens = [len(p) for p in prompts]
         dev = self.device
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)  # [T]
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])  # [T]
-        row_of = torch.repeat_interleave(
-            torch.tensor(rows, device=dev), torch.tensor(lens, device=dev))  # [T]
-        dest = row_of * cache.slots + pos  # flat cache slot of every token
+        start_of = torch.repeat_interleave(
+            torch.tensor(starts, device=dev), torch.tensor(lens, device=dev))  # [T]
+        dest = start_of + pos  # flat cache slot of every token
         offsets = [0]
         for n in lens:
             offsets.append(offsets[-1] + n)
@@ -349,124 +462,195 @@ class LlamaRunner:
         return out
 
     # ------------------------------------------------------------------ decode
-    def decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One step for every row: tokens, pos: [B] → logits [B, V]. Capturable in a CUDA graph."""
-        rows = torch.arange(cache.rows, device=self.device)
-        dest = rows * cache.slots + pos  # [B]
+    def decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, cu_k: torch.Tensor,
+                      cache: KVCache, max_k: int) -> torch.Tensor:
+        """One step for every row: tokens, pos: [B]; cu_k: [B + 1] int32, row i's region starts
+        at cu_k[i]; max_k ≥ every row's length → logits [B, V]. Capturable in a CUDA graph."""
+        rows = tokens.shape[0]
+        dest = cu_k[:-1].long() + pos  # [B]
         used = (pos + 1).to(torch.int32)  # [B] keys each row may read
-        cu_q = torch.arange(cache.rows + 1, device=self.device, dtype=torch.int32)
-        cu_k = cu_q * cache.slots
+        cu_q = torch.arange(rows + 1, device=self.device, dtype=torch.int32)
 
         group = self.n_heads // self.n_kv
         cu_grouped = cu_q * group
-        pack = group > 1 and cache.rows >= GQA_PACK_MIN_ROWS
+        pack = group > 1 and rows >= GQA_PACK_MIN_ROWS
 
         def attend(layer: int, q, _k, _v):
             if not self.use_flash:
-                return self._sdpa_decode(q, layer, cache, used)
+                return self._sdpa_decode(q, layer, cache, cu_k, used)
             k_flat, v_flat = cache.flat(layer)
             if not pack:
-                return _flash(q, k_flat, v_flat, cu_q, cu_k, 1, cache.slots, causal=False,
-                              seqused_k=used)
+                return _flash(q, k_flat, v_flat, cu_q, cu_k, 1, max_k, causal=False, seqused_k=used)
             # GQA packing: the `group` query heads that share a KV head become `group` query
             # rows of that head, so each row's keys and values are read once, not once per head.
             # q [B, H, D] → [B, KVH, g, D] → [B·g, KVH, D]
-            qg = q.view(cache.rows, self.n_kv, group, self.head_dim).transpose(1, 2)
-            qg = qg.reshape(cache.rows * group, self.n_kv, self.head_dim)
-            out = _flash(qg, k_flat, v_flat, cu_grouped, cu_k, group, cache.slots, causal=False,
+            qg = q.view(rows, self.n_kv, group, self.head_dim).transpose(1, 2)
+            qg = qg.reshape(rows * group, self.n_kv, self.head_dim)
+            out = _flash(qg, k_flat, v_flat, cu_grouped, cu_k, group, max_k, causal=False,
                          seqused_k=used)
             # back: [B·g, KVH, D] → [B, g, KVH, D] → [B, KVH, g, D] → [B, H, D]
-            out = out.view(cache.rows, group, self.n_kv, self.head_dim).transpose(1, 2)
-            return out.reshape(cache.rows, self.n_heads, self.head_dim)
+            out = out.view(rows, group, self.n_kv, self.head_dim).transpose(1, 2)
+            return out.reshape(rows, self.n_heads, self.head_dim)
 
         # bf16 logits are fine for a greedy pick (same argmax as after a float cast).
         return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head)
 
-    def _sdpa_decode(self, q, layer: int, cache: KVCache, used: torch.Tensor) -> torch.Tensor:
-        # q: [B, H, D]; masked attention over each row's valid slots only.
-        keys = cache.k[layer].transpose(1, 2)  # [B, KVH, S, D]
-        vals = cache.v[layer].transpose(1, 2)
+    def _sdpa_decode(self, q, layer: int, cache: KVCache, cu_k: torch.Tensor,
+                     used: torch.Tensor) -> torch.Tensor:
+        # q: [B, H, D]; each row attends to its own region's written slots only (CPU path: the
+        # host reads the offsets, so this is not graph-capturable).
+        k_flat, v_flat = cache.flat(layer)
         group = self.n_heads // self.n_kv
-        keys = keys.repeat_interleave(group, dim=1)
-        vals = vals.repeat_interleave(group, dim=1)
-        mask = torch.arange(cache.slots, device=self.device)[None, :] < used[:, None]  # [B, S]
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=mask[:, None, None])
-        return out[:, :, 0]  # [B, H, D]
+        out = torch.empty_like(q)
+        for i, (start, n) in enumerate(zip(cu_k[:-1].tolist(), used.tolist())):
+            keys = k_flat[start:start + n].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, n, D]
+            vals = v_flat[start:start + n].transpose(0, 1).repeat_interleave(group, dim=0)
+            out[i] = F.scaled_dot_product_attention(q[i][:, None], keys, vals)[:, 0]
+        return out  # [B, H, D]
 
     # ------------------------------------------------------------------ whole chunk
-    def _decoder_for(self, rows: int, slots: int, suppress: tuple[int, ...],
+    def _cache(self) -> KVCache:
+        """The one KV cache, allocated at token_capacity the first time (and again only after
+        `release`): every chunk reuses it, so memory never fragments chunk by chunk."""
+        if self._kv is None:
+            self._kv = KVCache(layers=len(self.layers), capacity=self.token_capacity, kv_heads=self.n_kv,
+                               head_dim=self.head_dim, dtype=self.dtype, device=self.device)
+        return self._kv
+
+    def _decoder_for(self, rows: int, max_k: int, suppress: tuple[int, ...],
                      max_new_tokens: int) -> _DecodeGraph:
-        key = (rows, slots, suppress, max_new_tokens)
-        cur = self._graph_key
-        reusable = (cur is not None and cur[0] == rows and cur[1] >= slots and cur[2] == suppress
-                    and cur[3] >= max_new_tokens)
-        if not reusable:
-            self.release()  # one cache + graph at a time: never hold two chunks' KV memory
-            cache = KVCache(layers=len(self.layers), rows=rows, slots=slots, kv_heads=self.n_kv,
-                            head_dim=self.head_dim, dtype=self.dtype, device=self.device)
-            sup = torch.tensor(suppress, device=self.device) if suppress else None
-            self._graph = _DecodeGraph(self, cache, sup, max_new_tokens, self.use_graphs)
-            self._graph_key = key
-        assert self._graph is not None
-        return self._graph
+        """The decode graph for `rows` real rows (bucketed), reused across chunks."""
+        bucket = row_bucket(rows)
+        max_k = math.ceil(max_k / MAX_K_ROUNDING) * MAX_K_ROUNDING
+        for key, dec in self._graphs.items():
+            if key[0] == bucket and key[1] >= max_k and key[2] == suppress and key[3] >= max_new_tokens:
+                self._graphs.move_to_end(key)
+                return dec
+        cache = self._cache()
+        if len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        if self.use_graphs and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs never replay at once
+        sup = torch.tensor(suppress, device=self.device) if suppress else None
+        dec = _DecodeGraph(self, cache, rows=bucket, max_k=max_k, suppress=sup,
+                           max_new_tokens=max_new_tokens, use_graph=self.use_graphs, pool=self._pool)
+        self._graphs[(bucket, max_k, suppress, max_new_tokens)] = dec
+        return dec
 
     def release(self) -> None:
-        self._graph, self._graph_key = None, None
+        """Drop the KV cache and every decode graph (before plain generate() needs the memory, or
+        after an out-of-memory error); the next chunk allocates them again."""
+        self._graphs.clear()
+        self._kv, self._pool = None, None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
-                 ignore_eos: bool = False) -> tuple[list[list[int]], RunStats]:
+                 ignore_eos: bool = False, new_tokens: list[int] | None = None,
+                 ) -> tuple[list[list[int]], RunStats]:
         """Greedy continuation of every prompt; returns each row's new tokens (up to and including
-        its first stop token) in input order."""
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new exceeds the "
-                             f"model's {self.max_positions} positions")
+        its first stop token) in input order. `new_tokens` gives each row its own limit (at most
+        max_new_tokens): the bench's emulation of end tokens on random weights."""
         n = len(prompts)
-        slots = min(self.slots_for(longest, max_new_tokens), self.max_positions)
+        limits = list(new_tokens) if new_tokens is not None else [max_new_tokens] * n
+        if len(limits) != n or min(limits) < 1 or max(limits) > max_new_tokens:
+            raise ValueError("new_tokens needs one limit in [1, max_new_tokens] per prompt")
+        lengths = [len(p) + m for p, m in zip(prompts, limits)]  # each row's KV region, tokens
+        if max(lengths) > self.max_positions:
+            raise ValueError(f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new "
+                             f"exceeds the model's {self.max_positions} positions")
+        if sum(lengths) > self.token_capacity:
+            raise CacheTooSmall(needed=sum(lengths), capacity=self.token_capacity, prompts=n)
+        starts = row_starts(lengths)
         suppress = tuple(sorted(stop_ids)) if ignore_eos else ()
-        dec = self._decoder_for(n, slots, suppress, max_new_tokens)
-        out = dec.out
+        dec = self._decoder_for(n, max(lengths), suppress, max_new_tokens)
 
         t0 = _now(self.device)
-        # Sub-batches of whole prompts up to the token budget, in input order.
-        start = 0
+        first = self._prefill_all(prompts, starts, dec)
+        dec.load(first, [len(p) for p in prompts], starts, lengths)
+        t1 = _now(self.device)
+        rows = self._decode(dec, limits, starts, lengths, stop_ids=stop_ids, ignore_eos=ignore_eos,
+                            suppress=suppress)
+        t2 = _now(self.device)
+        result = [_cut(row, limit, None if ignore_eos else stop_ids) for row, limit in zip(rows, limits)]
+        total = sum(len(p) for p in prompts)
+        return result, RunStats(prefill_s=t1 - t0, decode_s=t2 - t1, computed_prompt_tokens=total)
+
+    def _prefill_all(self, prompts: list[list[int]], starts: list[int], dec: _DecodeGraph) -> torch.Tensor:
+        """Sub-batches of whole prompts up to the token budget, in input order → first tokens [n]."""
+        firsts, start, n = [], 0, len(prompts)
         while start < n:
             end, budget = start, 0
             while end < n and (end == start or budget + len(prompts[end]) <= PREFILL_TOKEN_BUDGET):
                 budget += len(prompts[end])
                 end += 1
-            first = self.prefill(prompts[start:end], list(range(start, end)), dec.cache,
-                                 suppress=dec.suppress)
-            out[start:end, 0] = first
+            firsts.append(self.prefill(prompts[start:end], starts[start:end], dec.cache,
+                                       suppress=dec.suppress))
             start = end
-        dec.tokens.copy_(out[:, 0])
-        dec.pos.copy_(torch.tensor([len(p) for p in prompts], device=self.device))
-        dec.step.fill_(1)
-        t1 = _now(self.device)
+        return torch.cat(firsts)
 
+    def _decode(self, dec: _DecodeGraph, limits: list[int], starts: list[int], lengths: list[int], *,
+                stop_ids: set[int], ignore_eos: bool, suppress: tuple[int, ...]) -> list[list[int]]:
+        """Replay decode steps until every row is done; each row's tokens (uncut), input order.
+        With `drop_finished_rows`, rows that are done leave the step: once the rest fit a smaller
+        row bucket, they move to that bucket's graph (their cache regions stay where they are)."""
         stop = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
-        steps = 1
-        while steps < max_new_tokens:
-            if not ignore_eos and steps % FINISH_CHECK_EVERY == 0:
-                if bool(torch.isin(out[:, :steps], stop).any(dim=1).all()):
+        owner = list(range(len(limits)))  # graph row → input row
+        kept: dict[int, list[int]] = {}  # input row → its tokens, once it left the step
+        steps, longest = 1, max(limits)
+        while steps < longest:
+            if steps % FINISH_CHECK_EVERY == 0:
+                done = [steps >= limits[r] for r in owner]
+                if not ignore_eos:
+                    hit = torch.isin(dec.out[:len(owner), :steps], stop).any(dim=1).tolist()
+                    done = [a or b for a, b in zip(done, hit)]
+                if all(done):
                     break
+                active = [i for i, d in enumerate(done) if not d]
+                if self.drop_finished_rows and row_bucket(len(active)) < dec.rows:
+                    dec, owner = self._shrink(dec, owner, active, kept, steps, starts, lengths, suppress)
             dec.run()
             steps += 1
-        t2 = _now(self.device)
+        rows = dict(kept)
+        for i, row in enumerate(dec.out[:len(owner), :steps].tolist()):
+            rows[owner[i]] = row
+        return [rows[r] for r in range(len(limits))]
 
-        result = []
-        for row in out[:, :steps].tolist():
-            if not ignore_eos:
-                for j, tok in enumerate(row):
-                    if tok in stop_ids:
-                        row = row[: j + 1]
-                        break
-            result.append(row)
-        total = sum(len(p) for p in prompts)
-        return result, RunStats(prefill_s=t1 - t0, decode_s=t2 - t1, computed_prompt_tokens=total)
+    def _shrink(self, dec: _DecodeGraph, owner: list[int], active: list[int], kept: dict[int, list[int]],
+                steps: int, starts: list[int], lengths: list[int], suppress: tuple[int, ...]):
+        """Move the `active` graph rows of `dec` to a smaller bucket's graph at step `steps`."""
+        for i, row in enumerate(dec.out[:len(owner), :steps].tolist()):
+            if i not in active:
+                kept[owner[i]] = row
+        owner = [owner[i] for i in active]
+        idx = torch.tensor(active, device=self.device)
+        small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens)
+        small.load(dec.tokens[idx], dec.pos[idx].tolist(), [starts[r] for r in owner],
+                   [lengths[r] for r in owner])
+        small.out[:len(active), :steps] = dec.out[idx, :steps]
+        small.step.fill_(steps)
+        return small, owner
+
+
+def _cut(row: list[int], limit: int, stop_ids: set[int] | None) -> list[int]:
+    """A row's tokens up to its limit and, unless stop tokens are suppressed, its first stop."""
+    row = row[:limit]
+    if stop_ids is not None:
+        for j, tok in enumerate(row):
+            if tok in stop_ids:
+                return row[: j + 1]
+    return row
+
+
+class CacheTooSmall(Exception):
+    """A chunk needs more KV-cache tokens than the runner holds (nothing was allocated)."""
+
+    def __init__(self, *, needed: int, capacity: int, prompts: int) -> None:
+        self.needed, self.capacity, self.prompts = needed, capacity, prompts
+        what = "a single prompt" if prompts == 1 else f"a chunk of {prompts} prompts"
+        super().__init__(f"{what} needs {needed:,} KV-cache tokens (prompt + new tokens); "
+                         f"the cache holds {capacity:,}")
 
 
 def _now(device: torch.device) -> float:

@@ -26,18 +26,17 @@ log = logging.getLogger(__name__)
 # are received and claimed while the current chunk generates, so the GPU never waits for the queue
 # or the database; the price is twice the messages to redeliver when the worker dies.
 CHUNKS_IN_HAND = 2
-# Prompt length `--chunk-size auto` plans the KV cache for, tokens (a 20-minute talk is ~4k;
-# longer chunks than that are caught by the out-of-memory split).
-AUTO_CHUNK_PROMPT_TOKENS = 4096
 
 
 def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
+    """The prompt cap of every chunk. A number is taken as given (chunks are still cut by the
+    token budget); `auto` holds enough prompts to fill the KV cache, which then decides each
+    chunk's size from the prompts in hand."""
     if settings.chunk_size != "auto":
         return int(settings.chunk_size)
-    prompt_tokens = min(AUTO_CHUNK_PROMPT_TOKENS, engine.max_context - settings.max_new_tokens)
-    size = engine.auto_chunk_size(prompt_tokens=prompt_tokens, new_tokens=settings.max_new_tokens)
-    log.info("--chunk-size auto: %d prompts (KV cache for %d + %d tokens each)", size, prompt_tokens,
-             settings.max_new_tokens)
+    size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens)
+    log.info("--chunk-size auto: up to %d prompts a chunk, as many as %s KV-cache tokens hold",
+             size, engine.token_capacity)
     return size
 
 
