@@ -135,7 +135,8 @@ def submit(
         if unfinished is not None:
             log.warning("job %d was submitted from the same CSV and its submit stopped before sending every "
                         "message: finishing that job's sends instead of making a new job", unfinished)
-            (on_job or (lambda _: None))(unfinished)
+            if on_job is not None:
+                on_job(unfinished)
             send_job(unfinished, settings=settings, celery_app=app, progress=progress)
             return unfinished
         warn_same_csv(csv_file, settings=settings, reuse=reuse)
