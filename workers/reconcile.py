@@ -7,6 +7,8 @@ enqueuing them (``queued``), or a fetch worker died between committing a transcr
 the summarise message (``fetched``). It also cannot notice a message that a broker without
 persistence lost. The reconciler covers all of these from the database, the one source of truth:
 
+- first, a job whose submit stopped before sending every message (Ctrl-C, a crash: its send record,
+  ``producer/submit.py``, says how far it got) gets the rest of its messages, each sent once;
 - a video is *stuck* when its ``updated_at`` is older than ``stuck_after_s``. In-flight work keeps
   it fresh: a fetch claims (and so touches) the video on every attempt and is bounded by its HTTP
   timeouts and backoff; the GPU worker touches the videos it holds every ``heartbeat_s``;
