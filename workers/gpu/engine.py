@@ -20,6 +20,7 @@ import torch
 from tubesum.errors import ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, LlamaRunner
+from tubesum.workers.gpu.tp import RankGroup, ShardSource, check_divisible, full_config
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ class Engine:
     tokenizer: object
     model_name: str
     backend: str  # "fast" | "hf"
-    runner: LlamaRunner | None = None
+    runner: LlamaRunner | RankGroup | None = None
     stop_ids: set[int] = field(default_factory=set)
+    group: RankGroup | None = None  # tensor parallel: rank 0's handle on the other ranks
 
     # ------------------------------------------------------------------ facts for batch rows
     @property
@@ -85,6 +87,11 @@ class Engine:
 
     @property
     def devices(self) -> str:
+        if self.group is not None:  # every GPU of the tensor-parallel group
+            devs = self.group.devices
+            if devs[0].type == "cuda":
+                return ",".join(str(d) for d in devs) + f":{torch.cuda.get_device_name(devs[0])}"
+            return f"{devs[0]} x{len(devs)}"
         devmap = getattr(self.model, "hf_device_map", None)
         if devmap and len(set(devmap.values())) > 1:
             return ",".join(sorted({str(d) for d in devmap.values()}))
@@ -194,6 +201,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel rank processes, if any (the worker's and the bench's exit)."""
+        if self.group is not None:
+            self.group.close()
+            self.group = self.runner = None
+
     @torch.inference_mode()
     def _hf_generate(self, prompts: list[list[int]], params: SamplingParams):
         """Plain transformers generate(): left padding (decoder-only models continue from the
@@ -277,10 +290,15 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 
 def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", attn: str = "auto",
-                backend: Backend = "auto") -> Engine:
-    """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend."""
+                backend: Backend = "auto", tensor_parallel: int = 1) -> Engine:
+    """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend.
+    `tensor_parallel` N > 1: the fast backend over N GPUs (cuda:0..N-1 of the visible ones; on
+    `device_map="cpu"`, N CPU ranks over gloo, for tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
+    if tensor_parallel > 1:
+        return load_tp_engine(model, world=tensor_parallel, device_type="cpu" if dm == "cpu" else "cuda",
+                              dtype=torch_dtype, allow_flash=attn not in ("sdpa", "eager"), backend=backend)
     attn_impl = resolve_attn(attn, dm)
     if dummy.is_dummy(model):
         device = "cuda:0" if dm == "auto" else dm
@@ -315,4 +333,48 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
                     runner=runner, stop_ids=stop_token_ids(hf_model, tokenizer))
     log.info("loaded %s on %s (%s, attention %s, backend %s)", model, engine.devices,
              engine.dtype, engine.attn_implementation, chosen)
+    return engine
+
+
+def _tokenizer_and_generation_config(model: str, config):
+    """Tokenizer and end tokens of a model whose weights the ranks load themselves."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    if dummy.is_dummy(model):
+        _, tokenizer = dummy.dummy_config_with_tokens(model)
+        return tokenizer, dummy.dummy_generation_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        generation = GenerationConfig.from_pretrained(model)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    return tokenizer, generation
+
+
+def load_tp_engine(model: str, *, world: int, device_type: str, dtype: torch.dtype,
+                   allow_flash: bool = True, backend: Backend = "auto") -> Engine:
+    """The fast backend over a tensor-parallel group of `world` ranks; this process is rank 0."""
+    if backend == "hf":
+        raise ModelLoadError("the hf backend does not run tensor parallel; use --device-map auto "
+                             "(layers over the GPUs) or the fast backend")
+    source = ShardSource(model=model, dtype=str(dtype).removeprefix("torch."), device_type=device_type,
+                         allow_flash=allow_flash)
+    try:
+        config = full_config(source)
+        tokenizer, generation = _tokenizer_and_generation_config(model, config)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"tensor parallelism runs the fast backend, which does not support "
+                             f"model_type {config.model_type!r}")
+    check_divisible(config, world)  # before any rank process starts
+    group = RankGroup(source, world)
+    group.model.generation_config = generation
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    engine = Engine(model=group.model, tokenizer=tokenizer, model_name=model, backend="fast",
+                    runner=group, stop_ids=stop_token_ids(group.model, tokenizer), group=group)
+    log.info("loaded %s tensor-parallel over %s (%s, attention %s)", model, engine.devices,
+             engine.dtype, engine.attn_implementation)
     return engine
