@@ -6,7 +6,11 @@ NCCL); their logits and tokens are compared with the one-rank runner and with tr
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,3 +182,21 @@ def test_tensor_parallel_refuses_the_hf_backend_and_uneven_splits():
         load_engine(path, device_map="cpu", dtype="float32", tensor_parallel=2, backend="hf")
     with pytest.raises(ModelLoadError, match="must divide"):
         load_engine(path, device_map="cpu", dtype="float32", tensor_parallel=3)
+
+
+@pytest.mark.slow
+def test_bench_runs_tensor_parallel_with_the_device_map_baseline_beside_it(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", "bench", "--model", str(saved_tiny_model()), "--device", "cpu",
+         "--tensor-parallel", "2", "--chunk-sizes", "1,2", "--prompts", "4", "--new-tokens", "5",
+         "--max-chunks", "1", "--no-extend", "--baseline", "--baseline-chunk-sizes", "1,2", "-o", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best against best" in proc.stdout
+    report = json.loads((out / "bench.json").read_text())
+    assert report["tensor_parallel"] == 2 and report["device"] == "cpu x2"
+    assert [r["chunk_size"] for r in report["results"]] == [1, 2]
+    assert all(not r["oom"] and r["token_match_rate"] == 1.0 for r in report["results"])
+    assert [r["engine"] for r in report["baseline"]] == ["hf", "hf"]
+    assert report["baseline_device"] == "cpu"

@@ -348,7 +348,8 @@ def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
 def build_batcher(settings: Settings, *, backend: str = "auto") -> Batcher:
     """Load the model once and make the Batcher that stores into settings.database_url."""
     engine = load_engine(settings.model, device_map=settings.device_map, dtype=settings.dtype,
-                         attn=settings.attn, backend=backend)  # type: ignore[arg-type]
+                         attn=settings.attn, backend=backend,  # type: ignore[arg-type]
+                         tensor_parallel=settings.tensor_parallel)
     log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
     return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
                    chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
@@ -380,3 +381,4 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     finally:
         batcher.stop()
         summarise_tasks.install_batcher(None)
+        batcher.engine.close()  # tensor parallel: stop the rank processes

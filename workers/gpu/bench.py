@@ -4,7 +4,9 @@ For each chunk size: one untimed warm-up chunk (cache allocation, CUDA-graph cap
 chunks over the prompts; summaries/s, generated and total tokens/s, speedup over chunk 1 against
 ideal linear scaling, peak memory. Sizes beyond the list are tried, doubling, until memory runs
 out: that is reported as the limit, not a crash. `--baseline` times plain `model.generate()` on
-the same prompts in the same process.
+the same prompts in the same process. With `--tensor-parallel N` the engine runs over N GPUs and
+the baseline is the tutorial's multi-GPU setup: the same model spread layer by layer over the same
+N GPUs with `device_map`, loaded once the tensor-parallel group has stopped and freed them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ DEFAULT_CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 REF_MIN_TOKENS, REF_MAX_TOKENS, REF_SEED = 700, 1400, 1234
 MAX_EXTRA_DOUBLINGS = 3  # after the list: try 2x, 4x, 8x the largest size until OOM
 MATCH_PROMPTS = 4  # prompts whose batch-1 output is compared with their batched output
+HF_WARMUP_TOKENS = 2  # new tokens of the baseline's untimed warm-up chunk
 
 
 @dataclass
@@ -71,6 +74,8 @@ class BenchReport:
     baseline: list[SizeResult] = field(default_factory=list)
     memory_limit_chunk: int | None = None
     auto_chunk_size: int | None = None
+    tensor_parallel: int = 1
+    baseline_device: str | None = None  # where the baseline ran, when not on the engine's device
 
 
 def reference_prompts(n: int, *, vocab_size: int, seed: int = REF_SEED,
@@ -98,7 +103,10 @@ def run_size(engine: Engine, prompts: list[list[int]], size: int, params: Sampli
         # Warm-up with the longest prompts so the timed chunks reuse its cache and graph.
         warm = sorted(prompts, key=len, reverse=True)
         warm = (warm * math.ceil(size / len(warm)))[:size]
-        engine.generate(warm, params, backend=backend)
+        # Plain generate() captures and compiles nothing: a few tokens warm it up (a full one
+        # costs minutes on a 70B model spread by device_map).
+        warm_params = SamplingParams(max_new_tokens=HF_WARMUP_TOKENS, ignore_eos=True) if name == "hf" else params
+        engine.generate(warm, warm_params, backend=backend)
         peaks = []
         for chunk in chunks:
             gens, t = engine.generate(chunk, params, backend=backend)
@@ -230,14 +238,14 @@ def plot(report: BenchReport, out_dir: Path) -> list[Path]:
 def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
               transcripts: str | None, job: int | None, device: str, baseline: bool,
               baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,
-              dtype: str = "auto", progress=None) -> BenchReport:
+              dtype: str = "auto", tensor_parallel: int = 1, progress=None) -> BenchReport:
     """Load the model once, sweep chunk sizes (and the baseline), write bench.json and plots."""
     import transformers
 
     from tubesum.workers.gpu.engine import load_engine
 
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
-    engine = load_engine(model, device_map=device_map, dtype=dtype)
+    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel)
     if transcripts or job is not None:
         from tubesum.workers.gpu.bench_prompts import prompts_from_source
 
@@ -254,13 +262,24 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     report = BenchReport(model=model, engine=engine.backend, device=engine.devices,
                          dtype=engine.dtype, attention=engine.attn_implementation,
                          new_tokens=new_tokens, prompt_source=source,
-                         transformers_version=transformers.__version__)
+                         transformers_version=transformers.__version__, tensor_parallel=tensor_parallel)
     longest = max(len(p) for p in prompt_ids)
     report.auto_chunk_size = engine.auto_chunk_size(prompt_tokens=longest, new_tokens=new_tokens)
     chunk_sizes = sorted({report.auto_chunk_size if c == 0 else c for c in chunk_sizes})
     report.results, report.memory_limit_chunk = sweep(
         engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
         max_chunks=max_chunks, progress=progress)
+    if tensor_parallel > 1:
+        dtype_name = engine.dtype
+        engine.close()  # frees every GPU of the group for the baseline
+        if torch.cuda.is_available():
+            log.info("tensor-parallel group closed: %.1f GB still allocated on cuda:0",
+                     torch.cuda.memory_allocated(0) / 1e9)
+        if baseline:
+            if progress:
+                progress("loading the device_map baseline")
+            engine = load_device_map_engine(model, gpus=tensor_parallel, dtype=dtype_name)
+            report.baseline_device = engine.devices
     if baseline:
         report.baseline, _ = sweep(
             engine, prompt_ids, params, chunk_sizes=baseline_sizes or [1, max(chunk_sizes)],
@@ -268,6 +287,19 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)
     return report
+
+
+def load_device_map_engine(model: str, *, gpus: int, dtype: str) -> Engine:
+    """The same model over `gpus` GPUs with accelerate's device_map and plain generate()."""
+    from tubesum.workers.gpu import dummy
+    from tubesum.workers.gpu.engine import load_engine, stop_token_ids
+
+    if not dummy.is_dummy(model):
+        return load_engine(model, device_map="auto", dtype=dtype, backend="hf")
+    hf_model, tokenizer = dummy.build_dummy_device_map(model, gpus=gpus, dtype=getattr(torch, dtype))
+    tokenizer.padding_side = "left"
+    return Engine(model=hf_model, tokenizer=tokenizer, model_name=model, backend="hf",
+                  stop_ids=stop_token_ids(hf_model, tokenizer))
 
 
 def best(results: list[SizeResult]) -> SizeResult | None:

@@ -93,6 +93,8 @@ ARCHS: dict[str, dict] = {
         initializer_range=0.2, tie_word_embeddings=False,
     ),
 }
+# Share of the weights each GPU may take beyond an even split when device_map balances layers.
+DEVICE_MAP_BALANCE = 1.05
 _CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {"llama": LlamaConfig, "mixtral": MixtralConfig}
 
 
@@ -151,6 +153,38 @@ def build_dummy(spec: str, *, device: str | torch.device, dtype: torch.dtype, se
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config = dummy_generation_config(config)
+    return model.eval(), tokenizer
+
+
+def build_dummy_device_map(spec: str, *, gpus: int, dtype: torch.dtype, seed: int = 0):
+    """(model, tokenizer) of `dummy:<arch>` spread over `gpus` GPUs by accelerate's device_map,
+    layer by layer and balanced (the tutorial's multi-GPU setup, the baseline of tensor
+    parallelism). Built on the meta device and materialised on each layer's own GPU."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    config, tokenizer = dummy_config_with_tokens(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    per_gpu = int(weight_bytes / gpus * DEVICE_MAP_BALANCE) + 2**30
+    layer_class = type(model.model.layers[0]).__name__
+    device_map = infer_auto_device_map(model, max_memory={i: per_gpu for i in range(gpus)},
+                                       no_split_module_classes=[layer_class], dtype=dtype)
+    for name, dev in device_map.items():
+        module = model.get_submodule(name) if name else model
+        module.to_empty(device=torch.device("cuda", dev) if isinstance(dev, int) else dev)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, config.initializer_range)
+    rotary_device = next(model.model.layers[0].parameters()).device
+    with torch.device(rotary_device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model = dispatch_model(model, device_map=device_map)
     model.generation_config = dummy_generation_config(config)
     return model.eval(), tokenizer
 

@@ -8,6 +8,7 @@ architecture, for models sharded over several GPUs, and as the bench's baseline.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import time
@@ -205,7 +206,11 @@ class Engine:
         """Stop the tensor-parallel rank processes, if any (the worker's and the bench's exit)."""
         if self.group is not None:
             self.group.close()
-            self.group = self.runner = None
+            # Rank 0's shard lives in this process: drop every reference so its GPU memory returns.
+            self.group = self.runner = self.model = None  # type: ignore[assignment]
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _hf_generate(self, prompts: list[list[int]], params: SamplingParams):
