@@ -41,7 +41,7 @@ def main() -> None:
     out = dict(model=spec, devices=tp.devices, prefill_logits_max_abs_diff=float((a1 - a2).abs().max()),
                decode_logits_max_abs_diff=float((b1 - b2).abs().max()),
                logits_scale=float(a1.abs().max()), first_token_match=f"{first_same}/{len(g1)}",
-               token_match_rate=same / total, graph=tp.runner.runner._graph.graph is not None,
+               token_match_rate=same / total, graph=tp.runner.runner._graph.graph is not None, nccl=torch.cuda.nccl.version(),
                decode_s=timings.decode_s, seconds=time.perf_counter() - t)
     tp.close()
     print(json.dumps(out), flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -362,8 +363,9 @@ def load_tp_engine(model: str, *, world: int, device_type: str, dtype: torch.dty
     if backend == "hf":
         raise ModelLoadError("the hf backend does not run tensor parallel; use --device-map auto "
                              "(layers over the GPUs) or the fast backend")
+    # TUBESUM_TP_CUDA_GRAPHS=0: decode without CUDA graphs (diagnosis; graphs hold the all-reduces).
     source = ShardSource(model=model, dtype=str(dtype).removeprefix("torch."), device_type=device_type,
-                         allow_flash=allow_flash)
+                         allow_flash=allow_flash, cuda_graphs=os.environ.get("TUBESUM_TP_CUDA_GRAPHS", "1") != "0")
     try:
         config = full_config(source)
         tokenizer, generation = _tokenizer_and_generation_config(model, config)

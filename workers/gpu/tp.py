@@ -142,6 +142,7 @@ class ShardSource:
     device_type: str  # "cuda" (rank r on cuda:r, NCCL) or "cpu" (gloo: the CPU tests)
     allow_flash: bool = True
     seed: int = 0  # dummy weights
+    cuda_graphs: bool = True  # False: eager decode steps (a fallback should capture ever fail)
 
 
 def rank_device(source: ShardSource, rank: int) -> torch.device:
@@ -312,13 +313,17 @@ def _init_group(source: ShardSource, rank: int, world: int, init_method: str):
     return dist.group.WORLD, commands
 
 
+def _runner(model: torch.nn.Module, source: ShardSource, group: dist.ProcessGroup) -> LlamaRunner:
+    return LlamaRunner(model, allow_flash=source.allow_flash, tp_group=group,
+                       use_cuda_graphs=None if source.cuda_graphs else False)
+
+
 def _rank_main(rank: int, world: int, source: ShardSource, init_method: str, ready: mp.Queue) -> None:
     """A spawned rank: build its shard, then follow rank 0's commands until "stop"."""
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
         group, commands = _init_group(source, rank, world, init_method)
-        runner = LlamaRunner(build_shard(source, rank, world), allow_flash=source.allow_flash,
-                             tp_group=group)
+        runner = _runner(build_shard(source, rank, world), source, group)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises ModelLoadError
         ready.put((rank, f"{type(exc).__name__}: {exc}"))
         raise
@@ -371,7 +376,7 @@ class RankGroup:
         try:
             self.group, self._commands = _init_group(source, 0, world, init_method)
             self.model = build_shard(source, 0, world)
-            self.runner = LlamaRunner(self.model, allow_flash=source.allow_flash, tp_group=self.group)
+            self.runner = _runner(self.model, source, self.group)
             self._wait_ready()
         except BaseException:
             self._kill()
