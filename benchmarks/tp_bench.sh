@@ -19,6 +19,13 @@ bench() {  # name gpus tp chunk-sizes baseline-sizes timeout-s model
   echo "$name exit $?" >> "$OUT/$name.log"
   cp "/tmp/$name/bench.json" "$OUT/$name.json" 2>/dev/null
 }
+if [[ $what == two-with-check ]]; then  # the check on GPUs 2,3, then Mixtral there; 70B beside
+  bench llama2-70b-tp2 0,1 2 1,32,auto 1,8 250 dummy:llama-2-70b &
+  (CUDA_VISIBLE_DEVICES=2,3 timeout 70 python3 benchmarks/check_tp.py dummy:tiny-mixtral > "$OUT/check.log" 2>&1
+   echo "check exit $?" >> "$OUT/check.log"
+   bench mixtral-tp2 2,3 2 1,32,128,auto 1,8 190 dummy:mixtral-8x7b) &
+  wait
+fi
 if [[ $what == all || $what == check ]]; then
   CUDA_VISIBLE_DEVICES=0,1 timeout 100 python3 benchmarks/check_tp.py dummy:tiny-mixtral > "$OUT/check.log" 2>&1
   echo "check exit $?" >> "$OUT/check.log"; tail -2 "$OUT/check.log"
@@ -30,8 +37,8 @@ if [[ $what == all || $what == check ]]; then
   fi
 fi
 if [[ $what == all || $what == two ]]; then
-  bench llama2-70b-tp2 0,1 2 1,16,32,auto 1,8 290 dummy:llama-2-70b &
-  bench mixtral-tp2 2,3 2 1,8,32,64,128,auto 1,8 290 dummy:mixtral-8x7b &
+  bench llama2-70b-tp2 0,1 2 1,32,auto 1,8 250 dummy:llama-2-70b &
+  bench mixtral-tp2 2,3 2 1,32,128,auto 1,8 190 dummy:mixtral-8x7b &
   wait
 fi
 if [[ $what == all || $what == four ]]; then

@@ -28,10 +28,13 @@ the same generation in lockstep.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import logging
+import os
 import queue
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +55,9 @@ log = logging.getLogger(__name__)
 RANK_START_TIMEOUT_S = 1800.0
 # How often rank 0 checks that the rank processes are alive while it waits for them, seconds.
 RANK_POLL_S = 0.5
-# How long rank 0 waits for a rank process to exit after "stop", seconds.
-RANK_STOP_TIMEOUT_S = 60.0
+# How long rank 0 waits for the group to be torn down and each rank process to exit after "stop",
+# seconds; then it kills what is left (the OS frees a killed rank's GPU memory).
+RANK_STOP_TIMEOUT_S = 20.0
 
 # HF parameter-name suffix → (dimension to shard, what the slice counts): "heads" (query heads ×
 # head_dim), "kv_heads", "inter" (intermediate rows), or "gate_up" (a fused [.., 2·inter, ..]
@@ -320,10 +324,14 @@ def _runner(model: torch.nn.Module, source: ShardSource, group: dist.ProcessGrou
 
 def _rank_main(rank: int, world: int, source: ShardSource, init_method: str, ready: mp.Queue) -> None:
     """A spawned rank: build its shard, then follow rank 0's commands until "stop"."""
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("TUBESUM_TP_DUMP_S"):  # diagnosis of a stuck group: print every stack then
+        faulthandler.dump_traceback_later(float(os.environ["TUBESUM_TP_DUMP_S"]), exit=False)
     try:
         group, commands = _init_group(source, rank, world, init_method)
+        log.info("process group up")
         runner = _runner(build_shard(source, rank, world), source, group)
+        log.info("shard built")
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises ModelLoadError
         ready.put((rank, f"{type(exc).__name__}: {exc}"))
         raise
@@ -375,6 +383,7 @@ class RankGroup:
         self._closed = False
         try:
             self.group, self._commands = _init_group(source, 0, world, init_method)
+            log.info("process group of %d ranks up", world)
             self.model = build_shard(source, 0, world)
             self.runner = _runner(self.model, source, self.group)
             self._wait_ready()
@@ -446,14 +455,20 @@ class RankGroup:
         self._closed = True
         try:
             self._send(("stop",))
+            # Every rank tears its communicators down at the same time (NCCL's teardown waits for
+            # the peers: rank 0 waiting in join() while a rank waits in teardown never ends). In a
+            # thread, so a teardown that still hangs costs RANK_STOP_TIMEOUT_S, not the process.
+            teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            teardown.start()
+            teardown.join(RANK_STOP_TIMEOUT_S)
+            if teardown.is_alive():
+                log.warning("process group teardown did not finish in %.0fs", RANK_STOP_TIMEOUT_S)
         finally:
             for p in self._procs:
                 p.join(RANK_STOP_TIMEOUT_S)
             self._kill()
             self.runner = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
-            if dist.is_initialized():
-                dist.destroy_process_group()
             if self.source.device_type == "cuda":
                 torch.cuda.empty_cache()
 
