@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tiny_model import saved_tiny_model
-from tubesum.errors import ModelLoadError
+from tubesum.errors import ModelLoadError, OutOfMemory
+from tubesum.workers.gpu import tp as tp_module
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.engine import Engine, SamplingParams, load_engine
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
@@ -138,7 +139,7 @@ def test_mixtral_fast_tokens_equal_plain_generate(mixtral_engine):
 # ---------------------------------------------------------------------- two real ranks over gloo
 
 
-def _compare_two_ranks_with_one(spec: str) -> None:
+def _compare_two_ranks_with_one(spec: str, monkeypatch) -> None:
     path = saved_tiny_model(spec)
     single = load_engine(str(path), device_map="cpu", dtype="float32")
     tp = load_engine(str(path), device_map="cpu", dtype="float32", tensor_parallel=2)
@@ -161,19 +162,27 @@ def _compare_two_ranks_with_one(spec: str) -> None:
             tp.generate([[10] * 1020], SamplingParams(max_new_tokens=10))
         again, _ = tp.generate(prompts[:2], params)
         assert [g.token_ids for g in again] == [g.token_ids for g in alone[:2]]
+        # Out of memory on ONE rank (here rank 0; the other would have room): every rank gives
+        # the chunk up together, nobody waits in an all-reduce, and the group goes on.
+        monkeypatch.setattr(tp_module, "kv_cache_fits", lambda *a: False)
+        with pytest.raises(OutOfMemory, match="chunk of 6 prompts did not fit"):
+            tp.generate(prompts, params)
+        monkeypatch.undo()
+        again, _ = tp.generate(prompts[:2], params)
+        assert [g.token_ids for g in again] == [g.token_ids for g in alone[:2]]
     finally:
         tp.close()
     assert tp.group is None
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_and_transformers_on_llama():
-    _compare_two_ranks_with_one("dummy:tiny")
+def test_two_ranks_equal_one_rank_and_transformers_on_llama(monkeypatch):
+    _compare_two_ranks_with_one("dummy:tiny", monkeypatch)
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_and_transformers_on_mixtral():
-    _compare_two_ranks_with_one("dummy:tiny-mixtral")
+def test_two_ranks_equal_one_rank_and_transformers_on_mixtral(monkeypatch):
+    _compare_two_ranks_with_one("dummy:tiny-mixtral", monkeypatch)
 
 
 def test_tensor_parallel_refuses_the_hf_backend_and_uneven_splits():

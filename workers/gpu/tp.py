@@ -284,11 +284,31 @@ def probe_logits(runner: LlamaRunner, prompts: list[list[int]]) -> tuple[torch.T
     return first.float().cpu(), step.float().cpu()
 
 
-def _execute(runner: LlamaRunner, command: tuple) -> Any:
-    """One command, run identically on every rank."""
+def kv_cache_fits(runner: LlamaRunner, prompts: list[list[int]], max_new_tokens: int) -> bool:
+    """Whether this rank can hold the chunk's KV cache: free memory, the allocator's spare memory
+    and the cache the runner holds now (it is released or reused) against what the chunk needs."""
+    if runner.device.type != "cuda":
+        return True
+    need = runner.kv_bytes_per_token * len(prompts) * LlamaRunner.slots_for(
+        max(map(len, prompts)), max_new_tokens)
+    cache = getattr(getattr(runner, "_graph", None), "cache", None)
+    held = sum(t.numel() * t.element_size() for t in (getattr(cache, "k", None), getattr(cache, "v", None))
+               if t is not None)
+    free, _total = torch.cuda.mem_get_info(runner.device)
+    spare = torch.cuda.memory_reserved(runner.device) - torch.cuda.memory_allocated(runner.device)
+    return need <= free + spare + held
+
+
+def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -> Any:
+    """One command, run identically on every rank (`commands`: the gloo group of the votes)."""
     kind, *args = command
     if kind == "generate":
         prompts, max_new_tokens, stop_ids, ignore_eos = args
+        # Every rank must fail a chunk together: a rank that ran out of memory alone would leave
+        # the others waiting in an all-reduce for ever. The KV cache is the big allocation, so
+        # the ranks agree on it before any of them allocates.
+        if not _agree(kv_cache_fits(runner, prompts, max_new_tokens), commands):
+            raise torch.OutOfMemoryError("the chunk's KV cache does not fit on every rank")
         return runner.generate(prompts, max_new_tokens=max_new_tokens, stop_ids=set(stop_ids),
                                ignore_eos=ignore_eos)
     if kind == "probe":
@@ -344,7 +364,7 @@ def _rank_main(rank: int, world: int, source: ShardSource, init_method: str, rea
             break
         ok = True
         try:
-            _execute(runner, command)
+            _execute(runner, command, commands)
         except Exception:  # noqa: BLE001 - rank 0 meets the same error and reports it
             ok = False
             log.warning("command %s failed on rank %d", command[0], rank, exc_info=True)
@@ -428,7 +448,7 @@ class RankGroup:
         self._send(command)
         error: Exception | None = None
         try:
-            result = _execute(self.runner, command)
+            result = _execute(self.runner, command, self._commands)
         except Exception as exc:  # noqa: BLE001 - raised below, once every rank has answered
             error = exc
         everyone_ok = _agree(error is None, self._commands)
@@ -441,7 +461,7 @@ class RankGroup:
     def probe(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         command = ("probe", prompts)
         self._send(command)
-        return _execute(self.runner, command)
+        return _execute(self.runner, command, self._commands)
 
     def release(self) -> None:
         if not self._closed:
