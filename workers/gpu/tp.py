@@ -55,9 +55,12 @@ log = logging.getLogger(__name__)
 RANK_START_TIMEOUT_S = 1800.0
 # How often rank 0 checks that the rank processes are alive while it waits for them, seconds.
 RANK_POLL_S = 0.5
-# How long rank 0 waits for the group to be torn down and each rank process to exit after "stop",
-# seconds; then it kills what is left (the OS frees a killed rank's GPU memory).
+# How long rank 0 waits for each rank process to exit after "stop", seconds; then it kills what is
+# left (the OS frees a killed rank's GPU memory).
 RANK_STOP_TIMEOUT_S = 20.0
+# How long rank 0 waits for its own process-group teardown, seconds. NCCL's teardown can wait for
+# peers (seen on H200s: 20 s and more), so it runs in a thread and is given up after this.
+TEARDOWN_TIMEOUT_S = 5.0
 
 # HF parameter-name suffix → (dimension to shard, what the slice counts): "heads" (query heads ×
 # head_dim), "kv_heads", "inter" (intermediate rows), or "gate_up" (a fused [.., 2·inter, ..]
@@ -371,6 +374,10 @@ def _rank_main(rank: int, world: int, source: ShardSource, init_method: str, rea
             runner.release()
         if command[0] == "generate":
             _agree(ok, commands)
+    if source.device_type == "cuda":
+        # Tearing NCCL down waits for the peers and has hung here; exiting frees the GPU as well.
+        logging.shutdown()
+        os._exit(0)
     dist.destroy_process_group()
 
 
@@ -475,17 +482,16 @@ class RankGroup:
         self._closed = True
         try:
             self._send(("stop",))
-            # Every rank tears its communicators down at the same time (NCCL's teardown waits for
-            # the peers: rank 0 waiting in join() while a rank waits in teardown never ends). In a
-            # thread, so a teardown that still hangs costs RANK_STOP_TIMEOUT_S, not the process.
-            teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
-            teardown.start()
-            teardown.join(RANK_STOP_TIMEOUT_S)
-            if teardown.is_alive():
-                log.warning("process group teardown did not finish in %.0fs", RANK_STOP_TIMEOUT_S)
-        finally:
             for p in self._procs:
                 p.join(RANK_STOP_TIMEOUT_S)
+            # Leave the group so a later one can start in this process (the CPU tests start
+            # several); in a thread, so a teardown that waits on gone peers costs seconds only.
+            teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            teardown.start()
+            teardown.join(TEARDOWN_TIMEOUT_S)
+            if teardown.is_alive():
+                log.warning("process group teardown did not finish in %.0fs", TEARDOWN_TIMEOUT_S)
+        finally:
             self._kill()
             self.runner = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
