@@ -57,8 +57,9 @@ def main() -> None:
                logits_scale=float(a1.abs().max()), first_token_match=f"{first_same}/{len(g1)}",
                token_match_rate=same / total, graph=tp.runner.runner._graph.graph is not None, nccl=torch.cuda.nccl.version(),
                decode_s=timings.decode_s, seconds=time.perf_counter() - t)
-    tp.close()
     print(json.dumps(out), flush=True)
+    tp.close()
+    step("tp: closed")
 
 
 if __name__ == "__main__":
