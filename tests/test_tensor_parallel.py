@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tiny_model import saved_tiny_model
+from tiny_model import saved_tiny_model, tiny_model_dir  # noqa: F401  (fixture)
 from tubesum.errors import ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import tp as tp_module
 from tubesum.workers.gpu import dummy
@@ -209,3 +209,35 @@ def test_bench_runs_tensor_parallel_with_the_device_map_baseline_beside_it(tmp_p
     assert all(not r["oom"] and r["token_match_rate"] == 1.0 for r in report["results"])
     assert [r["engine"] for r in report["baseline"]] == ["hf", "hf"]
     assert report["baseline_device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_summarise_worker_is_one_celery_worker(env, settings, db_session, start_worker, wait_until,
+                                                                tiny_model_dir):
+    """`tubesum worker summarise --tensor-parallel 2`: one Celery worker (rank 0) that spawned its
+    rank; chunks, batch rows and summaries as on one device, `devices` naming both ranks."""
+    from sqlalchemy import select
+
+    from test_summarise_worker import add_videos, transcript
+    from tubesum.celery_app import SUMMARISE_TASK, app
+    from tubesum.models import Batch, Summary, Video
+
+    pks = add_videos(db_session, [transcript(i) for i in range(6)])
+    env.update(TUBESUM_MAX_NEW_TOKENS="12", TUBESUM_CHUNK_WAIT_S="1.0")
+    name = "gpu-tp"
+    start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",
+                       "--device-map", "cpu", "--dtype", "float32", "--tensor-parallel", "2",
+                       "--name", f"{name}@%h"], name=name, env=env)  # fmt: skip
+    for pk in pks:
+        app.send_task(SUMMARISE_TASK, args=[pk])
+
+    def statuses():
+        db_session.expire_all()
+        return [s for (s,) in db_session.execute(select(Video.status).where(Video.id.in_(pks)))]
+
+    wait_until(lambda: all(s == "done" for s in statuses()), timeout=120, message=lambda: f"videos done: {statuses()}")
+    batches = db_session.scalars(select(Batch)).all()
+    assert sorted(b.batch_size for b in batches) == [2, 4]
+    assert {(b.devices, b.engine, b.status) for b in batches} == {("cpu x2", "fast", "ok")}
+    summaries = db_session.scalars(select(Summary)).all()
+    assert {s.video_pk for s in summaries} == set(pks) and all(s.generated_tokens > 0 for s in summaries)
