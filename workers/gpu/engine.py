@@ -2,8 +2,9 @@
 
 The GPU worker and `tubesum bench` both call exactly this. Two backends sit behind one API:
 `fast` (workers/gpu/runner.py: packed prefill, static KV cache, CUDA graphs) for Llama-family
-models on one device, and `hf` (plain `model.generate()` with left padding) for every other
-architecture, for models sharded over several GPUs, and as the bench's baseline.
+models and Mixtral, on one device or over a tensor-parallel GPU group (workers/gpu/tp.py), and
+`hf` (plain `model.generate()` with left padding) for every other architecture, for models spread
+by `device_map`, and as the bench's baseline.
 """
 
 from __future__ import annotations
