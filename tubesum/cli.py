@@ -226,6 +226,7 @@ def worker_summarise(
     chunk_wait: float = typer.Option(None, "--chunk-wait", help="seconds a partial chunk waits for more videos"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
     device_map: str = typer.Option(None, "--device-map", help="auto, cpu, cuda:0, ..."),
+    tensor_parallel: int = typer.Option(None, "--tensor-parallel", help="run the model over N GPUs of this host (cuda:0..N-1 of the visible ones) with tensor parallelism (default TUBESUM_TENSOR_PARALLEL, 1)"),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager"),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
@@ -242,7 +243,8 @@ def worker_summarise(
 
     overrides = {key: value for key, value in dict(
         model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,
-        device_map=device_map, dtype=dtype, attn=attn).items() if value is not None}  # fmt: skip
+        device_map=device_map, tensor_parallel=tensor_parallel, dtype=dtype, attn=attn,
+    ).items() if value is not None}  # fmt: skip
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     with exit_codes():
         settings = Settings(**overrides)
@@ -394,6 +396,7 @@ def bench_cmd(
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of real transcripts to build prompts from"),
     job: int = typer.Option(None, "--job", help="build prompts from this job's stored transcripts"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if there is one, else the CPU), cuda, cpu or cuda:N"),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="run the model over N GPUs with tensor parallelism; --baseline then times device_map over the same GPUs"),
     dtype: str = typer.Option("auto", "--dtype"),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
@@ -427,7 +430,7 @@ def bench_cmd(
             model=model, chunk_sizes=_int_list(chunk_sizes), prompts=prompts, new_tokens=new_tokens,
             transcripts=transcripts, job=job, device=device, baseline=baseline,
             baseline_sizes=_int_list(baseline_sizes), max_chunks=max_chunks, extend=extend,
-            out_dir=Path(output), dtype=dtype, lengths=lengths,
+            out_dir=Path(output), dtype=dtype, lengths=lengths, tensor_parallel=tensor_parallel,
             varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
             progress=lambda text: bar.update(task, description=text))
     print_report(report, console)

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     chunk_wait_s: float = 2.0  # how long a partial chunk waits for more work, seconds
     max_new_tokens: int = 200  # ~100 words plus slack
     device_map: str = "auto"  # "auto", "cuda:0", "cpu", ...
+    # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
+    # ones); 1 = one device, as device_map says.
+    tensor_parallel: int = Field(default=1, ge=1)
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # The host name written on this worker's batch rows; unset = the machine's hostname. For hosts

@@ -11,6 +11,10 @@ summaries (40-250 tokens, mean about 120), and stops each row there (an emulated
 random weights never pick one). Those sizes run twice: "static" (a finished row keeps its place
 in the decode step until the chunk's longest row is done) and "drop" (finished rows leave the
 step: the engine's default).
+
+With `--tensor-parallel N` the engine runs over N GPUs and the baseline is the tutorial's multi-GPU
+setup: the same model spread layer by layer over the same N GPUs with `device_map`, loaded once the
+tensor-parallel group has stopped and freed them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ VARIED_MIN_TOKENS, VARIED_MODE_TOKENS, VARIED_MAX_TOKENS = 40, 70, 250
 VARIED_AT_NEW_TOKENS = 150
 VARIED_SEED = 4321
 LENGTHS = ("fixed", "varied")
+HF_WARMUP_TOKENS = 2  # new tokens of the baseline's untimed warm-up chunk
 
 
 @dataclass
@@ -88,6 +93,8 @@ class BenchReport:
     memory_limit_chunk: int | None = None
     auto_chunk_size: int | None = None
     token_capacity: int | None = None  # KV-cache tokens the engine planned
+    tensor_parallel: int = 1
+    baseline_device: str | None = None  # where the baseline ran, when not on the engine's device
 
 
 def reference_prompts(n: int, *, vocab_size: int, seed: int = REF_SEED,
@@ -153,8 +160,14 @@ def run_size(engine: Engine, prompts: list[list[int]], size: int, params: Sampli
         return None if own_lengths is None else [own_lengths[id(p)] for p in chunk]
 
     try:
-        # Warm-up with the first chunk (cache allocation, graph capture for its row bucket).
-        engine.generate(chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]))
+        # Warm-up with the first chunk (cache allocation, graph capture for its row bucket). Plain
+        # generate() captures and compiles nothing: a few tokens warm it up (a full chunk costs
+        # minutes on a 70B model spread by device_map).
+        if name == "hf":
+            engine.generate(chunks[0], SamplingParams(max_new_tokens=HF_WARMUP_TOKENS, ignore_eos=True),
+                            backend=backend)
+        else:
+            engine.generate(chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]))
         peaks = []
         for chunk in chunks:
             gens, t = engine.generate(chunk, params, backend=backend, new_tokens=lengths_of(chunk))
@@ -348,7 +361,7 @@ def resolve_bench_device(device: str) -> tuple[str, str | None]:
 def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
               transcripts: str | None, job: int | None, device: str, baseline: bool,
               baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,
-              dtype: str = "auto", progress=None, lengths: str = "both",
+              dtype: str = "auto", tensor_parallel: int = 1, progress=None, lengths: str = "both",
               varied_sizes: list[int] | None = None) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
     baseline), write bench.json and plots."""
@@ -357,7 +370,7 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     from tubesum.workers.gpu.engine import load_engine
 
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
-    engine = load_engine(model, device_map=device_map, dtype=dtype)
+    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel)
     if engine.device.type == "cuda":
         engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
@@ -377,7 +390,7 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
                          dtype=engine.dtype, attention=engine.attn_implementation,
                          new_tokens=new_tokens, prompt_source=source,
                          transformers_version=transformers.__version__,
-                         token_capacity=engine.token_capacity)
+                         token_capacity=engine.token_capacity, tensor_parallel=tensor_parallel)
     if lengths in ("fixed", "both"):
         fixed, report.memory_limit_chunk = sweep(
             engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
@@ -396,6 +409,17 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     auto = [r for r in report.results if r.note.startswith("auto") and not r.oom]
     report.auto_chunk_size = auto[0].chunk_size if auto else engine.auto_chunk_size(
         prompt_tokens=max(len(p) for p in prompt_ids), new_tokens=new_tokens)
+    if tensor_parallel > 1:
+        dtype_name = engine.dtype
+        engine.close()  # frees every GPU of the group for the baseline
+        if torch.cuda.is_available():
+            log.info("tensor-parallel group closed: %.1f GB still allocated on cuda:0",
+                     torch.cuda.memory_allocated(0) / 1e9)
+        if baseline:
+            if progress:
+                progress("loading the device_map baseline")
+            engine = load_device_map_engine(model, gpus=tensor_parallel, dtype=dtype_name)
+            report.baseline_device = engine.devices
     if baseline:
         numbered = [c for c in chunk_sizes if c]
         report.baseline, _ = sweep(
@@ -404,6 +428,19 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)
     return report
+
+
+def load_device_map_engine(model: str, *, gpus: int, dtype: str) -> Engine:
+    """The same model over `gpus` GPUs with accelerate's device_map and plain generate()."""
+    from tubesum.workers.gpu import dummy
+    from tubesum.workers.gpu.engine import load_engine, stop_token_ids
+
+    if not dummy.is_dummy(model):
+        return load_engine(model, device_map="auto", dtype=dtype, backend="hf")
+    hf_model, tokenizer = dummy.build_dummy_device_map(model, gpus=gpus, dtype=getattr(torch, dtype))
+    tokenizer.padding_side = "left"
+    return Engine(model=hf_model, tokenizer=tokenizer, model_name=model, backend="hf",
+                  stop_ids=stop_token_ids(hf_model, tokenizer))
 
 
 def best(results: list[SizeResult], lengths: str = "fixed") -> SizeResult | None:

@@ -57,10 +57,16 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"{report.new_tokens} new tokens each")))
     console.print(size_table("tubesum engine", report.results))
     if report.baseline:
-        console.print(size_table("plain model.generate() (same prompts, same process)", report.baseline))
+        where = f" with device_map over {report.baseline_device}" if report.baseline_device else ""
+        console.print(size_table(f"plain model.generate(){where} (same prompts, same process)", report.baseline))
     top = best(report.results)
     if top:
         console.print(f"best: chunk {top.chunk_size} at {top.summaries_per_s:.2f} summaries/s")
+    base_top = best(report.baseline)
+    if top and base_top and base_top.summaries_per_s:
+        console.print(f"best against best: {top.summaries_per_s / base_top.summaries_per_s:.1f}x plain "
+                      f"generate() (chunk {top.chunk_size}: {top.summaries_per_s:.2f} vs chunk "
+                      f"{base_top.chunk_size}: {base_top.summaries_per_s:.2f} summaries/s)")
     if report.memory_limit_chunk:
         console.print(f"memory limit: chunk {report.memory_limit_chunk} does not fit")
     console.print(f"--chunk-size auto would pick {report.auto_chunk_size} "

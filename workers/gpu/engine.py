@@ -2,13 +2,16 @@
 
 The GPU worker and `tubesum bench` both call exactly this. Two backends sit behind one API:
 `fast` (workers/gpu/runner.py: packed prefill, ragged KV cache planned in tokens, CUDA graphs)
-for Llama-family models on one device, and `hf` (plain `model.generate()` with left padding) for
-every other architecture, for models sharded over several GPUs, and as the bench's baseline.
+for Llama-family models and Mixtral, on one device or over a tensor-parallel GPU group
+(workers/gpu/tp.py), and `hf` (plain `model.generate()` with left padding) for every other
+architecture, for models spread by `device_map`, and as the bench's baseline.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import socket
 import time
 import traceback
@@ -23,6 +26,7 @@ from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
+from tubesum.workers.gpu.tp import RankGroup, ShardSource, check_divisible, full_config
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,9 @@ class Engine:
     tokenizer: object
     model_name: str
     backend: str  # "fast" | "hf"
-    runner: LlamaRunner | None = None
+    runner: LlamaRunner | RankGroup | None = None
     stop_ids: set[int] = field(default_factory=set)
+    group: RankGroup | None = None  # tensor parallel: rank 0's handle on the other ranks
 
     # ------------------------------------------------------------------ facts for batch rows
     @property
@@ -54,6 +59,11 @@ class Engine:
 
     @property
     def devices(self) -> str:
+        if self.group is not None:  # every GPU of the tensor-parallel group
+            devs = self.group.devices
+            if devs[0].type == "cuda":
+                return ",".join(str(d) for d in devs) + f":{torch.cuda.get_device_name(devs[0])}"
+            return f"{devs[0]} x{len(devs)}"
         devmap = getattr(self.model, "hf_device_map", None)
         if devmap and len(set(devmap.values())) > 1:
             return ",".join(sorted({str(d) for d in devmap.values()}))
@@ -197,6 +207,16 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel rank processes, if any (the worker's and the bench's exit)."""
+        if self.group is not None:
+            self.group.close()
+            # Rank 0's shard lives in this process: drop every reference so its GPU memory returns.
+            self.group = self.runner = self.model = None  # type: ignore[assignment]
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def _hf_generate(self, prompts: list[list[int]], params: SamplingParams):
         """Plain transformers generate(): left padding (decoder-only models continue from the
@@ -280,10 +300,15 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 
 def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", attn: str = "auto",
-                backend: Backend = "auto") -> Engine:
-    """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend."""
+                backend: Backend = "auto", tensor_parallel: int = 1) -> Engine:
+    """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend.
+    `tensor_parallel` N > 1: the fast backend over N GPUs (cuda:0..N-1 of the visible ones; on
+    `device_map="cpu"`, N CPU ranks over gloo, for tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
+    if tensor_parallel > 1:
+        return load_tp_engine(model, world=tensor_parallel, device_type="cpu" if dm == "cpu" else "cuda",
+                              dtype=torch_dtype, allow_flash=attn not in ("sdpa", "eager"), backend=backend)
     attn_impl = resolve_attn(attn, dm)
     if dummy.is_dummy(model):
         device = "cuda:0" if dm == "auto" else dm
@@ -319,4 +344,49 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
                     runner=runner, stop_ids=stop_token_ids(hf_model, tokenizer))
     log.info("loaded %s on %s (%s, attention %s, backend %s)", model, engine.devices,
              engine.dtype, engine.attn_implementation, chosen)
+    return engine
+
+
+def _tokenizer_and_generation_config(model: str, config):
+    """Tokenizer and end tokens of a model whose weights the ranks load themselves."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    if dummy.is_dummy(model):
+        _, tokenizer = dummy.dummy_config_with_tokens(model)
+        return tokenizer, dummy.dummy_generation_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        generation = GenerationConfig.from_pretrained(model)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    return tokenizer, generation
+
+
+def load_tp_engine(model: str, *, world: int, device_type: str, dtype: torch.dtype,
+                   allow_flash: bool = True, backend: Backend = "auto") -> Engine:
+    """The fast backend over a tensor-parallel group of `world` ranks; this process is rank 0."""
+    if backend == "hf":
+        raise ModelLoadError("the hf backend does not run tensor parallel; use --device-map auto "
+                             "(layers over the GPUs) or the fast backend")
+    # TUBESUM_TP_CUDA_GRAPHS=0: decode without CUDA graphs (diagnosis; graphs hold the all-reduces).
+    source = ShardSource(model=model, dtype=str(dtype).removeprefix("torch."), device_type=device_type,
+                         allow_flash=allow_flash, cuda_graphs=os.environ.get("TUBESUM_TP_CUDA_GRAPHS", "1") != "0")
+    try:
+        config = full_config(source)
+        tokenizer, generation = _tokenizer_and_generation_config(model, config)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"tensor parallelism runs the fast backend, which does not support "
+                             f"model_type {config.model_type!r}")
+    check_divisible(config, world)  # before any rank process starts
+    group = RankGroup(source, world)
+    group.model.generation_config = generation
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    engine = Engine(model=group.model, tokenizer=tokenizer, model_name=model, backend="fast",
+                    runner=group, stop_ids=stop_token_ids(group.model, tokenizer), group=group)
+    log.info("loaded %s tensor-parallel over %s (%s, attention %s)", model, engine.devices,
+             engine.dtype, engine.attn_implementation)
     return engine

@@ -30,7 +30,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ GQA_PACK_MIN_ROWS = 16
 # How often (in decode steps) the host checks whether every row has finished.
 FINISH_CHECK_EVERY = 16
 
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "mixtral"}
 
 
 def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -87,12 +90,13 @@ class _Layer:
     wqkv: torch.Tensor  # [(H + 2·KVH)·D, hidden]
     bqkv: torch.Tensor | None
     wo: torch.Tensor  # [hidden, H·D]
-    w13: torch.Tensor  # [2·inter, hidden]
-    w2: torch.Tensor  # [hidden, inter]
+    w13: torch.Tensor | None  # [2·inter, hidden]; None for a mixture of experts
+    w2: torch.Tensor | None  # [hidden, inter]
     ln1: torch.Tensor
     ln2: torch.Tensor
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head
     k_norm: torch.Tensor | None
+    moe: MoEWeights | None = None  # Mixtral: routed experts instead of w13/w2
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -293,15 +297,21 @@ class RunStats:
 
 
 class LlamaRunner:
-    """Greedy batched generation for one Llama-family HF model on one device."""
+    """Greedy batched generation for one Llama-family HF model on one device.
+
+    Tensor parallel: `model` is this rank's shard (workers/gpu/tp.py: a model of the same family
+    whose config has this rank's heads and intermediate size) and `tp_group` its process group;
+    the runner then sums the attention output and the MLP output over the ranks (one all-reduce
+    each per layer, captured in the decode graph), and every rank computes the same tokens."""
 
     def __init__(self, model: torch.nn.Module, *, use_cuda_graphs: bool | None = None,
                  allow_flash: bool = True, compile_ops: bool = True,
-                 token_capacity: int | None = None) -> None:
+                 token_capacity: int | None = None, tp_group: dist.ProcessGroup | None = None) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"fast runner does not support model_type {cfg.model_type!r}")
         self.model = model
+        self.tp_group = tp_group
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.n_heads = cfg.num_attention_heads
@@ -326,9 +336,14 @@ class LlamaRunner:
             for layer in inner.layers:
                 att, mlp = layer.self_attn, layer.mlp
                 wqkv, bqkv = _fuse([att.q_proj, att.k_proj, att.v_proj])
-                w13, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+                moe = w13 = w2 = None
+                if hasattr(mlp, "experts"):
+                    moe = MoEWeights.from_hf(mlp, cfg.num_experts_per_tok)
+                else:
+                    w13, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+                    w2 = mlp.down_proj.weight
                 self.layers.append(_Layer(
-                    wqkv=wqkv, bqkv=bqkv, wo=att.o_proj.weight, w13=w13, w2=mlp.down_proj.weight,
+                    wqkv=wqkv, bqkv=bqkv, wo=att.o_proj.weight, w13=w13, w2=w2, moe=moe,
                     ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
                     q_norm=getattr(getattr(att, "q_norm", None), "weight", None),
                     k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
@@ -394,6 +409,17 @@ class LlamaRunner:
         self.release()
 
     # ------------------------------------------------------------------ all layers
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum a row-sharded projection over the tensor-parallel ranks (in place)."""
+        if self.tp_group is not None:
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial
+
+    def _mlp(self, lyr: _Layer, h: torch.Tensor) -> torch.Tensor:
+        if lyr.moe is not None:
+            return moe_mlp(h, lyr.moe, self.ops.silu_mul)
+        return F.linear(self.ops.silu_mul(F.linear(h, lyr.w13)), lyr.w2)
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor,
                  attend) -> torch.Tensor:
         """ids, pos, dest: [T] → final-normed hidden states [T, hidden]. Writes every token's
@@ -408,8 +434,8 @@ class LlamaRunner:
             k_flat.index_copy_(0, dest, k)
             v_flat.index_copy_(0, dest, v)
             attn = attend(i, q, k, v)  # [T, H, D]
-            x, h = ops.add_rms_norm(x, F.linear(attn.flatten(1), lyr.wo), lyr.ln2, eps)
-            mlp = F.linear(ops.silu_mul(F.linear(h, lyr.w13)), lyr.w2)
+            x, h = ops.add_rms_norm(x, self._all_reduce(F.linear(attn.flatten(1), lyr.wo)), lyr.ln2, eps)
+            mlp = self._all_reduce(self._mlp(lyr, h))
             after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             x, h = ops.add_rms_norm(x, mlp, after, eps)
         return h

@@ -43,7 +43,8 @@ def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
 def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
     """Load the model once and compile its kernels before the first chunk."""
     engine = load_engine(settings.model, device_map=settings.device_map, dtype=settings.dtype,
-                         attn=settings.attn, backend=backend)  # type: ignore[arg-type]
+                         attn=settings.attn, backend=backend,  # type: ignore[arg-type]
+                         tensor_parallel=settings.tensor_parallel)
     log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
     return engine
 
@@ -78,3 +79,4 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     finally:
         batcher.stop()
         attach_batcher(app, None)
+        batcher.engine.close()  # tensor parallel: stop the rank processes
