@@ -10,22 +10,38 @@ RabbitMQ.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from datetime import timedelta
+from pathlib import Path
 
+import kombu
 import pytest
-from sqlalchemy import create_engine, text
+import redis
+from kombu.exceptions import ChannelError
+from sqlalchemy import create_engine, func, select, text
 
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_faults import REPO, assert_nothing_lost, fault_env, gpu_worker_argv, in_state, submit_ids, wait_statuses  # noqa: F401
+from tests.test_playlist import task_args
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
+from tubesum.celery_app import SUMMARISE_QUEUE, TRANSCRIPTS_QUEUE
 from tubesum.db import POOL_MAX_OVERFLOW, POOL_SIZE
+from tubesum.models import Batch, Job, Summary, Transcript, Video
+from tubesum.models.base import utcnow
 
 TERMINAL = ("done", "failed")
 # Sampling interval of pg_stat_activity while a worker runs, seconds.
 SAMPLE_INTERVAL_S = 0.1
+# The issue's targets: a job finishes this long after its GPU worker was SIGKILLed (defaults), and
+# SIGTERM puts held-but-unstarted messages back on the queue this fast, seconds.
+RECOVERY_TARGET_S = 120.0
+HANDBACK_TARGET_S = 5.0
 
 
 @pytest.fixture
@@ -67,3 +83,271 @@ def test_a_gpu_worker_with_a_backlog_holds_a_bounded_pool(fault_env, db, start_w
     assert_nothing_lost(db, job_id, done=40)
     assert max(samples) >= 1, "the worker's connections were not seen (application_name?)"
     assert max(samples) <= POOL_SIZE + POOL_MAX_OVERFLOW, samples
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def start_gpu(start_worker, env: dict[str, str], name: str, model_dir: Path, *, slow_s: float, chunk_size: int = 4,
+              **extra: str):
+    """A GPU worker whose chunks take ``slow_s`` longer; its batch rows name it (TUBESUM_WORKER_HOST)."""
+    return start_worker(env={**env, SLOW_CHUNK_ENV: str(slow_s), "TUBESUM_WORKER_HOST": name, **extra}, cwd=REPO,
+                        name=name, argv=gpu_worker_argv(name, model_dir, chunk_size=chunk_size))
+
+
+def queue_depth(broker_url: str, queue: str = SUMMARISE_QUEUE) -> int:
+    """Messages ready in ``queue`` (not those a worker holds)."""
+    if broker_url.startswith("redis"):
+        client = redis.Redis.from_url(broker_url)
+        try:
+            return client.llen(queue)
+        finally:
+            client.close()
+    with kombu.Connection(broker_url) as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except ChannelError:  # not declared yet
+            return 0
+
+
+def purge_rabbitmq(broker_url: str) -> None:
+    """Empty this session's RabbitMQ queues: unlike a Redis database, a virtual host is not flushed per test."""
+    with kombu.Connection(broker_url) as conn:
+        for queue in (TRANSCRIPTS_QUEUE, SUMMARISE_QUEUE):
+            channel = conn.channel()
+            try:
+                channel.queue_purge(queue)
+            except ChannelError:  # not declared yet
+                pass
+            finally:
+                channel.close()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_env(request: pytest.FixtureRequest, fault_env: dict[str, str]) -> dict[str, str]:
+    """``fault_env`` on Redis, and again on RabbitMQ (quorum queues, a virtual host of the session)."""
+    if request.param == "redis":
+        return fault_env
+    url = request.getfixturevalue("rabbitmq_url")
+    purge_rabbitmq(url)
+    return {**fault_env, "TUBESUM_BROKER_URL": url}
+
+
+def video_rows(db, job_id: int) -> dict[str, Video]:
+    with db.connect() as conn:
+        return {r.video_id: r for r in conn.execute(select(Video).where(Video.job_id == job_id))}
+
+
+def summaries_by_host(db, job_id: int) -> dict[str, str]:
+    """video_id → worker_host of the batch that stored its summary."""
+    with db.connect() as conn:
+        return dict(conn.execute(select(Video.video_id, Batch.worker_host).join(Summary, Summary.video_pk == Video.id)
+                                 .join(Batch, Batch.id == Summary.batch_id).where(Video.job_id == job_id)).all())
+
+
+def wait_quick(predicate, *, limit_s: float, message: str) -> float:
+    """Seconds until ``predicate()`` holds; fails past ``limit_s``."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > limit_s:
+            pytest.fail(f"not within {limit_s:.0f}s: {message}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+# --- SIGKILL, SIGSTOP: leases ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_gpu_worker_killed_mid_chunk_is_replaced_within_two_minutes_with_default_settings(
+        env, db, start_worker, wait_until, tiny_model_dir):
+    """Default delivery settings (lease 60 s, a reconcile pass every 10 s inside each worker, Redis'
+    visibility timeout 4 h): the killed worker's leases run out and the second worker's own pass
+    sends its six videos back at once; the job ends within 2 minutes of the kill."""
+    first = start_gpu(start_worker, env, "gpu-a", tiny_model_dir, slow_s=60)
+    job_id = submit_ids([f"dflt{i:07d}" for i in range(6)], env, transcripts=True)
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="six videos held by gpu-a")
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    first.proc.wait(timeout=10)
+    second = start_gpu(start_worker, env, "gpu-b", tiny_model_dir, slow_s=0)
+    wait_statuses(wait_until, db, job_id, TERMINAL, timeout=RECOVERY_TARGET_S)
+    recovered_s = time.monotonic() - killed_at
+    assert recovered_s <= RECOVERY_TARGET_S
+    assert_nothing_lost(db, job_id, done=6)
+    rows = video_rows(db, job_id)
+    assert [r.lease_expiries for r in rows.values()] == [1] * 6
+    assert all(r.lease_owner is None for r in rows.values())
+    assert set(summaries_by_host(db, job_id).values()) == {"gpu-b"}
+    assert "lease of gpu-a@" in second.log()
+    print(f"job finished {recovered_s:.0f}s after its GPU worker was SIGKILLed")
+
+
+@pytest.mark.slow
+def test_a_worker_stalled_past_its_lease_stores_no_second_summary(fault_env, db, start_worker, wait_until, tiny_model_dir):
+    """SIGSTOP the GPU worker mid-chunk (its heartbeat stops with it): its leases run out, another
+    worker summarises the videos; SIGCONT: the stalled worker finishes its chunk, finds them done,
+    and stores its batch row but no second summary."""
+    stalled = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=5)
+    job_id = submit_ids([f"stop{i:07d}" for i in range(4)], fault_env, transcripts=True)
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 4, message="a chunk of four running on gpu-a")
+    stalled.proc.send_signal(signal.SIGSTOP)
+    try:
+        start_gpu(start_worker, fault_env, "gpu-b", tiny_model_dir, slow_s=0)
+        wait_statuses(wait_until, db, job_id, TERMINAL)
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+
+    def late_batch() -> bool:
+        with db.connect() as conn:
+            return bool(conn.scalar(select(func.count()).select_from(Batch).where(Batch.worker_host == "gpu-a")))
+
+    wait_until(late_batch, message="the stalled worker's late chunk")
+    time.sleep(1.0)  # its store transaction has committed; nothing else may follow
+    assert_nothing_lost(db, job_id, done=4)
+    assert set(summaries_by_host(db, job_id).values()) == {"gpu-b"}
+    assert [r.lease_expiries for r in video_rows(db, job_id).values()] == [1] * 4
+
+
+# --- SIGTERM: hand-back ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_hands_back_held_messages_within_seconds(broker_env, db, start_worker, wait_until, tiny_model_dir):
+    """SIGTERM while a chunk of 4 runs and 4 more videos wait in the worker: those 4 are back on
+    the queue (and `fetched`, with no lease) within seconds; the running chunk finishes within the
+    grace period and is stored; the worker exits; a second worker does the rest. On Redis and on
+    RabbitMQ."""
+    env = broker_env
+    url = env["TUBESUM_BROKER_URL"]
+    first = start_gpu(start_worker, env, "gpu-a", tiny_model_dir, slow_s=6)
+    job_id = submit_ids([f"term{i:07d}" for i in range(8)], env, transcripts=True)
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 8, message="a chunk running, four waiting")
+    assert queue_depth(url) == 0
+    first.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    back_s = wait_quick(lambda: queue_depth(url) == 4, limit_s=HANDBACK_TARGET_S, message="four messages handed back")
+    rows = video_rows(db, job_id)
+    assert sorted(r.status for r in rows.values()) == ["fetched"] * 4 + ["summarising"] * 4
+    assert all(r.lease_owner is None and r.summarise_attempts == 0 for r in rows.values() if r.status == "fetched")
+    first.proc.wait(timeout=30)
+    exit_s = time.monotonic() - t0
+    assert exit_s < 25.0, "the running chunk should finish well within the grace period"
+    assert queue_depth(url) == 4  # nothing taken by the stopping worker
+    second = start_gpu(start_worker, env, "gpu-b", tiny_model_dir, slow_s=0)
+    wait_statuses(wait_until, db, job_id, TERMINAL)
+    assert_nothing_lost(db, job_id, done=8)
+    hosts = summaries_by_host(db, job_id)
+    assert sorted(hosts.values()) == ["gpu-a"] * 4 + ["gpu-b"] * 4
+    assert [r.summarise_attempts for r in video_rows(db, job_id).values()] == [1] * 8
+    assert "handed back" in first.log()
+    second.stop()
+    print(f"handed back in {back_s:.1f}s; worker exited {exit_s:.1f}s after SIGTERM")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["second-sigterm", "grace-over"])
+def test_the_running_chunk_is_handed_back_on_a_second_sigterm_or_when_the_grace_ends(
+        how, fault_env, db, redis_url, start_worker, wait_until, tiny_model_dir):
+    """A chunk that cannot finish in time: a second SIGTERM, or the end of the grace period
+    (TUBESUM_HANDBACK_GRACE_S), hands its messages back too; the worker exits without storing it."""
+    grace = {"TUBESUM_HANDBACK_GRACE_S": "2" if how == "grace-over" else "25"}
+    first = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=40, **grace)
+    job_id = submit_ids([f"grace{i:06d}" for i in range(8)], fault_env, transcripts=True)
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 8, message="a chunk running, four waiting")
+    first.proc.send_signal(signal.SIGTERM)
+    wait_quick(lambda: queue_depth(redis_url) == 4, limit_s=HANDBACK_TARGET_S, message="four waiting messages back")
+    if how == "second-sigterm":
+        first.proc.send_signal(signal.SIGTERM)
+    all_back_s = wait_quick(lambda: queue_depth(redis_url) == 8, limit_s=HANDBACK_TARGET_S,
+                            message="the running chunk's messages back too")
+    first.proc.wait(timeout=20)
+    assert sorted(r.status for r in video_rows(db, job_id).values()) == ["fetched"] * 8
+    start_gpu(start_worker, fault_env, "gpu-b", tiny_model_dir, slow_s=0)
+    wait_statuses(wait_until, db, job_id, TERMINAL)
+    assert_nothing_lost(db, job_id, done=8)
+    assert set(summaries_by_host(db, job_id).values()) == {"gpu-b"}
+    print(f"{how}: every message back {all_back_s:.1f}s after the first SIGTERM")
+
+
+# --- operators: retry, status --------------------------------------------------------------------------
+
+
+def add_job(db, videos: list[dict]) -> tuple[int, dict[str, int]]:
+    """A job with the given video rows (keys of ``videos``' dicts override the defaults)."""
+    old = utcnow() - timedelta(minutes=5)
+    pks: dict[str, int] = {}
+    with db.begin() as conn:
+        job_id = conn.execute(Job.__table__.insert().values(sources=["t"], options={}, created_at=old)).inserted_primary_key[0]
+        for i, values in enumerate(videos):
+            row = dict(job_id=job_id, video_id=f"vid{i:08d}", status="failed", position=i, attempts=7,
+                       summarise_attempts=9, reconciles=2, lease_expiries=3, queued_at=old, updated_at=old) | values
+            transcript = row.pop("transcript", None)
+            pks[row["video_id"]] = pk = conn.execute(Video.__table__.insert().values(**row)).inserted_primary_key[0]
+            if transcript:
+                conn.execute(Transcript.__table__.insert().values(video_pk=pk, text=transcript, source="csv", created_at=old))
+    return job_id, pks
+
+
+def tubesum_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tubesum.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def queued_messages(redis_url: str) -> dict[str, list[int]]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {queue: sorted(task_args(json.loads(m))[0] for m in client.lrange(queue, 0, -1))
+                for queue in (TRANSCRIPTS_QUEUE, SUMMARISE_QUEUE)}
+    finally:
+        client.close()
+
+
+def test_retry_requeues_failed_videos_with_fresh_counters(env, db, redis_url):
+    """`tubesum retry JOB --failed-reason TEXT`: only the failed videos whose reason matches, to
+    summarise if their transcript is stored, else to fetch, with their counters back at zero."""
+    outage = "stuck in 'summarising' after 3 expired leases (its worker died each time); giving up"
+    job_id, pks = add_job(db, [
+        dict(video_id="outage00001", error=outage, transcript="Bees dance."),
+        dict(video_id="outage00002", error=outage.replace("summarising", "fetching")),
+        dict(video_id="nocaptions1", error="TranscriptsDisabled: subtitles are disabled"),
+        dict(video_id="finished001", status="done", error=None, transcript="Owls."),
+    ])
+    out = tubesum_cli(env, "retry", str(job_id), "--failed-reason", "EXPIRED LEASES")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"job {job_id}: re-queued 2 failed videos (1 to fetch, 1 to summarise)"
+    rows = video_rows(db, job_id)
+    assert {v: r.status for v, r in rows.items()} == {
+        "outage00001": "fetched", "outage00002": "queued", "nocaptions1": "failed", "finished001": "done"}
+    for vid in ("outage00001", "outage00002"):
+        r = rows[vid]
+        assert (r.error, r.failed_at, r.attempts, r.summarise_attempts, r.lease_expiries) == (None, None, 0, 0, 0)
+    assert queued_messages(redis_url) == {TRANSCRIPTS_QUEUE: [pks["outage00002"]], SUMMARISE_QUEUE: [pks["outage00001"]]}
+    # Everything failed, then: the transcript failure too.
+    again = tubesum_cli(env, "retry", str(job_id))
+    assert again.stdout.strip() == f"job {job_id}: re-queued 1 failed videos (1 to fetch, 0 to summarise)"
+    assert tubesum_cli(env, "retry", str(job_id)).stdout.strip() == f"job {job_id}: no failed videos to retry"
+    missing = tubesum_cli(env, "retry", "999999")
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: there is no job 999999"
+
+
+def test_status_shows_who_holds_the_videos_and_expired_leases(env, db):
+    """`tubesum status JOB`: per worker, how many videos it holds, since when and until when its
+    lease runs; and how many went back to their queue after a lease ran out."""
+    now = utcnow()
+    held = dict(status="summarising", error=None, lease_expiries=0, leased_at=now - timedelta(seconds=30),
+                lease_expires_at=now + timedelta(seconds=40))
+    job_id, _ = add_job(db, [
+        held | dict(lease_owner="gpu@host-a"), held | dict(lease_owner="gpu@host-a"),
+        held | dict(lease_owner="gpu@host-b", lease_expiries=1),
+        dict(status="fetching", error=None, lease_owner="fetch@host-c", leased_at=now, lease_expiries=0,
+             lease_expires_at=now + timedelta(seconds=60)),
+        dict(status="done", error=None, lease_expiries=2),
+    ])
+    out = tubesum_cli({**env, "COLUMNS": "200"}, "status", str(job_id))
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[1]: line for line in out.stdout.splitlines() if "@host-" in line}
+    assert lines.keys() == {"gpu@host-a", "gpu@host-b", "fetch@host-c"}
+    assert lines["gpu@host-a"].split()[3] == "2" and lines["gpu@host-b"].split()[3] == "1"
+    assert f"{now - timedelta(seconds=30):%H:%M:%S}" in lines["gpu@host-a"]
+    assert "3 returned to the queue after a lease ran out" in out.stdout

@@ -15,7 +15,8 @@ SUMMARISE_QUEUE = "summarise"
 FETCH_TASK = "tubesum.fetch_transcript"
 SUMMARISE_TASK = "tubesum.summarise"
 
-TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks"]
+# Modules every worker imports: the tasks, and the reconcile pass each worker runs in a thread.
+TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks", "tubesum.workers.reconcile"]
 
 
 def embedded_broker_options(settings: Settings) -> dict:
@@ -30,6 +31,17 @@ def embedded_broker_options(settings: Settings) -> dict:
         "store_processed": False,
         "control_folder": str(root / "control"),
     }
+
+
+def is_amqp(broker_url: str | None) -> bool:
+    return (broker_url or "").startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def declared_queues(settings: Settings) -> list[Queue]:
+    """One queue per role. On RabbitMQ, quorum queues: replicated, durable, and they hand a dead
+    consumer's unacknowledged messages to another consumer as soon as its connection drops."""
+    arguments = {"x-queue-type": "quorum"} if is_amqp(settings.broker_url) else None
+    return [Queue(TRANSCRIPTS_QUEUE, queue_arguments=arguments), Queue(SUMMARISE_QUEUE, queue_arguments=arguments)]
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
@@ -48,12 +60,16 @@ def celery_config(settings: Settings) -> dict:
     }
     if settings.embedded_broker:
         transport_options = embedded_broker_options(settings)
+    elif is_amqp(settings.broker_url):
+        # Publisher confirms: a send returns only once RabbitMQ has the message (a send that a
+        # broker restart ate raises, and is retried, instead of vanishing).
+        transport_options = {"confirm_publish": True}
     return {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # reconnect forever after a broker restart
-        "task_queues": [Queue(TRANSCRIPTS_QUEUE), Queue(SUMMARISE_QUEUE)],
+        "task_queues": declared_queues(settings),
         "task_create_missing_queues": False,
         "task_default_queue": TRANSCRIPTS_QUEUE,
         "task_routes": {

@@ -75,7 +75,8 @@ def reconcile_cmd(
     every: float = typer.Option(None, "--every", help="run a pass every this many seconds, until stopped"),
 ) -> None:
     """Re-enqueue videos stuck in queued/fetching/fetched/summarising (a dead worker or producer);
-    fail those re-enqueued too often. Run it beside the workers: `tubesum reconcile --every 300`."""
+    fail those whose leases ran out too often. Every worker runs such a pass every
+    TUBESUM_RECONCILE_EVERY_S itself; this command is for a pass by hand."""
     import logging
     import signal
     import threading
@@ -96,6 +97,26 @@ def reconcile_cmd(
                          stuck_after_s=stuck_after)
     except KeyboardInterrupt:
         pass
+
+
+@app.command("retry")
+def retry_cmd(
+    job: int = typer.Argument(..., help="job id"),
+    failed_reason: str = typer.Option(None, "--failed-reason", help="only videos whose failure reason contains this text (case-insensitive)"),
+) -> None:
+    """Send a job's failed videos through again (to summarise if their transcript is stored, else
+    to fetch), with fresh attempt counters: for videos failed by an outage, say."""
+    from tubesum.celery_app import app as celery_app
+    from tubesum.errors import BadInput
+    from tubesum.producer.retry import retry_failed
+    from tubesum.settings import get_settings
+
+    try:
+        report = retry_failed(job, settings=get_settings(), celery_app=celery_app, failed_reason=failed_reason)
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.summary())
 
 
 # --- GPU (summarise) worker and its report --------------------------------------------------------

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.table import Table
@@ -40,6 +40,16 @@ class FailedVideo:
 
 
 @dataclass(frozen=True)
+class LeaseHolder:
+    """A worker holding some of a job's videos (fetching or summarising) under its lease."""
+
+    worker: str  # Celery node name, e.g. gpu@host-a
+    videos: int
+    since: datetime | None  # earliest claim of those it holds
+    until: datetime | None  # latest lease expiry (renewed by its heartbeat)
+
+
+@dataclass(frozen=True)
 class JobStatus:
     job_id: int
     created_at: datetime
@@ -47,6 +57,8 @@ class JobStatus:
     model: str | None
     counts: JobCounts
     failures: list[FailedVideo]
+    holders: list[LeaseHolder] = field(default_factory=list)
+    expired_leases: int = 0  # times a lease ran out and its video went back to the queue
 
 
 def latest_job_id(session: Session) -> int:
@@ -81,7 +93,21 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
         model=job.model,
         counts=JobCounts({status: n for status, n in counts}),
         failures=[FailedVideo(*row) for row in failed],
+        holders=lease_holders(session, job.id),
+        expired_leases=session.scalar(select(func.coalesce(func.sum(Video.lease_expiries), 0))
+                                      .where(Video.job_id == job.id)) or 0,
     )
+
+
+def lease_holders(session: Session, job_id: int) -> list[LeaseHolder]:
+    """Per worker: how many of the job's videos it holds, since when, and until when."""
+    rows = session.execute(
+        select(Video.lease_owner, func.count(), func.min(Video.leased_at), func.max(Video.lease_expires_at))
+        .where(Video.job_id == job_id, Video.lease_owner.is_not(None),
+               Video.status.in_(("fetching", "summarising")))
+        .group_by(Video.lease_owner).order_by(Video.lease_owner)
+    ).all()
+    return [LeaseHolder(*row) for row in rows]
 
 
 def all_job_statuses(session: Session, *, limit: int = 20) -> list[tuple[int, datetime, JobCounts]]:
@@ -167,6 +193,8 @@ def status_tables(status: JobStatus) -> list[Table]:
         counts.add_row(name, str(by_status.get(name, 0)))
     counts.add_row("total", str(status.counts.total), style="bold")
     tables = [counts]
+    if status.holders or status.expired_leases:
+        tables.append(leases_table(status))
     if status.failures:
         failed = Table(title=f"{len(status.failures)} failed")
         failed.add_column("video_id")
@@ -176,6 +204,21 @@ def status_tables(status: JobStatus) -> list[Table]:
             failed.add_row(f.video_id, f.title or "", f.error or "")
         tables.append(failed)
     return tables
+
+
+def leases_table(status: JobStatus) -> Table:
+    """Who holds the job's videos now, and how often a lease ran out (its worker died)."""
+    table = Table(title="held by workers",
+                  caption=f"{status.expired_leases} returned to the queue after a lease ran out")
+    for column in ("worker", "videos", "since (UTC)", "lease until (UTC)"):
+        table.add_column(column, justify="right" if column == "videos" else "left")
+    for h in status.holders:
+        table.add_row(h.worker, str(h.videos), _clock(h.since), _clock(h.until))
+    return table
+
+
+def _clock(value: datetime | None) -> str:
+    return f"{value.astimezone(timezone.utc):%H:%M:%S}" if value else ""
 
 
 def all_jobs_table(jobs: Sequence[tuple[int, datetime, JobCounts]]) -> Table:

@@ -13,6 +13,7 @@ from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError
 from tubesum.settings import get_settings
 from tubesum.workers.fetch import Outcome, fetch_video, mark_failed
+from tubesum.workers.video_state import hold_for_retry, takes_over
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
     settings = get_settings()
     video_pk = int(video_pk)
     try:
-        outcome = fetch_video(video_pk, settings=settings)
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        outcome = fetch_video(video_pk, settings=settings, owner=self.request.hostname,
+                              takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered))
     except TransientFetchError as exc:
         attempt = self.request.retries + 1
         if attempt > settings.fetch_max_retries:
@@ -33,6 +36,8 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
         delay = backoff_delay(self.request.retries, base_s=settings.fetch_backoff_base_s,
                               max_s=settings.fetch_backoff_max_s)
         log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
+        # Whichever worker gets the retry may claim it; nobody resends it before it is due.
+        hold_for_retry(video_pk, until_s=delay + settings.fetch_lease_s, database_url=settings.database_url)
         raise self.retry(exc=exc, countdown=delay)
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
         if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:

@@ -11,6 +11,10 @@ A long transcript becomes several map prompts in the chunk(s) of its video, and 
 prompts are queued first for the next chunk (see ``workers.summarise.SummaryPlan``).
 Out of memory: the batch row is recorded as ``oom``, the chunk is split in halves and each half
 retried; ``ChunkSizer`` caps later chunks at the largest size that worked.
+
+Shutting down (SIGTERM, a preemption notice): ``hand_back`` fails every video that is not in the
+running chunk with WorkerStopping at once (its task returns the message to the queue), lets the
+running chunk finish within a grace period, and hands its videos back too if it does not.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 600.0
 
 Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
-Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → refresh their updated_at
+Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → renew their leases
 
 
 @dataclass(eq=False)
@@ -83,11 +87,13 @@ class Batcher:
         self.worker_host = worker_host or engine.host  # written on every batch row
         self._pending: list[_Prompt] = []
         self._in_flight: dict[int, _Work] = {}  # by video pk: a redelivered message joins its video
-        self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
+        self._running: set[_Work] = set()  # videos with a prompt in the chunk the GPU thread runs
+        self._cond = threading.Condition()  # guards _pending, _in_flight, _running, _stopping, _handing_back
         self._stopping = False
+        self._handing_back = False
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
-        # While a chunk runs for minutes, this thread keeps its videos' updated_at fresh, so
-        # `tubesum reconcile` tells them from the videos of a dead worker.
+        # While a chunk runs for minutes, this thread renews the leases of the videos this worker
+        # holds, so the reconcile pass tells them from the videos of a dead worker.
         self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
         self._beat_stop = threading.Event()
         self._beat_thread = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
@@ -109,12 +115,14 @@ class Batcher:
                 log.warning("heartbeat of %d videos failed", len(pks), exc_info=True)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Finish the chunk in progress, then fail whatever is still waiting with WorkerStopping."""
+        """Finish the chunk in progress, then fail whatever is still waiting with WorkerStopping.
+        After ``hand_back`` nothing is waited for: its grace period already ran."""
         with self._cond:
             self._stopping = True
+            handed_back = self._handing_back
             self._cond.notify_all()
         self._beat_stop.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not handed_back:
             self._thread.join(timeout)
         with self._cond:
             works = list(self._in_flight.values())
@@ -124,6 +132,35 @@ class Batcher:
             for future in work.futures:
                 if not future.done():
                     future.set_exception(WorkerStopping("worker stopped before this video was summarised"))
+
+    def hand_back(self, grace_s: float) -> None:
+        """Stop taking videos and give back every one not in the running chunk now (its task
+        requeues its message); give the running chunk ``grace_s`` seconds to finish and be stored,
+        then give its videos back too. A second call gives everything back at once."""
+        with self._cond:
+            again = self._handing_back
+            self._stopping = self._handing_back = True
+            waiting = [w for w in self._in_flight.values() if again or w not in self._running]
+            running = len(self._running)
+            self._cond.notify_all()
+        log.warning("shutting down: handing back %d videos now, %s", len(waiting),
+                    "and the running chunk too" if again else
+                    f"the {running} of the running chunk unless it finishes within {grace_s:.0f}s")
+        self._give_back(waiting)
+        if not again:
+            threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back",
+                             daemon=True).start()
+
+    def _give_back_after(self, grace_s: float) -> None:
+        self._thread.join(grace_s)
+        with self._cond:
+            rest = list(self._in_flight.values())
+        if rest:
+            log.warning("grace period over: handing back %d videos of the unfinished chunk", len(rest))
+        self._give_back(rest)
+
+    def _give_back(self, works: list[_Work]) -> None:
+        self._fail_tasks(set(works), WorkerStopping("the worker is shutting down; message handed back"))
 
     def submit(self, video: VideoInput) -> Future:
         """Queue a video; the Future resolves to its VideoOutcome once that is committed."""
@@ -164,6 +201,12 @@ class Batcher:
             except Exception as exc:  # outermost: a bug fails this chunk's videos, the worker goes on
                 log.exception("chunk of %d prompts failed", len(chunk))
                 self._fail_tasks({p.work for p in chunk}, exc)
+            finally:
+                with self._cond:
+                    self._running.clear()
+        with self._cond:  # handing back: a long video's next step will not run here
+            rest = list(self._in_flight.values()) if self._handing_back else []
+        self._give_back(rest)
 
     def _next_chunk(self) -> list[_Prompt] | None:
         """Block until a chunk is due (full, or its oldest prompt waited chunk_wait_s)."""
@@ -177,6 +220,7 @@ class Batcher:
                     chosen = set(plan_chunk([p.pending for p in self._pending], limit))
                     chunk = [p for i, p in enumerate(self._pending) if i in chosen]
                     self._pending = [p for i, p in enumerate(self._pending) if i not in chosen]
+                    self._running = {p.work for p in chunk}
                     return chunk
                 self._cond.wait(None if wait == float("inf") else wait)
             return None

@@ -8,7 +8,11 @@ video to the one Batcher and waiting for its summary to be committed.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import partial
+
+from celery.signals import worker_shutting_down
+from celery.utils.nodenames import default_nodename, host_format
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
@@ -46,22 +50,37 @@ def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
     return engine
 
 
-def build_batcher(engine: Engine, settings: Settings) -> Batcher:
-    """The Batcher over a loaded engine, storing into settings.database_url."""
+def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None = None) -> Batcher:
+    """The Batcher over a loaded engine, storing into settings.database_url; its heartbeat renews
+    the leases ``lease_owner`` (this worker's node name) holds."""
     return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
                    chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
                    max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
                    worker_host=settings.worker_host,
-                   heartbeat=partial(touch_videos, database_url=settings.database_url),
+                   heartbeat=partial(touch_videos, database_url=settings.database_url, owner=lease_owner,
+                                     lease_s=settings.lease_s),
                    heartbeat_s=settings.heartbeat_s)
+
+
+def hand_back_on_shutdown(batcher: Batcher, grace_s: float):  # -> the connected receiver
+    """On each SIGTERM/SIGINT (Celery's warm shutdown, which alone would run every held video to
+    the end): the batcher hands back what it holds. Runs in a thread: Celery calls this from its
+    signal handler."""
+    def receiver(**_kwargs: object) -> None:
+        threading.Thread(target=batcher.hand_back, args=(grace_s,), name="gpu-shutdown", daemon=True).start()
+
+    worker_shutting_down.connect(receiver, weak=False)
+    return receiver
 
 
 def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
                          backend: str = "auto") -> None:
     """`tubesum worker summarise`: load the model, then consume the summarise queue with
     CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
-    batcher = build_batcher(load_warm_engine(settings, backend=backend), settings)
+    nodename = host_format(default_nodename(name))  # what the tasks see as request.hostname
+    batcher = build_batcher(load_warm_engine(settings, backend=backend), settings, lease_owner=nodename)
     attach_batcher(app, batcher)
+    receiver = hand_back_on_shutdown(batcher, settings.handback_grace_s)
     batcher.start()
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
@@ -73,5 +92,6 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
                          # start and leaves stale files on the filesystem broker).
                          "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
     finally:
+        worker_shutting_down.disconnect(receiver)
         batcher.stop()
         attach_batcher(app, None)
