@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # How long `stop()` waits for the GPU thread to finish its current chunk, seconds.
 STOP_TIMEOUT_S = 600.0
+# While handing back: how often the grace period checks for the end of the running chunk, seconds.
+HAND_BACK_POLL_S = 0.1
 
 Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
 Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → renew their leases
@@ -91,6 +93,8 @@ class Batcher:
         self._cond = threading.Condition()  # guards _pending, _in_flight, _running, _stopping, _handing_back
         self._stopping = False
         self._handing_back = False
+        self._abandon = threading.Event()  # a second hand_back: do not wait for the running chunk
+        self._handed_back = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
         # While a chunk runs for minutes, this thread renews the leases of the videos this worker
         # holds, so the reconcile pass tells them from the videos of a dead worker.
@@ -147,17 +151,26 @@ class Batcher:
                     "and the running chunk too" if again else
                     f"the {running} of the running chunk unless it finishes within {grace_s:.0f}s")
         self._give_back(waiting)
-        if not again:
+        if again:
+            self._abandon.set()
+        else:
             threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back",
                              daemon=True).start()
 
+    def wait_handed_back(self, timeout: float | None = None) -> bool:
+        """True once ``hand_back`` has stored or given back every video this worker held."""
+        return self._handed_back.wait(timeout)
+
     def _give_back_after(self, grace_s: float) -> None:
-        self._thread.join(grace_s)
+        deadline = time.monotonic() + grace_s
+        while self._thread.is_alive() and not self._abandon.is_set() and time.monotonic() < deadline:
+            self._thread.join(HAND_BACK_POLL_S)
         with self._cond:
             rest = list(self._in_flight.values())
         if rest:
-            log.warning("grace period over: handing back %d videos of the unfinished chunk", len(rest))
+            log.warning("handing back the %d videos of the unfinished chunk", len(rest))
         self._give_back(rest)
+        self._handed_back.set()
 
     def _give_back(self, works: list[_Work]) -> None:
         self._fail_tasks(set(works), WorkerStopping("the worker is shutting down; message handed back"))

@@ -8,11 +8,18 @@ video to the one Batcher and waiting for its summary to be committed.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import time
 from functools import partial
 
-from celery.signals import worker_shutting_down
+from celery import platforms
+from celery.platforms import EX_OK
+from celery.signals import worker_ready
+from celery.apps.worker import safe_say
 from celery.utils.nodenames import default_nodename, host_format
+from celery.worker import state as worker_state
+from kombu.common import ignore_errors
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
@@ -30,6 +37,10 @@ CHUNKS_IN_HAND = 2
 # Prompt length `--chunk-size auto` plans the KV cache for, tokens (a 20-minute talk is ~4k;
 # longer chunks than that are caught by the out-of-memory split).
 AUTO_CHUNK_PROMPT_TOKENS = 4096
+# After a hand-back: how long the task threads may take to ack or requeue their messages, seconds.
+TASKS_SETTLE_S = 10.0
+# How often that is checked, seconds.
+HAND_BACK_POLL_S = 0.1
 
 
 def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
@@ -62,14 +73,43 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
                    heartbeat_s=settings.heartbeat_s)
 
 
-def hand_back_on_shutdown(batcher: Batcher, grace_s: float):  # -> the connected receiver
-    """On each SIGTERM/SIGINT (Celery's warm shutdown, which alone would run every held video to
-    the end): the batcher hands back what it holds. Runs in a thread: Celery calls this from its
-    signal handler."""
-    def receiver(**_kwargs: object) -> None:
-        threading.Thread(target=batcher.hand_back, args=(grace_s,), name="gpu-shutdown", daemon=True).start()
+def hand_back_then_stop(batcher: Batcher, grace_s: float) -> None:
+    """The first SIGTERM's work, in a thread: hand back, wait until every task thread has acked or
+    requeued its message, then let Celery's warm shutdown run (it closes the broker channel, which
+    on Redis would requeue messages still unacknowledged: stored chunks included)."""
+    batcher.hand_back(grace_s)
+    batcher.wait_handed_back(grace_s + TASKS_SETTLE_S)
+    deadline = time.monotonic() + TASKS_SETTLE_S
+    while (worker_state.active_requests or worker_state.reserved_requests) and time.monotonic() < deadline:
+        time.sleep(HAND_BACK_POLL_S)
+    worker_state.should_stop = EX_OK  # the consumer loop sees it within a second
 
-    worker_shutting_down.connect(receiver, weak=False)
+
+def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected receiver
+    """Once the worker consumes: SIGTERM and SIGINT (a preemption notice, `docker stop`, Ctrl-C)
+    stop consuming and hand back what the worker holds, instead of Celery's warm shutdown, which
+    would run every held video to the end first. A second signal hands back the running chunk too."""
+    def receiver(sender=None, **_kwargs: object) -> None:  # type: ignore[no-untyped-def]
+        consumer, seen = sender, []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            seen.append(signum)
+            if len(seen) == 1:
+                safe_say(f"worker: handing back held messages (grace {grace_s:.0f}s), then warm shutdown",
+                         sys.__stdout__)
+                # Stop taking messages, as Celery's own cold shutdown does from its signal handler.
+                if consumer.task_consumer is not None:
+                    ignore_errors(consumer, consumer.task_consumer.cancel)
+                threading.Thread(target=hand_back_then_stop, args=(batcher, grace_s), name="gpu-shutdown",
+                                 daemon=True).start()
+            else:
+                safe_say("worker: handing back the running chunk too", sys.__stdout__)
+                threading.Thread(target=batcher.hand_back, args=(grace_s,), daemon=True).start()
+
+        for name in ("SIGTERM", "SIGINT"):
+            platforms.signals[name] = on_signal
+
+    worker_ready.connect(receiver, weak=False)
     return receiver
 
 
@@ -80,7 +120,7 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     nodename = host_format(default_nodename(name))  # what the tasks see as request.hostname
     batcher = build_batcher(load_warm_engine(settings, backend=backend), settings, lease_owner=nodename)
     attach_batcher(app, batcher)
-    receiver = hand_back_on_shutdown(batcher, settings.handback_grace_s)
+    receiver = install_hand_back(batcher, settings.handback_grace_s)
     batcher.start()
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
@@ -92,6 +132,6 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
                          # start and leaves stale files on the filesystem broker).
                          "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
     finally:
-        worker_shutting_down.disconnect(receiver)
+        worker_ready.disconnect(receiver)
         batcher.stop()
         attach_batcher(app, None)
