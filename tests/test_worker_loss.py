@@ -123,14 +123,24 @@ def purge_rabbitmq(broker_url: str) -> None:
                 channel.close()
 
 
+def on_broker(request: pytest.FixtureRequest, env: dict[str, str]) -> dict[str, str]:
+    if request.param == "redis":
+        return env
+    url = request.getfixturevalue("rabbitmq_url")
+    purge_rabbitmq(url)
+    return {**env, "TUBESUM_BROKER_URL": url}
+
+
 @pytest.fixture(params=["redis", "rabbitmq"])
 def broker_env(request: pytest.FixtureRequest, fault_env: dict[str, str]) -> dict[str, str]:
     """``fault_env`` on Redis, and again on RabbitMQ (quorum queues, a virtual host of the session)."""
-    if request.param == "redis":
-        return fault_env
-    url = request.getfixturevalue("rabbitmq_url")
-    purge_rabbitmq(url)
-    return {**fault_env, "TUBESUM_BROKER_URL": url}
+    return on_broker(request, fault_env)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def default_broker_env(request: pytest.FixtureRequest, env: dict[str, str]) -> dict[str, str]:
+    """``env`` (every delivery setting at its default) on Redis, and again on RabbitMQ."""
+    return on_broker(request, env)
 
 
 def video_rows(db, job_id: int) -> dict[str, Video]:
@@ -160,10 +170,14 @@ def wait_quick(predicate, *, limit_s: float, message: str) -> float:
 
 @pytest.mark.slow
 def test_a_gpu_worker_killed_mid_chunk_is_replaced_within_two_minutes_with_default_settings(
-        env, db, start_worker, wait_until, tiny_model_dir):
+        default_broker_env, db, start_worker, wait_until, tiny_model_dir):
     """Default delivery settings (lease 60 s, a reconcile pass every 10 s inside each worker, Redis'
-    visibility timeout 4 h): the killed worker's leases run out and the second worker's own pass
-    sends its six videos back at once; the job ends within 2 minutes of the kill."""
+    visibility timeout 4 h). Redis: the killed worker's leases run out and the second worker's own
+    pass sends its six videos back at once. RabbitMQ: the broker redelivers the dead consumer's
+    messages as soon as its connection drops, and the second worker takes the videos over at once.
+    Either way the job ends within 2 minutes of the kill."""
+    env = default_broker_env
+    on_redis = env["TUBESUM_BROKER_URL"].startswith("redis")
     first = start_gpu(start_worker, env, "gpu-a", tiny_model_dir, slow_s=60)
     job_id = submit_ids([f"dflt{i:07d}" for i in range(6)], env, transcripts=True)
     wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="six videos held by gpu-a")
@@ -176,18 +190,19 @@ def test_a_gpu_worker_killed_mid_chunk_is_replaced_within_two_minutes_with_defau
     assert recovered_s <= RECOVERY_TARGET_S
     assert_nothing_lost(db, job_id, done=6)
     rows = video_rows(db, job_id)
-    assert [r.lease_expiries for r in rows.values()] == [1] * 6
+    assert [r.lease_expiries for r in rows.values()] == [1 if on_redis else 0] * 6
     assert all(r.lease_owner is None for r in rows.values())
     assert set(summaries_by_host(db, job_id).values()) == {"gpu-b"}
-    assert "lease of gpu-a@" in second.log()
+    assert ("lease of gpu-a@" in second.log()) is on_redis
     print(f"job finished {recovered_s:.0f}s after its GPU worker was SIGKILLed")
 
 
 @pytest.mark.slow
-def test_a_worker_stalled_past_its_lease_stores_no_second_summary(fault_env, db, start_worker, wait_until, tiny_model_dir):
+def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db, start_worker, wait_until, tiny_model_dir):
     """SIGSTOP the GPU worker mid-chunk (its heartbeat stops with it): its leases run out, another
     worker summarises the videos; SIGCONT: the stalled worker finishes its chunk, finds them done,
     and stores its batch row but no second summary."""
+    fault_env = broker_env
     stalled = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=5)
     job_id = submit_ids([f"stop{i:07d}" for i in range(4)], fault_env, transcripts=True)
     wait_until(lambda: len(in_state(db, job_id, "summarising")) == 4, message="a chunk of four running on gpu-a")
@@ -206,7 +221,9 @@ def test_a_worker_stalled_past_its_lease_stores_no_second_summary(fault_env, db,
     time.sleep(1.0)  # its store transaction has committed; nothing else may follow
     assert_nothing_lost(db, job_id, done=4)
     assert set(summaries_by_host(db, job_id).values()) == {"gpu-b"}
-    assert [r.lease_expiries for r in video_rows(db, job_id).values()] == [1] * 4
+    # Returned by gpu-b's reconcile pass (1), or claimed straight from a redelivered message once
+    # the lease had run out (0): either way once.
+    assert {r.lease_expiries for r in video_rows(db, job_id).values()} <= {0, 1}
 
 
 # --- SIGTERM: hand-back ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
+from kombu.common import ignore_errors
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -74,12 +75,20 @@ class ReconcileReport:
 
 def queue_depths(celery_app: Celery, broker_url: str | None) -> dict[str, int]:
     """Messages waiting in each queue (not those a worker has reserved). On RabbitMQ the queues are
-    only looked up (passive): declaring them again would need their quorum arguments."""
+    only looked up (passive): declaring them again would need their quorum arguments; a queue not
+    declared yet holds nothing."""
     passive = (broker_url or "").startswith(("amqp", "pyamqp"))
+    depths: dict[str, int] = {}
     with celery_app.connection_for_write() as conn:
-        channel = conn.default_channel
-        return {name: channel.queue_declare(queue=name, passive=passive).message_count
-                for name in (TRANSCRIPTS_QUEUE, SUMMARISE_QUEUE)}
+        for name in (TRANSCRIPTS_QUEUE, SUMMARISE_QUEUE):
+            channel = conn.channel()  # a failed passive declare closes its channel
+            try:
+                depths[name] = channel.queue_declare(queue=name, passive=passive).message_count
+            except conn.channel_errors:
+                depths[name] = 0
+            finally:
+                ignore_errors(conn, channel.close)
+    return depths
 
 
 def take_turn(session: Session) -> bool:
@@ -165,7 +174,7 @@ def run_periodically(*, settings: Settings, celery_app: Celery, every_s: float, 
         try:
             reconcile(settings=settings, celery_app=celery_app, stuck_after_s=stuck_after_s)
         except Exception:  # noqa: BLE001 - outermost loop of a long-running thread
-            log.exception("reconcile pass failed; next one in %.0fs", every_s)
+            log.exception("reconcile pass failed; next one in %.1fs", every_s)
         if stop.wait(every_s):
             return
 
