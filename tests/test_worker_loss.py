@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, func, select, text
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_faults import REPO, assert_nothing_lost, fault_env, gpu_worker_argv, in_state, submit_ids, wait_statuses  # noqa: F401
 from tests.test_playlist import task_args
+from own_redis import OwnRedis
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 from tubesum.celery_app import SUMMARISE_QUEUE, TRANSCRIPTS_QUEUE
 from tubesum.db import POOL_MAX_OVERFLOW, POOL_SIZE
@@ -224,6 +225,61 @@ def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db
     # Returned by gpu-b's reconcile pass (1), or claimed straight from a redelivered message once
     # the lease had run out (0): either way once.
     assert {r.lease_expiries for r in video_rows(db, job_id).values()} <= {0, 1}
+
+
+# --- outages: nothing fails, lost messages come back ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_fleet_outage_fails_no_video(fault_env, db, start_worker, wait_until, tiny_model_dir, tmp_path):
+    """The GPU worker dies holding six videos and no GPU worker exists for ten lease lengths (the
+    issue's 3-hour spot-capacity gap, scaled down) while a reconcile pass runs every half second:
+    each video goes back to its queue once and then waits, counted once; nothing fails, and the
+    next worker finishes the job."""
+    lease_s = float(fault_env["TUBESUM_LEASE_S"])
+    first = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=60)
+    job_id = submit_ids([f"gap{i:08d}" for i in range(6)], fault_env, transcripts=True)
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="six videos held by gpu-a")
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    reconciler = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "reconcile", "--every", "0.5"], env=fault_env,
+                                  cwd=tmp_path, stdout=(tmp_path / "reconcile.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        time.sleep(10 * lease_s)  # (max_reconciles + 1) leases and more
+        assert sorted(r.status for r in video_rows(db, job_id).values()) == ["fetched"] * 6
+        start_gpu(start_worker, fault_env, "gpu-b", tiny_model_dir, slow_s=0)
+        wait_statuses(wait_until, db, job_id, TERMINAL)
+    finally:
+        reconciler.send_signal(signal.SIGTERM)
+        reconciler.wait(timeout=20)
+    assert_nothing_lost(db, job_id, done=6)
+    assert [r.lease_expiries for r in video_rows(db, job_id).values()] == [1] * 6
+
+
+@pytest.mark.slow
+def test_messages_lost_with_a_redis_restart_are_resent_from_the_database(fault_env, db, start_worker, wait_until,
+                                                                         tiny_model_dir, tmp_path):
+    """Redis without persistence (how many run it) restarted with six summarise messages queued:
+    they are gone. A worker's reconcile pass notices the `fetched` videos with no lease and an
+    empty queue once they are TUBESUM_STUCK_AFTER_S old (60 s by default; 3 s here) and sends them
+    again; nothing counts against them."""
+    own = OwnRedis(tmp_path / "redis", appendonly=False)
+    own.start()
+    try:
+        env = {**fault_env, "TUBESUM_BROKER_URL": own.url}
+        job_id = submit_ids([f"lost{i:07d}" for i in range(6)], env, transcripts=True)
+        assert queue_depth(own.url) == 6
+        own.stop()
+        own.start()
+        assert queue_depth(own.url) == 0
+        worker = start_gpu(start_worker, env, "gpu", tiny_model_dir, slow_s=0)
+        wait_statuses(wait_until, db, job_id, TERMINAL)
+        assert_nothing_lost(db, job_id, done=6)
+        rows = video_rows(db, job_id).values()
+        assert [(r.reconciles, r.lease_expiries, r.summarise_attempts) for r in rows] == [(1, 0, 1)] * 6
+        assert "re-enqueued 6 (6 fetched); 0 expired leases" in worker.log()
+    finally:
+        own.stop()
 
 
 # --- SIGTERM: hand-back ------------------------------------------------------------------------------
