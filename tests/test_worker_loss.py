@@ -27,7 +27,9 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import create_engine, func, select, text
 
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
-from tests.test_faults import REPO, assert_nothing_lost, fault_env, gpu_worker_argv, in_state, submit_ids, wait_statuses  # noqa: F401
+from tests.test_faults import (REPO, assert_nothing_lost, fault_env, fetch_worker_argv, gpu_worker_argv,  # noqa: F401
+                               in_state, submit_ids, wait_statuses)
+from tests.youtube_replay import REPLAY_ENV
 from tests.test_playlist import task_args
 from own_redis import OwnRedis
 from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
@@ -225,6 +227,26 @@ def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db
     # Returned by gpu-b's reconcile pass (1), or claimed straight from a redelivered message once
     # the lease had run out (0): either way once.
     assert {r.lease_expiries for r in video_rows(db, job_id).values()} <= {0, 1}
+
+
+# --- fetch retries under a lease ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_fetch_retry_releases_its_lease_for_whichever_worker_gets_it(broker_env, db, start_worker, wait_until):
+    """A transient error (HTTP 429, then fine) retries with a countdown: the lease loses its owner
+    but keeps an expiry past the countdown, so the retry may run on any worker and nobody resends
+    the video meanwhile. On RabbitMQ the countdown goes through quorum queues (Celery's native
+    delayed delivery)."""
+    env = broker_env
+    Path(env[REPLAY_ENV]).write_text(json.dumps({"default": "flaky_429"}))
+    start_worker(env=env, cwd=REPO, name="fetch", argv=fetch_worker_argv("fetch"))
+    job_id = submit_ids([f"flaky{i:06d}" for i in range(3)], env)
+    wait_statuses(wait_until, db, job_id, ("fetched", "failed"))
+    assert_nothing_lost(db, job_id, done=3, summarised=False)
+    rows = video_rows(db, job_id).values()
+    assert [(r.attempts, r.lease_owner, r.lease_expires_at, r.lease_expiries) for r in rows] == [(2, None, None, 0)] * 3
+    assert queue_depth(env["TUBESUM_BROKER_URL"]) == 3  # one summarise message each
 
 
 # --- outages: nothing fails, lost messages come back ---------------------------------------------------
