@@ -446,3 +446,36 @@ def test_status_shows_who_holds_the_videos_and_expired_leases(env, db):
     assert lines["gpu@host-a"].split()[3] == "2" and lines["gpu@host-b"].split()[3] == "1"
     assert f"{now - timedelta(seconds=30):%H:%M:%S}" in lines["gpu@host-a"]
     assert "3 returned to the queue after a lease ran out" in out.stdout
+
+
+def test_a_reconcile_pass_returns_expired_leases_once_and_passes_take_turns(settings, db, redis_url):
+    """One pass: an expired lease goes back to its queue (counted), a live lease and a pending
+    retry are left alone, a video whose worker died too often fails; while another pass holds the
+    advisory lock, a pass does nothing."""
+    from tubesum.celery_app import app
+    from tubesum.workers.reconcile import RECONCILE_LOCK_KEY, reconcile
+
+    now = utcnow()
+    lease = dict(error=None, lease_expiries=0, leased_at=now - timedelta(minutes=2))
+    job_id, pks = add_job(db, [
+        lease | dict(video_id="expired0001", status="summarising", lease_owner="gpu@dead",
+                     lease_expires_at=now - timedelta(seconds=1), transcript="Bees dance."),
+        lease | dict(video_id="live0000001", status="summarising", lease_owner="gpu@live",
+                     lease_expires_at=now + timedelta(seconds=60), transcript="Owls hoot."),
+        lease | dict(video_id="retrying001", status="fetching", lease_owner=None,
+                     lease_expires_at=now + timedelta(seconds=60)),
+        lease | dict(video_id="dying000001", status="fetching", lease_owner="fetch@dead", lease_expiries=3,
+                     lease_expires_at=now - timedelta(seconds=1)),
+    ])
+    with db.connect() as conn, conn.begin():  # another pass is running
+        conn.execute(select(func.pg_advisory_xact_lock(RECONCILE_LOCK_KEY)))
+        assert reconcile(settings=settings, celery_app=app).skipped
+    report = reconcile(settings=settings, celery_app=app)
+    assert report.summary() == "re-enqueued 1 (1 summarising); 1 expired leases; failed 1; left waiting 0"
+    rows = video_rows(db, job_id)
+    assert (rows["expired0001"].status, rows["expired0001"].lease_owner, rows["expired0001"].lease_expiries) == ("fetched", None, 1)
+    assert (rows["live0000001"].status, rows["live0000001"].lease_owner) == ("summarising", "gpu@live")
+    assert rows["retrying001"].status == "fetching" and rows["retrying001"].lease_expiries == 0
+    assert rows["dying000001"].status == "failed" and "after 3 expired leases" in rows["dying000001"].error
+    assert queued_messages(redis_url) == {TRANSCRIPTS_QUEUE: [], SUMMARISE_QUEUE: [pks["expired0001"]]}
+    assert reconcile(settings=settings, celery_app=app).resent_count == 0  # the next pass finds nothing new
