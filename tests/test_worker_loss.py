@@ -229,6 +229,26 @@ def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db
     assert {r.lease_expiries for r in video_rows(db, job_id).values()} <= {0, 1}
 
 
+@pytest.mark.slow
+def test_a_redelivery_while_its_holder_lives_does_not_run_the_video_twice(fault_env, db, start_worker, wait_until,
+                                                                           tiny_model_dir):
+    """A chunk longer than Redis' visibility timeout (6 s here; 40 s in the issue's report): Redis
+    hands its messages to a second worker, which drops them because the first worker's lease, renewed
+    by its heartbeat, still runs. Only the first worker generates those videos."""
+    holder = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=15)
+    job_id = submit_ids([f"vis{i:08d}" for i in range(4)], fault_env, transcripts=True)
+    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 4, message="a chunk of four on gpu-a")
+    other = start_gpu(start_worker, fault_env, "gpu-b", tiny_model_dir, slow_s=0)
+    wait_statuses(wait_until, db, job_id, TERMINAL)
+    assert_nothing_lost(db, job_id, done=4)
+    assert set(summaries_by_host(db, job_id).values()) == {"gpu-a"}
+    with db.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Batch).where(Batch.worker_host == "gpu-b")) == 0
+    assert "is held by gpu-a@" in other.log()
+    assert [r.summarise_attempts for r in video_rows(db, job_id).values()] == [1] * 4
+    holder.stop()
+
+
 # --- fetch retries under a lease ---------------------------------------------------------------------
 
 
