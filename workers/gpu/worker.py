@@ -14,7 +14,8 @@ import time
 from functools import partial
 
 from celery import platforms
-from celery.platforms import EX_OK
+from celery.exceptions import WorkerTerminate
+from celery.platforms import EX_FAILURE, EX_OK
 from celery.signals import worker_ready
 from celery.apps.worker import safe_say
 from celery.utils.nodenames import default_nodename, host_format
@@ -88,7 +89,8 @@ def hand_back_then_stop(batcher: Batcher, grace_s: float) -> None:
 def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected receiver
     """Once the worker consumes: SIGTERM and SIGINT (a preemption notice, `docker stop`, Ctrl-C)
     stop consuming and hand back what the worker holds, instead of Celery's warm shutdown, which
-    would run every held video to the end first. A second signal hands back the running chunk too."""
+    would run every held video to the end first. A second signal hands back the running chunk too;
+    a third ends the process at once (what is unacknowledged then comes back as after a SIGKILL)."""
     def receiver(sender=None, **_kwargs: object) -> None:  # type: ignore[no-untyped-def]
         consumer, seen = sender, []
 
@@ -102,9 +104,11 @@ def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected rec
                     ignore_errors(consumer, consumer.task_consumer.cancel)
                 threading.Thread(target=hand_back_then_stop, args=(batcher, grace_s), name="gpu-shutdown",
                                  daemon=True).start()
-            else:
+            elif len(seen) == 2:
                 safe_say("worker: handing back the running chunk too", sys.__stdout__)
                 threading.Thread(target=batcher.hand_back, args=(grace_s,), daemon=True).start()
+            else:  # a third: stop now, as Celery's own hard shutdown would
+                raise WorkerTerminate(EX_FAILURE)
 
         for name in ("SIGTERM", "SIGINT"):
             platforms.signals[name] = on_signal
