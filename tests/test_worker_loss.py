@@ -201,6 +201,31 @@ def test_a_gpu_worker_killed_mid_chunk_is_replaced_within_two_minutes_with_defau
 
 
 @pytest.mark.slow
+def test_a_fetch_worker_killed_mid_job_is_replaced_within_two_minutes_with_default_settings(
+        default_broker_env, db, start_worker, wait_until, tmp_path):
+    """A whole fetch worker SIGKILLed with two fetches in flight, default settings. Redis: their
+    leases (75 s: the longest fetch) run out and the second worker's pass returns them. RabbitMQ:
+    redelivered at once and taken over. The job's transcripts are all in within 2 minutes."""
+    replay = tmp_path / "replay.json"
+    replay.write_text(json.dumps({"default": "slow", "slow_s": 3.0}))
+    env = {**default_broker_env, REPLAY_ENV: str(replay)}
+    on_redis = env["TUBESUM_BROKER_URL"].startswith("redis")
+    first = start_worker(env=env, cwd=REPO, name="fetch-a", argv=fetch_worker_argv("fetch-a"))
+    job_id = submit_ids([f"fkill{i:06d}" for i in range(6)], env)
+    wait_until(lambda: len(in_state(db, job_id, "fetching")) == 2, message="two fetches in flight")
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    first.proc.wait(timeout=10)
+    start_worker(env=env, cwd=REPO, name="fetch-b", argv=fetch_worker_argv("fetch-b"))
+    wait_statuses(wait_until, db, job_id, ("fetched", "failed"), timeout=RECOVERY_TARGET_S)
+    recovered_s = time.monotonic() - killed_at
+    assert recovered_s <= RECOVERY_TARGET_S
+    assert_nothing_lost(db, job_id, done=6, summarised=False)
+    assert sorted(r.lease_expiries for r in video_rows(db, job_id).values()) == [0] * 4 + ([1] * 2 if on_redis else [0] * 2)
+    print(f"transcripts all in {recovered_s:.0f}s after the fetch worker was SIGKILLed")
+
+
+@pytest.mark.slow
 def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db, start_worker, wait_until, tiny_model_dir):
     """SIGSTOP the GPU worker mid-chunk (its heartbeat stops with it): its leases run out, another
     worker summarises the videos; SIGCONT: the stalled worker finishes its chunk, finds them done,
