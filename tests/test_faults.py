@@ -181,6 +181,12 @@ def test_a_killed_fetch_child_is_retried_then_its_video_fails(fault_env, db, sta
     wait_statuses(wait_until, db, survivor, ("fetched",))
     doomed = submit_ids(["doomed00001"], env)
     kill_child_mid_fetch(doomed, 1)
+
+    def held_for_retry():  # the dead child's lease gave up its owner: any worker may take the retry
+        with db.connect() as conn:
+            owner, until = conn.execute(select(Video.lease_owner, Video.lease_expires_at).where(Video.job_id == doomed)).one()
+        return owner is None and until is not None
+    wait_until(held_for_retry, message="the lease released for the worker-lost retry")
     kill_child_mid_fetch(doomed, 2)  # the worker-lost retry dies too: retries exhausted
     wait_statuses(wait_until, db, doomed, ("failed",))
 
