@@ -52,6 +52,14 @@ class Video(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # fetch attempts so far
     summarise_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims by a GPU worker
     reconciles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # re-enqueues of a stuck video
+    # The lease of the worker that claimed the video (fetching/summarising): its Celery node name,
+    # since when it holds it, and when the lease runs out unless its heartbeat renews it. No owner
+    # with an expiry: a retry is pending (any worker may claim it; nobody resends it before then).
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    leased_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    # Leases that ran out: a worker died (or stalled) holding this video; bounded by max_reconciles.
+    lease_expiries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
     fetching_at: Mapped[datetime | None]

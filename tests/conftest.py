@@ -13,6 +13,10 @@ The vocabulary, in the order a test usually needs it:
     ``redis://127.0.0.1:6379/<n>`` on a database number claimed for this session, flushed before
     each test. Celery's events and remote control use pub/sub channels prefixed with that number,
     so concurrent test sessions on the same Redis do not see each other.
+``rabbitmq_url`` (session)
+    ``amqp://guest:guest@127.0.0.1:5672/<vhost>`` on a virtual host made for this session (with
+    ``rabbitmqctl``) and deleted at the end, so its queues are this session's own. For tests that
+    run against RabbitMQ as well as Redis: ``env`` with ``TUBESUM_BROKER_URL`` replaced.
 ``env``
     ``dict`` of the environment for subprocesses (``tubesum ...``, ``celery ...``): the current
     environment plus ``TUBESUM_DATABASE_URL=db_url``, ``TUBESUM_BROKER_URL=redis_url``,
@@ -276,6 +280,33 @@ def redis_url(redis_db: int) -> str:
     client.set(REDIS_CLAIM_KEY, claim or b"tests", ex=REDIS_CLAIM_TTL_S)
     client.close()
     return url
+
+
+# --- rabbitmq ----------------------------------------------------------------------------------
+# The RabbitMQ server of the RabbitMQ-parametrized tests (a virtual host is made on it per session).
+RABBITMQ_SERVER_URL = os.environ.get("TUBESUM_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+# How long one rabbitmqctl call may take, seconds (it starts an Erlang VM).
+RABBITMQCTL_TIMEOUT_S = 60
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=RABBITMQCTL_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A virtual host of this session on the machine's RabbitMQ (guest may use it), deleted after."""
+    vhost = f"tubesum_test_{secrets.token_hex(4)}"
+    user = make_url(RABBITMQ_SERVER_URL.replace("amqp://", "postgresql://", 1)).username or "guest"
+    try:
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"cannot make a RabbitMQ virtual host with rabbitmqctl (is RabbitMQ running?): {exc}")
+    try:
+        yield f"{RABBITMQ_SERVER_URL}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
 
 
 # --- environment and settings -------------------------------------------------------------------

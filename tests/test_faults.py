@@ -48,6 +48,8 @@ FAST_DELIVERY = {
     "TUBESUM_HTTP_READ_TIMEOUT_S": "1",
     "TUBESUM_STUCK_AFTER_S": "3",
     "TUBESUM_HEARTBEAT_S": "0.5",
+    "TUBESUM_LEASE_S": "3",
+    "TUBESUM_RECONCILE_EVERY_S": "0.5",
 }
 TERMINAL = ("done", "failed")
 # Pause between two rounds of pg_terminate_backend in the PostgreSQL test, seconds.
@@ -181,6 +183,12 @@ def test_a_killed_fetch_child_is_retried_then_its_video_fails(fault_env, db, sta
     wait_statuses(wait_until, db, survivor, ("fetched",))
     doomed = submit_ids(["doomed00001"], env)
     kill_child_mid_fetch(doomed, 1)
+
+    def held_for_retry():  # the dead child's lease gave up its owner: any worker may take the retry
+        with db.connect() as conn:
+            owner, until = conn.execute(select(Video.lease_owner, Video.lease_expires_at).where(Video.job_id == doomed)).one()
+        return owner is None and until is not None
+    wait_until(held_for_retry, message="the lease released for the worker-lost retry")
     kill_child_mid_fetch(doomed, 2)  # the worker-lost retry dies too: retries exhausted
     wait_statuses(wait_until, db, doomed, ("failed",))
 
@@ -198,8 +206,8 @@ def test_a_killed_fetch_child_is_retried_then_its_video_fails(fault_env, db, sta
 
 def test_a_killed_fetch_worker_is_covered_by_the_reconciler(fault_env, db, start_worker, wait_until, redis_url, tmp_path):
     """The whole fetch worker SIGKILLed mid-job (no WorkerLostError: the messages it held stay
-    unacknowledged in Redis). Visibility timeout made long here so that `tubesum reconcile --every`
-    is what brings them back; a second worker finishes the job."""
+    unacknowledged in Redis). Visibility timeout made long here so that the leases are what brings
+    them back: the second worker's own reconcile pass returns the two videos whose leases ran out."""
     env = {**fault_env, "TUBESUM_VISIBILITY_TIMEOUT_S": "600"}
     first = start_worker(env=env, cwd=REPO, name="fetch-a", argv=fetch_worker_argv("fetch-a"))
     ids = [f"killfetch{i:02d}" for i in range(6)]
@@ -207,66 +215,62 @@ def test_a_killed_fetch_worker_is_covered_by_the_reconciler(fault_env, db, start
     wait_until(lambda: len(in_state(db, job_id, "fetching")) == 2, message="two fetches in progress")
     os.killpg(first.proc.pid, signal.SIGKILL)
     first.proc.wait(timeout=10)
-    reconciler = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "reconcile", "--every", "1", "--stuck-after", "4"],
-                                  env=env, cwd=tmp_path, stdout=(tmp_path / "reconcile.log").open("wb"), stderr=subprocess.STDOUT)
-    try:
-        start_worker(env=env, cwd=REPO, name="fetch-b", argv=fetch_worker_argv("fetch-b"))
-        wait_statuses(wait_until, db, job_id, ("fetched", "failed"))
-    finally:
-        reconciler.send_signal(signal.SIGTERM)
-        reconciler.wait(timeout=20)
+    second = start_worker(env=env, cwd=REPO, name="fetch-b", argv=fetch_worker_argv("fetch-b"))
+    wait_statuses(wait_until, db, job_id, ("fetched", "failed"))
     assert_nothing_lost(db, job_id, done=6, summarised=False)
     with db.connect() as conn:
-        reconciles = dict(conn.execute(select(Video.video_id, Video.reconciles).where(Video.job_id == job_id)).all())
-    # The two the dead worker held (a queued one may be resent too, if a pass saw its queue
-    # drained before the new worker claimed it: a harmless duplicate).
-    assert sum(reconciles.values()) >= 2, reconciles
-    assert "(2 fetching" in (tmp_path / "reconcile.log").read_text()
+        expiries = dict(conn.execute(select(Video.video_id, Video.lease_expiries).where(Video.job_id == job_id)).all())
+    assert sorted(expiries.values()) == [0] * 4 + [1] * 2, expiries  # the two the dead worker held
+    assert "ran out in 'fetching'" in second.log()
     assert set(summarise_messages(redis_url)) == set(fetched_pks(db, job_id))
 
 
 def test_reconcile_resends_lost_messages_and_gives_up_on_loops(fault_env, db, start_worker, wait_until, redis_url, tmp_path):
     """Messages never sent (producer died mid-enqueue; fetch worker died between commit and send),
-    a video re-enqueued too often, and a fresh in-flight video that must be left alone."""
-    env = fault_env
+    a video whose worker died too often, and an in-flight video under a live lease, left alone.
+    `tubesum reconcile` by hand: the worker's own pass is off here."""
+    env = {**fault_env, "TUBESUM_RECONCILE_EVERY_S": "0"}
     old = utcnow() - timedelta(seconds=60)
     with db.begin() as conn:
         job_id = conn.execute(Job.__table__.insert().values(sources=["t"], options={}, created_at=old)).inserted_primary_key[0]
-        def add(vid: str, status: str, *, updated=old, reconciles: int = 0) -> int:  # noqa: E306
+        def add(vid: str, status: str, *, updated=old, expiries: int = 0, lease_until=None) -> int:  # noqa: E306
             return conn.execute(Video.__table__.insert().values(
                 job_id=job_id, video_id=vid, status=status, position=0, attempts=0, summarise_attempts=0,
-                reconciles=reconciles, queued_at=old, updated_at=updated)).inserted_primary_key[0]
+                reconciles=0, lease_expiries=expiries, queued_at=old, updated_at=updated,
+                lease_owner="gpu@elsewhere" if lease_until else None, lease_expires_at=lease_until,
+            )).inserted_primary_key[0]
         unsent = [add(f"unsent{i:05d}", "queued") for i in range(3)]
         fetched = add("fetchedNoMsg", "fetched")
         conn.execute(Transcript.__table__.insert().values(video_pk=fetched, text="Bees dance.", source="csv", created_at=old))
-        looping = add("looping0001", "fetching", reconciles=int(Settings().max_reconciles))
-        in_flight = add("inflight001", "summarising", updated=utcnow())  # a live GPU worker's heartbeat
+        looping = add("looping0001", "fetching", expiries=int(Settings().max_reconciles), lease_until=old)
+        # A live GPU worker's lease, though its row was not written for a minute.
+        in_flight = add("inflight001", "summarising", lease_until=utcnow() + timedelta(seconds=60))
     start_worker(env=env, cwd=REPO, name="fetch", argv=fetch_worker_argv("fetch"))
     out = subprocess.run([sys.executable, "-m", "tubesum.cli", "reconcile", "--stuck-after", "30"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "re-enqueued 4 (1 fetched, 3 queued); failed 1; left waiting 0"
+    assert out.stdout.strip() == "re-enqueued 4 (1 fetched, 3 queued); 0 expired leases; failed 1; left waiting 0"
     wait_until(lambda: sorted(in_state(db, job_id, "fetched")) == sorted(["fetchedNoMsg", *[f"unsent{i:05d}" for i in range(3)]]),
                message="the unsent videos fetched")
     with db.connect() as conn:
         rows = {r.id: r for r in conn.execute(select(Video).where(Video.job_id == job_id))}
-    assert rows[looping].status == "failed" and "after 3 re-enqueues" in rows[looping].error
+    assert rows[looping].status == "failed" and "after 3 expired leases" in rows[looping].error
     assert rows[in_flight].status == "summarising" and rows[in_flight].reconciles == 0
-    assert all(rows[pk].reconciles == 1 for pk in [*unsent, fetched])
+    assert all(rows[pk].reconciles == 1 and rows[pk].lease_expiries == 0 for pk in [*unsent, fetched])
     assert summarise_messages(redis_url) == sorted([*unsent, fetched])
     # A second pass right away finds nothing stuck: the re-enqueued videos were touched.
     again = subprocess.run([sys.executable, "-m", "tubesum.cli", "reconcile", "--stuck-after", "30"], env=env,
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert again.stdout.strip() == "re-enqueued 0 (none); failed 0; left waiting 0"
+    assert again.stdout.strip() == "re-enqueued 0 (none); 0 expired leases; failed 0; left waiting 0"
 
 
 # --- the GPU worker -----------------------------------------------------------------------------------
 
 
 def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker, wait_until, tiny_model_dir):
-    """SIGKILL the GPU worker while a (slow) chunk runs: Redis' visibility timeout hands the
-    unacknowledged messages to a new worker; one summary per video, no video twice. Before the kill,
-    the heartbeat keeps the chunk's videos fresh, so a reconcile pass leaves them alone."""
+    """SIGKILL the GPU worker while a (slow) chunk runs: its leases run out and the new worker's
+    reconcile pass (or Redis' visibility timeout) brings its videos back; one summary per video, no
+    video twice. Before the kill, the heartbeat renews the leases, so a reconcile pass leaves them alone."""
     from tubesum.celery_app import create_app
     from tubesum.workers.reconcile import reconcile
 
@@ -324,8 +328,8 @@ def test_workers_reconnect_after_a_redis_restart(fault_env, db, start_worker, wa
 def test_dropped_postgres_connections_mid_write(fault_env, db, db_url, start_worker, wait_until, tiny_model_dir):
     """pg_terminate_backend on every tubesum connection, repeatedly, while fetch and GPU workers
     run a job: the writes retry (pool_pre_ping, task retries, the batcher's store retries) and no
-    video fails because of it."""
-    env = fault_env
+    video fails because of it. (Leases long enough that missed heartbeats do not return videos.)"""
+    env = {**fault_env, "TUBESUM_LEASE_S": "60"}
     (Path(env[REPLAY_ENV])).write_text(json.dumps({"default": "slow", "slow_s": 0.3}))
     start_worker(env=env, cwd=REPO, name="fetch", argv=fetch_worker_argv("fetch"))
     start_worker(env=env, cwd=REPO, name="gpu", argv=gpu_worker_argv("gpu", tiny_model_dir))

@@ -239,3 +239,22 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
                         message="the failed summarise task in Flower")
     assert [t["args"] for t in failed] == [f"job={job_id} video=zeroWidth01"]
     assert f"VideoFailed('job={job_id} video=zeroWidth01: empty transcript')" == failed[0]["exception"]
+
+
+def test_flower_marks_a_killed_worker_offline_when_its_heartbeats_stop(
+    flower: str, env: dict[str, str], start_worker, wait_until
+) -> None:
+    """Workers send heartbeats (every 2 s) with their task events: a worker SIGKILLed (no
+    worker-offline event) shows as offline in Flower within seconds."""
+    import os
+    import signal
+
+    worker = start_worker(env=env, queue="transcripts", name="fetch-hb")
+
+    def alive() -> bool | None:
+        return requests.get(f"{flower}/api/workers", params={"status": "true"}, auth=AUTH, timeout=5).json().get(worker.name)
+
+    wait_until(lambda: alive() is True, timeout=30, message="flower to see the worker's heartbeats")
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(timeout=10)
+    wait_until(lambda: alive() is False, timeout=30, message="flower to mark the killed worker offline")

@@ -43,7 +43,9 @@ def test_environment_switches_to_services(clean_env: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize(
     ("key", "value"),
     [("TUBESUM_CHUNK_SIZE", "0"), ("TUBESUM_CHUNK_SIZE", "many"), ("TUBESUM_TRANSCRIPT_LANGUAGES", " , "),
-     ("TUBESUM_ATTN", "magic"), ("TUBESUM_MAX_NEW_TOKENS", "lots")],
+     ("TUBESUM_ATTN", "magic"), ("TUBESUM_MAX_NEW_TOKENS", "lots"),
+     # a lease must outlast three heartbeats, or a live worker's videos would be returned
+     ("TUBESUM_LEASE_S", "30"), ("TUBESUM_HEARTBEAT_S", "0"), ("TUBESUM_HANDBACK_GRACE_S", "-1")],
 )
 def test_unsafe_values_fail_fast(clean_env: pytest.MonkeyPatch, key: str, value: str) -> None:
     clean_env.setenv(key, value)
@@ -70,6 +72,22 @@ def test_celery_config_redis(clean_env: pytest.MonkeyPatch) -> None:
     assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
     assert conf["worker_send_task_events"] and conf["task_send_sent_event"]
     assert not conf.get("task_always_eager")
+
+
+def test_celery_config_rabbitmq(clean_env: pytest.MonkeyPatch) -> None:
+    """RabbitMQ: quorum queues (a dead consumer's messages return at once) and publisher confirms."""
+    clean_env.setenv("TUBESUM_BROKER_URL", "amqp://guest:guest@head:5672//")
+    conf = celery_config(Settings())
+    assert {q.name: q.queue_arguments for q in conf["task_queues"]} == {
+        TRANSCRIPTS_QUEUE: {"x-queue-type": "quorum"}, SUMMARISE_QUEUE: {"x-queue-type": "quorum"}}
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
+
+
+def test_a_fetch_lease_outlasts_the_longest_fetch(clean_env: pytest.MonkeyPatch) -> None:
+    assert Settings().fetch_lease_s == 75.0  # three requests of 5 + 20 s: no heartbeat runs during a fetch
+    clean_env.setenv("TUBESUM_LEASE_S", "90")
+    assert Settings().fetch_lease_s == 90.0
 
 
 def test_celery_config_embedded_broker_folders(clean_env: pytest.MonkeyPatch, tmp_path) -> None:

@@ -259,6 +259,52 @@ def test_a_redelivered_video_joins_the_one_in_flight(make_batcher):
     assert [b.batch_size for b in sink.batches] == [1]
 
 
+class SlowEngine:
+    """The engine, with a pause before each chunk (time to hand back mid-chunk)."""
+
+    def __init__(self, engine, delay_s: float) -> None:
+        self.engine, self.delay_s, self.started = engine, delay_s, threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, params):
+        self.started.set()
+        time.sleep(self.delay_s)
+        return self.engine.generate(prompts, params)
+
+
+@pytest.mark.parametrize("grace_s", [30.0, 0.2])
+def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_the_grace(make_batcher, tiny_engine, grace_s):
+    """hand_back: videos not in the running chunk fail with WorkerStopping at once (their tasks
+    requeue them); the running chunk is stored if it finishes within the grace, else handed back."""
+    from tubesum.errors import WorkerStopping
+
+    engine = SlowEngine(tiny_engine, delay_s=1.5)
+    batcher, sink = make_batcher(chunk_size=2, chunk_wait_s=0.05, engine=engine)
+    running = [batcher.submit(VideoInput(pk, transcript(pk))) for pk in (1, 2)]
+    assert engine.started.wait(FUTURE_TIMEOUT_S)
+    waiting = [batcher.submit(VideoInput(pk, transcript(pk))) for pk in (3, 4)]
+    t0 = time.monotonic()
+    batcher.hand_back(grace_s)
+    for future in waiting:
+        with pytest.raises(WorkerStopping):
+            future.result(timeout=0.5)
+    assert time.monotonic() - t0 < 0.5
+    with pytest.raises(WorkerStopping):
+        batcher.submit(VideoInput(5, transcript(5)))
+    assert batcher.wait_handed_back(FUTURE_TIMEOUT_S)
+    if grace_s > 1.5:
+        assert [f.result(timeout=1).status for f in running] == ["done", "done"]
+        assert sorted(sink.outcomes) == [1, 2]
+    else:
+        for future in running:
+            with pytest.raises(WorkerStopping):
+                future.result(timeout=1)
+        time.sleep(2.0)  # the abandoned chunk ends: its videos are not stored here
+        assert not sink.outcomes
+
+
 def test_a_failing_store_fails_the_tasks_and_the_batcher_goes_on(tiny_engine):
     calls = []
 
@@ -319,6 +365,37 @@ def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):
     assert video.status == "summarising" and video.summarising_at is not None
     assert db_session.get(Video, empty).status == "failed" and db_session.get(Video, empty).error == "empty transcript"
     assert db_session.get(Video, done).status == "done"
+
+
+def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, db_session):
+    """A claim holds the video under its worker's lease; another worker's delivery is dropped while
+    the lease runs (unless it takes over: RabbitMQ's redelivery); the heartbeat renews only the
+    holder's lease; a hand-back releases it without counting the claim."""
+    from tubesum.workers.summarise.store import release_video, touch_videos
+
+    (pk,) = add_videos(db_session, ["Bees dance."])
+    assert claim_video(pk, database_url=db_url, owner="gpu@a", lease_s=60) is not None
+    assert claim_video(pk, database_url=db_url, owner="gpu@b", lease_s=60) is None
+    assert claim_video(pk, database_url=db_url, owner="gpu@a", lease_s=60) is not None  # its own redelivery
+    db_session.expire_all()
+    video = db_session.get(Video, pk)
+    assert (video.lease_owner, video.summarise_attempts) == ("gpu@a", 1)  # a redelivery to the holder is no attempt
+    first_expiry = video.lease_expires_at
+    touch_videos([pk], database_url=db_url, owner="gpu@b", lease_s=600)
+    db_session.expire_all()
+    assert db_session.get(Video, pk).lease_expires_at == first_expiry
+    touch_videos([pk], database_url=db_url, owner="gpu@a", lease_s=600)
+    db_session.expire_all()
+    assert db_session.get(Video, pk).lease_expires_at > first_expiry
+    assert not release_video(pk, database_url=db_url, owner="gpu@b")
+    assert release_video(pk, database_url=db_url, owner="gpu@a")
+    db_session.expire_all()
+    video = db_session.get(Video, pk)
+    assert (video.status, video.lease_owner, video.lease_expires_at, video.summarise_attempts) == ("fetched", None, None, 0)
+    assert claim_video(pk, database_url=db_url, owner="gpu@b", lease_s=60) is not None
+    assert claim_video(pk, database_url=db_url, owner="gpu@c", lease_s=60, takeover=True) is not None
+    db_session.expire_all()
+    assert db_session.get(Video, pk).lease_owner == "gpu@c"
 
 
 def test_store_batch_is_idempotent(db_url, db_session):

@@ -15,15 +15,16 @@ SUMMARISE_QUEUE = "summarise"
 FETCH_TASK = "tubesum.fetch_transcript"
 SUMMARISE_TASK = "tubesum.summarise"
 
-TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks"]
+# Modules every worker imports: the tasks, and the reconcile pass each worker runs in a thread.
+TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks", "tubesum.workers.reconcile"]
 
 
-def declared_queue(name: str) -> Queue:
+def declared_queue(name: str, arguments: dict | None = None) -> Queue:
     """A queue bound to its own direct exchange under its own name. Without this Celery binds every
     queue to the default exchange ("transcripts") with the default key, which the worker banner
     shows as the summarise queue on the transcripts exchange. (Tasks are published to the queue by
     name either way, so routing is the same; the banner and a raw publish now tell the truth.)"""
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+    return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments=arguments)
 
 
 def embedded_broker_options(settings: Settings) -> dict:
@@ -38,6 +39,17 @@ def embedded_broker_options(settings: Settings) -> dict:
         "store_processed": False,
         "control_folder": str(root / "control"),
     }
+
+
+def is_amqp(broker_url: str | None) -> bool:
+    return (broker_url or "").startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def declared_queues(settings: Settings) -> list[Queue]:
+    """One queue per role. On RabbitMQ, quorum queues: replicated, durable, and they hand a dead
+    consumer's unacknowledged messages to another consumer as soon as its connection drops."""
+    arguments = {"x-queue-type": "quorum"} if is_amqp(settings.broker_url) else None
+    return [declared_queue(TRANSCRIPTS_QUEUE, arguments), declared_queue(SUMMARISE_QUEUE, arguments)]
 
 
 def restore_interval_s(visibility_timeout_s: int) -> int:
@@ -56,12 +68,16 @@ def celery_config(settings: Settings) -> dict:
     }
     if settings.embedded_broker:
         transport_options = embedded_broker_options(settings)
+    elif is_amqp(settings.broker_url):
+        # Publisher confirms: a send returns only once RabbitMQ has the message (a send that a
+        # broker restart ate raises, and is retried, instead of vanishing).
+        transport_options = {"confirm_publish": True}
     return {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # reconnect forever after a broker restart
-        "task_queues": [declared_queue(TRANSCRIPTS_QUEUE), declared_queue(SUMMARISE_QUEUE)],
+        "task_queues": declared_queues(settings),
         "task_create_missing_queues": False,
         "task_default_queue": TRANSCRIPTS_QUEUE,
         "task_routes": {

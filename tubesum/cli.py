@@ -17,7 +17,7 @@ from tubesum.settings import DEFAULT_MODEL
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 # `tubesum --help` lists commands in the order a user meets them, grouped in panels.
-COMMAND_ORDER = ("run", "status", "export", "report", "submit", "worker", "reconcile", "db", "bench")
+COMMAND_ORDER = ("run", "status", "export", "report", "retry", "submit", "worker", "flower", "reconcile", "db", "bench")
 PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
     "A whole job on this machine", "Results", "Distributed mode", "Benchmark")
 
@@ -177,10 +177,9 @@ def reconcile_cmd(
     stuck_after: float = typer.Option(None, "--stuck-after", help="seconds without progress before a video counts as stuck (default TUBESUM_STUCK_AFTER_S)"),
     every: float = typer.Option(None, "--every", help="run a pass every this many seconds, until stopped"),
 ) -> None:
-    """Re-enqueue videos stuck by a dead worker or producer; fail those re-enqueued too often.
-
-    Stuck means queued, fetching, fetched or summarising for longer than TUBESUM_STUCK_AFTER_S.
-    Run it beside the workers: `tubesum reconcile --every 300`."""
+    """Re-enqueue videos stuck in queued/fetching/fetched/summarising (a dead worker or producer);
+    fail those whose leases ran out too often. Every worker runs such a pass every
+    TUBESUM_RECONCILE_EVERY_S itself; this command is for a pass by hand."""
     import logging
     import signal
     import threading
@@ -214,6 +213,22 @@ def flower_cmd(
 
     with exit_codes():
         exec_flower(port=port, address=address)
+
+
+@app.command("retry", cls=Command, rich_help_panel=PANEL_RESULTS)
+def retry_cmd(
+    job: int = typer.Argument(..., help="job id"),
+    failed_reason: str = typer.Option(None, "--failed-reason", help="only videos whose failure reason contains this text (case-insensitive)"),
+) -> None:
+    """Send a job's failed videos through again (to summarise if their transcript is stored, else
+    to fetch), with fresh attempt counters: for videos failed by an outage, say."""
+    from tubesum.celery_app import app as celery_app
+    from tubesum.producer.retry import retry_failed
+    from tubesum.settings import get_settings
+
+    with exit_codes():
+        report = retry_failed(job, settings=get_settings(), celery_app=celery_app, failed_reason=failed_reason)
+    typer.echo(report.summary())
 
 
 # --- GPU (summarise) worker and its report --------------------------------------------------------

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from importlib.resources import files
 
 from pathlib import Path
@@ -19,6 +20,12 @@ from tubesum.settings import get_settings
 
 # SQLite writers wait this long for a lock before failing (embedded mode has several processes).
 SQLITE_BUSY_TIMEOUT_S = 60
+# PostgreSQL connections one engine keeps open, and extra ones it may open under load: a process
+# holds at most their sum, whatever its thread count (a GPU worker has 2 x chunk task threads).
+POOL_SIZE = 3
+POOL_MAX_OVERFLOW = 2
+# How long a thread waits for a free connection before failing, seconds (claims take milliseconds).
+POOL_TIMEOUT_S = 60
 
 
 def make_engine(url: str) -> Engine:
@@ -34,8 +41,11 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # pre_ping: a worker survives PostgreSQL restarts and dropped connections.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # pre_ping: a worker survives PostgreSQL restarts and dropped connections. application_name
+    # names the process in pg_stat_activity (who holds which connection).
+    connect_args = {"application_name": f"tubesum pid {os.getpid()}"} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW,
+                         pool_timeout=POOL_TIMEOUT_S, connect_args=connect_args)
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
@@ -44,9 +54,30 @@ def is_transient_db_error(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
-@lru_cache(maxsize=4)
-def get_engine(url: str | None = None) -> Engine:
-    return make_engine(url or get_settings().database_url)
+class _EngineCache:
+    """One engine per (process, URL). A lock, because the GPU worker's task threads all ask for it at
+    start-up (an unlocked cache made one engine, and one pool, per thread); the process id, because a
+    forked child (prefork fetch worker) must not share its parent's connections."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engines: dict[tuple[int, str], Engine] = {}
+
+    def __call__(self, url: str | None = None) -> Engine:
+        key = (os.getpid(), url or get_settings().database_url)
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self._engines[key] = make_engine(key[1])
+            return engine
+
+    def cache_clear(self) -> None:
+        """Forget every engine (tests switch databases); connections close when they are dropped."""
+        with self._lock:
+            self._engines.clear()
+
+
+get_engine = _EngineCache()
 
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:

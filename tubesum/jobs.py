@@ -10,8 +10,8 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from defusedcsv import csv as defused_csv
@@ -52,6 +52,16 @@ class FailedVideo:
 
 
 @dataclass(frozen=True)
+class LeaseHolder:
+    """A worker holding some of a job's videos (fetching or summarising) under its lease."""
+
+    worker: str  # Celery node name, e.g. gpu@host-a
+    videos: int
+    since: datetime | None  # earliest claim of those it holds
+    until: datetime | None  # latest lease expiry (renewed by its heartbeat)
+
+
+@dataclass(frozen=True)
 class JobStatus:
     job_id: int
     created_at: datetime
@@ -60,6 +70,8 @@ class JobStatus:
     models_ran: list[str]  # what the GPU workers actually ran (their batch rows), oldest first
     counts: JobCounts
     failures: list[FailedVideo]
+    holders: list[LeaseHolder] = field(default_factory=list)
+    expired_leases: int = 0  # times a lease ran out and its video went back to the queue
 
     @property
     def model_shown(self) -> str:
@@ -116,7 +128,21 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
         models_ran=models_ran(session, [job.id])[job.id],
         counts=JobCounts({status: n for status, n in counts}),
         failures=[FailedVideo(*row) for row in failed],
+        holders=lease_holders(session, job.id),
+        expired_leases=session.scalar(select(func.coalesce(func.sum(Video.lease_expiries), 0))
+                                      .where(Video.job_id == job.id)) or 0,
     )
+
+
+def lease_holders(session: Session, job_id: int) -> list[LeaseHolder]:
+    """Per worker: how many of the job's videos it holds, since when, and until when."""
+    rows = session.execute(
+        select(Video.lease_owner, func.count(), func.min(Video.leased_at), func.max(Video.lease_expires_at))
+        .where(Video.job_id == job_id, Video.lease_owner.is_not(None),
+               Video.status.in_(("fetching", "summarising")))
+        .group_by(Video.lease_owner).order_by(Video.lease_owner)
+    ).all()
+    return [LeaseHolder(*row) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -282,6 +308,8 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
     counts.add_row("total", str(status.counts.total), style="bold")
     facts = plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}")
     tables: list[Table | Text] = [counts, facts]
+    if status.holders or status.expired_leases:
+        tables.append(leases_table(status))
     if status.failures:
         failed = Table(title=f"{len(status.failures)} failed")
         failed.add_column("video_id", overflow="fold")
@@ -291,6 +319,21 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
             failed.add_row(plain(f.video_id), plain(f.title), plain(f.error))
         tables.append(failed)
     return tables
+
+
+def leases_table(status: JobStatus) -> Table:
+    """Who holds the job's videos now, and how often a lease ran out (its worker died)."""
+    table = Table(title="held by workers",
+                  caption=f"{status.expired_leases} returned to the queue after a lease ran out")
+    for column in ("worker", "videos", "since (UTC)", "lease until (UTC)"):
+        table.add_column(column, justify="right" if column == "videos" else "left")
+    for h in status.holders:
+        table.add_row(h.worker, str(h.videos), _clock(h.since), _clock(h.until))
+    return table
+
+
+def _clock(value: datetime | None) -> str:
+    return f"{value.astimezone(timezone.utc):%H:%M:%S}" if value else ""
 
 
 # `status --all` columns: the progress bar's four groups (queued = queued + fetching, fetched =

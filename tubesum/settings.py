@@ -28,8 +28,8 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 EMBEDDED_DIR = ".tubesum"
 # HTTP requests of one transcript fetch (watch page, innertube player, caption track).
 FETCH_REQUESTS = 3
-# A video is stuck only after missing this many heartbeats in a row.
-HEARTBEATS_PER_STUCK = 3
+# A lease runs out only after this many heartbeats in a row were missed.
+HEARTBEATS_PER_LEASE = 3
 
 
 class Settings(BaseSettings):
@@ -72,18 +72,29 @@ class Settings(BaseSettings):
 
     # --- delivery --------------------------------------------------------------------------------
     # Redis redelivers an unacknowledged message after this long; it must exceed the longest chunk.
+    # Leases recover a dead worker's videos long before; this is the broker's own backstop.
     visibility_timeout_s: int = 4 * 3600
-    # A video in a non-terminal state for longer than this is re-enqueued by `tubesum reconcile`.
-    stuck_after_s: float = 1800.0
+    # A claimed video is held this long past its worker's last heartbeat; then the reconcile pass
+    # inside the workers sends it back to its queue. What a dead worker costs, seconds.
+    lease_s: float = 60.0
+    # How often the GPU worker renews the leases of the videos it holds, seconds; at most
+    # lease_s / HEARTBEATS_PER_LEASE, so a live worker's lease never runs out between two beats.
+    heartbeat_s: float = 20.0
+    # A queued/fetched video with no message left in its queue and no lease, untouched this long,
+    # lost its message (broker restarted without persistence, producer died mid-send): it is sent
+    # again, seconds. Also the age of a claimed video with no lease at all (rows from before leases).
+    stuck_after_s: float = 60.0
     # How many times a task whose worker process died is redelivered before the video fails.
     max_worker_lost_retries: int = 3
-    # How often the GPU worker refreshes `updated_at` of the videos it holds, seconds; at most
-    # stuck_after_s / HEARTBEATS_PER_STUCK, so a live worker's videos never look stuck.
-    heartbeat_s: float = 60.0
-    # Re-enqueues of one stuck video by the reconciler before it fails, so nothing loops forever.
+    # Leases of one video that may run out (its worker died holding it) before the video fails, so
+    # a video that kills every worker does not loop. Outages with no worker at all do not count.
     max_reconciles: int = 3
-    # How often `tubesum run` runs a reconcile pass while it waits for the job, seconds.
-    reconcile_every_s: float = 300.0
+    # How often each worker (and `tubesum run`) runs a reconcile pass, seconds; passes of several
+    # workers take turns (a PostgreSQL advisory lock). 0: no pass inside the workers.
+    reconcile_every_s: float = 10.0
+    # SIGTERM: how long the GPU worker may finish the chunk it is running before it hands that
+    # chunk's messages back too, seconds (inside a typical 30 s preemption notice).
+    handback_grace_s: float = 25.0
 
     @field_validator("transcript_languages", mode="before")
     @classmethod
@@ -120,12 +131,20 @@ class Settings(BaseSettings):
         if self.visibility_timeout_s <= fetch_unacked_s:
             raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
                              f"unacknowledged fetch, {fetch_unacked_s:.0f}s (backoff max + request timeouts)")
-        if self.heartbeat_s <= 0 or self.stuck_after_s < HEARTBEATS_PER_STUCK * self.heartbeat_s:
-            raise ValueError(f"stuck_after_s ({self.stuck_after_s}) must be at least {HEARTBEATS_PER_STUCK} "
+        if self.heartbeat_s <= 0 or self.lease_s < HEARTBEATS_PER_LEASE * self.heartbeat_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must be at least {HEARTBEATS_PER_LEASE} "
                              f"heartbeats (heartbeat_s={self.heartbeat_s})")
+        if self.stuck_after_s <= 0 or self.reconcile_every_s < 0 or self.handback_grace_s < 0:
+            raise ValueError("stuck_after_s must be > 0; reconcile_every_s and handback_grace_s >= 0")
         if self.max_worker_lost_retries < 0 or self.max_reconciles < 0:
             raise ValueError("max_worker_lost_retries and max_reconciles must be >= 0")
         return self
+
+    @property
+    def fetch_lease_s(self) -> float:
+        """A fetch holds its video at least as long as its three HTTP requests may take (no heartbeat
+        runs during a fetch)."""
+        return max(self.lease_s, FETCH_REQUESTS * (self.http_connect_timeout_s + self.http_read_timeout_s))
 
     @property
     def embedded_broker(self) -> bool:

@@ -36,7 +36,7 @@ from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.settings import Settings
 from tubesum.workers import video_state
-from tubesum.workers.video_state import FETCH_CLAIMABLE, clip_reason, lock_video
+from tubesum.workers.video_state import FETCH_CLAIMABLE, clear_lease, clip_reason, held_elsewhere, lock_video, take_lease
 
 log = logging.getLogger(__name__)
 
@@ -177,25 +177,36 @@ def describe(exc: BaseException) -> str:
 # --- database ------------------------------------------------------------------------------------
 
 
-def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None) -> str | None:
-    """queued/fetching → fetching, count the attempt; the YouTube id, or None if there is nothing to do.
+def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None, owner: str | None = None,
+          lease_s: float | None = None, takeover: bool = False) -> str | None:
+    """queued/fetching → fetching, count the attempt, and hold the video under ``owner``'s lease for
+    ``lease_s``; the YouTube id, or None if there is nothing to do.
 
-    ``fetching`` is claimable because it is what a dead worker leaves behind; a second concurrent
-    delivery may then fetch too, and ``store`` keeps only the first transcript. A video already
-    claimed ``max_attempts`` times (its workers keep dying, or its messages keep coming back) fails
-    here instead, so no message loops forever."""
+    ``fetching`` is claimable because it is what a dead worker leaves behind, but not while another
+    worker's lease on it runs (unless ``takeover``: the broker redelivered because that worker's
+    connection died). ``store`` keeps only the first transcript. A video already claimed
+    ``max_attempts`` times (its workers keep dying, or its messages keep coming back) fails here
+    instead, so no message loops forever."""
     with session_scope(database_url) as session:
         video = lock_video(session, video_pk)
         if video is None or video.status not in FETCH_CLAIMABLE:
             return None
+        now = utcnow()
+        if not takeover and held_elsewhere(video, owner=owner, now=now):
+            log.info("video %s is held by %s until %s: message dropped", video_pk, video.lease_owner,
+                     video.lease_expires_at)
+            return None
         if max_attempts is not None and video.attempts >= max_attempts:
-            video.status, video.failed_at = VideoStatus.failed.value, utcnow()
+            video.status, video.failed_at = VideoStatus.failed.value, now
             video.error = f"gave up after {video.attempts} fetch attempts that never finished (worker died?)"
+            clear_lease(video)
             log.warning("video %s: %s", video_pk, video.error)
             return None
         video.status = VideoStatus.fetching.value
-        video.fetching_at = video.fetching_at or utcnow()
+        video.fetching_at = video.fetching_at or now
         video.attempts += 1
+        if lease_s is not None:
+            take_lease(video, owner=owner, lease_s=lease_s, now=now)
         return video.video_id
 
 
@@ -208,6 +219,7 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
                 return False
             session.add(Transcript(video_pk=video_pk, source="youtube", **fetched.__dict__))
             video.status, video.fetched_at, video.error = VideoStatus.fetched.value, utcnow(), None
+            clear_lease(video)
     except IntegrityError:  # the unique video_pk: a transcript is already stored
         return False
     return True
@@ -227,10 +239,12 @@ def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
     video_state.mark_failed(video_pk, reason, database_url=database_url, only_from=FETCH_CLAIMABLE)
 
 
-def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None) -> Outcome:
-    """Claim, download, store. Transient errors propagate as TransientFetchError (the caller retries);
-    permanent ones are recorded and return Outcome.failed."""
-    video_id = claim(video_pk, database_url=settings.database_url, max_attempts=max_fetch_attempts(settings))
+def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None,
+                owner: str | None = None, takeover: bool = False) -> Outcome:
+    """Claim (as worker ``owner``), download, store. Transient errors propagate as
+    TransientFetchError (the caller retries); permanent ones are recorded and return Outcome.failed."""
+    video_id = claim(video_pk, database_url=settings.database_url, max_attempts=max_fetch_attempts(settings),
+                     owner=owner, lease_s=settings.fetch_lease_s, takeover=takeover)
     if video_id is None:
         return Outcome.skipped
     try:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 
 from billiard.exceptions import WorkerLostError
-from celery.signals import task_failure
+from celery.signals import task_failure, task_retry
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
-from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, backoff_delay
+from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, WORKER_LOST_RETRY_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError, VideoFailed
 from tubesum.settings import get_settings
 from tubesum.workers.fetch import Outcome, fetch_video, mark_failed, note_retry
 from tubesum.workers.task_report import fetch_result, label_of, now, video_report
+from tubesum.workers.video_state import hold_for_retry, takes_over
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
     video_pk = int(video_pk)
     started = now()
     try:
-        outcome = fetch_video(video_pk, settings=settings)
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        outcome = fetch_video(video_pk, settings=settings, owner=self.request.hostname,
+                              takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered))
     except TransientFetchError as exc:
         attempt = self.request.retries + 1
         if attempt > settings.fetch_max_retries:
@@ -52,6 +55,8 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
                 note_retry(video_pk, str(exc), database_url=settings.database_url)
             except Exception:  # noqa: BLE001
                 log.warning("video %s: could not record the retry reason", video_pk, exc_info=True)
+            # Whichever worker gets the retry may claim it; nobody resends it before it is due.
+            hold_for_retry(video_pk, until_s=delay + settings.fetch_lease_s, database_url=settings.database_url)
             raise self.retry(exc=exc, countdown=delay,
                              argsrepr=shown_args(self.request, video_pk, database_url=settings.database_url))
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
@@ -81,3 +86,15 @@ def _fail_video_of_lost_worker(sender=None, exception=None, args=None, **_kwargs
     reason = f"the fetch worker process died on every attempt ({type(exception).__name__}: {exception})"
     log.warning("video %s: %s", args[0], reason)
     mark_failed(int(args[0]), reason, database_url=get_settings().database_url)
+
+
+@task_retry.connect(sender=fetch_transcript)
+def _release_lease_of_lost_child(sender=None, request=None, reason=None, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Celery retries a task whose prefork child died (task_retry_on_worker_lost), in the worker's
+    main process: the retry may reach another worker, so the dead child's lease gives up its owner
+    (as a retry after a transient error does) instead of making that worker drop the message."""
+    lost = getattr(reason, "exc", reason)  # Celery passes Retry(exc=WorkerLostError(...))
+    if not isinstance(lost, WorkerLostError) or request is None or not request.args:
+        return
+    hold_for_retry(int(request.args[0]), until_s=WORKER_LOST_RETRY_DELAY_S + get_settings().fetch_lease_s,
+                   database_url=get_settings().database_url)

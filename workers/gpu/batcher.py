@@ -14,6 +14,10 @@ prompt's tokens + max new tokens), capped by the chunk size. Out of memory all t
 failed attempt's memory is given back (the engine), the batch row is recorded as ``oom``, the
 chunk is split in halves and each half retried; ``ChunkSizer`` caps later chunks and grows the
 cap back after chunks succeed.
+
+Shutting down (SIGTERM, a preemption notice, Ctrl-C): ``hand_back`` fails every video that is not
+in the running chunk with WorkerStopping at once (its task returns the message to the queue), lets
+the running chunk finish within a grace period, and hands its videos back too if it does not.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ log = logging.getLogger(__name__)
 
 # How long `stop()` waits for the GPU thread to finish its current chunk, seconds.
 STOP_TIMEOUT_S = 600.0
+# While handing back: how often the grace period checks for the end of the running chunk, seconds.
+HAND_BACK_POLL_S = 0.1
 
 Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
-Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → refresh their updated_at
+Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → renew their leases
 
 
 @dataclass(eq=False)
@@ -95,11 +101,15 @@ class Batcher:
         self._pending: list[_Prompt] = []
         self._chunks_run = 0  # numbers the per-chunk log line
         self._in_flight: dict[int, _Work] = {}  # by video pk: a redelivered message joins its video
-        self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
+        self._running: set[_Work] = set()  # videos with a prompt in the chunk the GPU thread runs
+        self._cond = threading.Condition()  # guards _pending, _in_flight, _running, _stopping, _handing_back
         self._stopping = False
+        self._handing_back = False
+        self._abandon = threading.Event()  # a second hand_back: do not wait for the running chunk
+        self._handed_back = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
-        # While a chunk runs for minutes, this thread keeps its videos' updated_at fresh, so
-        # `tubesum reconcile` tells them from the videos of a dead worker.
+        # While a chunk runs for minutes, this thread renews the leases of the videos this worker
+        # holds, so the reconcile pass tells them from the videos of a dead worker.
         self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
         self._beat_stop = threading.Event()
         self._beat_thread = threading.Thread(target=self._beat, name="gpu-heartbeat", daemon=True)
@@ -121,12 +131,14 @@ class Batcher:
                 log.warning("heartbeat of %d videos failed", len(pks), exc_info=True)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Finish the chunk in progress, then fail whatever is still waiting with WorkerStopping."""
+        """Finish the chunk in progress, then fail whatever is still waiting with WorkerStopping.
+        After ``hand_back`` nothing is waited for: its grace period already ran."""
         with self._cond:
             self._stopping = True
+            handed_back = self._handing_back
             self._cond.notify_all()
         self._beat_stop.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not handed_back:
             self._thread.join(timeout)
         with self._cond:
             works = list(self._in_flight.values())
@@ -137,33 +149,49 @@ class Batcher:
                 if not future.done():
                     future.set_exception(WorkerStopping("worker stopped before this video was summarised"))
 
-    def drain(self) -> None:
-        """Take no new chunk (the worker is shutting down): the chunk on the GPU finishes and is
-        stored, and every video waiting for a later chunk fails at once with WorkerStopping (its
-        task retries, so its message goes back to the queue). A warm shutdown then waits for one
-        chunk, not for every message in hand -- and a Ctrl-C of `tubesum run` takes seconds."""
+    def hand_back(self, grace_s: float) -> None:
+        """Stop taking videos and give back every one not in the running chunk now (its task
+        requeues its message); give the running chunk ``grace_s`` seconds to finish and be stored,
+        then give its videos back too. A second call gives everything back at once."""
         with self._cond:
-            self._stopping = True
-            waiting = self._waiting_only()
-            for work in waiting:
-                work.finished = True
-                self._in_flight.pop(work.video.video_pk, None)
-            self._pending = [p for p in self._pending if p.work not in waiting]
+            again = self._handing_back
+            self._stopping = self._handing_back = True
+            waiting = [w for w in self._in_flight.values() if again or w not in self._running]
+            running = len(self._running)
             self._cond.notify_all()
-        for work in waiting:
-            for future in work.futures:
-                if not future.done():
-                    future.set_exception(WorkerStopping("worker stopped before this video was summarised"))
-        if waiting:
-            log.info("shutting down: %d videos not yet in a chunk go back to the queue", len(waiting))
+        log.warning("shutting down: handing back %d videos now, %s", len(waiting),
+                    "and the running chunk too" if again else
+                    f"the {running} of the running chunk unless it finishes within {grace_s:.0f}s")
+        self._give_back(waiting)
+        if again:
+            self._abandon.set()
+        else:
+            threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back",
+                             daemon=True).start()
 
-    def _waiting_only(self) -> set[_Work]:
-        # Caller holds self._cond. Works none of whose current prompts is on the GPU or done.
-        pending: dict[int, int] = {}
-        for prompt in self._pending:
-            pending[id(prompt.work)] = pending.get(id(prompt.work), 0) + 1
-        return {w for w in self._in_flight.values()
-                if not w.outputs and pending.get(id(w), 0) == len(w.plan.step)}
+    def wait_handed_back(self, timeout: float | None = None) -> bool:
+        """True once ``hand_back`` has stored or given back every video this worker held."""
+        return self._handed_back.wait(timeout)
+
+    def _give_back_after(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while self._thread.is_alive() and not self._abandon.is_set() and time.monotonic() < deadline:
+            self._thread.join(HAND_BACK_POLL_S)
+        with self._cond:
+            rest = list(self._in_flight.values())
+        if rest:
+            log.warning("handing back the %d videos of the unfinished chunk", len(rest))
+        self._give_back(rest)
+        self._handed_back.set()
+
+    def _give_back(self, works: list[_Work]) -> None:
+        self._fail_tasks(set(works), WorkerStopping("the worker is shutting down; message handed back"))
+
+    def drain(self) -> None:
+        """Hand back every video not in the running chunk at once and let that chunk finish and be
+        stored (no grace limit): a warm shutdown then waits for one chunk, not for every message in
+        hand, and a Ctrl-C of `tubesum run` takes seconds."""
+        self.hand_back(grace_s=STOP_TIMEOUT_S)
 
     def submit(self, video: VideoInput) -> Future:
         """Queue a video; the Future resolves to its VideoOutcome once that is committed."""
@@ -211,6 +239,12 @@ class Batcher:
             except Exception as exc:  # outermost: a bug fails this chunk's videos, the worker goes on
                 log.exception("chunk of %d prompts failed", len(chunk))
                 self._fail_tasks({p.work for p in chunk}, exc)
+            finally:
+                with self._cond:
+                    self._running.clear()
+        with self._cond:  # handing back: a long video's next step will not run here
+            rest = list(self._in_flight.values()) if self._handing_back else []
+        self._give_back(rest)
 
     def _next_chunk(self) -> list[_Prompt] | None:
         """Block until a chunk is due (full, or its oldest prompt waited chunk_wait_s)."""
@@ -227,6 +261,7 @@ class Batcher:
                     chosen = set(chosen)
                     chunk = [p for i, p in enumerate(self._pending) if i in chosen]
                     self._pending = [p for i, p in enumerate(self._pending) if i not in chosen]
+                    self._running = {p.work for p in chunk}
                     return chunk
                 self._cond.wait(None if wait == float("inf") else wait)
             return None

@@ -8,10 +8,19 @@ video to the one Batcher and waiting for its summary to be committed.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import time
 from functools import partial
 
-from celery.signals import worker_shutting_down
-from celery.utils.nodenames import host_format
+from celery import platforms
+from celery.exceptions import WorkerTerminate
+from celery.platforms import EX_FAILURE, EX_OK
+from celery.signals import worker_ready
+from celery.apps.worker import safe_say
+from celery.utils.nodenames import default_nodename, host_format
+from celery.worker import state as worker_state
+from kombu.common import ignore_errors
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
@@ -26,6 +35,10 @@ log = logging.getLogger(__name__)
 # are received and claimed while the current chunk generates, so the GPU never waits for the queue
 # or the database; the price is twice the messages to redeliver when the worker dies.
 CHUNKS_IN_HAND = 2
+# After a hand-back: how long the task threads may take to ack or requeue their messages, seconds.
+TASKS_SETTLE_S = 10.0
+# How often that is checked, seconds.
+HAND_BACK_POLL_S = 0.1
 
 
 def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
@@ -49,24 +62,70 @@ def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
     return engine
 
 
-def build_batcher(engine: Engine, settings: Settings) -> Batcher:
-    """The Batcher over a loaded engine, storing into settings.database_url."""
+def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None = None) -> Batcher:
+    """The Batcher over a loaded engine, storing into settings.database_url; its heartbeat renews
+    the leases ``lease_owner`` (this worker's node name) holds."""
     return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
                    chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
                    max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
                    worker_host=settings.worker_host,
-                   heartbeat=partial(touch_videos, database_url=settings.database_url),
+                   heartbeat=partial(touch_videos, database_url=settings.database_url, owner=lease_owner,
+                                     lease_s=settings.lease_s),
                    heartbeat_s=settings.heartbeat_s)
+
+
+def hand_back_then_stop(batcher: Batcher, grace_s: float) -> None:
+    """The first SIGTERM's work, in a thread: hand back, wait until every task thread has acked or
+    requeued its message, then let Celery's warm shutdown run (it closes the broker channel, which
+    on Redis would requeue messages still unacknowledged: stored chunks included)."""
+    batcher.hand_back(grace_s)
+    batcher.wait_handed_back(grace_s + TASKS_SETTLE_S)
+    deadline = time.monotonic() + TASKS_SETTLE_S
+    while (worker_state.active_requests or worker_state.reserved_requests) and time.monotonic() < deadline:
+        time.sleep(HAND_BACK_POLL_S)
+    worker_state.should_stop = EX_OK  # the consumer loop sees it within a second
+
+
+def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected receiver
+    """Once the worker consumes: SIGTERM and SIGINT (a preemption notice, `docker stop`, Ctrl-C)
+    stop consuming and hand back what the worker holds, instead of Celery's warm shutdown, which
+    would run every held video to the end first. A second signal hands back the running chunk too;
+    a third ends the process at once (what is unacknowledged then comes back as after a SIGKILL)."""
+    def receiver(sender=None, **_kwargs: object) -> None:  # type: ignore[no-untyped-def]
+        consumer, seen = sender, []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            seen.append(signum)
+            if len(seen) == 1:
+                safe_say(f"worker: handing back held messages (grace {grace_s:.0f}s), then warm shutdown",
+                         sys.__stdout__)
+                # Stop taking messages, as Celery's own cold shutdown does from its signal handler.
+                if consumer.task_consumer is not None:
+                    ignore_errors(consumer, consumer.task_consumer.cancel)
+                threading.Thread(target=hand_back_then_stop, args=(batcher, grace_s), name="gpu-shutdown",
+                                 daemon=True).start()
+            elif len(seen) == 2:
+                safe_say("worker: handing back the running chunk too", sys.__stdout__)
+                threading.Thread(target=batcher.hand_back, args=(grace_s,), daemon=True).start()
+            else:  # a third: stop now, as Celery's own hard shutdown would
+                raise WorkerTerminate(EX_FAILURE)
+
+        for name in ("SIGTERM", "SIGINT"):
+            platforms.signals[name] = on_signal
+
+    worker_ready.connect(receiver, weak=False)
+    return receiver
 
 
 def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
                          backend: str = "auto") -> None:
     """`tubesum worker summarise`: load the model, then consume the summarise queue with
     CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
-    batcher = build_batcher(load_warm_engine(settings, backend=backend), settings)
+    nodename = host_format(default_nodename(name))  # what the tasks see as request.hostname
+    batcher = build_batcher(load_warm_engine(settings, backend=backend), settings, lease_owner=nodename)
     attach_batcher(app, batcher)
+    receiver = install_hand_back(batcher, settings.handback_grace_s)
     batcher.start()
-    worker_shutting_down.connect(lambda **_: batcher.drain(), weak=False)
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
     log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
              host_format(name), batcher.sizer.configured, settings.chunk_wait_s)
@@ -77,6 +136,7 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
                          # start and leaves stale files on the filesystem broker).
                          "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
     finally:
+        worker_ready.disconnect(receiver)
         batcher.stop()
         attach_batcher(app, None)
         batcher.engine.close()  # tensor parallel: stop the rank processes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
@@ -20,7 +20,8 @@ from tubesum.models import Batch, Summary, Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.models.tables import TERMINAL_STATUSES
 from tubesum.workers.summarise.prompt import sanitize
-from tubesum.workers.video_state import SUMMARISE_CLAIMABLE, clip_reason, lock_video
+from tubesum.workers.video_state import (SUMMARISE_CLAIMABLE, aware, clear_lease, clip_reason, held_elsewhere,
+                                         lock_video, take_lease)
 
 log = logging.getLogger(__name__)
 
@@ -77,41 +78,73 @@ class BatchRecord:
     ended_at: datetime
 
 
-def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = None) -> VideoInput | None:
-    """fetched/summarising → summarising, counting the claim; the transcript to summarise, or None
-    when there is nothing to do (already done or failed, not fetched, gone, or no transcript: then
-    failed). A video already claimed ``max_attempts`` times fails: its worker keeps dying on it."""
+def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = None, owner: str | None = None,
+                lease_s: float | None = None, takeover: bool = False) -> VideoInput | None:
+    """fetched/summarising → summarising, counting the claim, held under ``owner``'s lease for
+    ``lease_s``; the transcript to summarise, or None when there is nothing to do (already done or
+    failed, not fetched, gone, held by another live worker, or no transcript: then failed). A video
+    already claimed ``max_attempts`` times fails: its worker keeps dying on it."""
     with session_scope(database_url) as session:
         video = lock_video(session, video_pk)
         if video is None or video.status not in SUMMARISE_CLAIMABLE:
             if video is not None and video.status not in TERMINAL_STATUSES:
                 log.warning("video %s is %s, not fetched: summarise message ignored", video_pk, video.status)
             return None
-        text = session.scalar(select(Transcript.text).where(Transcript.video_pk == video_pk))
         now = utcnow()
+        if not takeover and held_elsewhere(video, owner=owner, now=now):
+            # Redis gave a long chunk's message to a second worker: the first still runs it.
+            log.info("video %s is held by %s until %s: message dropped", video_pk, video.lease_owner,
+                     video.lease_expires_at)
+            return None
+        text = session.scalar(select(Transcript.text).where(Transcript.video_pk == video_pk))
         if max_attempts is not None and video.summarise_attempts >= max_attempts:
             video.status, video.failed_at = VideoStatus.failed.value, now
             video.error = f"gave up after {video.summarise_attempts} summarise attempts that never finished (worker died?)"
+            clear_lease(video)
             log.warning("video %s: %s", video_pk, video.error)
             return None
-        video.summarise_attempts += 1
+        # Another delivery to the worker that holds it (it joins the video in flight) is no new attempt.
+        if not (video.status == VideoStatus.summarising.value and video.lease_owner is not None
+                and video.lease_owner == owner):
+            video.summarise_attempts += 1
         if not text or is_blank(sanitize(text)):  # nothing readable: spaces, control or zero-width characters
             video.status, video.error, video.failed_at = VideoStatus.failed.value, "empty transcript", now
+            clear_lease(video)
             return None
         video.status = VideoStatus.summarising.value
         video.summarising_at = video.summarising_at or now
+        if lease_s is not None:
+            take_lease(video, owner=owner, lease_s=lease_s, now=now)
         return VideoInput(video_pk=video_pk, transcript=text)
 
 
-def touch_videos(video_pks: Sequence[int], *, database_url: str) -> None:
-    """The GPU worker's heartbeat: ``updated_at`` = now for the videos it is still summarising, so
-    `tubesum reconcile` leaves them alone."""
+def touch_videos(video_pks: Sequence[int], *, database_url: str, owner: str | None = None,
+                 lease_s: float | None = None) -> None:
+    """The GPU worker's heartbeat: renew ``owner``'s lease (and ``updated_at``) on the videos it is
+    still summarising. A lease that ran out and went to another worker is not taken back."""
     if not video_pks:
         return
+    now = utcnow()
+    values: dict[str, object] = {"updated_at": now}
+    if lease_s is not None:
+        values["lease_expires_at"] = now + timedelta(seconds=lease_s)
     with session_scope(database_url) as session:
-        session.execute(update(Video).where(Video.id.in_(sorted(video_pks)),
+        session.execute(update(Video).where(Video.id.in_(sorted(video_pks)), Video.lease_owner == owner,
                                             Video.status == VideoStatus.summarising.value)
-                        .values(updated_at=utcnow()))
+                        .values(**values))
+
+
+def release_video(video_pk: int, *, database_url: str, owner: str | None) -> bool:
+    """Hand a claimed video back (the worker stops before summarising it): fetched again, no lease,
+    and the claim not counted (no worker died on it). False if ``owner`` no longer holds it."""
+    with session_scope(database_url) as session:
+        video = lock_video(session, video_pk)
+        if video is None or video.status != VideoStatus.summarising.value or video.lease_owner != owner:
+            return False
+        video.status = VideoStatus.fetched.value
+        video.summarise_attempts = max(0, video.summarise_attempts - 1)
+        clear_lease(video)
+        return True
 
 
 def store_batch(batch: BatchRecord, outcomes: Sequence[VideoOutcome], *, database_url: str) -> None:
@@ -126,6 +159,7 @@ def store_batch(batch: BatchRecord, outcomes: Sequence[VideoOutcome], *, databas
             if video is None or video.status in TERMINAL_STATUSES:
                 continue
             now = utcnow()
+            clear_lease(video)
             if outcome.status == VideoStatus.failed.value:
                 video.status, video.error, video.failed_at = VideoStatus.failed.value, clip_reason(outcome.error or ""), now
                 continue
@@ -145,9 +179,4 @@ def store_batch(batch: BatchRecord, outcomes: Sequence[VideoOutcome], *, databas
 def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
-    return (_aware(end) - _aware(start)).total_seconds()
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite hands timestamps back without their zone; every timestamp tubesum writes is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return (aware(end) - aware(start)).total_seconds()

@@ -16,15 +16,16 @@ import logging
 from typing import TYPE_CHECKING
 
 from celery import Celery
+from celery.exceptions import Reject
 
 from tubesum.celery_app import SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
 from tubesum.defaults import CLAIM_RETRY_DELAY_S, STORE_MAX_RETRIES, STORE_RETRY_DELAY_S
-from tubesum.errors import PromptError, VideoFailed
+from tubesum.errors import PromptError, VideoFailed, WorkerStopping
 from tubesum.settings import Settings, get_settings
-from tubesum.workers.summarise.store import claim_video
+from tubesum.workers.summarise.store import claim_video, release_video
 from tubesum.workers.task_report import now, summarise_result, video_report
-from tubesum.workers.video_state import mark_failed
+from tubesum.workers.video_state import hold_for_retry, mark_failed, takes_over
 
 if TYPE_CHECKING:  # the batcher's engine imports torch
     from tubesum.workers.gpu.batcher import Batcher
@@ -60,9 +61,12 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     video_pk = int(video_pk)
     started = now()
     batcher = batcher_of(self.app)
+    owner = self.request.hostname
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        video = claim_video(video_pk, database_url=settings.database_url,
-                            max_attempts=max_summarise_attempts(settings))
+        video = claim_video(video_pk, database_url=settings.database_url, max_attempts=max_summarise_attempts(settings),
+                            owner=owner, lease_s=settings.lease_s,
+                            takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered))
     except Exception as exc:
         if not is_transient_db_error(exc):
             raise
@@ -74,8 +78,17 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
         except PromptError as exc:  # the transcript cannot make a prompt for this model
             log.warning("video %s failed: %s", video_pk, exc)
             mark_failed(video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url)
-        except Exception as exc:  # storing the chunk failed, or the worker is stopping: redeliver later
+        except WorkerStopping as exc:  # SIGTERM: hand the message back now, for another worker to take
+            release_video(video_pk, database_url=settings.database_url, owner=owner)
+            log.info("video %s handed back: %s", video_pk, exc)
+            raise Reject(str(exc), requeue=True) from None
+        except Exception as exc:  # storing the chunk failed: redeliver later
             log.warning("video %s: %s; retrying in %.0fs", video_pk, exc, STORE_RETRY_DELAY_S)
+            try:  # whichever worker gets the retry may claim it
+                hold_for_retry(video_pk, until_s=STORE_RETRY_DELAY_S + settings.lease_s,
+                               database_url=settings.database_url)
+            except Exception:  # noqa: BLE001 - database still down: the lease runs out and the video is resent
+                log.warning("video %s: could not release its lease for the retry", video_pk)
             raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY_S, argsrepr=_argsrepr(self.request))
     report = video_report(video_pk, database_url=settings.database_url)
     if report is not None and report.failed_since(started):
