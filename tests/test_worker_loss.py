@@ -31,8 +31,7 @@ from tests.test_faults import (REPO, assert_nothing_lost, fault_env, fetch_worke
                                in_state, submit_ids, wait_statuses)
 from tests.youtube_replay import REPLAY_ENV
 from tests.test_playlist import task_args
-from own_redis import OwnRedis
-from tiny_model import tiny_model_dir  # noqa: F401  (fixture)
+from tests.own_redis import OwnRedis
 from tubesum.celery_app import SUMMARISE_QUEUE, TRANSCRIPTS_QUEUE
 from tubesum.db import POOL_MAX_OVERFLOW, POOL_SIZE
 from tubesum.models import Batch, Job, Summary, Transcript, Video
