@@ -23,6 +23,7 @@ the running chunk finish within a grace period, and hands its videos back too if
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # How long `stop()` waits for the GPU thread to finish its current chunk, seconds.
 STOP_TIMEOUT_S = 600.0
+# Finished chunks waiting for the store thread before the GPU thread waits for it (back-pressure
+# when the database is slower than the GPU).
+STORES_IN_FLIGHT = 2
 # While handing back: how often the grace period checks for the end of the running chunk, seconds.
 HAND_BACK_POLL_S = 0.1
 
@@ -108,6 +112,11 @@ class Batcher:
         self._abandon = threading.Event()  # a second hand_back: do not wait for the running chunk
         self._handed_back = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
+        # Finished chunks are committed by their own thread, so the GPU starts the next chunk at
+        # once instead of waiting for the database (~0.4 s a chunk of 256 measured on an H100,
+        # 3% of the chunk). FIFO, one writer: batch rows and summaries land in chunk order.
+        self._stores: queue.Queue[tuple[BatchRecord, list[VideoOutcome]] | None] = queue.Queue(STORES_IN_FLIGHT)
+        self._store_thread = threading.Thread(target=self._store_loop, name="gpu-store", daemon=True)
         # While a chunk runs for minutes, this thread renews the leases of the videos this worker
         # holds, so the reconcile pass tells them from the videos of a dead worker.
         self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
@@ -117,6 +126,7 @@ class Batcher:
     # ------------------------------------------------------------------ task threads
     def start(self) -> Batcher:
         self._thread.start()
+        self._store_thread.start()
         if self.heartbeat is not None:
             self._beat_thread.start()
         return self
@@ -140,6 +150,7 @@ class Batcher:
         self._beat_stop.set()
         if self._thread.is_alive() and not handed_back:
             self._thread.join(timeout)
+        self._flush_stores(timeout)
         with self._cond:
             works = list(self._in_flight.values())
             self._in_flight.clear()
@@ -175,8 +186,8 @@ class Batcher:
 
     def _give_back_after(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        while self._thread.is_alive() and not self._abandon.is_set() and time.monotonic() < deadline:
-            self._thread.join(HAND_BACK_POLL_S)
+        while self._busy() and not self._abandon.is_set() and time.monotonic() < deadline:
+            time.sleep(HAND_BACK_POLL_S)
         with self._cond:
             rest = list(self._in_flight.values())
         if rest:
@@ -242,6 +253,8 @@ class Batcher:
             finally:
                 with self._cond:
                     self._running.clear()
+        while self._handing_back and self._stores.unfinished_tasks and not self._abandon.is_set():
+            time.sleep(HAND_BACK_POLL_S)  # finished chunks are committed, not handed back
         with self._cond:  # handing back: a long video's next step will not run here
             rest = list(self._in_flight.values()) if self._handing_back else []
         self._give_back(rest)
@@ -308,7 +321,7 @@ class Batcher:
                 with self._cond:
                     self._enqueue(work, continuation=True)
         record = records.batch_record(self._facts(), timings, oom_split=oom_split)
-        self._commit(record, [self._outcome(w) for w in finished])
+        self._stores.put((record, [self._outcome(w) for w in finished]))  # committed by the store thread
 
     def _on_oom(self, chunk: list[_Prompt], exc: OutOfMemory, *, started: datetime, wall_s: float,
                 oom_split: bool, lone_retry: bool) -> None:
@@ -331,7 +344,7 @@ class Batcher:
                         "capped at %d)", len(chunk), self.sizer.limit)
         record = records.oom_record(self._facts(), batch_size=len(chunk), prompt_tokens=sum(len(p.ids) for p in chunk),
                                     error=str(exc), started=started, wall_s=wall_s, oom_split=oom_split)
-        self._commit(record, failed)
+        self._stores.put((record, failed))  # in chunk order with the others
         if retry_alone:
             self._run(chunk, oom_split=True, lone_retry=True)
         elif len(chunk) > 1:
@@ -358,6 +371,27 @@ class Batcher:
             self._pending = [p for p in self._pending if p.work is not work]
         return VideoOutcome(video_pk=work.video.video_pk, status="failed", error=reason,
                             pieces=work.plan.pieces, first_batch_started_at=work.first_started_at)
+
+    def _store_loop(self) -> None:
+        while (item := self._stores.get()) is not None:
+            try:
+                self._commit(*item)
+            except Exception:  # outermost: _commit already failed the tasks; the thread goes on
+                log.exception("committing a chunk failed")
+            finally:
+                self._stores.task_done()
+        self._stores.task_done()
+
+    def _busy(self) -> bool:
+        """A chunk is on the GPU or waiting to be committed."""
+        return self._thread.is_alive() or self._stores.unfinished_tasks > 0
+
+    def _flush_stores(self, timeout: float) -> None:
+        """Commit every finished chunk, then end the store thread (the GPU thread has ended)."""
+        if not self._store_thread.is_alive():
+            return
+        self._stores.put(None)
+        self._store_thread.join(timeout)
 
     def _commit(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
         """Store the batch and its finished videos, then wake their tasks (which ack their messages)."""
