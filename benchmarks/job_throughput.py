@@ -6,7 +6,9 @@ Prints one JSON object: videos done / failed, out-of-memory batch rows, the job'
 from the first enqueue (the earliest `fetched_at`: with --transcripts a video is enqueued for the
 GPU as it is recorded) to the last commit (the latest `done_at`), and the steady-state rate
 (videos of every ok batch after the first, over the time from the first batch's end to the last
-batch's end: start-up and the first chunk's wait left out).
+batch's end: start-up and the first chunk's wait left out). `steady_full_chunks_summaries_per_s`
+also leaves out a last chunk smaller than the others (the job's remainder, e.g. 96 of a 1,024-video
+job at chunks of ~310): what a long job runs at, chunk after chunk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from datetime import datetime
 from sqlalchemy import create_engine, select
 
 from tubesum.models import Batch, Video
+
+
+# A last chunk below this share of the largest is the job's remainder, not a steady-state chunk.
+FULL_CHUNK_SHARE = 0.9
 
 
 def _seconds(a: datetime, b: datetime) -> float:
@@ -47,6 +53,10 @@ def job_throughput(url: str, job_id: int | None = None) -> dict:
     if len(ok) > 1:
         span = _seconds(ok[0].ended_at, ok[-1].ended_at)
         out["steady_summaries_per_s"] = round(sum(b.batch_size for b in ok[1:]) / span, 2)
+        full = ok[:-1] if ok[-1].batch_size < FULL_CHUNK_SHARE * max(b.batch_size for b in ok) else ok
+        if len(full) > 1:
+            full_span = _seconds(full[0].ended_at, full[-1].ended_at)
+            out["steady_full_chunks_summaries_per_s"] = round(sum(b.batch_size for b in full[1:]) / full_span, 2)
         out["mean_batch_wall_s"] = round(sum(_seconds(b.started_at, b.ended_at) for b in ok) / len(ok), 2)
     return out
 
