@@ -41,8 +41,28 @@ REDIS_CLAIM_KEY = "tubesum:test:claimed-by"
 REDIS_CLAIM_TTL_S = 3600
 # Average bytes of a row in the file (139 MB / 50,000 rows).
 ROW_BYTES = 2780
-WORDS = ("octopus", "hearts", "blood", "migrate", "kilometres", "stars", "fungi", "soil", "bees", "dance",
-         "flowers", "whale", "sunlight", "sugar", "redwood", "autumn", "coral", "reef", "desert", "frogs")
+WORDS = (
+    "octopus",
+    "hearts",
+    "blood",
+    "migrate",
+    "kilometres",
+    "stars",
+    "fungi",
+    "soil",
+    "bees",
+    "dance",
+    "flowers",
+    "whale",
+    "sunlight",
+    "sugar",
+    "redwood",
+    "autumn",
+    "coral",
+    "reef",
+    "desert",
+    "frogs",
+)
 
 
 def write_csv(path: Path, rows: int, *, seed: int = 7) -> int:
@@ -72,8 +92,6 @@ def claim_redis() -> int:
     raise SystemExit("no empty Redis database to claim")
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=50_000)
@@ -86,11 +104,15 @@ def main() -> None:
     db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
     env = {**os.environ, "TUBESUM_DATABASE_URL": db_url, "TUBESUM_BROKER_URL": f"{REDIS_SERVER_URL}/{redis_db}"}
     try:
-        subprocess.run([sys.executable, "-m", "tubesum.cli", "db", "upgrade"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, "-m", "tubesum.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", str(work / "big.csv")],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", str(work / "big.csv")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         job_line = proc.stdout.readline()  # the job id comes first, before the messages are sent
         job_id_s = time.perf_counter() - start
         out, err = proc.communicate()
@@ -103,10 +125,22 @@ def main() -> None:
         with create_engine(db_url).connect() as c:
             videos = c.execute(text("select count(*) from videos")).scalar_one()
         queued = redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").llen("summarise")
-        print(json.dumps({"rows": args.rows, "csv_mb": round(size / 1e6, 1), "seconds": round(total_s, 2),
-                          "job_id_after_s": round(job_id_s, 2), "cpu_s": round(cpu_s, 2), "peak_rss_mb": round(peak_mb),
-                          "load_average_1m": os.getloadavg()[0],
-                          "job_id": int(job_line), "videos": videos, "messages_queued": queued}))
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "csv_mb": round(size / 1e6, 1),
+                    "seconds": round(total_s, 2),
+                    "job_id_after_s": round(job_id_s, 2),
+                    "cpu_s": round(cpu_s, 2),
+                    "peak_rss_mb": round(peak_mb),
+                    "load_average_1m": os.getloadavg()[0],
+                    "job_id": int(job_line),
+                    "videos": videos,
+                    "messages_queued": queued,
+                }
+            )
+        )
     finally:
         redis.Redis.from_url(f"{REDIS_SERVER_URL}/{redis_db}").flushdb()
         admin_sql(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))

@@ -47,7 +47,9 @@ def main() -> None:
         t = time.perf_counter()
         gens, tm = eng.generate(prompts, sp, **kwargs)
         rows[name] = [g.token_ids for g in gens]
-        print(f"{name}: {time.perf_counter() - t:.3f}s prefill {tm.prefill_s} decode {tm.decode_s} peak {tm.peak_memory_bytes}")
+        print(
+            f"{name}: {time.perf_counter() - t:.3f}s prefill {tm.prefill_s} decode {tm.decode_s} peak {tm.peak_memory_bytes}"
+        )
     alone = [eng.generate([p], sp)[0][0].token_ids for p in prompts]
     eng.runner.use_graphs = False
     eng.release()
@@ -63,14 +65,18 @@ def main() -> None:
     eng.runner.drop_finished_rows = False
     static = [g.token_ids for g in eng.generate(prompts, sp, new_tokens=own)[0]]
     eng.runner.drop_finished_rows = True
-    print("varied lengths: lengths ok", [len(r) for r in dropped] == own,
-          "dropped vs static agreement", agree(dropped, static), first_diverge(dropped, static))
+    print(
+        "varied lengths: lengths ok",
+        [len(r) for r in dropped] == own,
+        "dropped vs static agreement",
+        agree(dropped, static),
+        first_diverge(dropped, static),
+    )
     eng.release()  # the checks below allocate their own small caches
     logits_check(eng, prompts)
     decode_check(eng, prompts)
     for n in filter(None, args.profile_rows.split(",")):
         profile_decode(eng, int(n))
-
 
 
 def logits_check(eng, prompts) -> None:
@@ -79,17 +85,25 @@ def logits_check(eng, prompts) -> None:
 
     r = eng.runner
     for p in prompts[:4]:
-        cache = KVCache(layers=len(r.layers), capacity=len(p) + 64, kv_heads=r.n_kv,
-                        head_dim=r.head_dim, dtype=r.dtype, device=r.device)
+        cache = KVCache(
+            layers=len(r.layers),
+            capacity=len(p) + 64,
+            kv_heads=r.n_kv,
+            head_dim=r.head_dim,
+            dtype=r.dtype,
+            device=r.device,
+        )
         with torch.inference_mode():
             ours = r.prefill_logits([p], [0], cache)[0]
             ref = eng.model(input_ids=torch.tensor([p], device=r.device)).logits[0, -1].float()
         cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
         top5 = ref.topk(5).indices.tolist()
         gap = (ref.max() - ref[ours.argmax()]).item()
-        print(f"len {len(p)}: cosine {cos:.5f}, max|diff| {(ours - ref).abs().max().item():.4f}, "
-              f"logit std {ref.std().item():.4f}, our top1 in HF top5 {ours.argmax().item() in top5}, "
-              f"HF logit gap of our pick {gap:.4f}")
+        print(
+            f"len {len(p)}: cosine {cos:.5f}, max|diff| {(ours - ref).abs().max().item():.4f}, "
+            f"logit std {ref.std().item():.4f}, our top1 in HF top5 {ours.argmax().item() in top5}, "
+            f"HF logit gap of our pick {gap:.4f}"
+        )
 
 
 def profile_decode(eng, rows: int, steps: int = 5) -> None:
@@ -105,7 +119,6 @@ def profile_decode(eng, rows: int, steps: int = 5) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
-
 def decode_check(eng, prompts, steps: int = 12) -> None:
     """Teacher-forced: our per-step decode logits (several rows of different lengths in one
     cache) against HF's forward over prompt + our tokens, position by position."""
@@ -113,14 +126,14 @@ def decode_check(eng, prompts, steps: int = 12) -> None:
 
     r = eng.runner
     prompts = prompts[:3]
-    n = len(prompts)
     # Ragged: each row at its own offset, with gaps of stale values between the rows.
     starts, at = [], 0
     for p in prompts:
         starts.append(at)
         at += len(p) + steps + 100
-    cache = KVCache(layers=len(r.layers), capacity=at, kv_heads=r.n_kv, head_dim=r.head_dim,
-                    dtype=r.dtype, device=r.device)
+    cache = KVCache(
+        layers=len(r.layers), capacity=at, kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device
+    )
     cache.k.normal_()
     cache.v.normal_()
     cu_k = torch.tensor(starts + [at], dtype=torch.int32, device=r.device)
@@ -134,10 +147,12 @@ def decode_check(eng, prompts, steps: int = 12) -> None:
         ours = torch.stack(logits, 1)  # [n, steps, V]
         for i, p in enumerate(prompts):
             cont = [int(t[i]) for t in toks[:-1]]
-            ref = eng.model(input_ids=torch.tensor([p + cont], device=r.device)).logits[0, len(p) - 1:].float()
+            ref = eng.model(input_ids=torch.tensor([p + cont], device=r.device)).logits[0, len(p) - 1 :].float()
             cos = torch.nn.functional.cosine_similarity(ours[i], ref, dim=-1)
-            print(f"decode row {i} (len {len(p)}): cosine per step min {cos.min().item():.5f} "
-                  f"mean {cos.mean().item():.5f}")
+            print(
+                f"decode row {i} (len {len(p)}): cosine per step min {cos.min().item():.5f} "
+                f"mean {cos.mean().item():.5f}"
+            )
 
 
 if __name__ == "__main__":

@@ -52,11 +52,19 @@ def main() -> None:
     same = sum(x == y for p, q in zip(g1, g2) for x, y in zip(p.token_ids, q.token_ids))
     total = sum(len(p.token_ids) for p in g1)
     first_same = sum(p.token_ids[0] == q.token_ids[0] for p, q in zip(g1, g2))
-    out = dict(model=spec, devices=tp.devices, prefill_logits_max_abs_diff=float((a1 - a2).abs().max()),
-               decode_logits_max_abs_diff=float((b1 - b2).abs().max()),
-               logits_scale=float(a1.abs().max()), first_token_match=f"{first_same}/{len(g1)}",
-               token_match_rate=same / total, graph=any(g.graph is not None for g in tp.runner.runner._graphs.values()), nccl=torch.cuda.nccl.version(),
-               decode_s=timings.decode_s, seconds=time.perf_counter() - t)
+    out = dict(
+        model=spec,
+        devices=tp.devices,
+        prefill_logits_max_abs_diff=float((a1 - a2).abs().max()),
+        decode_logits_max_abs_diff=float((b1 - b2).abs().max()),
+        logits_scale=float(a1.abs().max()),
+        first_token_match=f"{first_same}/{len(g1)}",
+        token_match_rate=same / total,
+        graph=any(g.graph is not None for g in tp.runner.runner._graphs.values()),
+        nccl=torch.cuda.nccl.version(),
+        decode_s=timings.decode_s,
+        seconds=time.perf_counter() - t,
+    )
     print(json.dumps(out), flush=True)
     tp.close()
     step("tp: closed")

@@ -21,7 +21,6 @@ from sqlalchemy import create_engine, select
 
 from tubesum.models import Batch, Video
 
-
 # A last chunk below this share of the largest is the job's remainder, not a steady-state chunk.
 FULL_CHUNK_SHARE = 0.9
 
@@ -35,16 +34,20 @@ def job_throughput(url: str, job_id: int | None = None) -> dict:
     with engine.connect() as conn:
         if job_id is None:
             job_id = conn.execute(select(Video.job_id).order_by(Video.job_id.desc()).limit(1)).scalar_one()
-        videos = conn.execute(
-            select(Video.status, Video.fetched_at, Video.done_at).where(Video.job_id == job_id)).all()
-        batches = conn.execute(select(Batch.batch_size, Batch.status, Batch.started_at, Batch.ended_at)
-                               .order_by(Batch.started_at)).all()
+        videos = conn.execute(select(Video.status, Video.fetched_at, Video.done_at).where(Video.job_id == job_id)).all()
+        batches = conn.execute(
+            select(Batch.batch_size, Batch.status, Batch.started_at, Batch.ended_at).order_by(Batch.started_at)
+        ).all()
     done = [v for v in videos if v.status == "done"]
     ok = [b for b in batches if b.status == "ok"]
-    out = {"job": job_id, "videos": len(videos), "done": len(done),
-           "failed": sum(1 for v in videos if v.status == "failed"),
-           "oom_batches": sum(1 for b in batches if b.status == "oom"),
-           "batch_sizes": [b.batch_size for b in ok]}
+    out = {
+        "job": job_id,
+        "videos": len(videos),
+        "done": len(done),
+        "failed": sum(1 for v in videos if v.status == "failed"),
+        "oom_batches": sum(1 for b in batches if b.status == "oom"),
+        "batch_sizes": [b.batch_size for b in ok],
+    }
     if done:
         first = min(v.fetched_at for v in videos if v.fetched_at)
         last = max(v.done_at for v in done)

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from tubesum.models import Batch, Summary, Video
-from tubesum.producer.submit import plan_videos, record_job
-from tubesum.producer.sources import load_transcripts_csv
 from tubesum.celery_app import SUMMARISE_TASK, create_app
 from tubesum.db import session_scope, upgrade
+from tubesum.models import Batch, Summary, Video
+from tubesum.producer.sources import load_transcripts_csv
+from tubesum.producer.submit import plan_videos, record_job
 from tubesum.settings import get_settings
 
 # How long the worker may take to load its model and log "ready", seconds.
@@ -58,9 +58,25 @@ def write_csv(path: Path, videos: int) -> None:
 
 
 def start_worker(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "tubesum.cli", "worker", "summarise", "--model", args.model,
-            "--chunk-size", str(args.chunk_size), "--max-new-tokens", str(args.max_new_tokens),
-            "--chunk-wait", str(args.chunk_wait), "--device-map", args.device_map, "--name", "bench@%h"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tubesum.cli",
+        "worker",
+        "summarise",
+        "--model",
+        args.model,
+        "--chunk-size",
+        str(args.chunk_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--chunk-wait",
+        str(args.chunk_wait),
+        "--device-map",
+        args.device_map,
+        "--name",
+        "bench@%h",
+    ]
     proc = subprocess.Popen(argv, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while " ready." not in log_path.read_text(errors="replace"):
@@ -79,8 +95,9 @@ def measure(args: argparse.Namespace) -> dict:
     try:
         rows = load_transcripts_csv(work / "t.csv")
         t0 = time.perf_counter()
-        job_id, _, to_summarise = record_job(plan_videos([], rows), sources=[], settings=settings,
-                                             transcripts_csv=work / "t.csv")
+        job_id, _, to_summarise = record_job(
+            plan_videos([], rows), sources=[], settings=settings, transcripts_csv=work / "t.csv"
+        )
         t1 = time.perf_counter()
         app = create_app(settings)
         with app.producer_or_acquire() as producer:
@@ -89,8 +106,11 @@ def measure(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         while True:
             with session_scope(settings.database_url) as s:
-                done = s.scalar(select(func.count()).select_from(Video).where(
-                    Video.job_id == job_id, Video.status.in_(("done", "failed"))))
+                done = s.scalar(
+                    select(func.count())
+                    .select_from(Video)
+                    .where(Video.job_id == job_id, Video.status.in_(("done", "failed")))
+                )
             if done == args.videos:
                 break
             time.sleep(POLL_S)
@@ -101,8 +121,9 @@ def measure(args: argparse.Namespace) -> dict:
         last_done = s.scalar(select(func.max(Video.done_at)).where(Video.job_id == job_id))
         first_queued = s.scalar(select(func.min(Video.queued_at)).where(Video.job_id == job_id))
         batch_ids = select(Summary.batch_id).join(Video).where(Video.job_id == job_id)
-        batches = s.execute(select(func.count(), func.sum(Batch.wall_s), func.sum(Batch.batch_size))
-                            .where(Batch.id.in_(batch_ids))).one()
+        batches = s.execute(
+            select(func.count(), func.sum(Batch.wall_s), func.sum(Batch.batch_size)).where(Batch.id.in_(batch_ids))
+        ).one()
         summaries = s.scalar(select(func.count()).select_from(Summary).join(Video).where(Video.job_id == job_id))
     # From the moment the messages start going out (the rows are committed) to the last commit.
     enqueue_started = first_queued + dt.timedelta(seconds=t1 - t0)
@@ -110,11 +131,16 @@ def measure(args: argparse.Namespace) -> dict:
     gpu_s = float(batches[1])
     n = args.videos
     return {
-        "videos": n, "summaries": summaries, "batches": batches[0], "chunk_size": args.chunk_size,
-        "model": args.model, "max_new_tokens": args.max_new_tokens,
+        "videos": n,
+        "summaries": summaries,
+        "batches": batches[0],
+        "chunk_size": args.chunk_size,
+        "model": args.model,
+        "max_new_tokens": args.max_new_tokens,
         "submit_record_ms_per_video": 1000 * (t1 - t0) / n,
         "submit_enqueue_ms_per_video": 1000 * (t2 - t1) / n,
-        "job_wall_s": wall_s, "generate_wall_s": gpu_s,
+        "job_wall_s": wall_s,
+        "generate_wall_s": gpu_s,
         "pipeline_overhead_ms_per_video": 1000 * (wall_s - gpu_s) / n,
         "machine": f"{platform.processor() or platform.machine()}, {_cpus()} CPUs, {platform.system()} {platform.release()}",
         "versions": {p: version(p) for p in ("celery", "kombu", "redis", "sqlalchemy", "psycopg", "torch")},

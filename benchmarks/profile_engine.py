@@ -32,8 +32,9 @@ def main() -> None:
     for budget in map(int, args.budgets.split(",")):
         runner_mod.PREFILL_TOKEN_BUDGET = budget
         eng.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True))
-        times = [eng.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True))[1].prefill_s
-                 for _ in range(2)]
+        times = [
+            eng.generate(prompts, SamplingParams(max_new_tokens=1, ignore_eos=True))[1].prefill_s for _ in range(2)
+        ]
         tokens = sum(map(len, prompts))
         print(f"prefill budget {budget}: {min(times):.3f}s for {tokens} tokens = {tokens / min(times):,.0f} tok/s")
     runner_mod.PREFILL_TOKEN_BUDGET = 16384
@@ -42,7 +43,7 @@ def main() -> None:
     eng.generate(prompts, SamplingParams(max_new_tokens=64, ignore_eos=True))
     dec = next(reversed(eng.runner._graphs.values()))  # the graph that chunk used last
     dec.step.fill_(1)
-    dec.pos[:len(prompts)].copy_(torch.tensor([len(p) for p in prompts], device=dec.pos.device))
+    dec.pos[: len(prompts)].copy_(torch.tensor([len(p) for p in prompts], device=dec.pos.device))
     for _ in range(3):
         dec.run()
     torch.cuda.synchronize()

@@ -78,9 +78,7 @@ class Transcript(Base):
     __tablename__ = "transcripts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    video_pk: Mapped[int] = mapped_column(
-        ForeignKey("videos.id", ondelete="CASCADE"), unique=True
-    )
+    video_pk: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"), unique=True)
     text: Mapped[str] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(100))  # e.g. "English (auto-generated)"
     language_code: Mapped[str | None] = mapped_column(String(16))
@@ -129,9 +127,7 @@ class Summary(Base):
     __tablename__ = "summaries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    video_pk: Mapped[int] = mapped_column(
-        ForeignKey("videos.id", ondelete="CASCADE"), unique=True
-    )
+    video_pk: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"), unique=True)
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
     text: Mapped[str] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(300))

@@ -22,9 +22,9 @@ from rich.progress import (
 from rich.text import Text
 from sqlalchemy import func, select
 
+from tubesum.db import session_scope
 from tubesum.display import clean
 from tubesum.models import Video, VideoStatus
-from tubesum.db import session_scope
 
 # How often the database is polled for the job's counts, seconds.
 DEFAULT_POLL_S = 1.0
@@ -98,9 +98,15 @@ def latest_problem(job_id: int, *, database_url: str | None = None) -> str | Non
     being retried), so the progress line names the cause at the first failure."""
     with session_scope(database_url) as session:
         return session.scalar(
-            select(Video.error).where(Video.job_id == job_id, Video.error.is_not(None),
-                                      Video.status.in_((VideoStatus.queued.value, VideoStatus.fetching.value)))
-            .order_by(Video.updated_at.desc()).limit(1))  # fmt: skip
+            select(Video.error)
+            .where(
+                Video.job_id == job_id,
+                Video.error.is_not(None),
+                Video.status.in_((VideoStatus.queued.value, VideoStatus.fetching.value)),
+            )
+            .order_by(Video.updated_at.desc())
+            .limit(1)
+        )
 
 
 def missing_worker_hint(celery_app, *, timeout_s: float = INSPECT_TIMEOUT_S) -> Callable[[JobCounts], str | None]:  # type: ignore[no-untyped-def]
@@ -108,8 +114,9 @@ def missing_worker_hint(celery_app, *, timeout_s: float = INSPECT_TIMEOUT_S) -> 
     consumes (asked with Celery's remote control), and the command that starts one."""
 
     def hint(counts: JobCounts) -> str | None:
-        needed = [queue for queue, waiting in (("transcripts", counts.queued), ("summarise", counts.fetched))
-                  if waiting]
+        needed = [
+            queue for queue, waiting in (("transcripts", counts.queued), ("summarise", counts.fetched)) if waiting
+        ]
         if not needed:
             return None
         replies = celery_app.control.inspect(timeout=timeout_s).active_queues() or {}
@@ -117,10 +124,13 @@ def missing_worker_hint(celery_app, *, timeout_s: float = INSPECT_TIMEOUT_S) -> 
         missing = [queue for queue in needed if queue not in consumed]
         if not missing:
             return None
-        return "; ".join(f"no live worker consumes the {queue} queue: start one with `{WORKER_COMMANDS[queue]}`"
-                         for queue in missing)
+        return "; ".join(
+            f"no live worker consumes the {queue} queue: start one with `{WORKER_COMMANDS[queue]}`" for queue in missing
+        )
 
     return hint
+
+
 # Units of a submit's phases: (divisor, unit) for the amount and rate shown.
 PHASE_UNITS = {"reading": (1e6, "MB"), "sending": (1.0, "messages")}
 
@@ -130,8 +140,14 @@ def submit_progress(console: Console | None = None) -> Iterator[Callable[[str, i
     """Bars for a submit's two phases on stderr: reading the CSV (MB, MB/s, time left) and sending
     the messages (count, messages/s, time left). Drawn only on a terminal."""
     console = console or Console(stderr=True)
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.fields[amount]}"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<8}"),
+        BarColumn(),
+        TextColumn("{task.fields[amount]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         tasks: dict[str, tuple[TaskID, float]] = {}
 
@@ -173,8 +189,16 @@ def wait_for_job(
     the wait (a dead worker); ``phase`` names what happens before videos move ("loading model");
     ``hint`` is asked every HINT_EVERY_S and a new answer is printed once, as a line of its own."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    columns = (TextColumn("{task.description}"), BarColumn(bar_width=BAR_WIDTH), MofNCompleteColumn(), RateColumn(),
-               TextColumn("ETA"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=BAR_WIDTH),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+    )
     shown_hint, hint_due = None, time.monotonic() + HINT_EVERY_S
     with JobProgress(*columns, console=console, disable=not show, transient=False) as bar:
         task = bar.add_task(f"job {job_id}", total=None, detail="")
@@ -182,14 +206,21 @@ def wait_for_job(
             if check is not None:
                 check()
             counts = job_counts(job_id, database_url=database_url)
-            detail = (f"queued {counts.queued} · fetched {counts.fetched} · "
-                      f"summarised {counts.summarised} · failed {counts.failed}")
+            detail = (
+                f"queued {counts.queued} · fetched {counts.fetched} · "
+                f"summarised {counts.summarised} · failed {counts.failed}"
+            )
             problem = latest_problem(job_id, database_url=database_url) if counts.queued else None
             if problem:
                 detail += f" · {clean(problem)[:PROBLEM_CHARS]}"
             now_doing = phase() if phase is not None else None
-            bar.update(task, total=counts.total or None, completed=counts.summarised + counts.failed,
-                       detail=detail, description=f"job {job_id}" + (f" · {now_doing}" if now_doing else ""))
+            bar.update(
+                task,
+                total=counts.total or None,
+                completed=counts.summarised + counts.failed,
+                detail=detail,
+                description=f"job {job_id}" + (f" · {now_doing}" if now_doing else ""),
+            )
             if counts.finished or (deadline is not None and time.monotonic() >= deadline):
                 return counts
             if hint is not None and time.monotonic() >= hint_due:

@@ -33,8 +33,10 @@ class RetryReport:
     def summary(self) -> str:
         if not self.count:
             return f"job {self.job_id}: no failed videos to retry"
-        return (f"job {self.job_id}: re-queued {self.count} failed videos ({len(self.to_fetch)} to fetch, "
-                f"{len(self.to_summarise)} to summarise)")
+        return (
+            f"job {self.job_id}: re-queued {self.count} failed videos ({len(self.to_fetch)} to fetch, "
+            f"{len(self.to_summarise)} to summarise)"
+        )
 
 
 def reset_failed(video: Video, *, has_transcript: bool) -> None:
@@ -45,16 +47,21 @@ def reset_failed(video: Video, *, has_transcript: bool) -> None:
     clear_lease(video)
 
 
-def retry_failed(job_id: int, *, settings: Settings, celery_app: Celery,
-                 failed_reason: str | None = None) -> RetryReport:
+def retry_failed(
+    job_id: int, *, settings: Settings, celery_app: Celery, failed_reason: str | None = None
+) -> RetryReport:
     """Re-queue the failed videos of ``job_id`` (only those whose reason contains ``failed_reason``,
     case-insensitive, when given): commit, then send their messages. Raises UnknownJob."""
     report = RetryReport(job_id)
     with session_scope(settings.database_url) as session:
         get_job(session, job_id)
         has_transcript = exists().where(Transcript.video_pk == Video.id)
-        query = (select(Video, has_transcript).where(Video.job_id == job_id, Video.status == VideoStatus.failed.value)
-                 .order_by(Video.position, Video.id).with_for_update(of=Video))
+        query = (
+            select(Video, has_transcript)
+            .where(Video.job_id == job_id, Video.status == VideoStatus.failed.value)
+            .order_by(Video.position, Video.id)
+            .with_for_update(of=Video)
+        )
         if failed_reason:
             query = query.where(Video.error.icontains(failed_reason, autoescape=True))
         for video, transcript in session.execute(query).all():

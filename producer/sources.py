@@ -141,8 +141,7 @@ def read_sources_file(path: str | Path) -> list[str]:
 
 YdlFactory = Callable[[dict[str, Any]], Any]  # options → a yt_dlp.YoutubeDL (tests inject a replaying one)
 
-YDL_OPTIONS: dict[str, Any] = {"extract_flat": "in_playlist", "skip_download": True, "quiet": True,
-                               "no_warnings": True}
+YDL_OPTIONS: dict[str, Any] = {"extract_flat": "in_playlist", "skip_download": True, "quiet": True, "no_warnings": True}
 
 
 class _YdlLogger:
@@ -204,8 +203,13 @@ GUESS_WINDOW_BYTES = 64 * 1024
 # all at even (or all at odd) offsets, is UTF-16 (big- or little-endian); UTF-8 text has almost none.
 UTF16_NUL_SHARE = 0.3
 # Byte-order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one).
-BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 @dataclass(frozen=True)
@@ -280,8 +284,11 @@ def undecodable(path: Path, *, encoding: str, offset: int) -> BadInput:
     line = before.count(b"\n") + 1
     start = max(0, len(before) - GUESS_WINDOW_BYTES // 2)
     guesses = guess_encodings(before[start:] + window)
-    looks = (f"it looks like {' or '.join(guesses)}: save it as UTF-8, or pass --encoding {guesses[0]}" if guesses
-             else "save it as UTF-8, or pass --encoding with its encoding (e.g. latin-1, cp1252)")
+    looks = (
+        f"it looks like {' or '.join(guesses)}: save it as UTF-8, or pass --encoding {guesses[0]}"
+        if guesses
+        else "save it as UTF-8, or pass --encoding with its encoding (e.g. latin-1, cp1252)"
+    )
     what = "UTF-8" if encoding in ("utf-8", "utf-8-sig") else f"valid {encoding}"
     return BadInput(f"transcripts CSV {str(path)!r} is not {what} (byte 0x{window[:1].hex()} on line {line}); {looks}")
 
@@ -310,7 +317,9 @@ def guess_encodings(sample: bytes) -> list[str]:
     return list(dict.fromkeys(tied + rest))[:GUESSES_SHOWN]
 
 
-def iter_transcripts_csv(csv_file: CsvFile, *, on_bytes: Callable[[int], None] | None = None) -> Iterator[CsvTranscript]:
+def iter_transcripts_csv(
+    csv_file: CsvFile, *, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[CsvTranscript]:
     """Rows of ``video_id,transcript[,title]``, streamed (memory stays flat whatever the file's
     size). A blank transcript (only whitespace, control or zero-width characters) is kept as ""
     and its video recorded as failed. ``on_bytes`` is told the file position as rows are read."""
@@ -321,19 +330,27 @@ def iter_transcripts_csv(csv_file: CsvFile, *, on_bytes: Callable[[int], None] |
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in CSV_REQUIRED_COLUMNS if c not in columns]
         if missing:
-            raise BadInput(f"transcripts CSV {name!r} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
+            raise BadInput(
+                f"transcripts CSV {name!r} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})"
+            )
         count = 0
         for row in reader:
             if None in row:  # more fields than the header: an unquoted comma, most likely
-                raise BadInput(f"transcripts CSV {name!r} line {reader.line_num} has {len(columns) + len(row[None])} "
-                               f"fields, the header {len(columns)}: quote a field that contains a comma")
+                raise BadInput(
+                    f"transcripts CSV {name!r} line {reader.line_num} has {len(columns) + len(row[None])} "
+                    f"fields, the header {len(columns)}: quote a field that contains a comma"
+                )
             # NUL: PostgreSQL text cannot hold it (the whole job's insert would fail); never meaningful.
             row = {(k or "").strip(): (v or "").replace("\x00", "") for k, v in row.items()}
             video_id = row["video_id"].strip()
             if not video_id or len(video_id) > CSV_MAX_ID_LEN:
-                raise BadInput(f"transcripts CSV {name!r} line {reader.line_num}: video_id must be 1..{CSV_MAX_ID_LEN} characters, got {video_id!r}")
+                raise BadInput(
+                    f"transcripts CSV {name!r} line {reader.line_num}: video_id must be 1..{CSV_MAX_ID_LEN} characters, got {video_id!r}"
+                )
             transcript = row["transcript"].strip()
-            yield CsvTranscript(video_id, "" if is_blank(transcript) else transcript, row.get("title", "").strip() or None)
+            yield CsvTranscript(
+                video_id, "" if is_blank(transcript) else transcript, row.get("title", "").strip() or None
+            )
             count += 1
             if on_bytes is not None and count % PROGRESS_EVERY_ROWS == 0:
                 on_bytes(raw.tell())

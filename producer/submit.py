@@ -97,16 +97,22 @@ class SendState:
         return not self.complete and (self.stopped or now - self.at > timedelta(seconds=SEND_STALE_S))
 
     def as_json(self) -> dict:
-        return {"total": self.total, "sent": self.sent, "through": self.through, "at": self.at.isoformat(),
-                "stopped": self.stopped}
+        return {
+            "total": self.total,
+            "sent": self.sent,
+            "through": self.through,
+            "at": self.at.isoformat(),
+            "stopped": self.stopped,
+        }
 
     @classmethod
     def of(cls, job: Job) -> SendState | None:
         raw = (job.options or {}).get("send")
         if not raw:
             return None  # still reading, or a job from before send records (sent in one go)
-        return cls(raw["total"], raw["sent"], raw["through"], datetime.fromisoformat(raw["at"]),
-                   raw.get("stopped", False))
+        return cls(
+            raw["total"], raw["sent"], raw["through"], datetime.fromisoformat(raw["at"]), raw.get("stopped", False)
+        )
 
 
 def submit(
@@ -134,8 +140,11 @@ def submit(
     if csv_file is not None and not all_sources:
         unfinished = interrupted_job(csv_file, settings=settings)
         if unfinished is not None:
-            log.warning("job %d was submitted from the same CSV and its submit stopped before sending every "
-                        "message: finishing that job's sends instead of making a new job", unfinished)
+            log.warning(
+                "job %d was submitted from the same CSV and its submit stopped before sending every "
+                "message: finishing that job's sends instead of making a new job",
+                unfinished,
+            )
             if on_job is not None:
                 on_job(unfinished)
             send_job(unfinished, settings=settings, celery_app=app, progress=progress)
@@ -153,8 +162,13 @@ def submit(
     return job_id
 
 
-def check_input(sources: Sequence[str], *, from_file: str | Path | None = None,
-                transcripts_csv: str | Path | None = None, encoding: str | None = None) -> None:
+def check_input(
+    sources: Sequence[str],
+    *,
+    from_file: str | Path | None = None,
+    transcripts_csv: str | Path | None = None,
+    encoding: str | None = None,
+) -> None:
     """What can be checked of the input without the network, in seconds: every source parses, the
     sources file reads, the CSV decodes and has its columns. `tubesum run` calls this before it
     checks the model or starts anything, so bad input is named first. Raises BadInput."""
@@ -176,8 +190,9 @@ def warn_duplicates(video_ids: Iterable[str], *, what: str) -> None:
 def _warn_repeated(repeated: Sequence[str], *, what: str) -> None:
     if repeated:
         shown = ", ".join(repeated[:DUPLICATES_SHOWN]) + (" ..." if len(repeated) > DUPLICATES_SHOWN else "")
-        log.warning("%s: %d video id(s) given more than once, kept once at the first place: %s",
-                    what, len(repeated), shown)
+        log.warning(
+            "%s: %d video id(s) given more than once, kept once at the first place: %s", what, len(repeated), shown
+        )
 
 
 # --- the same CSV again ---------------------------------------------------------------------------
@@ -215,11 +230,21 @@ def warn_same_csv(csv_file: CsvFile, *, settings: Settings, reuse: bool) -> None
         state = f"sending: {send.sent} of {send.total} messages sent"
     else:
         state = f"{unfinished} of {sum(counts.values())} videos unfinished" if unfinished else "finished"
-    advice = ("--reuse: summaries that already exist for the same video, model and prompt are taken over"
-              if reuse else "this job summarises every video again; --reuse takes over the summaries that "
-                            f"exist for the same video, model and prompt, or see `tubesum export {job.id}`")
-    log.warning("the same CSV %r (sha256 %s…) was already submitted as job %d (%s, created %s); %s",
-                csv_file.name, csv_file.sha256[:12], job.id, state, f"{job.created_at:%Y-%m-%d %H:%M:%S}", advice)
+    advice = (
+        "--reuse: summaries that already exist for the same video, model and prompt are taken over"
+        if reuse
+        else "this job summarises every video again; --reuse takes over the summaries that "
+        f"exist for the same video, model and prompt, or see `tubesum export {job.id}`"
+    )
+    log.warning(
+        "the same CSV %r (sha256 %s…) was already submitted as job %d (%s, created %s); %s",
+        csv_file.name,
+        csv_file.sha256[:12],
+        job.id,
+        state,
+        f"{job.created_at:%Y-%m-%d %H:%M:%S}",
+        advice,
+    )
 
 
 # --- reading: record the job and its videos -------------------------------------------------------
@@ -238,9 +263,18 @@ class _Recorder:
 
     def add(self, video_id: str, title: str | None, transcript: str | None) -> None:
         # Every row has the same keys: one executemany statement per batch.
-        row = {"job_id": self.job_id, "video_id": video_id, "title": title, "position": self.position,
-               "queued_at": self.now, "status": VideoStatus.queued.value, "error": None, "failed_at": None,
-               "fetched_at": None, "done_at": None}
+        row = {
+            "job_id": self.job_id,
+            "video_id": video_id,
+            "title": title,
+            "position": self.position,
+            "queued_at": self.now,
+            "status": VideoStatus.queued.value,
+            "error": None,
+            "failed_at": None,
+            "fetched_at": None,
+            "done_at": None,
+        }
         if transcript == "":
             row.update(status=VideoStatus.failed.value, error=EMPTY_CSV_TRANSCRIPT, failed_at=self.now)
         elif transcript is not None:
@@ -259,16 +293,21 @@ class _Recorder:
             if row["video_id"] in reused:
                 row.update(status=VideoStatus.done.value, done_at=self.now, fetched_at=self.now)
         ids = insert_videos(self.session, [row for row, _ in rows])
-        transcripts = [{"video_pk": ids[row["video_id"]], "text": text, "source": "csv", "created_at": self.now}
-                       for row, text in rows if text is not None]
+        transcripts = [
+            {"video_pk": ids[row["video_id"]], "text": text, "source": "csv", "created_at": self.now}
+            for row, text in rows
+            if text is not None
+        ]
         copied = [{"video_pk": ids[vid], **old.transcript} for vid, old in reused.items() if old.transcript is not None]
         if transcripts:
             insert_rows(self.session, Transcript.__table__, transcripts)
         if copied:
             self.session.execute(insert(Transcript), copied)
         if reused:
-            self.session.execute(insert(Summary), [{**old.summary, "video_pk": ids[vid], "created_at": self.now}
-                                                   for vid, old in reused.items()])
+            self.session.execute(
+                insert(Summary),
+                [{**old.summary, "video_pk": ids[vid], "created_at": self.now} for vid, old in reused.items()],
+            )
 
 
 def insert_videos(session: Session, rows: list[dict]) -> dict[str, int]:
@@ -279,8 +318,11 @@ def insert_videos(session: Session, rows: list[dict]) -> dict[str, int]:
     sequence = func.pg_get_serial_sequence(Video.__table__.name, Video.id.key)
     ids = session.scalars(select(func.nextval(sequence)).select_from(func.generate_series(1, len(rows)))).all()
     defaults = {"attempts": 0, "summarise_attempts": 0, "reconciles": 0}
-    insert_rows(session, Video.__table__, [{**defaults, **row, "id": pk, "updated_at": row["queued_at"]}
-                                           for row, pk in zip(rows, ids, strict=True)])
+    insert_rows(
+        session,
+        Video.__table__,
+        [{**defaults, **row, "id": pk, "updated_at": row["queued_at"]} for row, pk in zip(rows, ids, strict=True)],
+    )
     return {row["video_id"]: pk for row, pk in zip(rows, ids, strict=True)}
 
 
@@ -294,7 +336,8 @@ def insert_rows(session: Session, table: Table, rows: list[dict]) -> None:
 
     columns = list(rows[0])
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns)))
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
     driver = session.connection().connection.driver_connection  # same connection, same transaction
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
@@ -318,21 +361,35 @@ def record_job(
     on any error the job row is deleted again. Returns the job id. Sources come first, in order; a CSV row gives its transcript to the source video of the same
     id, or becomes a video of its own after them. Repeated ids are kept once, at the first place."""
     now = utcnow()
-    options = {"transcript_languages": settings.transcript_languages, "prompt": settings.prompt,
-               "max_new_tokens": settings.max_new_tokens}
+    options = {
+        "transcript_languages": settings.transcript_languages,
+        "prompt": settings.prompt,
+        "max_new_tokens": settings.max_new_tokens,
+    }
     if csv_file is not None:
         options.update(csv_sha256=csv_file.sha256, csv_encoding=csv_file.encoding)
     # The job row is committed first, so that a second submit of the same CSV sees this one at once.
     with session_scope(settings.database_url) as session:
-        job = Job(sources=list(sources) + ([f"csv:{csv_file.name}"] if csv_file else []), model=settings.model,
-                  options=options)
+        job = Job(
+            sources=list(sources) + ([f"csv:{csv_file.name}"] if csv_file else []),
+            model=settings.model,
+            options=options,
+        )
         session.add(job)
         session.flush()
         job_id = job.id
     try:
         with session_scope(settings.database_url) as session:
-            _record_videos(session, session.get(Job, job_id), videos, csv_file, settings=settings, reuse=reuse,
-                           now=now, progress=progress)
+            _record_videos(
+                session,
+                session.get(Job, job_id),
+                videos,
+                csv_file,
+                settings=settings,
+                reuse=reuse,
+                now=now,
+                progress=progress,
+            )
     except BaseException:  # bad input half-way, Ctrl-C: the videos were rolled back; the job goes too
         with session_scope(settings.database_url) as session:
             session.execute(delete(Job).where(Job.id == job_id))
@@ -340,11 +397,24 @@ def record_job(
     return job_id
 
 
-def _record_videos(session: Session, job: Job, videos: Sequence[VideoRef], csv_file: CsvFile | None, *,
-                   settings: Settings, reuse: bool, now: datetime, progress: Progress) -> None:
+def _record_videos(
+    session: Session,
+    job: Job,
+    videos: Sequence[VideoRef],
+    csv_file: CsvFile | None,
+    *,
+    settings: Settings,
+    reuse: bool,
+    now: datetime,
+    progress: Progress,
+) -> None:
     recorder = _Recorder(session, job.id, now, _Reuse.for_job(session, job, settings) if reuse else None)
-    csv_rows = _by_id(iter_transcripts_csv(csv_file, on_bytes=lambda n: progress("reading", n, csv_file.size))
-                      if csv_file else iter(()), what=f"transcripts CSV {csv_file.name!r}" if csv_file else "")
+    csv_rows = _by_id(
+        iter_transcripts_csv(csv_file, on_bytes=lambda n: progress("reading", n, csv_file.size))
+        if csv_file
+        else iter(()),
+        what=f"transcripts CSV {csv_file.name!r}" if csv_file else "",
+    )
     source_ids = list(dict.fromkeys(v.video_id for v in videos))
     titles = {v.video_id: v.title for v in reversed(videos)}  # the first title given wins
     from_csv: dict[str, CsvTranscript] = {}
@@ -360,12 +430,16 @@ def _record_videos(session: Session, job: Job, videos: Sequence[VideoRef], csv_f
             recorder.add(row.video_id, row.title, row.transcript)
     recorder.flush()
     # The send record exists from the commit on: an interrupted submit is recognisable at once.
-    total = session.scalar(select(func.count()).select_from(Video).where(
-        Video.job_id == job.id, Video.status.in_(list(UNSENT_TASK))))
+    total = session.scalar(
+        select(func.count()).select_from(Video).where(Video.job_id == job.id, Video.status.in_(list(UNSENT_TASK)))
+    )
     _record_send(session, job, SendState(total, 0, -1, now))
     if recorder.reuse_from and recorder.reuse_from.taken:
-        log.warning("job %d: %d video(s) took over an existing summary of the same video, model and prompt "
-                    "(--reuse)", job.id, recorder.reuse_from.taken)
+        log.warning(
+            "job %d: %d video(s) took over an existing summary of the same video, model and prompt (--reuse)",
+            job.id,
+            recorder.reuse_from.taken,
+        )
 
 
 def _by_id(rows: Iterable[CsvTranscript], *, what: str) -> Iterable[CsvTranscript]:
@@ -411,15 +485,19 @@ class _Reuse:
         if not wanted or not self.job_ids:
             return {}
         summary_columns = [c for c in Summary.__table__.columns if c.name not in ("id", "video_pk", "created_at")]
-        transcript_columns = [c for c in Transcript.__table__.columns
-                              if c.name not in ("id", "video_pk", "created_at")]
+        transcript_columns = [c for c in Transcript.__table__.columns if c.name not in ("id", "video_pk", "created_at")]
         found_rows = session.execute(
             select(Video.video_id, Transcript.text, *summary_columns, *transcript_columns)
-            .join(Summary, Summary.video_pk == Video.id).join(Transcript, Transcript.video_pk == Video.id)
-            .where(Video.video_id.in_(list(wanted)), Video.job_id.in_(self.job_ids),
-                   Video.status == VideoStatus.done.value, Summary.model == self.model)
+            .join(Summary, Summary.video_pk == Video.id)
+            .join(Transcript, Transcript.video_pk == Video.id)
+            .where(
+                Video.video_id.in_(list(wanted)),
+                Video.job_id.in_(self.job_ids),
+                Video.status == VideoStatus.done.value,
+                Summary.model == self.model,
+            )
             .order_by(Video.id.desc())
-        ).all()  # fmt: skip
+        ).all()
         found: dict[str, _Found] = {}
         n_summary = len(summary_columns)
         for vid, text, *values in found_rows:
@@ -445,7 +523,8 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
         through = state.through if state else -1
         done_before = state.sent if state else 0
         waiting = select(Video.id, Video.video_id, Video.status, Video.position).where(
-            Video.job_id == job_id, Video.status.in_(list(UNSENT_TASK)), Video.position > through)
+            Video.job_id == job_id, Video.status.in_(list(UNSENT_TASK)), Video.position > through
+        )
         remaining = session.scalar(select(func.count()).select_from(waiting.subquery()))
         total = done_before + remaining
         _record_send(session, job, SendState(total, done_before, through, utcnow()))
@@ -458,16 +537,22 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
     try:
         while True:
             with session_scope(settings.database_url) as session:
-                batch = session.execute(waiting.where(Video.position > through).order_by(Video.position)
-                                        .limit(SEND_BATCH)).all()
+                batch = session.execute(
+                    waiting.where(Video.position > through).order_by(Video.position).limit(SEND_BATCH)
+                ).all()
             if not batch:
                 return sent
             # Up to two Redis commands a message (the message, its task-sent event): one flush per batch.
             with celery_app.producer_or_acquire() as producer, producer.batch(max_size=2 * SEND_BATCH):
                 for pk, video_id, status, _ in batch:
                     task = UNSENT_TASK[status]
-                    celery_app.send_task(task, args=[pk], argsrepr=video_label(job_id, video_id), producer=producer,
-                                         declare=[] if task in declared else None)
+                    celery_app.send_task(
+                        task,
+                        args=[pk],
+                        argsrepr=video_label(job_id, video_id),
+                        producer=producer,
+                        declare=[] if task in declared else None,
+                    )
                     declared.add(task)
             sent += len(batch)
             through = batch[-1].position
@@ -476,8 +561,9 @@ def send_job(job_id: int, *, settings: Settings, celery_app: Celery, progress: P
             progress("sending", done_before + sent, total)
     except BaseException:  # Ctrl-C, broker gone: say so, so the rest is sent without waiting SEND_STALE_S
         with session_scope(settings.database_url) as session:
-            _record_send(session, session.get(Job, job_id),
-                         SendState(total, done_before + sent, through, utcnow(), stopped=True))
+            _record_send(
+                session, session.get(Job, job_id), SendState(total, done_before + sent, through, utcnow(), stopped=True)
+            )
         raise
 
 
@@ -495,15 +581,22 @@ def bulk_sender(app: Celery, *, settings: Settings, messages: int) -> Celery:
     if messages <= SENT_EVENTS_MAX_MESSAGES or not app.conf.task_send_sent_event:
         return app
     quiet = Celery(app.main, set_as_current=False)
-    quiet.conf.update({**celery_config(settings), "broker_url": app.conf.broker_url,
-                       "broker_transport_options": app.conf.broker_transport_options,
-                       "task_send_sent_event": False})
+    quiet.conf.update(
+        {
+            **celery_config(settings),
+            "broker_url": app.conf.broker_url,
+            "broker_transport_options": app.conf.broker_transport_options,
+            "task_send_sent_event": False,
+        }
+    )
     return quiet
 
 
 def _record_send(session: Session, job: Job, state: SendState) -> None:
     # A new dict: the JSON column is not tracked for in-place changes.
-    session.execute(update(Job).where(Job.id == job.id).values(options={**(job.options or {}), "send": state.as_json()}))
+    session.execute(
+        update(Job).where(Job.id == job.id).values(options={**(job.options or {}), "send": state.as_json()})
+    )
 
 
 def resume_stale_sends(*, settings: Settings, celery_app: Celery) -> list[int]:

@@ -63,9 +63,22 @@ def screenshot(url: str, out: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("no chromium: apt-get install chromium")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={WINDOW}", f"--virtual-time-budget={PAGE_BUDGET_MS}",
-                    f"--screenshot={out}", url], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={WINDOW}",
+            f"--virtual-time-budget={PAGE_BUDGET_MS}",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def main() -> None:
@@ -77,24 +90,54 @@ def main() -> None:
     (work / "replay.json").write_text(json.dumps({"videos": {DISABLED: "transcripts_disabled"}, "default": "ok"}))
     user, password = "admin", secrets.token_hex(8)
     port = free_port()
-    env = {**os.environ, "TUBESUM_DATABASE_URL": db_url, "TUBESUM_BROKER_URL": f"{REDIS_SERVER_URL}/{redis_db}",
-           "PYTHONPATH": str(ROOT), REPLAY_ENV: str(work / "replay.json"), "FLOWER_BASIC_AUTH": f"{user}:{password}",
-           "TUBESUM_MAX_NEW_TOKENS": "24", "TUBESUM_CHUNK_WAIT_S": "1"}
+    env = {
+        **os.environ,
+        "TUBESUM_DATABASE_URL": db_url,
+        "TUBESUM_BROKER_URL": f"{REDIS_SERVER_URL}/{redis_db}",
+        "PYTHONPATH": str(ROOT),
+        REPLAY_ENV: str(work / "replay.json"),
+        "FLOWER_BASIC_AUTH": f"{user}:{password}",
+        "TUBESUM_MAX_NEW_TOKENS": "24",
+        "TUBESUM_CHUNK_WAIT_S": "1",
+    }
     tubesum = [sys.executable, "-m", "tubesum.cli"]
     procs: list[subprocess.Popen] = []
 
     def start(argv: list[str], name: str) -> None:
         log = (work / f"{name}.log").open("wb")
-        procs.append(subprocess.Popen(argv, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(argv, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
     try:
         subprocess.run([*tubesum, "db", "upgrade"], env=env, check=True, capture_output=True)
         start([*tubesum, "flower", "--port", str(port)], "flower")
-        start([sys.executable, "-m", "celery", "-A", "tests.youtube_replay:worker_app", "worker", "-Q", "transcripts",
-               "-P", "threads", "-c", "2", "-n", "fetch@%h", "-E", "--without-mingle", "--without-gossip"], "fetch")
-        start([*tubesum, "worker", "summarise", "--model", "dummy:tiny", "--device-map", "cpu", "--chunk-size", "4"],
-              "gpu")
+        start(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.youtube_replay:worker_app",
+                "worker",
+                "-Q",
+                "transcripts",
+                "-P",
+                "threads",
+                "-c",
+                "2",
+                "-n",
+                "fetch@%h",
+                "-E",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            "fetch",
+        )
+        start(
+            [*tubesum, "worker", "summarise", "--model", "dummy:tiny", "--device-map", "cpu", "--chunk-size", "4"],
+            "gpu",
+        )
         base = f"http://127.0.0.1:{port}"
 
         def online() -> bool:
@@ -103,7 +146,8 @@ def main() -> None:
             except requests.ConnectionError:
                 return False
             return metrics.count("flower_worker_online{") >= 2 and " 0.0" not in "".join(
-                line for line in metrics.splitlines() if line.startswith("flower_worker_online{"))
+                line for line in metrics.splitlines() if line.startswith("flower_worker_online{")
+            )
 
         wait(online, READY_TIMEOUT_S, "Flower to see both workers")
         for ids in JOBS:
@@ -112,8 +156,9 @@ def main() -> None:
 
         def finished() -> bool:
             with engine.connect() as c:
-                open_videos = c.execute(select(func.count()).select_from(Video)
-                                        .where(Video.status.not_in(["done", "failed"]))).scalar_one()
+                open_videos = c.execute(
+                    select(func.count()).select_from(Video).where(Video.status.not_in(["done", "failed"]))
+                ).scalar_one()
             return open_videos == 0
 
         wait(finished, JOB_TIMEOUT_S, "the jobs to finish")

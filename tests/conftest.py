@@ -42,6 +42,9 @@ The vocabulary, in the order a test usually needs it:
     A tiny Llama with random weights and a tokenizer trained on the spot, saved to a folder (load
     it by path like a Hub model), a smaller one, and the engine loaded from the first on the CPU
     (tests/tiny_model.py).
+``embedded_env`` / ``fault_env`` / ``make_batcher``
+    ``env`` for `tubesum run` with no services; ``env`` with fast delivery for the fault tests; a
+    factory of started Batchers on the tiny model (tests/worker_fixtures.py).
 ``wait_until`` (fixture returning a function)
     ``wait_until(predicate, timeout=30, message="...")`` polls ``predicate`` until it returns
     something truthy, returns that, and fails the test with ``message`` after ``timeout`` seconds.
@@ -71,12 +74,11 @@ from sqlalchemy.orm import Session
 
 # The tiny real models, session-scoped: built once, shared by every test module that names them.
 from tests.tiny_model import micro_model_dir, tiny_engine, tiny_model_dir  # noqa: F401
+from tests.worker_fixtures import embedded_env, fault_env, make_batcher  # noqa: F401
 
 # --- named numbers -----------------------------------------------------------------------------
 # Server-level PostgreSQL URL used only to create and drop the per-session database.
-PG_ADMIN_URL = os.environ.get(
-    "TUBESUM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+PG_ADMIN_URL = os.environ.get("TUBESUM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 # The Redis server the tests use; a database number on it is claimed per session.
 REDIS_SERVER_URL = os.environ.get("TUBESUM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 # Redis database numbers tests may claim (0 is left to humans and docker-compose).
@@ -166,8 +168,7 @@ class WorkerProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 pytest.fail(
-                    f"worker {self.name} exited with {self.proc.returncode} before it was ready:\n"
-                    + self.log()
+                    f"worker {self.name} exited with {self.proc.returncode} before it was ready:\n" + self.log()
                 )
             return " ready." in self.log()
 
@@ -195,10 +196,26 @@ class WorkerProcess:
 def celery_worker_argv(*, queue: str, pool: str, concurrency: int, name: str) -> list[str]:
     """The plain ``celery worker`` command line the tests use when no ``argv`` is given."""
     return [
-        sys.executable, "-m", "celery", "-A", "tubesum.celery_app", "worker",
-        "-Q", queue, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
-        "-E", "--without-mingle", "--without-gossip", "-l", "info",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tubesum.celery_app",
+        "worker",
+        "-Q",
+        queue,
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "info",
+    ]
 
 
 # --- database ----------------------------------------------------------------------------------
@@ -355,9 +372,7 @@ def configure_celery_app(settings) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def settings(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, clear_settings_cache: None
-) -> Iterator[object]:
+def settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, clear_settings_cache: None) -> Iterator[object]:
     """Apply ``env``'s TUBESUM_* variables to this process; returns the fresh ``Settings``."""
     from tubesum.settings import Settings, get_settings
 
@@ -409,12 +424,15 @@ def start_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
         log_path = tmp_path / f"worker-{name}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
-            argv, env=env, cwd=cwd or tmp_path, stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stop() kills its children too
-        )  # fmt: skip
-        worker = WorkerProcess(
-            name=f"{name}@{HOSTNAME}", argv=argv, proc=proc, log_path=log_path, _log_file=log_file
+            argv,
+            env=env,
+            cwd=cwd or tmp_path,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: stop() kills its children too
         )
+        worker = WorkerProcess(name=f"{name}@{HOSTNAME}", argv=argv, proc=proc, log_path=log_path, _log_file=log_file)
         started.append(worker)
         if wait:
             worker.wait_ready(ready_timeout)
@@ -424,8 +442,10 @@ def start_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
 
     for worker in started:
         worker.stop()
-    failed = any(getattr(request.node, f"rep_{when}", None) and getattr(request.node, f"rep_{when}").failed
-                 for when in ("setup", "call"))  # fmt: skip
+    failed = any(
+        getattr(request.node, f"rep_{when}", None) and getattr(request.node, f"rep_{when}").failed
+        for when in ("setup", "call")
+    )
     if failed:
         for worker in started:
             print(f"\n===== log of worker {worker.name} (exit {worker.proc.returncode}) =====")

@@ -23,8 +23,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class OwnRedis:
-    def __init__(self, folder: Path, *, host: str = "127.0.0.1", password: str | None = None,
-                 appendonly: bool = False) -> None:
+    def __init__(
+        self, folder: Path, *, host: str = "127.0.0.1", password: str | None = None, appendonly: bool = False
+    ) -> None:
         self.folder, self.host, self.password, self.appendonly = folder, host, password, appendonly
         self.port = free_port(host)
         self.proc: subprocess.Popen | None = None
@@ -39,8 +40,17 @@ class OwnRedis:
         return redis.Redis(host=self.host, port=self.port, password=self.password)
 
     def start(self) -> OwnRedis:
-        argv = [shutil.which("redis-server") or "redis-server", "--bind", self.host, "--port", str(self.port),
-                "--dir", str(self.folder), "--save", ""]
+        argv = [
+            shutil.which("redis-server") or "redis-server",
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.folder),
+            "--save",
+            "",
+        ]
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         if self.password:
             argv += ["--requirepass", self.password]

@@ -14,11 +14,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # Installed name → folder (pyproject's package-dir).
-PACKAGE_DIRS = {"tubesum": "tubesum", "tubesum.workers": "workers", "tubesum.producer": "producer",
-                "tubesum.models": "models", "tubesum.migrations": "migrations"}
+PACKAGE_DIRS = {
+    "tubesum": "tubesum",
+    "tubesum.workers": "workers",
+    "tubesum.producer": "producer",
+    "tubesum.models": "models",
+    "tubesum.migrations": "migrations",
+}
 # The floor everyone stands on: it imports nothing above it.
-FOUNDATION = ("tubesum.settings", "tubesum.defaults", "tubesum.errors", "tubesum.db", "tubesum.celery_app",
-              "tubesum.models")
+FOUNDATION = (
+    "tubesum.settings",
+    "tubesum.defaults",
+    "tubesum.errors",
+    "tubesum.db",
+    "tubesum.celery_app",
+    "tubesum.models",
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -60,8 +71,13 @@ def module_imports(name: str) -> set[str]:
 
 
 def test_the_tree_is_found():
-    assert {"tubesum.cli", "tubesum.workers.summarise.store", "tubesum.workers.gpu.batcher",
-            "tubesum.producer.submit", "tubesum.models.tables"} <= set(MODULES)
+    assert {
+        "tubesum.cli",
+        "tubesum.workers.summarise.store",
+        "tubesum.workers.gpu.batcher",
+        "tubesum.producer.submit",
+        "tubesum.models.tables",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith(FOUNDATION)))
@@ -82,7 +98,7 @@ def test_no_import_cycles():
         stack.append(m)
         for dep in sorted(graph[m]):
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(dep):] + [dep]))
+                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(dep) :] + [dep]))
             if dep not in state:
                 visit(dep)
         stack.pop()
@@ -102,20 +118,23 @@ def test_the_summarise_step_does_not_reach_into_the_gpu_worker():
 
 
 def test_pure_cores_and_cheap_workers_import_no_torch():
-    code = ("import sys; import tubesum.producer.submit, tubesum.workers.fetch_tasks, "
-            "tubesum.workers.summarise.tasks, tubesum.workers.gpu.batcher, tubesum.workers.gpu.batching, "
-            "tubesum.workers.reconcile, tubesum.cli; "
-            "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
-            "assert not bad, bad; "
-            "import tubesum.workers.gpu.batching as b, tubesum.workers.summarise.plan; "
-            "print('ok')")
+    code = (
+        "import sys; import tubesum.producer.submit, tubesum.workers.fetch_tasks, "
+        "tubesum.workers.summarise.tasks, tubesum.workers.gpu.batcher, tubesum.workers.gpu.batching, "
+        "tubesum.workers.reconcile, tubesum.cli; "
+        "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+        "assert not bad, bad; "
+        "import tubesum.workers.gpu.batching as b, tubesum.workers.summarise.plan; "
+        "print('ok')"
+    )
     result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_importing_the_celery_app_makes_no_folders(tmp_path):
     code = "import tubesum.celery_app, tubesum.workers.summarise.tasks, tubesum.workers.fetch_tasks"
-    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.iterdir()) == []

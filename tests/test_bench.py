@@ -26,10 +26,35 @@ from tubesum.workers.gpu.bench import (
 def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "tubesum.cli", "bench", "--model", "dummy:tiny", "--device", "cpu",
-         "--chunk-sizes", "1,2,auto", "--prompts", "4", "--new-tokens", "6", "--max-chunks", "1",
-         "--no-extend", "--baseline", "--baseline-chunk-sizes", "1,2", "-o", str(out)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "200"})
+        [
+            sys.executable,
+            "-m",
+            "tubesum.cli",
+            "bench",
+            "--model",
+            "dummy:tiny",
+            "--device",
+            "cpu",
+            "--chunk-sizes",
+            "1,2,auto",
+            "--prompts",
+            "4",
+            "--new-tokens",
+            "6",
+            "--max-chunks",
+            "1",
+            "--no-extend",
+            "--baseline",
+            "--baseline-chunk-sizes",
+            "1,2",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "summaries/s" in proc.stdout and "plain model.generate()" in proc.stdout
     report = json.loads((out / "bench.json").read_text())
@@ -71,8 +96,15 @@ class _SmallCard:
 
 def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
     prompts = reference_prompts(4, vocab_size=512, low=5, high=30)
-    results, limit = sweep(_SmallCard(tiny_engine, limit=5), prompts, SamplingParams(max_new_tokens=3, ignore_eos=True),
-                           chunk_sizes=[1, 2], extend=True, max_chunks=1, check_match=False)
+    results, limit = sweep(
+        _SmallCard(tiny_engine, limit=5),
+        prompts,
+        SamplingParams(max_new_tokens=3, ignore_eos=True),
+        chunk_sizes=[1, 2],
+        extend=True,
+        max_chunks=1,
+        check_match=False,
+    )
     assert [r.chunk_size for r in results] == [1, 2, 4, 8]
     assert [r.oom for r in results] == [False, False, False, True]
     assert limit == 8  # reported as the limit, not raised
@@ -88,8 +120,13 @@ def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine,
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("video_id,transcript\nowl,Owls hunt at night.\nempty,\nbee,Bees dance.\n")
     prompts = prompts_from_source(tiny_engine, transcripts=str(csv_path), job=None, limit=10, new_tokens=8)
-    builder = PromptBuilder(tiny_engine.tokenizer, instruction=__import__("tubesum.settings").settings.get_settings().prompt,
-                            max_context=tiny_engine.max_context, max_new_tokens=8, stop_ids=tiny_engine.stop_ids)
+    builder = PromptBuilder(
+        tiny_engine.tokenizer,
+        instruction=__import__("tubesum.settings").settings.get_settings().prompt,
+        max_context=tiny_engine.max_context,
+        max_new_tokens=8,
+        stop_ids=tiny_engine.stop_ids,
+    )
     assert prompts == [SummaryPlan("Owls hunt at night.", builder).step[0], SummaryPlan("Bees dance.", builder).step[0]]
     # Independently of the worker's code: the empty row is skipped, and each prompt carries its own
     # transcript between the tags and the instruction, through the model's chat template.
@@ -113,8 +150,17 @@ def test_varied_lengths_rows_stop_at_their_own_length_static_or_dropped(tiny_eng
     own = [3, 25, 7, 1, 12, 4]
     params = SamplingParams(max_new_tokens=25, ignore_eos=True)
     for decode in ("static", "drop"):
-        results, _ = sweep(tiny_engine, prompts, params, chunk_sizes=[6], extend=False, max_chunks=1,
-                           check_match=False, own_lengths=own, decode=decode)
+        results, _ = sweep(
+            tiny_engine,
+            prompts,
+            params,
+            chunk_sizes=[6],
+            extend=False,
+            max_chunks=1,
+            check_match=False,
+            own_lengths=own,
+            decode=decode,
+        )
         (r,) = results
         assert (r.lengths, r.decode, r.generated_tokens) == ("varied", decode, sum(own))
     assert tiny_engine.runner.drop_finished_rows  # the engine's default is restored
@@ -129,24 +175,40 @@ def test_auto_chunks_take_what_the_token_budget_holds():
 
 
 def _result(size: int, *, oom: bool = False, lengths: str = "fixed", decode: str = "drop") -> SizeResult:
-    rate = 0.0 if oom else 100.0 * size ** 0.5
-    return SizeResult(chunk_size=size, engine="fast", oom=oom, generated_tokens_per_s=rate,
-                      summaries_per_s=rate / 150, lengths=lengths, decode=decode)
+    rate = 0.0 if oom else 100.0 * size**0.5
+    return SizeResult(
+        chunk_size=size,
+        engine="fast",
+        oom=oom,
+        generated_tokens_per_s=rate,
+        summaries_per_s=rate / 150,
+        lengths=lengths,
+        decode=decode,
+    )
 
 
-@pytest.mark.parametrize("sizes,ooms", [
-    ([128, 256, 512], {512}),  # no chunk 1 (the crash: nothing to log-scale)
-    ([256], set()),  # a single size
-    ([64, 128], {64, 128}),  # nothing fit
-    ([1, 2, 4], set()),
-])
+@pytest.mark.parametrize(
+    "sizes,ooms",
+    [
+        ([128, 256, 512], {512}),  # no chunk 1 (the crash: nothing to log-scale)
+        ([256], set()),  # a single size
+        ([64, 128], {64, 128}),  # nothing fit
+        ([1, 2, 4], set()),
+    ],
+)
 def test_plots_draw_for_any_sweep(tmp_path: Path, sizes, ooms):
-    report = BenchReport(model="dummy:llama-3-8b", engine="fast", device="cuda:0", dtype="bfloat16",
-                         attention="flash_varlen", new_tokens=150, prompt_source="test")
+    report = BenchReport(
+        model="dummy:llama-3-8b",
+        engine="fast",
+        device="cuda:0",
+        dtype="bfloat16",
+        attention="flash_varlen",
+        new_tokens=150,
+        prompt_source="test",
+    )
     report.results = [_result(c, oom=c in ooms) for c in sizes]
     report.results += [_result(c, oom=c in ooms, lengths="varied", decode=d) for d in ("static", "drop") for c in sizes]
     paths = plot(report, tmp_path)
     assert [p.name for p in paths] == ["throughput.png", "speedup.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-

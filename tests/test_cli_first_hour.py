@@ -28,15 +28,22 @@ MODEL_CHECK_MAX_S = 20
 
 
 def tubesum(args: list[str], *, env: dict[str, str], cwd: Path, columns: int = 200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tubesum.cli", *args], env={**env, "COLUMNS": str(columns)},
-                          cwd=cwd, text=True, capture_output=True, timeout=CLI_TIMEOUT_S)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", *args],
+        env={**env, "COLUMNS": str(columns)},
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=CLI_TIMEOUT_S,
+    )
 
 
 @pytest.fixture
 def sqlite_env(env: dict[str, str]) -> dict[str, str]:
     """Embedded mode: no service URLs, everything in the working directory."""
-    return {k: v for k, v in env.items() if k not in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL",
-                                                      "TUBESUM_EMBEDDED_DIR")}
+    return {
+        k: v for k, v in env.items() if k not in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL", "TUBESUM_EMBEDDED_DIR")
+    }
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -47,30 +54,67 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def add_job(session, *, requested: str = DEFAULT_MODEL, ran: str | None = None,
-            failures: list[tuple[str, str, str]] = (), videos: int = 0) -> int:
+def add_job(
+    session,
+    *,
+    requested: str = DEFAULT_MODEL,
+    ran: str | None = None,
+    failures: list[tuple[str, str, str]] = (),
+    videos: int = 0,
+) -> int:
     """A job with ``videos`` summarised by a batch of model ``ran``, plus failed (id, title, reason)."""
     t0 = utcnow()
     job = Job(sources=["x"], model=requested, created_at=t0)
     session.add(job)
     if ran is not None:
-        session.add(Batch(
-            id=f"b{time.monotonic_ns()}", worker_host="gpu1", devices="cuda:0:NVIDIA H100", model=ran,
-            dtype="bfloat16", attn_implementation="sdpa", engine="fast", chunk_size=32, batch_size=max(1, videos),
-            prompt_tokens=1000, padded_prompt_tokens=1000, generated_tokens=500, prefill_s=0.5, decode_s=1.5,
-            wall_s=2.0, generated_tokens_per_s=250.0, peak_memory_bytes=2**30, oom_split=False, status="ok",
-            started_at=t0, ended_at=t0 + timedelta(seconds=2)))  # fmt: skip
+        session.add(
+            Batch(
+                id=f"b{time.monotonic_ns()}",
+                worker_host="gpu1",
+                devices="cuda:0:NVIDIA H100",
+                model=ran,
+                dtype="bfloat16",
+                attn_implementation="sdpa",
+                engine="fast",
+                chunk_size=32,
+                batch_size=max(1, videos),
+                prompt_tokens=1000,
+                padded_prompt_tokens=1000,
+                generated_tokens=500,
+                prefill_s=0.5,
+                decode_s=1.5,
+                wall_s=2.0,
+                generated_tokens_per_s=250.0,
+                peak_memory_bytes=2**30,
+                oom_split=False,
+                status="ok",
+                started_at=t0,
+                ended_at=t0 + timedelta(seconds=2),
+            )
+        )
         session.flush()
     batch_id = session.query(Batch.id).filter(Batch.model == ran).order_by(Batch.started_at.desc()).first()
     for i in range(videos):
         video = Video(job=job, video_id=f"ok{i:09d}", position=i, status="done", queued_at=t0)
         session.add(video)
-        session.add(Summary(video=video, batch_id=batch_id[0], text="s", model=ran, prompt_tokens=100,
-                            generated_tokens=50, finish_reason="stop", pieces=1, queue_wait_s=1.0,
-                            latency_s=2.0 + i))
+        session.add(
+            Summary(
+                video=video,
+                batch_id=batch_id[0],
+                text="s",
+                model=ran,
+                prompt_tokens=100,
+                generated_tokens=50,
+                finish_reason="stop",
+                pieces=1,
+                queue_wait_s=1.0,
+                latency_s=2.0 + i,
+            )
+        )
     for i, (video_id, title, reason) in enumerate(failures, start=videos):
-        session.add(Video(job=job, video_id=video_id, title=title, position=i, status="failed", error=reason,
-                          queued_at=t0))
+        session.add(
+            Video(job=job, video_id=video_id, title=title, position=i, status="failed", error=reason, queued_at=t0)
+        )
     session.commit()
     return job.id
 
@@ -92,22 +136,31 @@ def test_no_database_yet_says_so_and_creates_nothing(sqlite_env: dict[str, str],
 
 def test_a_missing_postgresql_database_is_named(env: dict[str, str], tmp_path: Path) -> None:
     url = make_url(env["TUBESUM_DATABASE_URL"]).set(database="tubesum_never_created")
-    result = tubesum(["status"], env={**env, "TUBESUM_DATABASE_URL": url.render_as_string(hide_password=False)},
-                     cwd=tmp_path)
+    result = tubesum(
+        ["status"], env={**env, "TUBESUM_DATABASE_URL": url.render_as_string(hide_password=False)}, cwd=tmp_path
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: database 'tubesum_never_created' does not exist on 127.0.0.1: "
-                                     "create it (createdb tubesum_never_created) and run `tubesum db upgrade`")
+    assert result.stderr.strip() == (
+        "error: database 'tubesum_never_created' does not exist on 127.0.0.1: "
+        "create it (createdb tubesum_never_created) and run `tubesum db upgrade`"
+    )
 
 
 # --- 5: the model is checked before the job is accepted ------------------------------------------
 
 
-@pytest.mark.parametrize(("model", "extra_env", "expected"), [
-    ("/nonexistent/model", {}, "model directory '/nonexistent/model' does not exist"),
-    ("tubesum-test/not-in-any-cache", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
-    ("tubesum-test/not-in-any-cache", {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "",
-                                       "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hugging Face hub"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model", "extra_env", "expected"),
+    [
+        ("/nonexistent/model", {}, "model directory '/nonexistent/model' does not exist"),
+        ("tubesum-test/not-in-any-cache", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        (
+            "tubesum-test/not-in-any-cache",
+            {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            "cannot reach the Hugging Face hub",
+        ),
+    ],
+)
 def test_run_checks_the_model_before_accepting_the_job(sqlite_env, tmp_path, model, extra_env, expected) -> None:
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "a transcript")])
     work = tmp_path / "work"
@@ -137,10 +190,13 @@ def test_run_refuses_an_unwritable_output_before_any_work(sqlite_env: dict[str, 
     (tmp_path / "a-file").write_text("x")
     work = tmp_path / "work"
     work.mkdir()
-    for output, reason in (("/sys/out.csv", "cannot write '/sys/out.csv'"),
-                           (str(tmp_path / "a-file" / "out.csv"), "is a file, not a directory")):
-        result = tubesum(["run", "--transcripts", str(csv_path), "--model", "dummy:tiny", "-o", output],
-                         env=sqlite_env, cwd=work)
+    for output, reason in (
+        ("/sys/out.csv", "cannot write '/sys/out.csv'"),
+        (str(tmp_path / "a-file" / "out.csv"), "is a file, not a directory"),
+    ):
+        result = tubesum(
+            ["run", "--transcripts", str(csv_path), "--model", "dummy:tiny", "-o", output], env=sqlite_env, cwd=work
+        )
         assert result.returncode == 2 and reason in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1
     assert not (work / "tubesum.db").exists() and not (work / ".tubesum" / "logs").exists()
@@ -169,8 +225,11 @@ def test_export_to_a_directory_or_an_unwritable_path(env, db_session, tmp_path: 
 def test_help_lists_commands_in_order_without_bool_and_version(env: dict[str, str], tmp_path: Path) -> None:
     top = tubesum(["--help"], env=env, cwd=tmp_path)
     assert top.returncode == 0
-    listed = [line.split()[1] for line in top.stdout.splitlines()
-              if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMAND_ORDER]
+    listed = [
+        line.split()[1]
+        for line in top.stdout.splitlines()
+        if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMAND_ORDER
+    ]
     assert listed == list(COMMAND_ORDER)
     summaries = {line.split()[1]: line for line in top.stdout.splitlines() if line.startswith("│ ")}
     assert "fail those re-enqueued too often" in summaries["reconcile"]  # one line, not broken mid-phrase
@@ -213,11 +272,14 @@ def test_status_all_is_readable_at_80_columns(env, db_session, tmp_path: Path) -
 
 
 def test_titles_and_ids_print_as_plain_text(env, db_session, tmp_path: Path) -> None:
-    job_id = add_job(db_session, failures=[
-        ("bees0000001", "Bees [/live] x", "TranscriptsDisabled: [bold]no[/bold]"),
-        ("link0000001", "[link=https://evil.example]click[/link]", "x"),
-        ("\x1b[2Jclear", "\x1b]8;;https://evil.example\x1b\\title", "y"),
-    ])  # fmt: skip
+    job_id = add_job(
+        db_session,
+        failures=[
+            ("bees0000001", "Bees [/live] x", "TranscriptsDisabled: [bold]no[/bold]"),
+            ("link0000001", "[link=https://evil.example]click[/link]", "x"),
+            ("\x1b[2Jclear", "\x1b]8;;https://evil.example\x1b\\title", "y"),
+        ],
+    )
     result = tubesum(["status", str(job_id)], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -252,18 +314,38 @@ def test_report_of_a_one_batch_job(env, db_session, tmp_path: Path) -> None:
 def test_chunk_line_reads_like_vllms() -> None:
     from tubesum.workers.gpu.batching import chunk_line
 
-    assert chunk_line(12, videos=256, prompt_tokens=310_400, generated_tokens=38_520, prefill_s=6.6, decode_s=4.1,
-                      wall_s=10.7, peak_memory_bytes=72 * 10**9) == (
-        "chunk 12: 256 videos, 310k prompt tok, prefill 6.6 s, decode 4.1 s, 3,600 gen tok/s, peak 72 GB")
-    assert chunk_line(1, videos=1, prompt_tokens=812, generated_tokens=8, prefill_s=None, decode_s=None,
-                      wall_s=0.5, peak_memory_bytes=None) == "chunk 1: 1 video, 812 prompt tok, wall 0.5 s, 16 gen tok/s"
+    assert chunk_line(
+        12,
+        videos=256,
+        prompt_tokens=310_400,
+        generated_tokens=38_520,
+        prefill_s=6.6,
+        decode_s=4.1,
+        wall_s=10.7,
+        peak_memory_bytes=72 * 10**9,
+    ) == ("chunk 12: 256 videos, 310k prompt tok, prefill 6.6 s, decode 4.1 s, 3,600 gen tok/s, peak 72 GB")
+    assert (
+        chunk_line(
+            1,
+            videos=1,
+            prompt_tokens=812,
+            generated_tokens=8,
+            prefill_s=None,
+            decode_s=None,
+            wall_s=0.5,
+            peak_memory_bytes=None,
+        )
+        == "chunk 1: 1 video, 812 prompt tok, wall 0.5 s, 16 gen tok/s"
+    )
 
 
 def test_queues_are_bound_to_their_own_exchanges() -> None:
     from tubesum.celery_app import app
 
     assert {(q.name, q.exchange.name, q.routing_key) for q in app.amqp.queues.values()} == {
-        ("transcripts", "transcripts", "transcripts"), ("summarise", "summarise", "summarise")}
+        ("transcripts", "transcripts", "transcripts"),
+        ("summarise", "summarise", "summarise"),
+    }
 
 
 # --- 7: bench without CUDA -----------------------------------------------------------------------------
@@ -275,8 +357,26 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
     explicit = tubesum(["bench", "--model", "dummy:tiny", "--device", "cuda"], env=env, cwd=tmp_path)
     assert explicit.returncode == 2 and len(explicit.stderr.splitlines()) == 1
     assert "no CUDA device here" in explicit.stderr and "--device cpu" in explicit.stderr
-    result = tubesum(["bench", "--model", "dummy:tiny", "--chunk-sizes", "1,2", "--prompts", "2", "--new-tokens", "4",
-                      "--max-chunks", "1", "--no-extend", "-o", "out"], env=env, cwd=tmp_path)
+    result = tubesum(
+        [
+            "bench",
+            "--model",
+            "dummy:tiny",
+            "--chunk-sizes",
+            "1,2",
+            "--prompts",
+            "2",
+            "--new-tokens",
+            "4",
+            "--max-chunks",
+            "1",
+            "--no-extend",
+            "-o",
+            "out",
+        ],
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "benchmarking on the CPU" in result.stdout
     assert json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -295,8 +395,14 @@ def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> 
     db_session.add(waiting)
     db_session.commit()
     console = Console(record=True, width=100, force_terminal=False)
-    counts = wait_for_job(job_id, database_url=settings.database_url, poll_s=0.05, timeout_s=0.3, console=console,
-                          phase=lambda: "loading model org/big")
+    counts = wait_for_job(
+        job_id,
+        database_url=settings.database_url,
+        poll_s=0.05,
+        timeout_s=0.3,
+        console=console,
+        phase=lambda: "loading model org/big",
+    )
     assert (counts.summarised, counts.failed, counts.queued) == (2, 1, 1)
     bar, detail = console.export_text().splitlines()[:2]
     assert bar.startswith(f"job {job_id} · loading model org/big") and "3/4" in bar

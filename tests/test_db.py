@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -10,8 +10,8 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tubesum.models import Batch, Job, Summary, Transcript, Video, VideoStatus
 from tubesum.db import make_engine, session_scope, upgrade
+from tubesum.models import Batch, Job, Summary, Transcript, Video, VideoStatus
 
 EXPECTED_TABLES = {"jobs", "videos", "transcripts", "batches", "summaries", "alembic_version"}
 
@@ -53,17 +53,52 @@ def test_upgrade_twice_is_harmless(tmp_path: Path) -> None:
 
 
 def test_models_round_trip(any_db_url: str) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with Session(make_engine(any_db_url)) as session:
         video = _job_with_video(session)
-        session.add(Transcript(video=video, text="hello " * 10, language="English", language_code="en",
-                               is_generated=False, snippet_count=3, duration_s=12.5, source="csv"))
-        batch = Batch(id="b" * 32, worker_host="gpu@host", devices="cuda:0", model="m", dtype="bfloat16",
-                      attn_implementation="sdpa", engine="static", chunk_size=8, batch_size=1,
-                      prompt_tokens=40, padded_prompt_tokens=48, generated_tokens=20, wall_s=2.0,
-                      generated_tokens_per_s=10.0, started_at=now, ended_at=now)
-        session.add(Summary(video=video, batch=batch, text="short", model="m", prompt_tokens=40,
-                            generated_tokens=20, finish_reason="stop", queue_wait_s=0.5, latency_s=3.0))
+        session.add(
+            Transcript(
+                video=video,
+                text="hello " * 10,
+                language="English",
+                language_code="en",
+                is_generated=False,
+                snippet_count=3,
+                duration_s=12.5,
+                source="csv",
+            )
+        )
+        batch = Batch(
+            id="b" * 32,
+            worker_host="gpu@host",
+            devices="cuda:0",
+            model="m",
+            dtype="bfloat16",
+            attn_implementation="sdpa",
+            engine="static",
+            chunk_size=8,
+            batch_size=1,
+            prompt_tokens=40,
+            padded_prompt_tokens=48,
+            generated_tokens=20,
+            wall_s=2.0,
+            generated_tokens_per_s=10.0,
+            started_at=now,
+            ended_at=now,
+        )
+        session.add(
+            Summary(
+                video=video,
+                batch=batch,
+                text="short",
+                model="m",
+                prompt_tokens=40,
+                generated_tokens=20,
+                finish_reason="stop",
+                queue_wait_s=0.5,
+                latency_s=3.0,
+            )
+        )
         video.status = VideoStatus.done.value
         session.commit()
         video_pk = video.id
@@ -86,8 +121,9 @@ def test_unique_constraints_make_writes_idempotent(any_db_url: str, duplicate: s
     with Session(engine) as session:
         video = _job_with_video(session)
         session.add(Transcript(video=video, text="t"))
-        session.add(Summary(video=video, text="s", model="m", prompt_tokens=1, generated_tokens=1,
-                            finish_reason="stop"))
+        session.add(
+            Summary(video=video, text="s", model="m", prompt_tokens=1, generated_tokens=1, finish_reason="stop")
+        )
         session.commit()
         job_id, video_pk = video.job_id, video.id
 
@@ -97,8 +133,16 @@ def test_unique_constraints_make_writes_idempotent(any_db_url: str, duplicate: s
         elif duplicate == "transcript":  # a redelivered fetch
             session.add(Transcript(video_pk=video_pk, text="again"))
         else:  # a redelivered chunk
-            session.add(Summary(video_pk=video_pk, text="again", model="m", prompt_tokens=1,
-                                generated_tokens=1, finish_reason="stop"))
+            session.add(
+                Summary(
+                    video_pk=video_pk,
+                    text="again",
+                    model="m",
+                    prompt_tokens=1,
+                    generated_tokens=1,
+                    finish_reason="stop",
+                )
+            )
         with pytest.raises(IntegrityError):
             session.commit()
 

@@ -22,18 +22,50 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 300
 VIDEOS = 20
 CHUNK = 8
-EXPORT_SUMMARY_COLUMNS = ("summary", "model", "batch_id", "batch_size", "prompt_tokens", "generated_tokens",
-                          "batch_seconds", "generated_tokens_per_s", "queue_wait_s", "latency_s")  # fmt: skip
-TIMING_COLUMNS = ("worker_host", "devices", "model", "dtype", "attn_implementation", "engine", "chunk_size",
-                  "batch_size", "prompt_tokens", "padded_prompt_tokens", "generated_tokens", "prefill_s",
-                  "decode_s", "wall_s", "generated_tokens_per_s", "status", "started_at", "ended_at")  # fmt: skip
-FACTS = ["Octopuses have three hearts and blue blood.", "Bees dance to tell their sisters where the flowers are.",
-         "The blue whale is the largest animal that has ever lived.", "Trees talk to each other through fungi."]
+EXPORT_SUMMARY_COLUMNS = (
+    "summary",
+    "model",
+    "batch_id",
+    "batch_size",
+    "prompt_tokens",
+    "generated_tokens",
+    "batch_seconds",
+    "generated_tokens_per_s",
+    "queue_wait_s",
+    "latency_s",
+)
+TIMING_COLUMNS = (
+    "worker_host",
+    "devices",
+    "model",
+    "dtype",
+    "attn_implementation",
+    "engine",
+    "chunk_size",
+    "batch_size",
+    "prompt_tokens",
+    "padded_prompt_tokens",
+    "generated_tokens",
+    "prefill_s",
+    "decode_s",
+    "wall_s",
+    "generated_tokens_per_s",
+    "status",
+    "started_at",
+    "ended_at",
+)
+FACTS = [
+    "Octopuses have three hearts and blue blood.",
+    "Bees dance to tell their sisters where the flowers are.",
+    "The blue whale is the largest animal that has ever lived.",
+    "Trees talk to each other through fungi.",
+]
 
 
 def test_run_twenty_videos_with_the_tiny_model(env, tmp_path, tiny_model_dir):
-    rows = [(f"video{i:06d}", " ".join(FACTS[(i + k) % 4] for k in range(1 + i % 3)), f"Video {i}")
-            for i in range(VIDEOS)]  # fmt: skip
+    rows = [
+        (f"video{i:06d}", " ".join(FACTS[(i + k) % 4] for k in range(1 + i % 3)), f"Video {i}") for i in range(VIDEOS)
+    ]
     with (tmp_path / "transcripts.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["video_id", "transcript", "title"])
@@ -42,17 +74,34 @@ def test_run_twenty_videos_with_the_tiny_model(env, tmp_path, tiny_model_dir):
     # any process: the console script and its workers (-P) never import from the working directory.
     for shadow in ("models.py", "producer.py", "migrations.py", "workers/__init__.py", "tubesum.py", "celery.py"):
         (tmp_path / shadow).parent.mkdir(exist_ok=True)
-        (tmp_path / shadow).write_text("raise ImportError('the user\'s own module was imported')\n")
-    run_env = {k: v for k, v in env.items()
-               if k not in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL", "TUBESUM_EMBEDDED_DIR")}  # fmt: skip
+        (tmp_path / shadow).write_text("raise ImportError('the user's own module was imported')\n")
+    run_env = {
+        k: v for k, v in env.items() if k not in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL", "TUBESUM_EMBEDDED_DIR")
+    }
     # A generous chunk wait: the first two chunks fill up on a slow machine too.
     run_env.update(TUBESUM_MAX_NEW_TOKENS="24", TUBESUM_DEVICE_MAP="cpu", TUBESUM_CHUNK_WAIT_S="4")
     export = tmp_path / "out.csv"
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "tubesum"), "run", "--transcripts", "transcripts.csv", "--model",
-         str(tiny_model_dir), "--chunk-size", str(CHUNK), "-o", str(export), "--timeout", str(RUN_TIMEOUT_S - 60)],
-        env=run_env, cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "tubesum"),
+            "run",
+            "--transcripts",
+            "transcripts.csv",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            str(CHUNK),
+            "-o",
+            str(export),
+            "--timeout",
+            str(RUN_TIMEOUT_S - 60),
+        ],
+        env=run_env,
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / ".tubesum" / "logs").glob("*.log"))
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
     assert f"{VIDEOS} summarised" in result.stdout
@@ -79,8 +128,14 @@ def test_run_twenty_videos_with_the_tiny_model(env, tmp_path, tiny_model_dir):
         assert float(r["batch_seconds"]) > 0 and float(r["latency_s"]) >= float(r["queue_wait_s"]) >= 0
 
     # The report of the same job, from the same SQLite file.
-    report = subprocess.run([str(Path(sys.executable).parent / "tubesum"), "report", "1", "-o", "report"], env=run_env,
-                            cwd=tmp_path, text=True, capture_output=True, timeout=120)  # fmt: skip
+    report = subprocess.run(
+        [str(Path(sys.executable).parent / "tubesum"), "report", "1", "-o", "report"],
+        env=run_env,
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stdout + report.stderr
     with (tmp_path / "report" / "batches.csv").open() as f:
         assert [int(r["batch_size"]) for r in csv.DictReader(f)] == [CHUNK, CHUNK, VIDEOS - 2 * CHUNK]

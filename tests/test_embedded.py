@@ -28,14 +28,6 @@ from tubesum.embedded import LocalWorker, WorkerDied, run_job, run_settings
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 120
-# sitecustomize runs in every Python process started with this folder on PYTHONPATH: it makes
-# the fetch workers `tubesum run` starts answer YouTube from recordings (never the network).
-REPLAY_SITECUSTOMIZE = """
-import os
-if os.environ.get("TUBESUM_YOUTUBE_REPLAY"):
-    from tests.youtube_replay import install_worker_replay
-    install_worker_replay()
-"""
 
 
 def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
@@ -46,24 +38,15 @@ def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
     return path
 
 
-@pytest.fixture
-def embedded_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """No service URLs: `tubesum run` must do everything in its working directory."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(REPLAY_SITECUSTOMIZE)
-    replay = tmp_path / "replay.json"
-    replay.write_text(json.dumps({"videos": {"noCaptions1": "transcripts_disabled"}, "default": "ok"}))
-    out = {k: v for k, v in env.items() if k not in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL",
-                                                     "TUBESUM_EMBEDDED_DIR")}
-    out["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
-    out[REPLAY_ENV] = str(replay)
-    return out
-
-
 def tubesum(args: list[str], *, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tubesum.cli", *args], env=env, cwd=cwd, text=True,
-                          capture_output=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", *args],
+        env=env,
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 def summarise_messages(workdir: Path) -> list[int]:
@@ -81,9 +64,24 @@ def summarise_messages(workdir: Path) -> list[int]:
 def test_embedded_run_fetches_and_queues_every_video_for_summary(embedded_env: dict[str, str], tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "a transcript", "From CSV"), ("csvEmpty001", "", "Empty")])
-    result = tubesum(["run", "okVideo0001", "okVideo0002", "noCaptions1", "--transcripts", str(csv_path),
-                      "--fetch-only", "-o", "out.jsonl"], env=embedded_env, cwd=work)
+    csv_path = write_csv(
+        tmp_path / "t.csv", [("csvVideo001", "a transcript", "From CSV"), ("csvEmpty001", "", "Empty")]
+    )
+    result = tubesum(
+        [
+            "run",
+            "okVideo0001",
+            "okVideo0002",
+            "noCaptions1",
+            "--transcripts",
+            str(csv_path),
+            "--fetch-only",
+            "-o",
+            "out.jsonl",
+        ],
+        env=embedded_env,
+        cwd=work,
+    )
     assert result.returncode == 1, result.stdout + result.stderr  # 1: some videos failed
     assert "3 awaiting summary, 2 failed of 5" in result.stdout
 
@@ -92,8 +90,12 @@ def test_embedded_run_fetches_and_queues_every_video_for_summary(embedded_env: d
     rows = [json.loads(line) for line in (work / "out.jsonl").read_text().splitlines()]
     by_id = {r["video_id"]: r for r in rows}
     assert {v: r["status"] for v, r in by_id.items()} == {
-        "okVideo0001": "fetched", "okVideo0002": "fetched", "noCaptions1": "failed",
-        "csvVideo001": "fetched", "csvEmpty001": "failed"}
+        "okVideo0001": "fetched",
+        "okVideo0002": "fetched",
+        "noCaptions1": "failed",
+        "csvVideo001": "fetched",
+        "csvEmpty001": "failed",
+    }
     assert by_id["okVideo0001"]["transcript_chars"] > 0 and by_id["okVideo0001"]["language_code"] == "en"
     assert "disabled" in by_id["noCaptions1"]["error"].lower()
 
@@ -134,8 +136,14 @@ def test_ctrl_c_stops_the_workers(embedded_env: dict[str, str], tmp_path: Path) 
     replay = Path(embedded_env[REPLAY_ENV])
     replay.write_text(json.dumps({"videos": {}, "default": "http_429"}))
     embedded_env["TUBESUM_FETCH_BACKOFF_BASE_S"] = "60"
-    proc = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "run", "blocked0001", "--fetch-only"],
-                            env=embedded_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tubesum.cli", "run", "blocked0001", "--fetch-only"],
+        env=embedded_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     fetch_log = tmp_path / ".tubesum" / "logs" / "fetch.log"
     deadline = time.monotonic() + 60
     while "retrying in" not in (fetch_log.read_text() if fetch_log.exists() else ""):
@@ -151,22 +159,32 @@ def test_ctrl_c_stops_the_workers(embedded_env: dict[str, str], tmp_path: Path) 
     assert time.monotonic() - started < embedded.WORKER_STOP_TIMEOUT_S  # stopped, not killed
 
 
-def test_a_dying_worker_stops_the_run_with_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   clear_settings_cache: None) -> None:
+def test_a_dying_worker_stops_the_run_with_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clear_settings_cache: None
+) -> None:
     monkeypatch.chdir(tmp_path)
     for key in ("TUBESUM_BROKER_URL", "TUBESUM_DATABASE_URL", "TUBESUM_EMBEDDED_DIR"):
         monkeypatch.delenv(key, raising=False)
-    dying = [sys.executable, "-c", "import sys, time; print('loading model... out of luck'); time.sleep(1); sys.exit(3)"]
-    monkeypatch.setattr(embedded, "local_workers", lambda settings, **_: [
-        LocalWorker("summarise", dying, tmp_path / "logs" / "summarise.log")])
+    dying = [
+        sys.executable,
+        "-c",
+        "import sys, time; print('loading model... out of luck'); time.sleep(1); sys.exit(3)",
+    ]
+    monkeypatch.setattr(
+        embedded,
+        "local_workers",
+        lambda settings, **_: [LocalWorker("summarise", dying, tmp_path / "logs" / "summarise.log")],
+    )
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "text", "")])
     with pytest.raises(WorkerDied, match=r"(?s)summarise worker exited with code 3.*out of luck"):
-        run_job([], transcripts_csv=csv_path, settings=run_settings(model="dummy:tiny"), show_progress=False,
-                timeout_s=30)
+        run_job(
+            [], transcripts_csv=csv_path, settings=run_settings(model="dummy:tiny"), show_progress=False, timeout_s=30
+        )
 
 
-def test_run_settings_overrides_are_validated(monkeypatch: pytest.MonkeyPatch, clear_settings_cache: None,
-                                              tmp_path: Path) -> None:
+def test_run_settings_overrides_are_validated(
+    monkeypatch: pytest.MonkeyPatch, clear_settings_cache: None, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TUBESUM_DATABASE_URL", raising=False)
     settings = run_settings(model="m/x", chunk_size="auto", max_new_tokens=50)

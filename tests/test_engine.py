@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tubesum.errors import OutOfMemory
-from tubesum.workers.gpu.engine import SamplingParams
 from tubesum.workers.gpu import runner as runner_mod
+from tubesum.workers.gpu.engine import SamplingParams
 from tubesum.workers.gpu.runner import KVCache, LlamaRunner, kv_token_capacity, row_bucket
 
 
@@ -25,8 +25,10 @@ def test_loads_by_path_with_the_fast_backend(tiny_engine):
     assert tiny_engine.attn_implementation == "sdpa"  # no CUDA: PyTorch attention in the runner
     assert tiny_engine.tokenizer.padding_side == "left"
     # every end token of the generation config, not only EOS
-    assert tiny_engine.stop_ids == {tiny_engine.tokenizer.convert_tokens_to_ids("</s>"),
-                                    tiny_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert tiny_engine.stop_ids == {
+        tiny_engine.tokenizer.convert_tokens_to_ids("</s>"),
+        tiny_engine.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    }
 
 
 def test_batched_equals_alone_exactly(tiny_engine):
@@ -59,8 +61,9 @@ def test_logits_match_hf_forward(tiny_engine):
     r: LlamaRunner = tiny_engine.runner
     prompts = mixed_prompts(3, seed=3, low=10)
     starts = [5, 5 + len(prompts[0]) + 40, 300]  # out of order lengths, gaps of garbage between
-    cache = KVCache(layers=len(r.layers), capacity=600, kv_heads=r.n_kv, head_dim=r.head_dim,
-                    dtype=r.dtype, device=r.device)
+    cache = KVCache(
+        layers=len(r.layers), capacity=600, kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device
+    )
     cache.k.normal_()  # stale values from earlier chunks must never be read
     cache.v.normal_()
     with torch.inference_mode():
@@ -148,16 +151,17 @@ def test_the_cache_is_allocated_once_and_graphs_are_keyed_by_row_bucket(tiny_eng
 
 def test_kv_token_capacity_is_what_is_left_after_the_reserve():
     gib, per_token = 2**30, 128 * 1024  # Llama-3-8B in bf16: 128 KiB of KV a token
-    assert kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token,
-                             share=1.0) == 60 * 8192
-    assert kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token,
-                             share=0.5) == 30 * 8192
+    assert (
+        kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token, share=1.0) == 60 * 8192
+    )
+    assert (
+        kv_token_capacity(free_bytes=64 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token, share=0.5) == 30 * 8192
+    )
     assert kv_token_capacity(free_bytes=2 * gib, reserve_bytes=4 * gib, bytes_per_token=per_token) == 0
 
 
 def test_row_buckets():
-    assert [row_bucket(n) for n in (1, 2, 3, 5, 17, 32, 33, 187, 256, 257)] == \
-        [1, 2, 4, 8, 32, 32, 64, 192, 256, 288]
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 17, 32, 33, 187, 256, 257)] == [1, 2, 4, 8, 32, 32, 64, 192, 256, 288]
 
 
 def test_each_row_stops_at_its_own_length_and_finished_rows_leave_the_step(tiny_engine, monkeypatch):

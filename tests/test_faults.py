@@ -25,32 +25,19 @@ import redis
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
-from tubesum.models import Job, Summary, Transcript, Video
-from tubesum.models.base import utcnow
+from tests.own_redis import OwnRedis
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_playlist import task_args
 from tests.youtube_replay import REPLAY_ENV
-from tests.own_redis import OwnRedis
 from tubesum.celery_app import SUMMARISE_QUEUE, create_app
+from tubesum.models import Job, Summary, Transcript, Video
+from tubesum.models.base import utcnow
 from tubesum.settings import Settings
 
 # Every test here drives real worker processes and kills or restarts things.
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-# Short enough that redelivery and reconciling happen within a test; consistent with the
-# settings' own checks (visibility > backoff max + 3 requests' timeouts, stuck >= 3 heartbeats).
-FAST_DELIVERY = {
-    "TUBESUM_VISIBILITY_TIMEOUT_S": "6",
-    "TUBESUM_FETCH_BACKOFF_BASE_S": "0.2",
-    "TUBESUM_FETCH_BACKOFF_MAX_S": "0.5",
-    "TUBESUM_HTTP_CONNECT_TIMEOUT_S": "0.5",
-    "TUBESUM_HTTP_READ_TIMEOUT_S": "1",
-    "TUBESUM_STUCK_AFTER_S": "3",
-    "TUBESUM_HEARTBEAT_S": "0.5",
-    "TUBESUM_LEASE_S": "3",
-    "TUBESUM_RECONCILE_EVERY_S": "0.5",
-}
 TERMINAL = ("done", "failed")
 # Pause between two rounds of pg_terminate_backend in the PostgreSQL test, seconds.
 KILL_INTERVAL_S = 0.05
@@ -61,23 +48,47 @@ JOB_TIMEOUT_S = 60
 
 
 def fetch_worker_argv(name: str, *, pool: str = "threads", concurrency: int = 2) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tests.youtube_replay:worker_app", "worker",
-            "-Q", "transcripts", "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", "-E",
-            "--without-mingle", "--without-gossip", "-l", "info"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.youtube_replay:worker_app",
+        "worker",
+        "-Q",
+        "transcripts",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "info",
+    ]
 
 
 def gpu_worker_argv(name: str, model_dir: Path, *, chunk_size: int = 4) -> list[str]:
-    return [sys.executable, "-m", "tests.slow_gpu_worker", "--model", str(model_dir), "--chunk-size",
-            str(chunk_size), "--chunk-wait", "0.3", "--max-new-tokens", "8", "--device-map", "cpu",
-            "--name", f"{name}@%h"]  # fmt: skip
-
-
-@pytest.fixture
-def fault_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """``env`` with fast delivery and a replay file: every video id answers "slow" (ok, late)."""
-    replay = tmp_path / "replay.json"
-    replay.write_text(json.dumps({"default": "slow", "slow_s": 1.0}))
-    return {**env, **FAST_DELIVERY, REPLAY_ENV: str(replay), SLOW_CHUNK_ENV: "0"}
+    return [
+        sys.executable,
+        "-m",
+        "tests.slow_gpu_worker",
+        "--model",
+        str(model_dir),
+        "--chunk-size",
+        str(chunk_size),
+        "--chunk-wait",
+        "0.3",
+        "--max-new-tokens",
+        "8",
+        "--device-map",
+        "cpu",
+        "--name",
+        f"{name}@%h",
+    ]
 
 
 @pytest.fixture
@@ -92,16 +103,22 @@ def submit_ids(video_ids: list[str], env: dict[str, str], *, transcripts: bool =
     """``producer.submit`` in this process against ``env``'s broker and database."""
     from tubesum.producer.submit import submit
 
-    settings = Settings(**{k[len("TUBESUM_"):].lower(): v for k, v in env.items()
-                           if k.startswith("TUBESUM_") and k != REPLAY_ENV})  # fmt: skip
+    settings = Settings(
+        **{k[len("TUBESUM_") :].lower(): v for k, v in env.items() if k.startswith("TUBESUM_") and k != REPLAY_ENV}
+    )
     kombu.pools.reset()
     if not transcripts:
         return submit(video_ids, settings=settings, celery_app=create_app(settings))
     csv = Path(env["TUBESUM_EMBEDDED_DIR"]).parent / "transcripts.csv"
-    sentences = ["Octopuses have three hearts and blue blood.", "Bees dance to show where flowers are.",
-                 "The blue whale is the largest animal that ever lived."]
-    csv.write_text("video_id,transcript\n" + "".join(
-        f"{vid},{sentences[i % 3]} {sentences[(i + 1) % 3]}\n" for i, vid in enumerate(video_ids)))
+    sentences = [
+        "Octopuses have three hearts and blue blood.",
+        "Bees dance to show where flowers are.",
+        "The blue whale is the largest animal that ever lived.",
+    ]
+    csv.write_text(
+        "video_id,transcript\n"
+        + "".join(f"{vid},{sentences[i % 3]} {sentences[(i + 1) % 3]}\n" for i, vid in enumerate(video_ids))
+    )
     return submit([], transcripts_csv=csv, settings=settings, celery_app=create_app(settings))
 
 
@@ -126,8 +143,11 @@ def assert_nothing_lost(db, job_id: int, *, done: int, failed: int = 0, summaris
     with db.connect() as conn:
         rows = conn.execute(select(Video.id, Video.status, Video.error).where(Video.job_id == job_id)).all()
         pks = [r.id for r in rows]
-        per_video = lambda table: dict(conn.execute(  # noqa: E731
-            select(table.video_pk, func.count()).where(table.video_pk.in_(pks)).group_by(table.video_pk)).all())
+
+        def per_video(table):  # rows of `table` per video of the job
+            query = select(table.video_pk, func.count()).where(table.video_pk.in_(pks)).group_by(table.video_pk)
+            return dict(conn.execute(query).all())
+
         transcripts, summaries = per_video(Transcript), per_video(Summary)
     final = "done" if summarised else "fetched"
     assert sorted(r.status for r in rows) == sorted([final] * done + ["failed"] * failed), rows
@@ -166,14 +186,18 @@ def test_a_killed_fetch_child_is_retried_then_its_video_fails(fault_env, db, sta
     a video whose child dies on every attempt fails after max_worker_lost_retries."""
     env = {**fault_env, "TUBESUM_FETCH_MAX_RETRIES": "0", "TUBESUM_MAX_WORKER_LOST_RETRIES": "1"}
     (json_path := Path(env[REPLAY_ENV])).write_text(json.dumps({"default": "slow", "slow_s": 2.0}))
-    worker = start_worker(env=env, cwd=REPO, name="fetch", argv=fetch_worker_argv("fetch", pool="prefork", concurrency=1))
+    worker = start_worker(
+        env=env, cwd=REPO, name="fetch", argv=fetch_worker_argv("fetch", pool="prefork", concurrency=1)
+    )
 
     def kill_child_mid_fetch(job_id: int, attempt: int) -> None:
         """SIGKILL the pool child once it claimed the video for the ``attempt``-th time (its watch
         page takes 2 s to answer)."""
+
         def claimed():
             with db.connect() as conn:
                 return conn.scalar(select(Video.attempts).where(Video.job_id == job_id)) == attempt
+
         wait_until(claimed, message=f"fetch attempt {attempt}")
         for child in psutil.Process(worker.proc.pid).children():
             child.send_signal(signal.SIGKILL)
@@ -186,8 +210,11 @@ def test_a_killed_fetch_child_is_retried_then_its_video_fails(fault_env, db, sta
 
     def held_for_retry():  # the dead child's lease gave up its owner: any worker may take the retry
         with db.connect() as conn:
-            owner, until = conn.execute(select(Video.lease_owner, Video.lease_expires_at).where(Video.job_id == doomed)).one()
+            owner, until = conn.execute(
+                select(Video.lease_owner, Video.lease_expires_at).where(Video.job_id == doomed)
+            ).one()
         return owner is None and until is not None
+
     wait_until(held_for_retry, message="the lease released for the worker-lost retry")
     kill_child_mid_fetch(doomed, 2)  # the worker-lost retry dies too: retries exhausted
     wait_statuses(wait_until, db, doomed, ("failed",))
@@ -204,7 +231,9 @@ def test_a_killed_fetch_child_is_retried_then_its_video_fails(fault_env, db, sta
     json_path.unlink()
 
 
-def test_a_killed_fetch_worker_is_covered_by_the_reconciler(fault_env, db, start_worker, wait_until, redis_url, tmp_path):
+def test_a_killed_fetch_worker_is_covered_by_the_reconciler(
+    fault_env, db, start_worker, wait_until, redis_url, tmp_path
+):
     """The whole fetch worker SIGKILLed mid-job (no WorkerLostError: the messages it held stay
     unacknowledged in Redis). Visibility timeout made long here so that the leases are what brings
     them back: the second worker's own reconcile pass returns the two videos whose leases ran out."""
@@ -225,33 +254,62 @@ def test_a_killed_fetch_worker_is_covered_by_the_reconciler(fault_env, db, start
     assert set(summarise_messages(redis_url)) == set(fetched_pks(db, job_id))
 
 
-def test_reconcile_resends_lost_messages_and_gives_up_on_loops(fault_env, db, start_worker, wait_until, redis_url, tmp_path):
+def test_reconcile_resends_lost_messages_and_gives_up_on_loops(
+    fault_env, db, start_worker, wait_until, redis_url, tmp_path
+):
     """Messages never sent (producer died mid-enqueue; fetch worker died between commit and send),
     a video whose worker died too often, and an in-flight video under a live lease, left alone.
     `tubesum reconcile` by hand: the worker's own pass is off here."""
     env = {**fault_env, "TUBESUM_RECONCILE_EVERY_S": "0"}
     old = utcnow() - timedelta(seconds=60)
     with db.begin() as conn:
-        job_id = conn.execute(Job.__table__.insert().values(sources=["t"], options={}, created_at=old)).inserted_primary_key[0]
+        job_id = conn.execute(
+            Job.__table__.insert().values(sources=["t"], options={}, created_at=old)
+        ).inserted_primary_key[0]
+
         def add(vid: str, status: str, *, updated=old, expiries: int = 0, lease_until=None) -> int:  # noqa: E306
-            return conn.execute(Video.__table__.insert().values(
-                job_id=job_id, video_id=vid, status=status, position=0, attempts=0, summarise_attempts=0,
-                reconciles=0, lease_expiries=expiries, queued_at=old, updated_at=updated,
-                lease_owner="gpu@elsewhere" if lease_until else None, lease_expires_at=lease_until,
-            )).inserted_primary_key[0]
+            return conn.execute(
+                Video.__table__.insert().values(
+                    job_id=job_id,
+                    video_id=vid,
+                    status=status,
+                    position=0,
+                    attempts=0,
+                    summarise_attempts=0,
+                    reconciles=0,
+                    lease_expiries=expiries,
+                    queued_at=old,
+                    updated_at=updated,
+                    lease_owner="gpu@elsewhere" if lease_until else None,
+                    lease_expires_at=lease_until,
+                )
+            ).inserted_primary_key[0]
+
         unsent = [add(f"unsent{i:05d}", "queued") for i in range(3)]
         fetched = add("fetchedNoMsg", "fetched")
-        conn.execute(Transcript.__table__.insert().values(video_pk=fetched, text="Bees dance.", source="csv", created_at=old))
+        conn.execute(
+            Transcript.__table__.insert().values(video_pk=fetched, text="Bees dance.", source="csv", created_at=old)
+        )
         looping = add("looping0001", "fetching", expiries=int(Settings().max_reconciles), lease_until=old)
         # A live GPU worker's lease, though its row was not written for a minute.
         in_flight = add("inflight001", "summarising", lease_until=utcnow() + timedelta(seconds=60))
     start_worker(env=env, cwd=REPO, name="fetch", argv=fetch_worker_argv("fetch"))
-    out = subprocess.run([sys.executable, "-m", "tubesum.cli", "reconcile", "--stuck-after", "30"], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", "reconcile", "--stuck-after", "30"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "re-enqueued 4 (1 fetched, 3 queued); 0 expired leases; failed 1; left waiting 0"
-    wait_until(lambda: sorted(in_state(db, job_id, "fetched")) == sorted(["fetchedNoMsg", *[f"unsent{i:05d}" for i in range(3)]]),
-               message="the unsent videos fetched")
+    wait_until(
+        lambda: (
+            sorted(in_state(db, job_id, "fetched")) == sorted(["fetchedNoMsg", *[f"unsent{i:05d}" for i in range(3)]])
+        ),
+        message="the unsent videos fetched",
+    )
     with db.connect() as conn:
         rows = {r.id: r for r in conn.execute(select(Video).where(Video.job_id == job_id))}
     assert rows[looping].status == "failed" and "after 3 expired leases" in rows[looping].error
@@ -259,8 +317,14 @@ def test_reconcile_resends_lost_messages_and_gives_up_on_loops(fault_env, db, st
     assert all(rows[pk].reconciles == 1 and rows[pk].lease_expiries == 0 for pk in [*unsent, fetched])
     assert summarise_messages(redis_url) == sorted([*unsent, fetched])
     # A second pass right away finds nothing stuck: the re-enqueued videos were touched.
-    again = subprocess.run([sys.executable, "-m", "tubesum.cli", "reconcile", "--stuck-after", "30"], env=env,
-                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", "reconcile", "--stuck-after", "30"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.stdout.strip() == "re-enqueued 0 (none); 0 expired leases; failed 0; left waiting 0"
 
 
@@ -281,18 +345,24 @@ def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker
     # The worker holds two chunks of messages (CHUNKS_IN_HAND): a chunk of 4 runs, the other 2 wait.
     wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="a chunk of 4 running, 2 waiting")
     time.sleep(3.5)  # past stuck_after_s (3 s) since the claim: only the heartbeat keeps them fresh
-    settings = Settings(**{k[len("TUBESUM_"):].lower(): v for k, v in env.items() if k.startswith("TUBESUM_") and k != REPLAY_ENV})
+    settings = Settings(
+        **{k[len("TUBESUM_") :].lower(): v for k, v in env.items() if k.startswith("TUBESUM_") and k != REPLAY_ENV}
+    )
     kombu.pools.reset()
     assert reconcile(settings=settings, celery_app=create_app(settings)).resent_count == 0
     assert len(in_state(db, job_id, "summarising")) == 6  # still mid-chunk
     os.killpg(first.proc.pid, signal.SIGKILL)
     first.proc.wait(timeout=10)
 
-    start_worker(env={**env, SLOW_CHUNK_ENV: "0"}, cwd=REPO, name="gpu-b", argv=gpu_worker_argv("gpu-b", tiny_model_dir))
+    start_worker(
+        env={**env, SLOW_CHUNK_ENV: "0"}, cwd=REPO, name="gpu-b", argv=gpu_worker_argv("gpu-b", tiny_model_dir)
+    )
     wait_statuses(wait_until, db, job_id, TERMINAL)
     assert_nothing_lost(db, job_id, done=6)
     with db.connect() as conn:
-        attempts = dict(conn.execute(select(Video.video_id, Video.summarise_attempts).where(Video.job_id == job_id)).all())
+        attempts = dict(
+            conn.execute(select(Video.video_id, Video.summarise_attempts).where(Video.job_id == job_id)).all()
+        )
     assert sorted(attempts.values()) == [2] * 6  # all six the killed worker held were claimed again
 
 
@@ -346,9 +416,17 @@ def test_dropped_postgres_connections_mid_write(fault_env, db, db_url, start_wor
                         # The function in the select list, not the WHERE clause: PostgreSQL may
                         # evaluate WHERE conditions in any order, and this must never touch
                         # another database's sessions.
-                        killed.extend(pid for pid, ok in conn.execute(text(
-                            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": dbname}) if ok)
+                        killed.extend(
+                            pid
+                            for pid, ok in conn.execute(
+                                text(
+                                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE datname = :db AND pid <> pg_backend_pid()"
+                                ),
+                                {"db": dbname},
+                            )
+                            if ok
+                        )
                 except OperationalError:  # our own connection dropped (a server-wide kill): go on
                     pass
         finally:

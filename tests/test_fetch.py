@@ -12,10 +12,10 @@ import pytest
 import redis
 from youtube_transcript_api import YouTubeTranscriptApi
 
-from tubesum.models import Job, Transcript, Video
 from tests.youtube_replay import RECORDED_VIDEO_ID, REPLAY_ENV, ReplayAdapter, mount_replay
 from tubesum.defaults import backoff_delay
 from tubesum.errors import PermanentFetchError, TransientFetchError
+from tubesum.models import Job, Transcript, Video
 from tubesum.settings import Settings
 from tubesum.workers.fetch import (
     Outcome,
@@ -27,7 +27,9 @@ from tubesum.workers.fetch import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-EXPECTED_TEXT = "Hey, this is just a test this is not the original transcript just something shorter, I made up for testing"
+EXPECTED_TEXT = (
+    "Hey, this is just a test this is not the original transcript just something shorter, I made up for testing"
+)
 
 
 def replay_api(settings: Settings, scenarios: dict[str, str] | None = None, default: str = "ok"):  # type: ignore[no-untyped-def]
@@ -73,7 +75,10 @@ def test_translation_fallback_into_first_preferred_language(settings) -> None:
 
 def test_no_transcript_in_any_language_is_permanent(settings) -> None:
     api, _ = replay_api(settings)
-    with pytest.raises(PermanentFetchError, match="^NoTranscriptFound: No transcripts were found for any of the requested language codes: \\['xx'\\]"):
+    with pytest.raises(
+        PermanentFetchError,
+        match="^NoTranscriptFound: No transcripts were found for any of the requested language codes: \\['xx'\\]",
+    ):
         download_transcript(RECORDED_VIDEO_ID, api=api, languages=["xx"])
 
 
@@ -88,7 +93,11 @@ def test_consent_page_is_accepted(settings) -> None:
     [
         ("consent_refused", PermanentFetchError, "FailedToCreateConsentCookie: Failed to automatically give consent"),
         ("age_restricted", PermanentFetchError, "AgeRestricted: This video is age-restricted"),
-        ("unplayable", PermanentFetchError, "VideoUnplayable: The video is unplayable for the following reason: Custom Reason"),
+        (
+            "unplayable",
+            PermanentFetchError,
+            "VideoUnplayable: The video is unplayable for the following reason: Custom Reason",
+        ),
         ("unavailable", PermanentFetchError, "VideoUnavailable: The video is no longer available"),
         ("transcripts_disabled", PermanentFetchError, "TranscriptsDisabled: Subtitles are disabled for this video"),
         ("too_many_requests", TransientFetchError, "IpBlocked: YouTube is blocking requests from your IP"),
@@ -142,7 +151,11 @@ def test_fetch_video_stores_transcript_once(settings, db_session) -> None:
     assert video.fetching_at <= video.fetched_at
     transcript = db_session.query(Transcript).filter_by(video_pk=pk).one()
     assert (transcript.text, transcript.language_code, transcript.is_generated, transcript.source) == (
-        EXPECTED_TEXT, "en", False, "youtube")
+        EXPECTED_TEXT,
+        "en",
+        False,
+        "youtube",
+    )
     assert len(adapter.calls) == 3
 
 
@@ -169,8 +182,8 @@ def test_fetch_video_leaves_finished_videos_alone(settings, db_session, status) 
 
 @pytest.mark.slow
 def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_worker, wait_until, tmp_path) -> None:
-    from tubesum.producer.submit import submit
     from tubesum.celery_app import create_app
+    from tubesum.producer.submit import submit
 
     scenarios = {
         "okVideo0001": "ok",
@@ -182,13 +195,40 @@ def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_wor
     }
     replay = tmp_path / "replay.json"
     replay.write_text(json.dumps({"videos": scenarios}))
-    worker_env = {**env, REPLAY_ENV: str(replay), "PYTHONPATH": str(REPO),
-                  "TUBESUM_FETCH_MAX_RETRIES": "2", "TUBESUM_FETCH_BACKOFF_BASE_S": "0.2",
-                  "TUBESUM_FETCH_BACKOFF_MAX_S": "1"}
-    start_worker(env=worker_env, cwd=REPO, name="fetch", argv=[
-        sys.executable, "-m", "celery", "-A", "tests.youtube_replay:worker_app", "worker",
-        "-Q", "transcripts", "-P", "threads", "-c", "3", "-n", "fetch@%h", "-E",
-        "--without-mingle", "--without-gossip", "-l", "info"])
+    worker_env = {
+        **env,
+        REPLAY_ENV: str(replay),
+        "PYTHONPATH": str(REPO),
+        "TUBESUM_FETCH_MAX_RETRIES": "2",
+        "TUBESUM_FETCH_BACKOFF_BASE_S": "0.2",
+        "TUBESUM_FETCH_BACKOFF_MAX_S": "1",
+    }
+    start_worker(
+        env=worker_env,
+        cwd=REPO,
+        name="fetch",
+        argv=[
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.youtube_replay:worker_app",
+            "worker",
+            "-Q",
+            "transcripts",
+            "-P",
+            "threads",
+            "-c",
+            "3",
+            "-n",
+            "fetch@%h",
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "info",
+        ],
+    )
 
     kombu.pools.reset()
     job_id = submit(list(scenarios), celery_app=create_app(settings))
@@ -200,8 +240,12 @@ def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_wor
 
     videos = {v.video_id: v for v in wait_until(all_terminal, timeout=60, message="every video fetched or failed")}
     assert {vid: v.status for vid, v in videos.items()} == {
-        "okVideo0001": "fetched", "consent0001": "fetched", "flaky429001": "fetched",
-        "blocked0001": "failed", "disabled001": "failed", "ageRestrict": "failed",
+        "okVideo0001": "fetched",
+        "consent0001": "fetched",
+        "flaky429001": "fetched",
+        "blocked0001": "failed",
+        "disabled001": "failed",
+        "ageRestrict": "failed",
     }
     assert videos["flaky429001"].attempts == 2
     assert videos["blocked0001"].attempts == 3
@@ -212,8 +256,11 @@ def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_wor
     assert sorted(t.video_pk for t in db_session.query(Transcript).all()) == fetched_pks
 
     broker = redis.Redis.from_url(redis_url)
-    summarise = wait_until(lambda: broker.llen("summarise") == 3 and broker.lrange("summarise", 0, -1),
-                           timeout=10, message="three summarise messages")
+    summarise = wait_until(
+        lambda: broker.llen("summarise") == 3 and broker.lrange("summarise", 0, -1),
+        timeout=10,
+        message="three summarise messages",
+    )
     from tests.test_playlist import task_args
 
     assert sorted(task_args(json.loads(m)) for m in summarise) == [[pk] for pk in fetched_pks]

@@ -19,9 +19,9 @@ import pytest
 import redis
 import requests
 
-from tubesum.producer.submit import submit
 from tests.youtube_replay import REPLAY_ENV
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
+from tubesum.producer.submit import submit
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,12 @@ def flower(env: dict[str, str], tmp_path: Path, wait_until):  # type: ignore[no-
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tubesum.cli", "flower", "--port", str(port), "--address", "127.0.0.1"],
-            env={**env, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}, cwd=tmp_path, stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env={**env, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"},
+            cwd=tmp_path,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def healthy() -> bool:
             assert proc.poll() is None, "flower exited:\n" + log_path.read_text()
@@ -92,11 +95,30 @@ def test_flower_shows_every_task_with_state_and_worker(
     replay.write_text(json.dumps({"videos": {DISABLED_ID: "transcripts_disabled"}, "default": "ok"}))
     env[REPLAY_ENV] = str(replay)
     worker = start_worker(
-        env=env, name="fetch-flower",
-        argv=[sys.executable, "-m", "celery", "-A", "tests.youtube_replay:worker_app", "worker",
-              "-Q", "transcripts", "-P", "threads", "-c", "2", "-n", "fetch-flower@%h", "-E",
-              "--without-mingle", "--without-gossip", "-l", "info"],
-    )  # fmt: skip
+        env=env,
+        name="fetch-flower",
+        argv=[
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.youtube_replay:worker_app",
+            "worker",
+            "-Q",
+            "transcripts",
+            "-P",
+            "threads",
+            "-c",
+            "2",
+            "-n",
+            "fetch-flower@%h",
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "info",
+        ],
+    )
 
     # Flower's event consumer is live once it has seen the worker's heartbeat.
     def worker_online() -> bool:
@@ -110,8 +132,10 @@ def test_flower_shows_every_task_with_state_and_worker(
 
     def all_seen() -> dict | None:
         seen = by_name_and_video(tasks_of(flower))
-        fetches_done = all(seen.get((FETCH_TASK, v), {}).get("state") in ("SUCCESS", "FAILURE")
-                           for v in [*OK_IDS, DISABLED_ID, OTHER_ID])
+        fetches_done = all(
+            seen.get((FETCH_TASK, v), {}).get("state") in ("SUCCESS", "FAILURE")
+            for v in [*OK_IDS, DISABLED_ID, OTHER_ID]
+        )
         summarises_sent = all((SUMMARISE_TASK, v) in seen for v in OK_IDS)
         return seen if fetches_done and summarises_sent else None
 
@@ -144,18 +168,23 @@ def test_flower_shows_every_task_with_state_and_worker(
     found = tasks_of(flower, search=f'args:"job={job_id} "')
     assert sorted((t["name"], t["args"]) for t in found) == sorted(
         [(FETCH_TASK, f"job={job_id} video={v}") for v in [*OK_IDS, DISABLED_ID]]
-        + [(SUMMARISE_TASK, f"job={job_id} video={v}") for v in OK_IDS])
+        + [(SUMMARISE_TASK, f"job={job_id} video={v}") for v in OK_IDS]
+    )
     failed = tasks_of(flower, search=f'args:"job={job_id} " state:FAILURE')
     assert [t["args"] for t in failed] == [f"job={job_id} video={DISABLED_ID}"]
     assert {t["args"] for t in tasks_of(flower, search=f'args:"job={other_job} "')} == {
-        f"job={other_job} video={OTHER_ID}"}
+        f"job={other_job} video={OTHER_ID}"
+    }
 
     # /api/workers asks the workers over the broker (remote control); refresh past Flower's cache.
     # Its broadcast waits only about a second for replies, so ask again until the worker answers.
     workers = wait_until(
-        lambda: requests.get(f"{flower}/api/workers?refresh=1", auth=AUTH, timeout=10).json().get(worker.name) and
-        requests.get(f"{flower}/api/workers", auth=AUTH, timeout=10).json(),
-        timeout=30, message="the worker in /api/workers",
+        lambda: (
+            requests.get(f"{flower}/api/workers?refresh=1", auth=AUTH, timeout=10).json().get(worker.name)
+            and requests.get(f"{flower}/api/workers", auth=AUTH, timeout=10).json()
+        ),
+        timeout=30,
+        message="the worker in /api/workers",
     )
     assert workers[worker.name]["active_queues"][0]["name"] == "transcripts"
 
@@ -186,13 +215,29 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
     result and worker in Flower."""
     env = {**env, "TUBESUM_MAX_NEW_TOKENS": "8", "TUBESUM_CHUNK_WAIT_S": "1"}
     worker = start_worker(
-        env=env, name="gpu-flower",
-        argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",
-              "--device-map", "cpu", "--name", "gpu-flower@%h"],
-    )  # fmt: skip
-    wait_until(lambda: f'flower_worker_online{{worker="{worker.name}"}} 1.0'
-               in requests.get(f"{flower}/metrics", timeout=2).text,
-               timeout=30, message="flower to see the GPU worker's events")  # fmt: skip
+        env=env,
+        name="gpu-flower",
+        argv=[
+            "tubesum",
+            "worker",
+            "summarise",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            "4",
+            "--device-map",
+            "cpu",
+            "--name",
+            "gpu-flower@%h",
+        ],
+    )
+    wait_until(
+        lambda: (
+            f'flower_worker_online{{worker="{worker.name}"}} 1.0' in requests.get(f"{flower}/metrics", timeout=2).text
+        ),
+        timeout=30,
+        message="flower to see the GPU worker's events",
+    )
 
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("video_id,transcript\n" + "".join(f"vid{i},Owls and bees number {i}.\n" for i in range(4)))
@@ -206,8 +251,11 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
         pks = [v.id for v in s.query(Video).filter(Video.job_id == job_id)]
 
     def summarise_tasks() -> list[dict] | None:
-        found = [t for t in requests.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json().values()
-                 if t["name"] == SUMMARISE_TASK and t.get("state") == "SUCCESS"]
+        found = [
+            t
+            for t in requests.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json().values()
+            if t["name"] == SUMMARISE_TASK and t.get("state") == "SUCCESS"
+        ]
         return found if len(found) == len(pks) else None
 
     found = wait_until(summarise_tasks, timeout=120, message="every summarise task SUCCESS in Flower")
@@ -224,7 +272,8 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
         # The result says what happened: summary length, which batch, how long it generated.
         assert by_video[video_id]["result"] == repr(
             f"summary {len(summary.text):,} chars, batch {summary.batch_id[:8]} of {batch.batch_size}, "
-            f"generate {batch.wall_s:.2f} s")
+            f"generate {batch.wall_s:.2f} s"
+        )
     assert len(walls) < len(pks)  # shared a chunk
 
     # A video the GPU worker fails (nothing readable in its transcript) is a FAILURE with the reason.
@@ -235,8 +284,11 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
         s.flush()
         blank_pk = blank.id
     celery_app.send_task(SUMMARISE_TASK, args=[blank_pk], argsrepr=f"job={job_id} video=zeroWidth01")
-    failed = wait_until(lambda: tasks_of(flower, search=f'args:"job={job_id} " state:FAILURE'), timeout=60,
-                        message="the failed summarise task in Flower")
+    failed = wait_until(
+        lambda: tasks_of(flower, search=f'args:"job={job_id} " state:FAILURE'),
+        timeout=60,
+        message="the failed summarise task in Flower",
+    )
     assert [t["args"] for t in failed] == [f"job={job_id} video=zeroWidth01"]
     assert f"VideoFailed('job={job_id} video=zeroWidth01: empty transcript')" == failed[0]["exception"]
 
@@ -252,7 +304,11 @@ def test_flower_marks_a_killed_worker_offline_when_its_heartbeats_stop(
     worker = start_worker(env=env, queue="transcripts", name="fetch-hb")
 
     def alive() -> bool | None:
-        return requests.get(f"{flower}/api/workers", params={"status": "true"}, auth=AUTH, timeout=5).json().get(worker.name)
+        return (
+            requests.get(f"{flower}/api/workers", params={"status": "true"}, auth=AUTH, timeout=5)
+            .json()
+            .get(worker.name)
+        )
 
     wait_until(lambda: alive() is True, timeout=30, message="flower to see the worker's heartbeats")
     os.killpg(worker.proc.pid, signal.SIGKILL)

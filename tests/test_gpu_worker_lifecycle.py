@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.test_embedded import embedded_env  # noqa: F401  (fixture)
-from tests.test_summarise_worker import make_batcher  # noqa: F401  (fixture)
 from tests.test_summarise_worker import add_videos, transcript
-from tubesum.models import Video
 from tubesum.errors import WorkerStopping
+from tubesum.models import Video
 from tubesum.workers.summarise.store import VideoInput
 
 # A partial chunk waits this long for more videos, seconds: far longer than any stop may take.
@@ -48,12 +46,31 @@ def test_drain_sends_waiting_videos_back_at_once(make_batcher) -> None:
 def test_ctrl_c_of_a_run_with_videos_in_hand_is_fast(embedded_env, tmp_path: Path) -> None:
     csv_path = tmp_path / "t.csv"
     with csv_path.open("w", newline="") as f:
-        csv.writer(f).writerows([("video_id", "transcript"), *((f"csvVideo{i:03d}", "Owls hunt at night.")
-                                                               for i in range(3))])
+        csv.writer(f).writerows(
+            [("video_id", "transcript"), *((f"csvVideo{i:03d}", "Owls hunt at night.") for i in range(3))]
+        )
     env = {**embedded_env, "TUBESUM_CHUNK_WAIT_S": str(LONG_CHUNK_WAIT_S)}
-    proc = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "run", "--transcripts", str(csv_path),
-                             "--model", "dummy:tiny", "--device-map", "cpu", "--chunk-size", "4"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tubesum.cli",
+            "run",
+            "--transcripts",
+            str(csv_path),
+            "--model",
+            "dummy:tiny",
+            "--device-map",
+            "cpu",
+            "--chunk-size",
+            "4",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = tmp_path / ".tubesum" / "logs" / "summarise.log"
     deadline = time.monotonic() + 120
     while (log.read_text() if log.exists() else "").count("received") < 3:
@@ -74,13 +91,29 @@ def test_ctrl_c_of_a_run_with_videos_in_hand_is_fast(embedded_env, tmp_path: Pat
 
 @pytest.mark.slow
 def test_the_worker_log_names_itself_tells_its_queue_and_logs_each_chunk(
-        env, settings, db_session, start_worker, wait_until, tiny_model_dir) -> None:
+    env, settings, db_session, start_worker, wait_until, tiny_model_dir
+) -> None:
     from tubesum.celery_app import SUMMARISE_TASK, app
 
     pks = add_videos(db_session, [transcript(i) for i in range(3)])
     env.update(TUBESUM_MAX_NEW_TOKENS="8", TUBESUM_CHUNK_WAIT_S="1.0")
-    worker = start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",
-                                "--device-map", "cpu", "--name", "gpu-log@%h"], name="gpu-log", env=env)  # fmt: skip
+    worker = start_worker(
+        argv=[
+            "tubesum",
+            "worker",
+            "summarise",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            "4",
+            "--device-map",
+            "cpu",
+            "--name",
+            "gpu-log@%h",
+        ],
+        name="gpu-log",
+        env=env,
+    )
     for pk in pks:
         app.send_task(SUMMARISE_TASK, args=[pk])
 
@@ -93,4 +126,6 @@ def test_the_worker_log_names_itself_tells_its_queue_and_logs_each_chunk(
     assert f"summarise worker gpu-log@{socket.gethostname()}: chunks of up to 4" in log and "%h:" not in log
     assert re.search(r"\.> summarise\s+exchange=summarise\(direct\) key=summarise", log), log
     assert "exchange=transcripts" not in log
-    assert re.search(r"chunk 1: 3 videos, [\d.]+k? prompt tok, prefill \d+\.\d s, decode \d+\.\d s, [\d,]+ gen tok/s", log), log
+    assert re.search(
+        r"chunk 1: 3 videos, [\d.]+k? prompt tok, prefill \d+\.\d s, decode \d+\.\d s, [\d,]+ gen tok/s", log
+    ), log

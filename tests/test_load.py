@@ -43,11 +43,30 @@ def test_two_thousand_videos_nothing_lost(env, db_session, tmp_path, tiny_model_
     ids = write_transcripts(tmp_path / "load.csv")
     env.update(TUBESUM_DEVICE_MAP="cpu", TUBESUM_CHUNK_WAIT_S="0.5")
     result = subprocess.run(
-        [sys.executable, "-m", "tubesum.cli", "run", "--transcripts", "load.csv", "--model", str(tiny_model_dir),
-         "--chunk-size", str(CHUNK), "--max-new-tokens", str(MAX_NEW_TOKENS), "-o", "export.csv",
-         "--timeout", str(JOB_TIMEOUT_S)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tubesum.cli",
+            "run",
+            "--transcripts",
+            "load.csv",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            str(CHUNK),
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "-o",
+            "export.csv",
+            "--timeout",
+            str(JOB_TIMEOUT_S),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in (tmp_path / ".tubesum" / "logs").glob("*.log"))
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
     assert f"{VIDEOS} summarised, 0 awaiting summary, 0 failed of {VIDEOS}" in result.stdout

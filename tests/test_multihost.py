@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.own_redis import OwnRedis
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from tests.own_redis import OwnRedis
 from tubesum.models import Batch, Summary, Video
 
 pytestmark = pytest.mark.slow
@@ -48,9 +48,13 @@ STUCK_AFTER_S = 30
 FINISH_AFTER_KILL_S = 150
 # PostgreSQL test server the forwarder points at.
 PG_TARGET = ("127.0.0.1", 5432)
-SENTENCES = ["Octopuses have three hearts and blue blood.", "Bees dance to tell their sisters where the flowers are.",
-             "The blue whale is the largest animal that has ever lived.", "Trees talk to each other through fungi.",
-             "Some birds migrate thousands of kilometres every year, guided by the stars."]  # fmt: skip
+SENTENCES = [
+    "Octopuses have three hearts and blue blood.",
+    "Bees dance to tell their sisters where the flowers are.",
+    "The blue whale is the largest animal that has ever lived.",
+    "Trees talk to each other through fungi.",
+    "Some birds migrate thousands of kilometres every year, guided by the stars.",
+]
 
 
 # --- the head node's services, reachable from the namespaces ----------------------------------------
@@ -150,8 +154,11 @@ def make_network() -> Network:
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         net.close()
         reason = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        warnings.warn(f"network namespaces unavailable ({reason}): the two GPU worker hosts are plain "
-                      "processes on this machine with distinct TUBESUM_WORKER_HOST names", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"network namespaces unavailable ({reason}): the two GPU worker hosts are plain "
+            "processes on this machine with distinct TUBESUM_WORKER_HOST names",
+            stacklevel=2,
+        )
         return Network(head="127.0.0.1", prefix={h: [] for h in HOSTS}, netns=False)
     return net
 
@@ -196,34 +203,67 @@ def transcripts_csv(path: Path) -> None:
 def test_two_gpu_hosts_share_the_job_and_one_survives_the_other(
     head_node: HeadNode, env, db_url, db_session, start_worker, wait_until, tiny_model_dir, tmp_path, request
 ):
-    env = {**env, "TUBESUM_BROKER_URL": head_node.broker_url, "TUBESUM_DATABASE_URL": head_node.database_url,
-           "TUBESUM_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S), "TUBESUM_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
-           "TUBESUM_CHUNK_WAIT_S": "0.5", "TUBESUM_DEVICE_MAP": "cpu",
-           # A short visibility timeout must still outlast an unacknowledged fetch (settings check it).
-           "TUBESUM_FETCH_BACKOFF_MAX_S": "2", "TUBESUM_HTTP_CONNECT_TIMEOUT_S": "1",
-           "TUBESUM_HTTP_READ_TIMEOUT_S": "2",
-           # The reconciler (below) re-sends what no redelivery brings back; live workers' videos
-           # stay fresh through the heartbeat, so it never re-sends work still in flight.
-           "TUBESUM_HEARTBEAT_S": "2", "TUBESUM_STUCK_AFTER_S": str(STUCK_AFTER_S)}  # fmt: skip
+    env = {
+        **env,
+        "TUBESUM_BROKER_URL": head_node.broker_url,
+        "TUBESUM_DATABASE_URL": head_node.database_url,
+        "TUBESUM_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+        "TUBESUM_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
+        "TUBESUM_CHUNK_WAIT_S": "0.5",
+        "TUBESUM_DEVICE_MAP": "cpu",
+        # A short visibility timeout must still outlast an unacknowledged fetch (settings check it).
+        "TUBESUM_FETCH_BACKOFF_MAX_S": "2",
+        "TUBESUM_HTTP_CONNECT_TIMEOUT_S": "1",
+        "TUBESUM_HTTP_READ_TIMEOUT_S": "2",
+        # The reconciler (below) re-sends what no redelivery brings back; live workers' videos
+        # stay fresh through the heartbeat, so it never re-sends work still in flight.
+        "TUBESUM_HEARTBEAT_S": "2",
+        "TUBESUM_STUCK_AFTER_S": str(STUCK_AFTER_S),
+    }
     workers = {}
     for host in HOSTS:
-        argv = [*head_node.network.prefix[host], sys.executable, "-m", "tubesum.cli", "worker", "summarise",
-                "--model", str(tiny_model_dir), "--chunk-size", str(CHUNK), "--name", f"gpu@{host}"]  # fmt: skip
+        argv = [
+            *head_node.network.prefix[host],
+            sys.executable,
+            "-m",
+            "tubesum.cli",
+            "worker",
+            "summarise",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            str(CHUNK),
+            "--name",
+            f"gpu@{host}",
+        ]
         workers[host] = start_worker(argv=argv, name=host, env={**env, "TUBESUM_WORKER_HOST": host}, wait=False)
     for worker in workers.values():
         worker.wait_ready()
     if head_node.network.netns:
         # The namespaces really are other hosts on the network: no loopback path to the services.
-        probe = subprocess.run([*head_node.network.prefix["host-a"], sys.executable, "-c",
-                                "import socket; socket.create_connection(('127.0.0.1', 5432), timeout=2)"],
-                               capture_output=True, text=True)  # fmt: skip
+        probe = subprocess.run(
+            [
+                *head_node.network.prefix["host-a"],
+                sys.executable,
+                "-c",
+                "import socket; socket.create_connection(('127.0.0.1', 5432), timeout=2)",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert probe.returncode != 0, "127.0.0.1:5432 reachable from inside the namespace"
 
     # Submit from the head node (this machine), straight to the database and our Redis.
     transcripts_csv(tmp_path / "t.csv")
     submit_env = {**env, "TUBESUM_DATABASE_URL": db_url}
-    result = subprocess.run([sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", "t.csv"], env=submit_env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", "t.csv"],
+        env=submit_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     job_id = int(result.stdout.strip())
 
@@ -232,16 +272,23 @@ def test_two_gpu_hosts_share_the_job_and_one_survives_the_other(
         return set(db_session.scalars(select(Batch.worker_host).where(Batch.status == "ok")))
 
     # Kill host-a as soon as both hosts have run a chunk: host-a is then in its next one.
-    wait_until(lambda: hosts_with_batches() == set(HOSTS), timeout=120,
-               message=lambda: f"a chunk from each host (so far: {hosts_with_batches()})")
+    wait_until(
+        lambda: hosts_with_batches() == set(HOSTS),
+        timeout=120,
+        message=lambda: f"a chunk from each host (so far: {hosts_with_batches()})",
+    )
     os.killpg(workers["host-a"].proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     # As in production (compose's `reconciler` service): a SIGKILL can also lose a message that
     # Redis had already popped for host-a but host-a had not yet recorded as unacknowledged
     # (kombu's BRPOP, then HSET); the visibility timeout cannot bring that one back, this does.
-    reconciler = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "reconcile", "--every", "2"],
-                                  env=submit_env, cwd=tmp_path, stdout=(tmp_path / "reconcile.log").open("wb"),
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+    reconciler = subprocess.Popen(
+        [sys.executable, "-m", "tubesum.cli", "reconcile", "--every", "2"],
+        env=submit_env,
+        cwd=tmp_path,
+        stdout=(tmp_path / "reconcile.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     request.addfinalizer(lambda: (reconciler.terminate(), reconciler.wait(10)))
     workers["host-a"].proc.wait(10)
     db_session.expire_all()
@@ -250,13 +297,21 @@ def test_two_gpu_hosts_share_the_job_and_one_survives_the_other(
 
     def statuses() -> dict[str, int]:
         db_session.expire_all()
-        return dict(db_session.execute(select(Video.status, func.count()).where(Video.job_id == job_id)
-                                       .group_by(Video.status)).all())  # fmt: skip
+        return dict(
+            db_session.execute(
+                select(Video.status, func.count()).where(Video.job_id == job_id).group_by(Video.status)
+            ).all()
+        )
 
-    wait_until(lambda: statuses() == {"done": VIDEOS}, timeout=FINISH_AFTER_KILL_S,
-               message=lambda: f"host-b to finish the job after the kill: {statuses()}")
-    print(f"network namespaces: {head_node.network.netns}; job finished {time.monotonic() - killed_at:.0f}s "
-          f"after host-a was killed with {len(in_flight)} videos in flight")
+    wait_until(
+        lambda: statuses() == {"done": VIDEOS},
+        timeout=FINISH_AFTER_KILL_S,
+        message=lambda: f"host-b to finish the job after the kill: {statuses()}",
+    )
+    print(
+        f"network namespaces: {head_node.network.netns}; job finished {time.monotonic() - killed_at:.0f}s "
+        f"after host-a was killed with {len(in_flight)} videos in flight"
+    )
 
     summaries = db_session.scalars(select(Summary)).all()
     assert len(summaries) == VIDEOS and len({s.video_pk for s in summaries}) == VIDEOS  # no duplicate summaries

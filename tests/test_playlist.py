@@ -12,12 +12,12 @@ import kombu.pools
 import pytest
 import redis
 
-from tubesum.models import Job, Transcript, Video
-from tubesum.producer.sources import PlaylistRef, VideoRef, resolve_playlist
-from tubesum.producer.submit import EMPTY_CSV_TRANSCRIPT, submit
 from tests.youtube_replay import playlist_initial_data, playlist_page, replay_ydl
 from tubesum.celery_app import create_app
 from tubesum.errors import BadInput
+from tubesum.models import Job, Transcript, Video
+from tubesum.producer.sources import PlaylistRef, VideoRef, resolve_playlist
+from tubesum.producer.submit import EMPTY_CSV_TRANSCRIPT, submit
 
 PL = "PLreplayNature0001"
 VIDEOS = [
@@ -81,11 +81,18 @@ def test_submit_records_job_and_publishes_ids_only(settings, celery_app, db_sess
     sources = tmp_path / "sources.txt"
     sources.write_text(f"# more\nhttps://youtu.be/{VIDEOS[0][0]}\nzzzzzzzzzzz\n")
     csv = tmp_path / "t.csv"
-    csv.write_text("video_id,transcript,title\nmy-own-1,Bees dance to tell where flowers are.,Bees\nmy-own-2,,Nothing\n")
+    csv.write_text(
+        "video_id,transcript,title\nmy-own-1,Bees dance to tell where flowers are.,Bees\nmy-own-2,,Nothing\n"
+    )
     make = replay_ydl(recorded(PL, playlist_initial_data(PL, "Nature", VIDEOS)))
 
-    job_id = submit([f"https://www.youtube.com/playlist?list={PL}"], from_file=sources,
-                    transcripts_csv=csv, make_ydl=make, celery_app=celery_app)
+    job_id = submit(
+        [f"https://www.youtube.com/playlist?list={PL}"],
+        from_file=sources,
+        transcripts_csv=csv,
+        make_ydl=make,
+        celery_app=celery_app,
+    )
 
     job = db_session.get(Job, job_id)
     assert job.sources[0].endswith(PL) and job.model == settings.model
@@ -119,8 +126,13 @@ def test_submit_bad_input_writes_nothing(settings, db_session) -> None:
 
 
 def test_cli_submit_bad_input_is_one_line_exit_2(env) -> None:
-    result = subprocess.run([sys.executable, "-m", "tubesum.cli", "submit", "not a url"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", "submit", "not a url"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: 'not a url' is not a YouTube URL or an 11-character video id"
     assert "Traceback" not in result.stderr
@@ -135,8 +147,15 @@ def test_wait_for_job_counts_until_every_video_is_terminal(settings, db_session)
     from tubesum.producer.progress import wait_for_job
 
     job = Job(sources=["x"])
-    db_session.add_all([job, *(Video(job=job, video_id=f"v{i}", position=i, status=s)
-                               for i, s in enumerate(["done", "failed", "fetching", "summarising"]))])
+    db_session.add_all(
+        [
+            job,
+            *(
+                Video(job=job, video_id=f"v{i}", position=i, status=s)
+                for i, s in enumerate(["done", "failed", "fetching", "summarising"])
+            ),
+        ]
+    )
     db_session.commit()
     counts = wait_for_job(job.id, database_url=settings.database_url, poll_s=0.01, timeout_s=0.05, show=False)
     assert (counts.queued, counts.fetched, counts.summarised, counts.failed, counts.finished) == (1, 1, 1, 1, False)

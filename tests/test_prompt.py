@@ -15,8 +15,13 @@ MAX_NEW = 50
 
 @pytest.fixture(scope="module")
 def builder(tiny_engine) -> PromptBuilder:
-    return PromptBuilder(tiny_engine.tokenizer, instruction=INSTRUCTION, max_context=tiny_engine.max_context,
-                         max_new_tokens=MAX_NEW, stop_ids=tiny_engine.stop_ids)
+    return PromptBuilder(
+        tiny_engine.tokenizer,
+        instruction=INSTRUCTION,
+        max_context=tiny_engine.max_context,
+        max_new_tokens=MAX_NEW,
+        stop_ids=tiny_engine.stop_ids,
+    )
 
 
 def text_of(builder: PromptBuilder, ids: list[int]) -> str:
@@ -71,8 +76,13 @@ def test_plain_prompt_without_a_chat_template(tiny_engine):
 
 def test_too_small_a_context_is_refused(tiny_engine):
     with pytest.raises(PromptError, match="too small"):
-        PromptBuilder(tiny_engine.tokenizer, instruction=INSTRUCTION, max_context=300, max_new_tokens=200,
-                      stop_ids=tiny_engine.stop_ids)
+        PromptBuilder(
+            tiny_engine.tokenizer,
+            instruction=INSTRUCTION,
+            max_context=300,
+            max_new_tokens=200,
+            stop_ids=tiny_engine.stop_ids,
+        )
 
 
 def long_transcript(tokens_at_least: int, builder: PromptBuilder) -> str:
@@ -95,12 +105,12 @@ def test_long_transcript_is_cut_on_token_boundaries_and_reduced(builder, tiny_en
     assert all(len(p) <= tiny_engine.max_context - MAX_NEW for p in plan.step)
     # Every transcript token is in exactly one piece, in order: nothing cut.
     m = builder.map
-    pieces = [p[len(m.prefix): len(p) - len(m.suffix)] for p in plan.step]
+    pieces = [p[len(m.prefix) : len(p) - len(m.suffix)] for p in plan.step]
     assert [t for piece in pieces for t in piece] == transcript_ids
     plan.feed([fake(MAX_NEW) for _ in plan.step])
     assert not plan.done and len(plan.step) == 1  # the reduce prompt
     # It holds every piece summary, token for token, in order.
-    reduce_ids = plan.step[0][len(builder.reduce.prefix): len(plan.step[0]) - len(builder.reduce.suffix)]
+    reduce_ids = plan.step[0][len(builder.reduce.prefix) : len(plan.step[0]) - len(builder.reduce.suffix)]
     assert reduce_ids == ([100] * MAX_NEW + builder.separator) * (plan.pieces - 1) + [100] * MAX_NEW
     assert len(plan.step[0]) <= tiny_engine.max_context - MAX_NEW
     assert "summaries of consecutive parts" in text_of(builder, plan.step[0])
@@ -119,8 +129,13 @@ def test_summaries_carried_into_a_reduce_prompt_are_data(builder, tiny_engine):
 
 def test_reduce_recurses_when_piece_summaries_do_not_fit_one_prompt(tiny_engine):
     # max_new_tokens 200 on a 1024 context: about three summaries per reduce prompt.
-    b = PromptBuilder(tiny_engine.tokenizer, instruction=INSTRUCTION, max_context=1024, max_new_tokens=200,
-                      stop_ids=tiny_engine.stop_ids)
+    b = PromptBuilder(
+        tiny_engine.tokenizer,
+        instruction=INSTRUCTION,
+        max_context=1024,
+        max_new_tokens=200,
+        stop_ids=tiny_engine.stop_ids,
+    )
     plan = SummaryPlan(long_transcript(6000, b), b)
     levels = 0
     while not plan.done:

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 from typer.testing import CliRunner
 
+from tubesum.cli import app as cli
 from tubesum.models import Batch, Job, Summary, Video
 from tubesum.models.base import utcnow
-from tubesum.cli import app as cli
 from tubesum.report import BATCH_COLUMNS, write_report
 
 PNG_MAGIC = b"\x89PNG"
@@ -18,13 +18,29 @@ PNG_MAGIC = b"\x89PNG"
 def batch(batch_id: str, *, at, size: int, status: str = "ok", host: str = "gpu1", oom_split: bool = False) -> Batch:
     wall = 0.5 * size
     return Batch(
-        id=batch_id, worker_host=host, devices="cuda:0", model="m", dtype="bfloat16", attn_implementation="sdpa",
-        engine="fast", chunk_size=8, batch_size=size, prompt_tokens=100 * size, padded_prompt_tokens=100 * size,
-        generated_tokens=0 if status == "oom" else 50 * size, prefill_s=0.1, decode_s=wall - 0.1, wall_s=wall,
-        generated_tokens_per_s=0.0 if status == "oom" else 100.0 * size ** 0.5, peak_memory_bytes=2**30,
-        oom_split=oom_split, status=status, note="out of memory" if status == "oom" else None,
-        started_at=at, ended_at=at + timedelta(seconds=wall),
-    )  # fmt: skip
+        id=batch_id,
+        worker_host=host,
+        devices="cuda:0",
+        model="m",
+        dtype="bfloat16",
+        attn_implementation="sdpa",
+        engine="fast",
+        chunk_size=8,
+        batch_size=size,
+        prompt_tokens=100 * size,
+        padded_prompt_tokens=100 * size,
+        generated_tokens=0 if status == "oom" else 50 * size,
+        prefill_s=0.1,
+        decode_s=wall - 0.1,
+        wall_s=wall,
+        generated_tokens_per_s=0.0 if status == "oom" else 100.0 * size**0.5,
+        peak_memory_bytes=2**30,
+        oom_split=oom_split,
+        status=status,
+        note="out of memory" if status == "oom" else None,
+        started_at=at,
+        ended_at=at + timedelta(seconds=wall),
+    )
 
 
 def make_job(session) -> int:
@@ -45,13 +61,34 @@ def make_job(session) -> int:
     for i, batch_id in enumerate(by_batch):
         video = Video(job=job, video_id=f"v{i}", position=i, status="done", queued_at=t0)
         session.add(video)
-        session.add(Summary(video=video, batch_id=batch_id, text="s", model="m", prompt_tokens=100,
-                            generated_tokens=50, finish_reason="stop", pieces=3 if batch_id == "red1" else 1,
-                            queue_wait_s=1.0, latency_s=3.0 + i))
+        session.add(
+            Summary(
+                video=video,
+                batch_id=batch_id,
+                text="s",
+                model="m",
+                prompt_tokens=100,
+                generated_tokens=50,
+                finish_reason="stop",
+                pieces=3 if batch_id == "red1" else 1,
+                queue_wait_s=1.0,
+                latency_s=3.0 + i,
+            )
+        )
     video = Video(job=other, video_id="w", position=0, status="done", queued_at=t0)
     session.add(video)
-    session.add(Summary(video=video, batch_id="elsewhere", text="s", model="m", prompt_tokens=1, generated_tokens=1,
-                        finish_reason="stop", latency_s=99.0))
+    session.add(
+        Summary(
+            video=video,
+            batch_id="elsewhere",
+            text="s",
+            model="m",
+            prompt_tokens=1,
+            generated_tokens=1,
+            finish_reason="stop",
+            latency_s=99.0,
+        )
+    )
     session.commit()
     return job.id
 

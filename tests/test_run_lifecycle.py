@@ -20,7 +20,6 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from tests.test_embedded import embedded_env  # noqa: F401  (fixture)
 from tests.youtube_replay import REPLAY_ENV
 from tubesum.models import Job, Video
 
@@ -107,8 +106,14 @@ def test_a_dead_worker_ends_a_run_started_in_the_background(embedded_env, tmp_pa
 def test_sigterm_stops_every_child_of_the_run(embedded_env, tmp_path: Path) -> None:
     replay(embedded_env, "http_429")
     embedded_env["TUBESUM_FETCH_BACKOFF_BASE_S"] = "60"
-    proc = subprocess.Popen(cli("run", "blocked0001", "--fetch-only"), env=embedded_env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli("run", "blocked0001", "--fetch-only"),
+        env=embedded_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_text(tmp_path / ".tubesum" / "logs" / "fetch.log", "retrying in", proc)
     children = descendants(proc.pid)
     assert len(children) >= 2  # the fetch worker and its pool
@@ -122,8 +127,13 @@ def test_sigterm_stops_every_child_of_the_run(embedded_env, tmp_path: Path) -> N
 def test_workers_end_even_when_the_run_is_killed(embedded_env, tmp_path: Path) -> None:
     replay(embedded_env, "http_429")
     embedded_env["TUBESUM_FETCH_BACKOFF_BASE_S"] = "60"
-    proc = subprocess.Popen(cli("run", "blocked0001", "--fetch-only"), env=embedded_env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli("run", "blocked0001", "--fetch-only"),
+        env=embedded_env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_text(tmp_path / ".tubesum" / "logs" / "fetch.log", "retrying in", proc)
     children = descendants(proc.pid)
     proc.kill()  # SIGKILL: no handler runs; the kernel tells the workers (PR_SET_PDEATHSIG)
@@ -134,8 +144,14 @@ def test_workers_end_even_when_the_run_is_killed(embedded_env, tmp_path: Path) -
 
 def test_a_second_ctrl_c_kills_the_workers_at_once(embedded_env, tmp_path: Path) -> None:
     replay(embedded_env, "slow", slow_s=120)  # a fetch in progress: the warm shutdown would wait for it
-    proc = subprocess.Popen(cli("run", "slowVideo01", "--fetch-only"), env=embedded_env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli("run", "slowVideo01", "--fetch-only"),
+        env=embedded_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_text(tmp_path / ".tubesum" / "logs" / "fetch.log", "received", proc)
     children = descendants(proc.pid)
     proc.send_signal(signal.SIGINT)
@@ -160,18 +176,28 @@ def test_a_run_says_what_leftover_work_it_picks_up(embedded_env, tmp_path: Path)
     with Session(engine) as session:  # a job an earlier run left half done
         job = Job(id=7, sources=[], model="org/old")
         session.add(job)
-        session.add_all(Video(job=job, video_id=f"old{i:08d}", position=i, status=status)
-                        for i, status in enumerate(("queued", "fetched", "done")))
+        session.add_all(
+            Video(job=job, video_id=f"old{i:08d}", position=i, status=status)
+            for i, status in enumerate(("queued", "fetched", "done"))
+        )
         session.commit()
     engine.dispose()
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "a transcript")])
-    result = subprocess.run(cli("run", "--transcripts", str(csv_path), "--fetch-only", "-o", "exports/"),
-                            env=embedded_env, cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        cli("run", "--transcripts", str(csv_path), "--fetch-only", "-o", "exports/"),
+        env=embedded_env,
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("exported to exports/tubesum-job-8.csv")  # -o dir/: the default name in it
     assert (tmp_path / "exports" / "tubesum-job-8.csv").is_file()
-    assert ("note: 2 unfinished videos of earlier job 7 are still queued; this run's workers take them first "
-            "and fetch their transcripts (`tubesum status 7` shows them)") in result.stderr
+    assert (
+        "note: 2 unfinished videos of earlier job 7 are still queued; this run's workers take them first "
+        "and fetch their transcripts (`tubesum status 7` shows them)"
+    ) in result.stderr
 
 
 # --- 8: YouTube offline -------------------------------------------------------------------------------
@@ -180,8 +206,14 @@ def test_a_run_says_what_leftover_work_it_picks_up(embedded_env, tmp_path: Path)
 def test_youtube_offline_fails_fast_with_the_cause(embedded_env, tmp_path: Path) -> None:
     replay(embedded_env, "dns_failure")
     started = time.monotonic()
-    result = subprocess.run(cli("run", "okVideo0001", "okVideo0002", "--fetch-only", "-o", "out.jsonl"),
-                            env=embedded_env, cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        cli("run", "okVideo0001", "okVideo0002", "--fetch-only", "-o", "out.jsonl"),
+        env=embedded_env,
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert time.monotonic() - started < OFFLINE_JOB_S
     assert result.returncode == 1 and "2 failed of 2" in result.stdout, result.stdout + result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -192,9 +224,14 @@ def test_youtube_offline_fails_fast_with_the_cause(embedded_env, tmp_path: Path)
 def test_the_progress_line_names_a_retried_fetchs_cause(embedded_env, tmp_path: Path) -> None:
     replay(embedded_env, "http_429")
     embedded_env["TUBESUM_FETCH_BACKOFF_BASE_S"] = "60"
-    result = subprocess.run(cli("run", "blocked0001", "--model", "dummy:tiny", "--device-map", "cpu",
-                                "--timeout", "15"),
-                            env=embedded_env, cwd=tmp_path, text=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        cli("run", "blocked0001", "--model", "dummy:tiny", "--device-map", "cpu", "--timeout", "15"),
+        env=embedded_env,
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 1, result.stderr
     bar = result.stdout
     first, second = bar.splitlines()[:2]  # the bar, then its counts and the latest problem
@@ -207,8 +244,14 @@ def test_the_progress_line_names_a_retried_fetchs_cause(embedded_env, tmp_path: 
 
 def test_submit_wait_says_when_no_worker_consumes_the_queue(env: dict[str, str], tmp_path: Path) -> None:
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "a transcript")])
-    proc = subprocess.Popen(cli("submit", "--transcripts", str(csv_path), "--wait"), env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli("submit", "--transcripts", str(csv_path), "--wait"),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.own_redis import OwnRedis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from tests.own_redis import OwnRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION_CODE = ("tubesum", "producer", "workers", "models", "migrations", "benchmarks")
@@ -46,12 +46,19 @@ def interpolated_sql(source: str) -> list[int]:
 
 
 def test_the_sql_check_catches_every_way_of_building_a_string() -> None:
-    for bad in ('conn.execute(text(f"DROP TABLE {name}"))', 'cur.execute("SELECT %s" % x)',
-                'conn.execute(text("DELETE FROM t WHERE id = " + pk))', 'db.exec_driver_sql("SELECT {}".format(x))',
-                'session.execute(text("SELECT 1 " \\\n + where))'):
+    for bad in (
+        'conn.execute(text(f"DROP TABLE {name}"))',
+        'cur.execute("SELECT %s" % x)',
+        'conn.execute(text("DELETE FROM t WHERE id = " + pk))',
+        'db.exec_driver_sql("SELECT {}".format(x))',
+        'session.execute(text("SELECT 1 " \\\n + where))',
+    ):
         assert interpolated_sql(bad), bad
-    for good in ('conn.execute(text("SELECT :x"), {"x": 1})', "session.execute(select(Video))",
-                 'conn.execute(text("SELECT 1"))'):
+    for good in (
+        'conn.execute(text("SELECT :x"), {"x": 1})',
+        "session.execute(select(Video))",
+        'conn.execute(text("SELECT 1"))',
+    ):
         assert not interpolated_sql(good), good
 
 
@@ -86,16 +93,42 @@ def test_passwords_in_service_urls_never_appear_in_logs_output_or_exports(
     # Trust authentication ignores the password, so any value works, and none must leak.
     pg_password = "pg-" + secrets.token_hex(8)
     database_url = make_url(db_url).set(password=pg_password).render_as_string(hide_password=False)
-    env.update(TUBESUM_BROKER_URL=broker_url, TUBESUM_DATABASE_URL=database_url, TUBESUM_DEVICE_MAP="cpu",
-               TUBESUM_CHUNK_WAIT_S="0.5", TUBESUM_PROXY_HTTP=f"http://user:proxy-{pg_password}@127.0.0.1:9")
+    env.update(
+        TUBESUM_BROKER_URL=broker_url,
+        TUBESUM_DATABASE_URL=database_url,
+        TUBESUM_DEVICE_MAP="cpu",
+        TUBESUM_CHUNK_WAIT_S="0.5",
+        TUBESUM_PROXY_HTTP=f"http://user:proxy-{pg_password}@127.0.0.1:9",
+    )
     with (tmp_path / "t.csv").open("w", newline="") as f:
         csv.writer(f).writerows([["video_id", "transcript"], ["s1", "Bees dance."], ["s2", ""]])
     outputs = []
-    for args in (["run", "--transcripts", "t.csv", "--model", str(tiny_model_dir), "--max-new-tokens", "4",
-                  "-o", "out.jsonl", "--timeout", "120"],
-                 ["status"], ["export", "1", "-o", "out.csv"], ["run", "not a url"]):  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "tubesum.cli", *args], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=240)  # fmt: skip
+    for args in (
+        [
+            "run",
+            "--transcripts",
+            "t.csv",
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "4",
+            "-o",
+            "out.jsonl",
+            "--timeout",
+            "120",
+        ],
+        ["status"],
+        ["export", "1", "-o", "out.csv"],
+        ["run", "not a url"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "tubesum.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         outputs.append(result.stdout + result.stderr)
     assert "1 summarised" in outputs[0] and "out.csv" in outputs[2], outputs
     logs = [p.read_text(errors="replace") for p in (tmp_path / ".tubesum" / "logs").glob("*.log")]
@@ -103,8 +136,11 @@ def test_passwords_in_service_urls_never_appear_in_logs_output_or_exports(
     exports = [(tmp_path / name).read_text() for name in ("out.jsonl", "out.csv")]
     engine = create_engine(db_url)
     with engine.connect() as conn:  # everything the job wrote, as text
-        stored = [str(row) for table in ("jobs", "videos", "transcripts", "summaries", "batches")
-                  for row in conn.execute(text("SELECT * FROM " + table))]  # fmt: skip  (fixed table names)
+        stored = [
+            str(row)
+            for table in ("jobs", "videos", "transcripts", "summaries", "batches")
+            for row in conn.execute(text("SELECT * FROM " + table))
+        ]  # fmt: skip  (fixed table names)
     engine.dispose()
     for secret in (redis_password, pg_password):
         for place, content in [("output", outputs), ("worker logs", logs), ("exports", exports), ("database", stored)]:

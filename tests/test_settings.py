@@ -42,10 +42,17 @@ def test_environment_switches_to_services(clean_env: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("TUBESUM_CHUNK_SIZE", "0"), ("TUBESUM_CHUNK_SIZE", "many"), ("TUBESUM_TRANSCRIPT_LANGUAGES", " , "),
-     ("TUBESUM_ATTN", "magic"), ("TUBESUM_MAX_NEW_TOKENS", "lots"),
-     # a lease must outlast three heartbeats, or a live worker's videos would be returned
-     ("TUBESUM_LEASE_S", "30"), ("TUBESUM_HEARTBEAT_S", "0"), ("TUBESUM_HANDBACK_GRACE_S", "-1")],
+    [
+        ("TUBESUM_CHUNK_SIZE", "0"),
+        ("TUBESUM_CHUNK_SIZE", "many"),
+        ("TUBESUM_TRANSCRIPT_LANGUAGES", " , "),
+        ("TUBESUM_ATTN", "magic"),
+        ("TUBESUM_MAX_NEW_TOKENS", "lots"),
+        # a lease must outlast three heartbeats, or a live worker's videos would be returned
+        ("TUBESUM_LEASE_S", "30"),
+        ("TUBESUM_HEARTBEAT_S", "0"),
+        ("TUBESUM_HANDBACK_GRACE_S", "-1"),
+    ],
 )
 def test_unsafe_values_fail_fast(clean_env: pytest.MonkeyPatch, key: str, value: str) -> None:
     clean_env.setenv(key, value)
@@ -79,7 +86,9 @@ def test_celery_config_rabbitmq(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("TUBESUM_BROKER_URL", "amqp://guest:guest@head:5672//")
     conf = celery_config(Settings())
     assert {q.name: q.queue_arguments for q in conf["task_queues"]} == {
-        TRANSCRIPTS_QUEUE: {"x-queue-type": "quorum"}, SUMMARISE_QUEUE: {"x-queue-type": "quorum"}}
+        TRANSCRIPTS_QUEUE: {"x-queue-type": "quorum"},
+        SUMMARISE_QUEUE: {"x-queue-type": "quorum"},
+    }
     assert conf["broker_transport_options"] == {"confirm_publish": True}
     assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
 

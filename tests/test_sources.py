@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tubesum.errors import BadInput
 from tubesum.producer.sources import (
     CsvTranscript,
     PlaylistRef,
@@ -13,7 +14,6 @@ from tubesum.producer.sources import (
     read_sources_file,
 )
 from tubesum.text import is_blank
-from tubesum.errors import BadInput
 
 VID = "dQw4w9WgXcQ"
 PL = "PLFs4vir_WsTwEd-nJgVJCZPNL3HALHHpF"
@@ -95,7 +95,9 @@ def test_missing_sources_file_is_bad_input(tmp_path) -> None:
 
 def test_csv_loads_rows_titles_and_empty_transcripts(tmp_path) -> None:
     path = tmp_path / "t.csv"
-    path.write_text('video_id,transcript,title\nvid-1,"Hello, bees.\nThey dance.",Bees\nvid-2,,Empty\nvid-3,  Owls  ,\n')
+    path.write_text(
+        'video_id,transcript,title\nvid-1,"Hello, bees.\nThey dance.",Bees\nvid-2,,Empty\nvid-3,  Owls  ,\n'
+    )
     assert load_transcripts_csv(path) == [
         CsvTranscript("vid-1", "Hello, bees.\nThey dance.", "Bees"),
         CsvTranscript("vid-2", "", "Empty"),
@@ -126,9 +128,12 @@ def test_csv_that_is_not_utf8_is_refused_naming_its_encoding(tmp_path) -> None:
     with pytest.raises(BadInput, match=r"is not UTF-8 \(byte 0xe9 on line 2\)"):
         load_transcripts_csv(path)
     french = "video_id,transcript,title\n" + "".join(
-        f"v{i},Le café et la crème brûlée sont très appréciés à Paris en été,Garçon {i}\n" for i in range(40))
+        f"v{i},Le café et la crème brûlée sont très appréciés à Paris en été,Garçon {i}\n" for i in range(40)
+    )
     path.write_bytes(french.encode("cp1252"))
-    with pytest.raises(BadInput, match=r"is not UTF-8 \(byte 0xe9 on line 2\); it looks like cp1252.*--encoding cp1252"):
+    with pytest.raises(
+        BadInput, match=r"is not UTF-8 \(byte 0xe9 on line 2\); it looks like cp1252.*--encoding cp1252"
+    ):
         load_transcripts_csv(path)
     rows = load_transcripts_csv(path, encoding="cp1252")  # what the message says to do: no text lost
     assert rows[0] == CsvTranscript("v0", "Le café et la crème brûlée sont très appréciés à Paris en été", "Garçon 0")
@@ -160,6 +165,7 @@ def test_csv_without_rows_is_bad_input(tmp_path) -> None:
 def test_is_blank() -> None:
     assert is_blank("") and is_blank(" \t\n") and is_blank("\u200b\u200b") and is_blank("\x01\u00ad\u202e")
     assert not is_blank("\u200bx") and not is_blank("ok")
+
 
 def test_csv_row_with_an_unquoted_comma_is_bad_input(tmp_path) -> None:
     path = tmp_path / "t.csv"

@@ -16,7 +16,7 @@ import csv
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from sqlalchemy import func, select
 
 from tubesum.db import session_scope
 from tubesum.models import Batch, Job, Summary, Transcript, Video
-from tubesum.producer import submit as submit_module
 from tubesum.producer.submit import SEND_BATCH, SendState, submit
 from tubesum.workers.summarise.store import claim_video
 
@@ -38,13 +37,15 @@ FRENCH = "Le café et la crème brûlée sont très appréciés à Paris en ét�
 SMALL_ROWS, LARGE_ROWS = 2_000, 14_000
 MAX_RSS_GROWTH_MB = 15
 # Bytes of a row in the big files (the issue's file: 139 MB / 50,000 rows).
-ROW_TEXT = ("Octopuses have three hearts and blue blood. Bees dance to tell their sisters where "
-            "the flowers are. ") * 28
+ROW_TEXT = ("Octopuses have three hearts and blue blood. Bees dance to tell their sisters where the flowers are. ") * 28
 
 
-def tubesum(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tubesum.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+def tubesum(
+    env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_rows(path: Path, rows: int, *, prefix: str = "vid", text: str = ROW_TEXT) -> Path:
@@ -90,8 +91,9 @@ def test_latin1_csv_is_refused_naming_its_encoding_and_read_exactly_with_encodin
     assert accepted.returncode == 0, accepted.stderr
     job_id = int(accepted.stdout)
     with session_scope(db_url) as s:
-        text, title = s.execute(select(Transcript.text, Video.title).join(Video)
-                                .where(Video.job_id == job_id, Video.video_id == "fr007")).one()
+        text, title = s.execute(
+            select(Transcript.text, Video.title).join(Video).where(Video.job_id == job_id, Video.video_id == "fr007")
+        ).one()
     assert (text, title) == (f"{FRENCH} 7", "Café 7")  # every accent kept
 
 
@@ -105,7 +107,9 @@ def test_utf16_csv_is_read(env, db_url, tmp_path) -> None:
 
 def test_zero_width_transcripts_fail_as_empty(env, db_url, tmp_path) -> None:
     """From a CSV: failed at submit. From YouTube (already stored): failed when the GPU worker claims it."""
-    (tmp_path / "zw.csv").write_text("video_id,transcript\nzw,\u200b\u200b\u200c \u2060\ufeff\nok,Owls.\n", encoding="utf-8")
+    (tmp_path / "zw.csv").write_text(
+        "video_id,transcript\nzw,\u200b\u200b\u200c \u2060\ufeff\nok,Owls.\n", encoding="utf-8"
+    )
     done = tubesum(env, "submit", "--transcripts", "zw.csv", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with session_scope(db_url) as s:
@@ -127,12 +131,15 @@ def test_zero_width_transcripts_fail_as_empty(env, db_url, tmp_path) -> None:
 
 def peak_rss_mb(env: dict[str, str], *args: str, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
     """Run `tubesum ARGS` (its real entry point, through runpy) and return its own peak RSS."""
-    wrapper = ("import resource, runpy, sys\n"
-               "sys.argv = ['tubesum', *sys.argv[1:]]\n"
-               "try:\n    runpy.run_module('tubesum.cli', run_name='__main__')\n"
-               "finally:\n    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    wrapper = (
+        "import resource, runpy, sys\n"
+        "sys.argv = ['tubesum', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('tubesum.cli', run_name='__main__')\n"
+        "finally:\n    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK_KB")]
     assert done.returncode == 0 and peak, done.stderr
     return int(peak[-1].split()[1]) / 1024, done
@@ -157,6 +164,7 @@ def test_submit_streams_a_big_csv_in_bounded_memory(env, db_url, tmp_path) -> No
 def interrupt_after_first_batch(csv_path: Path, settings, *, seen: dict) -> None:
     """In this process: submit, note what the queue held when the job id came, and Ctrl-C (a
     KeyboardInterrupt) once the first batch of messages is out."""
+
     def on_job(job_id: int) -> None:
         seen["job"] = job_id
         seen["queued_at_job_id"] = redis.Redis.from_url(settings.broker_url).llen("summarise")
@@ -209,8 +217,13 @@ def test_ctrl_c_while_sending_says_what_is_left_and_a_resubmit_finishes(env, db_
     import signal
 
     path = write_rows(tmp_path / "t.csv", 8 * SEND_BATCH, prefix="i", text="Short.")
-    proc = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     job_id = int(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -232,18 +245,41 @@ def test_ctrl_c_while_sending_says_what_is_left_and_a_resubmit_finishes(env, db_
 
 def finish_with_summaries(db_url: str, job_id: int, *, model: str) -> dict[str, str]:
     """What a GPU worker leaves behind: a batch row, a summary per video, every video done."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     texts = {}
     with session_scope(db_url) as s:
-        batch = Batch(id=f"batch-of-job-{job_id}", worker_host="gpu@test", devices="cpu", model=model, dtype="fp32",
-                      attn_implementation="sdpa", engine="hf", chunk_size=8, batch_size=3, prompt_tokens=30,
-                      padded_prompt_tokens=30, generated_tokens=9, wall_s=1.25, generated_tokens_per_s=7.2,
-                      started_at=now, ended_at=now)
+        batch = Batch(
+            id=f"batch-of-job-{job_id}",
+            worker_host="gpu@test",
+            devices="cpu",
+            model=model,
+            dtype="fp32",
+            attn_implementation="sdpa",
+            engine="hf",
+            chunk_size=8,
+            batch_size=3,
+            prompt_tokens=30,
+            padded_prompt_tokens=30,
+            generated_tokens=9,
+            wall_s=1.25,
+            generated_tokens_per_s=7.2,
+            started_at=now,
+            ended_at=now,
+        )
         s.add(batch)
         for video in s.scalars(select(Video).where(Video.job_id == job_id)):
             texts[video.video_id] = f"Summary of {video.video_id}."
-            s.add(Summary(video=video, batch=batch, text=texts[video.video_id], model=model, prompt_tokens=10,
-                          generated_tokens=3, finish_reason="stop"))
+            s.add(
+                Summary(
+                    video=video,
+                    batch=batch,
+                    text=texts[video.video_id],
+                    model=model,
+                    prompt_tokens=10,
+                    generated_tokens=3,
+                    finish_reason="stop",
+                )
+            )
             video.status = "done"
     return texts
 
@@ -271,19 +307,21 @@ def test_same_csv_twice_warns_and_reuse_takes_over_existing_summaries(env, setti
     assert "2 video(s) took over an existing summary of the same video, model and prompt" in reused.stderr
     with session_scope(db_url) as s:
         got = dict(s.execute(select(Video.video_id, Video.status).where(Video.job_id == job_c)).all())
-        summaries = dict(s.execute(select(Video.video_id, Summary.text).join(Summary)
-                                   .where(Video.job_id == job_c)).all())
+        summaries = dict(
+            s.execute(select(Video.video_id, Summary.text).join(Summary).where(Video.job_id == job_c)).all()
+        )
     assert got == {"same00000001": "done", "same00000002": "done", "same00000003": "fetched"}
     assert summaries == {k: texts[k] for k in ("same00000001", "same00000002")}
     assert len(queued(env)) == before + 1  # only the edited row goes to the GPU
 
-    other_prompt = tubesum({**env, "TUBESUM_PROMPT": "Summarise in French."}, "submit", "--transcripts", str(first),
-                           "--reuse")
+    other_prompt = tubesum(
+        {**env, "TUBESUM_PROMPT": "Summarise in French."}, "submit", "--transcripts", str(first), "--reuse"
+    )
     assert other_prompt.returncode == 0 and "took over" not in other_prompt.stderr
 
 
 def test_a_second_submit_while_the_first_is_being_read_is_warned(settings, env, db_url, tmp_path) -> None:
-    """"At once": the first submit's job is visible from its first moment, so the second one warns."""
+    """ "At once": the first submit's job is visible from its first moment, so the second one warns."""
     path = write_rows(tmp_path / "t.csv", 1200, prefix="c", text="Short.")
     second: dict = {}
 

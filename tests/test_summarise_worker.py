@@ -6,21 +6,17 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from sqlalchemy import select
 
+from tests.worker_fixtures import FUTURE_TIMEOUT_S, INSTRUCTION, MAX_NEW
+from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
-from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.batcher import Batcher
 from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
-
-MAX_NEW = 24  # short summaries keep the CPU tests fast
-INSTRUCTION = "Summarise the transcript."
-FUTURE_TIMEOUT_S = 60
 
 SENTENCES = [
     "Octopuses have three hearts and blue blood.",
@@ -34,25 +30,6 @@ SENTENCES = [
 def transcript(i: int) -> str:
     """Transcripts of different lengths."""
     return " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(1 + i % 4))
-
-
-@dataclass
-class Recorder:
-    """A sink keeping what the Batcher would commit."""
-
-    batches: list[BatchRecord] = field(default_factory=list)
-    outcomes: dict[int, VideoOutcome] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __call__(self, batch: BatchRecord, outcomes) -> None:
-        with self.lock:
-            self.batches.append(batch)
-            for o in outcomes:
-                o.batch_id = batch.id  # type: ignore[attr-defined]
-                self.outcomes[o.video_pk] = o
-
-    def ok(self) -> list[BatchRecord]:
-        return [b for b in self.batches if b.status == "ok"]
 
 
 class OomAbove:
@@ -69,22 +46,6 @@ class OomAbove:
         if len(prompts) > self.max_batch or max(len(p) for p in prompts) > self.max_prompt:
             raise OutOfMemory(f"injected: chunk of {len(prompts)} prompts")
         return self.engine.generate(prompts, params)
-
-
-@pytest.fixture
-def make_batcher(tiny_engine):
-    started: list[Batcher] = []
-
-    def make(*, chunk_size: int = 8, chunk_wait_s: float = 5.0, engine=None, max_new_tokens: int = MAX_NEW):
-        sink = Recorder()
-        batcher = Batcher(engine or tiny_engine, sink=sink, chunk_size=chunk_size, chunk_wait_s=chunk_wait_s,
-                          max_new_tokens=max_new_tokens, instruction=INSTRUCTION).start()
-        started.append(batcher)
-        return batcher, sink
-
-    yield make
-    for b in started:
-        b.stop(timeout=30)
 
 
 def summarise_all(batcher: Batcher, texts: dict[int, str]) -> dict[int, VideoOutcome]:
@@ -124,8 +85,15 @@ def test_out_of_memory_splits_the_chunk_and_remembers_the_size(make_batcher, tin
     outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
     assert all(o.status == "done" for o in outcomes.values())  # no video fails because of OOM
     rows = [(b.batch_size, b.status, b.oom_split) for b in sink.batches]
-    assert rows == [(8, "oom", False), (4, "oom", True), (2, "ok", True), (2, "ok", True),
-                    (4, "oom", True), (2, "ok", True), (2, "ok", True)]  # fmt: skip
+    assert rows == [
+        (8, "oom", False),
+        (4, "oom", True),
+        (2, "ok", True),
+        (2, "ok", True),
+        (4, "oom", True),
+        (2, "ok", True),
+        (2, "ok", True),
+    ]
     assert "out of memory" in sink.batches[0].note
     assert batcher.sizer.limit == 2
     # Later chunks are capped at the size that worked: no more OOM.
@@ -169,7 +137,10 @@ def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batche
         outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
         assert all(o.status == "done" for o in outcomes.values())
         assert [(b.batch_size, b.status, b.oom_split) for b in sink.batches] == [
-            (8, "oom", False), (4, "ok", True), (4, "ok", True)]
+            (8, "oom", False),
+            (4, "ok", True),
+            (4, "ok", True),
+        ]
         assert "Tried to allocate 2.00 GiB" in sink.batches[0].note
         assert batcher.sizer.limit == 4
         pk = 100
@@ -206,8 +177,13 @@ def batcher_prompt(engine, text: str) -> list[int]:
     from tubesum.workers.summarise.plan import SummaryPlan
     from tubesum.workers.summarise.prompt import PromptBuilder
 
-    b = PromptBuilder(engine.tokenizer, instruction=INSTRUCTION, max_context=engine.max_context,
-                      max_new_tokens=MAX_NEW, stop_ids=engine.stop_ids)
+    b = PromptBuilder(
+        engine.tokenizer,
+        instruction=INSTRUCTION,
+        max_context=engine.max_context,
+        max_new_tokens=MAX_NEW,
+        stop_ids=engine.stop_ids,
+    )
     (ids,) = SummaryPlan(text, b).step
     return ids
 
@@ -275,7 +251,9 @@ class SlowEngine:
 
 
 @pytest.mark.parametrize("grace_s", [30.0, 0.2])
-def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_the_grace(make_batcher, tiny_engine, grace_s):
+def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_the_grace(
+    make_batcher, tiny_engine, grace_s
+):
     """hand_back: videos not in the running chunk fail with WorkerStopping at once (their tasks
     requeue them); the running chunk is stored if it finishes within the grace, else handed back."""
     from tubesum.errors import WorkerStopping
@@ -313,8 +291,9 @@ def test_a_failing_store_fails_the_tasks_and_the_batcher_goes_on(tiny_engine):
         if len(calls) == 1:
             raise RuntimeError("database unreachable")
 
-    batcher = Batcher(tiny_engine, sink=flaky, chunk_size=2, chunk_wait_s=0.05, max_new_tokens=8,
-                      instruction=INSTRUCTION).start()
+    batcher = Batcher(
+        tiny_engine, sink=flaky, chunk_size=2, chunk_wait_s=0.05, max_new_tokens=8, instruction=INSTRUCTION
+    ).start()
     try:
         with pytest.raises(RuntimeError, match="unreachable"):
             batcher.submit(VideoInput(1, transcript(1))).result(timeout=FUTURE_TIMEOUT_S)
@@ -343,11 +322,29 @@ def add_videos(session, texts: list[str], *, status: str = "fetched") -> list[in
 def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
     now = utcnow()
     values = dict(
-        id=batch_id, worker_host="h", devices="cpu", model="tiny", dtype="float32", attn_implementation="sdpa",
-        engine="fast", chunk_size=8, batch_size=1, prompt_tokens=10, padded_prompt_tokens=10, generated_tokens=5,
-        prefill_s=0.1, decode_s=0.2, wall_s=0.3, generated_tokens_per_s=16.7, peak_memory_bytes=None,
-        oom_split=False, status="ok", note=None, started_at=now, ended_at=now,
-    )  # fmt: skip
+        id=batch_id,
+        worker_host="h",
+        devices="cpu",
+        model="tiny",
+        dtype="float32",
+        attn_implementation="sdpa",
+        engine="fast",
+        chunk_size=8,
+        batch_size=1,
+        prompt_tokens=10,
+        padded_prompt_tokens=10,
+        generated_tokens=5,
+        prefill_s=0.1,
+        decode_s=0.2,
+        wall_s=0.3,
+        generated_tokens_per_s=16.7,
+        peak_memory_bytes=None,
+        oom_split=False,
+        status="ok",
+        note=None,
+        started_at=now,
+        ended_at=now,
+    )
     values.update(overrides)
     return BatchRecord(**values)
 
@@ -391,7 +388,12 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     assert release_video(pk, database_url=db_url, owner="gpu@a")
     db_session.expire_all()
     video = db_session.get(Video, pk)
-    assert (video.status, video.lease_owner, video.lease_expires_at, video.summarise_attempts) == ("fetched", None, None, 0)
+    assert (video.status, video.lease_owner, video.lease_expires_at, video.summarise_attempts) == (
+        "fetched",
+        None,
+        None,
+        0,
+    )
     assert claim_video(pk, database_url=db_url, owner="gpu@b", lease_s=60) is not None
     assert claim_video(pk, database_url=db_url, owner="gpu@c", lease_s=60, takeover=True) is not None
     db_session.expire_all()
@@ -401,8 +403,16 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
 def test_store_batch_is_idempotent(db_url, db_session):
     (pk, failing) = add_videos(db_session, ["Bees dance.", "Whales sing."])
     claim_video(pk, database_url=db_url)
-    outcome = VideoOutcome(video_pk=pk, status="done", text="bees", token_ids=[1], finish_reason="stop",
-                           prompt_tokens=10, generated_tokens=5, first_batch_started_at=utcnow())
+    outcome = VideoOutcome(
+        video_pk=pk,
+        status="done",
+        text="bees",
+        token_ids=[1],
+        finish_reason="stop",
+        prompt_tokens=10,
+        generated_tokens=5,
+        first_batch_started_at=utcnow(),
+    )
     failure = VideoOutcome(video_pk=failing, status="failed", error="out of memory on a single prompt")
     store_batch(record("a" * 32), [outcome, failure], database_url=db_url)
     store_batch(record("c" * 32), [outcome], database_url=db_url)  # a second delivery's chunk
@@ -418,9 +428,26 @@ def test_store_batch_is_idempotent(db_url, db_session):
 
 # --- the worker process (Redis + PostgreSQL) -------------------------------------------------------------
 
-TIMING_COLUMNS = ("worker_host", "devices", "model", "dtype", "attn_implementation", "engine", "chunk_size",
-                  "batch_size", "prompt_tokens", "padded_prompt_tokens", "generated_tokens", "prefill_s",
-                  "decode_s", "wall_s", "generated_tokens_per_s", "status", "started_at", "ended_at")  # fmt: skip
+TIMING_COLUMNS = (
+    "worker_host",
+    "devices",
+    "model",
+    "dtype",
+    "attn_implementation",
+    "engine",
+    "chunk_size",
+    "batch_size",
+    "prompt_tokens",
+    "padded_prompt_tokens",
+    "generated_tokens",
+    "prefill_s",
+    "decode_s",
+    "wall_s",
+    "generated_tokens_per_s",
+    "status",
+    "started_at",
+    "ended_at",
+)
 
 
 @pytest.mark.slow
@@ -430,8 +457,23 @@ def test_summarise_worker_process(env, settings, db_session, start_worker, wait_
     pks = add_videos(db_session, [transcript(i) for i in range(10)])
     env.update(TUBESUM_MAX_NEW_TOKENS=str(MAX_NEW), TUBESUM_CHUNK_WAIT_S="1.0")
     name = "gpu-test"
-    start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "8",
-                       "--device-map", "cpu", "--name", f"{name}@%h"], name=name, env=env)  # fmt: skip
+    start_worker(
+        argv=[
+            "tubesum",
+            "worker",
+            "summarise",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            "8",
+            "--device-map",
+            "cpu",
+            "--name",
+            f"{name}@%h",
+        ],
+        name=name,
+        env=env,
+    )
     for pk in pks:
         app.send_task(SUMMARISE_TASK, args=[pk])
 
@@ -457,8 +499,11 @@ def test_summarise_worker_process(env, settings, db_session, start_worker, wait_
     (new_pk,) = add_videos(db_session, [transcript(3)])
     for pk in [pks[0], pks[1], new_pk]:
         app.send_task(SUMMARISE_TASK, args=[pk])
-    wait_until(lambda: db_session.scalar(select(Summary.id).where(Summary.video_pk == new_pk)), timeout=60,
-               message="the new video's summary")
+    wait_until(
+        lambda: db_session.scalar(select(Summary.id).where(Summary.video_pk == new_pk)),
+        timeout=60,
+        message="the new video's summary",
+    )
     db_session.expire_all()
     assert [b.batch_size for b in db_session.scalars(select(Batch).order_by(Batch.started_at))][-1] == 1
     assert len(db_session.scalars(select(Summary)).all()) == 11

@@ -15,13 +15,13 @@ import sys
 import pytest
 import torch
 
+from tests.tiny_model import saved_tiny_model
 from tubesum.errors import ModelLoadError, OutOfMemory
-from tubesum.workers.gpu import tp as tp_module
 from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu import tp as tp_module
 from tubesum.workers.gpu.engine import Engine, SamplingParams, load_engine
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
-from tubesum.workers.gpu.runner import KVCache, LlamaRunner, silu_mul
-from tests.tiny_model import saved_tiny_model
+from tubesum.workers.gpu.runner import LlamaRunner, silu_mul
 from tubesum.workers.gpu.tp import ShardSource, build_shard, probe_logits, shard_config, shard_rule, shard_tensor
 
 
@@ -61,7 +61,12 @@ def test_shards_put_back_together_are_the_full_weights(arch):
 def test_shard_config_splits_heads_and_intermediate_and_refuses_uneven_splits():
     cfg = dummy.dummy_config("llama-2-70b")
     half = shard_config(cfg, 2)
-    assert (half.num_attention_heads, half.num_key_value_heads, half.intermediate_size, half.head_dim) == (32, 4, 14336, 128)
+    assert (half.num_attention_heads, half.num_key_value_heads, half.intermediate_size, half.head_dim) == (
+        32,
+        4,
+        14336,
+        128,
+    )
     assert cfg.num_attention_heads == 64  # the full config is left alone
     with pytest.raises(ModelLoadError, match="must divide the model's attention heads"):
         shard_config(cfg, 3)
@@ -92,8 +97,12 @@ def test_big_dummy_configs_have_the_real_shapes():
 def test_grouped_experts_equal_a_per_token_reference():
     torch.manual_seed(0)
     experts, hidden, inter, tokens = 4, 16, 24, 37
-    w = MoEWeights(router=torch.randn(experts, hidden), w13=torch.randn(experts, 2 * inter, hidden) / 4,
-                   w2=torch.randn(experts, hidden, inter) / 4, top_k=2)
+    w = MoEWeights(
+        router=torch.randn(experts, hidden),
+        w13=torch.randn(experts, 2 * inter, hidden) / 4,
+        w2=torch.randn(experts, hidden, inter) / 4,
+        top_k=2,
+    )
     h = torch.randn(tokens, hidden)
     ours = moe_mlp(h, w, silu_mul)
     ref = torch.zeros_like(h)
@@ -194,11 +203,39 @@ def test_tensor_parallel_refuses_the_hf_backend_and_uneven_splits():
 def test_bench_runs_tensor_parallel_with_the_device_map_baseline_beside_it(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "tubesum.cli", "bench", "--model", str(saved_tiny_model()), "--device", "cpu",
-         "--tensor-parallel", "2", "--chunk-sizes", "1,2", "--prompts", "4", "--new-tokens", "5",
-         "--max-chunks", "1", "--no-extend", "--lengths", "fixed", "--baseline", "--baseline-chunk-sizes", "1,2",
-         "-o", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+        [
+            sys.executable,
+            "-m",
+            "tubesum.cli",
+            "bench",
+            "--model",
+            str(saved_tiny_model()),
+            "--device",
+            "cpu",
+            "--tensor-parallel",
+            "2",
+            "--chunk-sizes",
+            "1,2",
+            "--prompts",
+            "4",
+            "--new-tokens",
+            "5",
+            "--max-chunks",
+            "1",
+            "--no-extend",
+            "--lengths",
+            "fixed",
+            "--baseline",
+            "--baseline-chunk-sizes",
+            "1,2",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best against best" in proc.stdout
     report = json.loads((out / "bench.json").read_text())
@@ -210,22 +247,41 @@ def test_bench_runs_tensor_parallel_with_the_device_map_baseline_beside_it(tmp_p
 
 
 @pytest.mark.slow
-def test_tensor_parallel_summarise_worker_is_one_celery_worker(env, settings, db_session, start_worker, wait_until,
-                                                                tiny_model_dir):
+def test_tensor_parallel_summarise_worker_is_one_celery_worker(
+    env, settings, db_session, start_worker, wait_until, tiny_model_dir
+):
     """`tubesum worker summarise --tensor-parallel 2`: one Celery worker (rank 0) that spawned its
     rank; chunks, batch rows and summaries as on one device, `devices` naming both ranks."""
     from sqlalchemy import select
-
     from test_summarise_worker import add_videos, transcript
+
     from tubesum.celery_app import SUMMARISE_TASK, app
     from tubesum.models import Batch, Summary, Video
 
     pks = add_videos(db_session, [transcript(i) for i in range(6)])
     env.update(TUBESUM_MAX_NEW_TOKENS="12", TUBESUM_CHUNK_WAIT_S="1.0")
     name = "gpu-tp"
-    start_worker(argv=["tubesum", "worker", "summarise", "--model", str(tiny_model_dir), "--chunk-size", "4",
-                       "--device-map", "cpu", "--dtype", "float32", "--tensor-parallel", "2",
-                       "--name", f"{name}@%h"], name=name, env=env)  # fmt: skip
+    start_worker(
+        argv=[
+            "tubesum",
+            "worker",
+            "summarise",
+            "--model",
+            str(tiny_model_dir),
+            "--chunk-size",
+            "4",
+            "--device-map",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--tensor-parallel",
+            "2",
+            "--name",
+            f"{name}@%h",
+        ],
+        name=name,
+        env=env,
+    )
     for pk in pks:
         app.send_task(SUMMARISE_TASK, args=[pk])
 

@@ -26,12 +26,19 @@ import redis
 from kombu.exceptions import ChannelError
 from sqlalchemy import create_engine, func, select, text
 
-from tests.slow_gpu_worker import SLOW_CHUNK_ENV
-from tests.test_faults import (REPO, assert_nothing_lost, fault_env, fetch_worker_argv, gpu_worker_argv,  # noqa: F401
-                               in_state, submit_ids, wait_statuses)
-from tests.youtube_replay import REPLAY_ENV
-from tests.test_playlist import task_args
 from tests.own_redis import OwnRedis
+from tests.slow_gpu_worker import SLOW_CHUNK_ENV
+from tests.test_faults import (
+    REPO,
+    assert_nothing_lost,
+    fetch_worker_argv,
+    gpu_worker_argv,
+    in_state,
+    submit_ids,
+    wait_statuses,
+)
+from tests.test_playlist import task_args
+from tests.youtube_replay import REPLAY_ENV
 from tubesum.celery_app import SUMMARISE_QUEUE, TRANSCRIPTS_QUEUE
 from tubesum.db import POOL_MAX_OVERFLOW, POOL_SIZE
 from tubesum.models import Batch, Job, Summary, Transcript, Video
@@ -56,8 +63,9 @@ def db(db_url: str):
 def connections_of(db, pid: int) -> int:
     """PostgreSQL connections opened by the process ``pid`` (tubesum names them after it)."""
     with db.connect() as conn:
-        return conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
-                           {"name": f"tubesum pid {pid}"})
+        return conn.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"), {"name": f"tubesum pid {pid}"}
+        )
 
 
 @pytest.mark.slow
@@ -90,11 +98,16 @@ def test_a_gpu_worker_with_a_backlog_holds_a_bounded_pool(fault_env, db, start_w
 # --- helpers -------------------------------------------------------------------------------------------
 
 
-def start_gpu(start_worker, env: dict[str, str], name: str, model_dir: Path, *, slow_s: float, chunk_size: int = 4,
-              **extra: str):
+def start_gpu(
+    start_worker, env: dict[str, str], name: str, model_dir: Path, *, slow_s: float, chunk_size: int = 4, **extra: str
+):
     """A GPU worker whose chunks take ``slow_s`` longer; its batch rows name it (TUBESUM_WORKER_HOST)."""
-    return start_worker(env={**env, SLOW_CHUNK_ENV: str(slow_s), "TUBESUM_WORKER_HOST": name, **extra}, cwd=REPO,
-                        name=name, argv=gpu_worker_argv(name, model_dir, chunk_size=chunk_size))
+    return start_worker(
+        env={**env, SLOW_CHUNK_ENV: str(slow_s), "TUBESUM_WORKER_HOST": name, **extra},
+        cwd=REPO,
+        name=name,
+        argv=gpu_worker_argv(name, model_dir, chunk_size=chunk_size),
+    )
 
 
 def queue_depth(broker_url: str, queue: str = SUMMARISE_QUEUE) -> int:
@@ -153,8 +166,14 @@ def video_rows(db, job_id: int) -> dict[str, Video]:
 def summaries_by_host(db, job_id: int) -> dict[str, str]:
     """video_id → worker_host of the batch that stored its summary."""
     with db.connect() as conn:
-        return dict(conn.execute(select(Video.video_id, Batch.worker_host).join(Summary, Summary.video_pk == Video.id)
-                                 .join(Batch, Batch.id == Summary.batch_id).where(Video.job_id == job_id)).all())
+        return dict(
+            conn.execute(
+                select(Video.video_id, Batch.worker_host)
+                .join(Summary, Summary.video_pk == Video.id)
+                .join(Batch, Batch.id == Summary.batch_id)
+                .where(Video.job_id == job_id)
+            ).all()
+        )
 
 
 def wait_quick(predicate, *, limit_s: float, message: str) -> float:
@@ -172,7 +191,8 @@ def wait_quick(predicate, *, limit_s: float, message: str) -> float:
 
 @pytest.mark.slow
 def test_a_gpu_worker_killed_mid_chunk_is_replaced_within_two_minutes_with_default_settings(
-        default_broker_env, db, start_worker, wait_until, tiny_model_dir):
+    default_broker_env, db, start_worker, wait_until, tiny_model_dir
+):
     """Default delivery settings (lease 60 s, a reconcile pass every 10 s inside each worker, Redis'
     visibility timeout 4 h). Redis: the killed worker's leases run out and the second worker's own
     pass sends its six videos back at once. RabbitMQ: the broker redelivers the dead consumer's
@@ -201,7 +221,8 @@ def test_a_gpu_worker_killed_mid_chunk_is_replaced_within_two_minutes_with_defau
 
 @pytest.mark.slow
 def test_a_fetch_worker_killed_mid_job_is_replaced_within_two_minutes_with_default_settings(
-        default_broker_env, db, start_worker, wait_until, tmp_path):
+    default_broker_env, db, start_worker, wait_until, tmp_path
+):
     """A whole fetch worker SIGKILLed with two fetches in flight, default settings. Redis: their
     leases (75 s: the longest fetch) run out and the second worker's pass returns them. RabbitMQ:
     redelivered at once and taken over. The job's transcripts are all in within 2 minutes."""
@@ -220,12 +241,16 @@ def test_a_fetch_worker_killed_mid_job_is_replaced_within_two_minutes_with_defau
     recovered_s = time.monotonic() - killed_at
     assert recovered_s <= RECOVERY_TARGET_S
     assert_nothing_lost(db, job_id, done=6, summarised=False)
-    assert sorted(r.lease_expiries for r in video_rows(db, job_id).values()) == [0] * 4 + ([1] * 2 if on_redis else [0] * 2)
+    assert sorted(r.lease_expiries for r in video_rows(db, job_id).values()) == [0] * 4 + (
+        [1] * 2 if on_redis else [0] * 2
+    )
     print(f"transcripts all in {recovered_s:.0f}s after the fetch worker was SIGKILLed")
 
 
 @pytest.mark.slow
-def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db, start_worker, wait_until, tiny_model_dir):
+def test_a_worker_stalled_past_its_lease_stores_no_second_summary(
+    broker_env, db, start_worker, wait_until, tiny_model_dir
+):
     """SIGSTOP the GPU worker mid-chunk (its heartbeat stops with it): its leases run out, another
     worker summarises the videos; SIGCONT: the stalled worker finishes its chunk, finds them done,
     and stores its batch row but no second summary."""
@@ -254,8 +279,9 @@ def test_a_worker_stalled_past_its_lease_stores_no_second_summary(broker_env, db
 
 
 @pytest.mark.slow
-def test_a_redelivery_while_its_holder_lives_does_not_run_the_video_twice(fault_env, db, start_worker, wait_until,
-                                                                           tiny_model_dir):
+def test_a_redelivery_while_its_holder_lives_does_not_run_the_video_twice(
+    fault_env, db, start_worker, wait_until, tiny_model_dir
+):
     """A chunk longer than Redis' visibility timeout (6 s here; 40 s in the issue's report): Redis
     hands its messages to a second worker, which drops them because the first worker's lease, renewed
     by its heartbeat, still runs. Only the first worker generates those videos."""
@@ -308,8 +334,13 @@ def test_a_fleet_outage_fails_no_video(fault_env, db, start_worker, wait_until, 
     wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="six videos held by gpu-a")
     os.killpg(first.proc.pid, signal.SIGKILL)
     first.proc.wait(timeout=10)
-    reconciler = subprocess.Popen([sys.executable, "-m", "tubesum.cli", "reconcile", "--every", "0.5"], env=fault_env,
-                                  cwd=tmp_path, stdout=(tmp_path / "reconcile.log").open("wb"), stderr=subprocess.STDOUT)
+    reconciler = subprocess.Popen(
+        [sys.executable, "-m", "tubesum.cli", "reconcile", "--every", "0.5"],
+        env=fault_env,
+        cwd=tmp_path,
+        stdout=(tmp_path / "reconcile.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         time.sleep(10 * lease_s)  # (max_reconciles + 1) leases and more
         assert sorted(r.status for r in video_rows(db, job_id).values()) == ["fetched"] * 6
@@ -323,8 +354,9 @@ def test_a_fleet_outage_fails_no_video(fault_env, db, start_worker, wait_until, 
 
 
 @pytest.mark.slow
-def test_messages_lost_with_a_redis_restart_are_resent_from_the_database(fault_env, db, start_worker, wait_until,
-                                                                         tiny_model_dir, tmp_path):
+def test_messages_lost_with_a_redis_restart_are_resent_from_the_database(
+    fault_env, db, start_worker, wait_until, tiny_model_dir, tmp_path
+):
     """Redis without persistence (how many run it) restarted with six summarise messages queued:
     they are gone. A worker's reconcile pass notices the `fetched` videos with no lease and an
     empty queue once they are TUBESUM_STUCK_AFTER_S old (60 s by default; 3 s here) and sends them
@@ -387,7 +419,8 @@ def test_sigterm_hands_back_held_messages_within_seconds(broker_env, db, start_w
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["second-sigterm", "grace-over"])
 def test_the_running_chunk_is_handed_back_on_a_second_sigterm_or_when_the_grace_ends(
-        how, fault_env, db, redis_url, start_worker, wait_until, tiny_model_dir):
+    how, fault_env, db, redis_url, start_worker, wait_until, tiny_model_dir
+):
     """A chunk that cannot finish in time: a second SIGTERM, or the end of the grace period
     (TUBESUM_HANDBACK_GRACE_S), hands its messages back too; the worker exits without storing it."""
     grace = {"TUBESUM_HANDBACK_GRACE_S": "2" if how == "grace-over" else "25"}
@@ -398,8 +431,9 @@ def test_the_running_chunk_is_handed_back_on_a_second_sigterm_or_when_the_grace_
     wait_quick(lambda: queue_depth(redis_url) == 4, limit_s=HANDBACK_TARGET_S, message="four waiting messages back")
     if how == "second-sigterm":
         first.proc.send_signal(signal.SIGTERM)
-    all_back_s = wait_quick(lambda: queue_depth(redis_url) == 8, limit_s=HANDBACK_TARGET_S,
-                            message="the running chunk's messages back too")
+    all_back_s = wait_quick(
+        lambda: queue_depth(redis_url) == 8, limit_s=HANDBACK_TARGET_S, message="the running chunk's messages back too"
+    )
     first.proc.wait(timeout=20)
     assert sorted(r.status for r in video_rows(db, job_id).values()) == ["fetched"] * 8
     start_gpu(start_worker, fault_env, "gpu-b", tiny_model_dir, slow_s=0)
@@ -417,27 +451,47 @@ def add_job(db, videos: list[dict]) -> tuple[int, dict[str, int]]:
     old = utcnow() - timedelta(minutes=5)
     pks: dict[str, int] = {}
     with db.begin() as conn:
-        job_id = conn.execute(Job.__table__.insert().values(sources=["t"], options={}, created_at=old)).inserted_primary_key[0]
+        job_id = conn.execute(
+            Job.__table__.insert().values(sources=["t"], options={}, created_at=old)
+        ).inserted_primary_key[0]
         for i, values in enumerate(videos):
-            row = dict(job_id=job_id, video_id=f"vid{i:08d}", status="failed", position=i, attempts=7,
-                       summarise_attempts=9, reconciles=2, lease_expiries=3, queued_at=old, updated_at=old) | values
+            row = (
+                dict(
+                    job_id=job_id,
+                    video_id=f"vid{i:08d}",
+                    status="failed",
+                    position=i,
+                    attempts=7,
+                    summarise_attempts=9,
+                    reconciles=2,
+                    lease_expiries=3,
+                    queued_at=old,
+                    updated_at=old,
+                )
+                | values
+            )
             transcript = row.pop("transcript", None)
             pks[row["video_id"]] = pk = conn.execute(Video.__table__.insert().values(**row)).inserted_primary_key[0]
             if transcript:
-                conn.execute(Transcript.__table__.insert().values(video_pk=pk, text=transcript, source="csv", created_at=old))
+                conn.execute(
+                    Transcript.__table__.insert().values(video_pk=pk, text=transcript, source="csv", created_at=old)
+                )
     return job_id, pks
 
 
 def tubesum_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tubesum.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", *args], env=env, capture_output=True, text=True, timeout=60, cwd=REPO
+    )
 
 
 def queued_messages(redis_url: str) -> dict[str, list[int]]:
     client = redis.Redis.from_url(redis_url)
     try:
-        return {queue: sorted(task_args(json.loads(m))[0] for m in client.lrange(queue, 0, -1))
-                for queue in (TRANSCRIPTS_QUEUE, SUMMARISE_QUEUE)}
+        return {
+            queue: sorted(task_args(json.loads(m))[0] for m in client.lrange(queue, 0, -1))
+            for queue in (TRANSCRIPTS_QUEUE, SUMMARISE_QUEUE)
+        }
     finally:
         client.close()
 
@@ -446,22 +500,32 @@ def test_retry_requeues_failed_videos_with_fresh_counters(env, db, redis_url):
     """`tubesum retry JOB --failed-reason TEXT`: only the failed videos whose reason matches, to
     summarise if their transcript is stored, else to fetch, with their counters back at zero."""
     outage = "stuck in 'summarising' after 3 expired leases (its worker died each time); giving up"
-    job_id, pks = add_job(db, [
-        dict(video_id="outage00001", error=outage, transcript="Bees dance."),
-        dict(video_id="outage00002", error=outage.replace("summarising", "fetching")),
-        dict(video_id="nocaptions1", error="TranscriptsDisabled: subtitles are disabled"),
-        dict(video_id="finished001", status="done", error=None, transcript="Owls."),
-    ])
+    job_id, pks = add_job(
+        db,
+        [
+            dict(video_id="outage00001", error=outage, transcript="Bees dance."),
+            dict(video_id="outage00002", error=outage.replace("summarising", "fetching")),
+            dict(video_id="nocaptions1", error="TranscriptsDisabled: subtitles are disabled"),
+            dict(video_id="finished001", status="done", error=None, transcript="Owls."),
+        ],
+    )
     out = tubesum_cli(env, "retry", str(job_id), "--failed-reason", "EXPIRED LEASES")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"job {job_id}: re-queued 2 failed videos (1 to fetch, 1 to summarise)"
     rows = video_rows(db, job_id)
     assert {v: r.status for v, r in rows.items()} == {
-        "outage00001": "fetched", "outage00002": "queued", "nocaptions1": "failed", "finished001": "done"}
+        "outage00001": "fetched",
+        "outage00002": "queued",
+        "nocaptions1": "failed",
+        "finished001": "done",
+    }
     for vid in ("outage00001", "outage00002"):
         r = rows[vid]
         assert (r.error, r.failed_at, r.attempts, r.summarise_attempts, r.lease_expiries) == (None, None, 0, 0, 0)
-    assert queued_messages(redis_url) == {TRANSCRIPTS_QUEUE: [pks["outage00002"]], SUMMARISE_QUEUE: [pks["outage00001"]]}
+    assert queued_messages(redis_url) == {
+        TRANSCRIPTS_QUEUE: [pks["outage00002"]],
+        SUMMARISE_QUEUE: [pks["outage00001"]],
+    }
     # Everything failed, then: the transcript failure too.
     again = tubesum_cli(env, "retry", str(job_id))
     assert again.stdout.strip() == f"job {job_id}: re-queued 1 failed videos (1 to fetch, 0 to summarise)"
@@ -474,15 +538,30 @@ def test_status_shows_who_holds_the_videos_and_expired_leases(env, db):
     """`tubesum status JOB`: per worker, how many videos it holds, since when and until when its
     lease runs; and how many went back to their queue after a lease ran out."""
     now = utcnow()
-    held = dict(status="summarising", error=None, lease_expiries=0, leased_at=now - timedelta(seconds=30),
-                lease_expires_at=now + timedelta(seconds=40))
-    job_id, _ = add_job(db, [
-        held | dict(lease_owner="gpu@host-a"), held | dict(lease_owner="gpu@host-a"),
-        held | dict(lease_owner="gpu@host-b", lease_expiries=1),
-        dict(status="fetching", error=None, lease_owner="fetch@host-c", leased_at=now, lease_expiries=0,
-             lease_expires_at=now + timedelta(seconds=60)),
-        dict(status="done", error=None, lease_expiries=2),
-    ])
+    held = dict(
+        status="summarising",
+        error=None,
+        lease_expiries=0,
+        leased_at=now - timedelta(seconds=30),
+        lease_expires_at=now + timedelta(seconds=40),
+    )
+    job_id, _ = add_job(
+        db,
+        [
+            held | dict(lease_owner="gpu@host-a"),
+            held | dict(lease_owner="gpu@host-a"),
+            held | dict(lease_owner="gpu@host-b", lease_expiries=1),
+            dict(
+                status="fetching",
+                error=None,
+                lease_owner="fetch@host-c",
+                leased_at=now,
+                lease_expiries=0,
+                lease_expires_at=now + timedelta(seconds=60),
+            ),
+            dict(status="done", error=None, lease_expiries=2),
+        ],
+    )
     out = tubesum_cli({**env, "COLUMNS": "200"}, "status", str(job_id))
     assert out.returncode == 0, out.stderr
     lines = {line.split()[1]: line for line in out.stdout.splitlines() if "@host-" in line}
@@ -501,23 +580,53 @@ def test_a_reconcile_pass_returns_expired_leases_once_and_passes_take_turns(sett
 
     now = utcnow()
     lease = dict(error=None, lease_expiries=0, leased_at=now - timedelta(minutes=2))
-    job_id, pks = add_job(db, [
-        lease | dict(video_id="expired0001", status="summarising", lease_owner="gpu@dead",
-                     lease_expires_at=now - timedelta(seconds=1), transcript="Bees dance."),
-        lease | dict(video_id="live0000001", status="summarising", lease_owner="gpu@live",
-                     lease_expires_at=now + timedelta(seconds=60), transcript="Owls hoot."),
-        lease | dict(video_id="retrying001", status="fetching", lease_owner=None,
-                     lease_expires_at=now + timedelta(seconds=60)),
-        lease | dict(video_id="dying000001", status="fetching", lease_owner="fetch@dead", lease_expiries=3,
-                     lease_expires_at=now - timedelta(seconds=1)),
-    ])
+    job_id, pks = add_job(
+        db,
+        [
+            lease
+            | dict(
+                video_id="expired0001",
+                status="summarising",
+                lease_owner="gpu@dead",
+                lease_expires_at=now - timedelta(seconds=1),
+                transcript="Bees dance.",
+            ),
+            lease
+            | dict(
+                video_id="live0000001",
+                status="summarising",
+                lease_owner="gpu@live",
+                lease_expires_at=now + timedelta(seconds=60),
+                transcript="Owls hoot.",
+            ),
+            lease
+            | dict(
+                video_id="retrying001",
+                status="fetching",
+                lease_owner=None,
+                lease_expires_at=now + timedelta(seconds=60),
+            ),
+            lease
+            | dict(
+                video_id="dying000001",
+                status="fetching",
+                lease_owner="fetch@dead",
+                lease_expiries=3,
+                lease_expires_at=now - timedelta(seconds=1),
+            ),
+        ],
+    )
     with db.connect() as conn, conn.begin():  # another pass is running
         conn.execute(select(func.pg_advisory_xact_lock(RECONCILE_LOCK_KEY)))
         assert reconcile(settings=settings, celery_app=app).skipped
     report = reconcile(settings=settings, celery_app=app)
     assert report.summary() == "re-enqueued 1 (1 summarising); 1 expired leases; failed 1; left waiting 0"
     rows = video_rows(db, job_id)
-    assert (rows["expired0001"].status, rows["expired0001"].lease_owner, rows["expired0001"].lease_expiries) == ("fetched", None, 1)
+    assert (rows["expired0001"].status, rows["expired0001"].lease_owner, rows["expired0001"].lease_expiries) == (
+        "fetched",
+        None,
+        1,
+    )
     assert (rows["live0000001"].status, rows["live0000001"].lease_owner) == ("summarising", "gpu@live")
     assert rows["retrying001"].status == "fetching" and rows["retrying001"].lease_expiries == 0
     assert rows["dying000001"].status == "failed" and "after 3 expired leases" in rows["dying000001"].error

@@ -165,8 +165,9 @@ def install_worker_replay() -> Any:
     import tubesum.workers.fetch as fetch
 
     config = json.loads(Path(os.environ[REPLAY_ENV]).read_text())
-    adapter = ReplayAdapter(scenario_for=config.get("videos", {}), default=config.get("default", "ok"),
-                            slow_s=config.get("slow_s", 2.0))
+    adapter = ReplayAdapter(
+        scenario_for=config.get("videos", {}), default=config.get("default", "ok"), slow_s=config.get("slow_s", 2.0)
+    )
     real_make_http_session = fetch.make_http_session
 
     def replaying_session(settings):  # type: ignore[no-untyped-def]
@@ -206,7 +207,9 @@ def playlist_initial_data(
                 "lengthText": {"simpleText": f"1:{i:02d}"},
                 "isPlayable": not vtitle.startswith("["),
                 "navigationEndpoint": {
-                    "commandMetadata": {"webCommandMetadata": {"url": f"/watch?v={vid}&list={playlist_id}&index={i + 1}"}},
+                    "commandMetadata": {
+                        "webCommandMetadata": {"url": f"/watch?v={vid}&list={playlist_id}&index={i + 1}"}
+                    },
                     "watchEndpoint": {"videoId": vid, "playlistId": playlist_id, "index": i},
                 },
             }
@@ -216,26 +219,61 @@ def playlist_initial_data(
     data: dict[str, Any] = {
         "responseContext": {"visitorData": "CgtyZXBsYXllZA%3D%3D"},
         "metadata": {"playlistMetadataRenderer": {"title": title}},
-        "header": {"playlistHeaderRenderer": {"playlistId": playlist_id, "title": {"simpleText": title},
-                                              "privacy": "PUBLIC", "numVideosText": {"runs": [{"text": f"{len(videos)} videos"}]}}},
-        "contents": {"twoColumnBrowseResultsRenderer": {"tabs": [{"tabRenderer": {
-            "selected": True,
-            "content": {"sectionListRenderer": {"contents": [{"itemSectionRenderer": {"contents": [
-                {"playlistVideoListRenderer": {"playlistId": playlist_id, "contents": entries}}
-            ]}}]}},
-        }}]}},
+        "header": {
+            "playlistHeaderRenderer": {
+                "playlistId": playlist_id,
+                "title": {"simpleText": title},
+                "privacy": "PUBLIC",
+                "numVideosText": {"runs": [{"text": f"{len(videos)} videos"}]},
+            }
+        },
+        "contents": {
+            "twoColumnBrowseResultsRenderer": {
+                "tabs": [
+                    {
+                        "tabRenderer": {
+                            "selected": True,
+                            "content": {
+                                "sectionListRenderer": {
+                                    "contents": [
+                                        {
+                                            "itemSectionRenderer": {
+                                                "contents": [
+                                                    {
+                                                        "playlistVideoListRenderer": {
+                                                            "playlistId": playlist_id,
+                                                            "contents": entries,
+                                                        }
+                                                    }
+                                                ]
+                                            }
+                                        }
+                                    ]
+                                }
+                            },
+                        }
+                    }
+                ]
+            }
+        },
     }
     if alerts:
-        data = {"responseContext": data["responseContext"],
-                "alerts": [{"alertRenderer": {"type": kind, "text": {"runs": [{"text": text}]}}} for kind, text in alerts]}
+        data = {
+            "responseContext": data["responseContext"],
+            "alerts": [{"alertRenderer": {"type": kind, "text": {"runs": [{"text": text}]}}} for kind, text in alerts],
+        }
     return data
 
 
 def playlist_page(initial_data: dict) -> bytes:
     """The HTML page yt-dlp downloads: ytcfg and ytInitialData inline, as on youtube.com."""
-    ytcfg = {"INNERTUBE_API_KEY": "AIzaSyAO_FJ2SlqU8Q4STEHLGCilw_Y9_11qcW8", "INNERTUBE_CLIENT_NAME": "WEB",
-             "INNERTUBE_CLIENT_VERSION": "2.20251120.01.00", "INNERTUBE_CONTEXT_CLIENT_NAME": 1,
-             "VISITOR_DATA": "CgtyZXBsYXllZA%3D%3D"}
+    ytcfg = {
+        "INNERTUBE_API_KEY": "AIzaSyAO_FJ2SlqU8Q4STEHLGCilw_Y9_11qcW8",
+        "INNERTUBE_CLIENT_NAME": "WEB",
+        "INNERTUBE_CLIENT_VERSION": "2.20251120.01.00",
+        "INNERTUBE_CONTEXT_CLIENT_NAME": 1,
+        "VISITOR_DATA": "CgtyZXBsYXllZA%3D%3D",
+    }
     return (
         "<!DOCTYPE html><html><head><title>YouTube</title>"
         f"<script>ytcfg.set({json.dumps(ytcfg)});</script></head><body>"
@@ -266,7 +304,7 @@ def _make_replay_rh() -> type:
             url = urlsplit(request.url)
             self.calls.append((request.method, request.url))
             target = url.path + ("?" + url.query if url.query else "")
-            for (method, prefix), (status, body) in self.pages.items():
+            for (method, prefix), (status, body) in self.pages.items():  # noqa: B007 - used after the break
                 if request.method == method and target.startswith(prefix):
                     break
             else:

@@ -97,8 +97,10 @@ def celery_config(settings: Settings) -> dict:
         "task_retry_on_worker_lost": True,
         "task_reject_on_worker_lost": True,
         "task_annotations": {
-            FETCH_TASK: {"max_retries": settings.fetch_max_retries + settings.max_worker_lost_retries,
-                         "default_retry_delay": WORKER_LOST_RETRY_DELAY_S},
+            FETCH_TASK: {
+                "max_retries": settings.fetch_max_retries + settings.max_worker_lost_retries,
+                "default_retry_delay": WORKER_LOST_RETRY_DELAY_S,
+            },
         },
         "worker_prefetch_multiplier": 1,
         # Sending a message (submit, fetch → summarise) waits out a broker restart instead of

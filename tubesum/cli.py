@@ -19,7 +19,11 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 # `tubesum --help` lists commands in the order a user meets them, grouped in panels.
 COMMAND_ORDER = ("run", "status", "export", "report", "retry", "submit", "worker", "flower", "reconcile", "db", "bench")
 PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
-    "A whole job on this machine", "Results", "Distributed mode", "Benchmark")
+    "A whole job on this machine",
+    "Results",
+    "Distributed mode",
+    "Benchmark",
+)
 
 
 def _plain_flags(params: list) -> list:
@@ -68,8 +72,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    _version_flag: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit."),
+    _version_flag: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Summarise every video of a YouTube playlist on your GPUs."""
 
@@ -118,8 +123,12 @@ def submit_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
-    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
-    reuse: bool = typer.Option(False, "--reuse", help="take over existing summaries of the same video, model and prompt"),
+    encoding: str = typer.Option(
+        None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"
+    ),
+    reuse: bool = typer.Option(
+        False, "--reuse", help="take over existing summaries of the same video, model and prompt"
+    ),
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
 ) -> None:
     """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
@@ -136,17 +145,29 @@ def submit_cmd(
 
     try:
         with exit_codes(), submit_progress() as progress:
-            job_id = submit(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
-                            reuse=reuse, on_job=on_job, progress=progress)
+            job_id = submit(
+                sources or [],
+                from_file=from_file,
+                transcripts_csv=transcripts,
+                encoding=encoding,
+                reuse=reuse,
+                on_job=on_job,
+                progress=progress,
+            )
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
-                   "CSV again, or `tubesum reconcile`, sends the rest" if recorded else
-                   "interrupted: nothing was recorded", err=True)
+        typer.echo(
+            f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
+            "CSV again, or `tubesum reconcile`, sends the rest"
+            if recorded
+            else "interrupted: nothing was recorded",
+            err=True,
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if wait:
         try:
-            counts = wait_for_job(job_id, database_url=get_settings().database_url,
-                                  hint=missing_worker_hint(celery_app))
+            counts = wait_for_job(
+                job_id, database_url=get_settings().database_url, hint=missing_worker_hint(celery_app)
+            )
         except KeyboardInterrupt:
             typer.echo(f"stopped watching; job {job_id} goes on (`tubesum status {job_id}`)", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -167,14 +188,29 @@ def worker_fetch(
 
     # No mingle/gossip: workers share nothing through them (state is in the database), and on the
     # filesystem broker each start would leave a stale broadcast file. Flower uses events only.
-    celery_app.worker_main(["worker", "-Q", TRANSCRIPTS_QUEUE, "-n", "fetch@%h", "-E",
-                            "--without-mingle", "--without-gossip",
-                            f"--concurrency={concurrency}", f"--loglevel={loglevel}"])
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q",
+            TRANSCRIPTS_QUEUE,
+            "-n",
+            "fetch@%h",
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+        ]
+    )
 
 
 @app.command("reconcile", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
 def reconcile_cmd(
-    stuck_after: float = typer.Option(None, "--stuck-after", help="seconds without progress before a video counts as stuck (default TUBESUM_STUCK_AFTER_S)"),
+    stuck_after: float = typer.Option(
+        None,
+        "--stuck-after",
+        help="seconds without progress before a video counts as stuck (default TUBESUM_STUCK_AFTER_S)",
+    ),
     every: float = typer.Option(None, "--every", help="run a pass every this many seconds, until stopped"),
 ) -> None:
     """Re-enqueue videos stuck in queued/fetching/fetched/summarising (a dead worker or producer);
@@ -196,8 +232,7 @@ def reconcile_cmd(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        run_periodically(settings=settings, celery_app=celery_app, every_s=every, stop=stop,
-                         stuck_after_s=stuck_after)
+        run_periodically(settings=settings, celery_app=celery_app, every_s=every, stop=stop, stuck_after_s=stuck_after)
     except KeyboardInterrupt:
         pass
 
@@ -218,7 +253,9 @@ def flower_cmd(
 @app.command("retry", cls=Command, rich_help_panel=PANEL_RESULTS)
 def retry_cmd(
     job: int = typer.Argument(..., help="job id"),
-    failed_reason: str = typer.Option(None, "--failed-reason", help="only videos whose failure reason contains this text (case-insensitive)"),
+    failed_reason: str = typer.Option(
+        None, "--failed-reason", help="only videos whose failure reason contains this text (case-insensitive)"
+    ),
 ) -> None:
     """Send a job's failed videos through again (to summarise if their transcript is stored, else
     to fetch), with fresh attempt counters: for videos failed by an outage, say."""
@@ -236,12 +273,20 @@ def retry_cmd(
 
 @worker_app.command("summarise", cls=Command)
 def worker_summarise(
-    model: str = typer.Option(None, "--model", help="Hugging Face model id, local directory or dummy:ARCH (default TUBESUM_MODEL)"),
-    chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto' (default TUBESUM_CHUNK_SIZE)"),
+    model: str = typer.Option(
+        None, "--model", help="Hugging Face model id, local directory or dummy:ARCH (default TUBESUM_MODEL)"
+    ),
+    chunk_size: str = typer.Option(
+        None, "--chunk-size", help="prompts per batched generation, or 'auto' (default TUBESUM_CHUNK_SIZE)"
+    ),
     chunk_wait: float = typer.Option(None, "--chunk-wait", help="seconds a partial chunk waits for more videos"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
     device_map: str = typer.Option(None, "--device-map", help="auto, cpu, cuda:0, ..."),
-    tensor_parallel: int = typer.Option(None, "--tensor-parallel", help="run the model over N GPUs of this host (cuda:0..N-1 of the visible ones) with tensor parallelism (default TUBESUM_TENSOR_PARALLEL, 1)"),
+    tensor_parallel: int = typer.Option(
+        None,
+        "--tensor-parallel",
+        help="run the model over N GPUs of this host (cuda:0..N-1 of the visible ones) with tensor parallelism (default TUBESUM_TENSOR_PARALLEL, 1)",
+    ),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager"),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
@@ -256,10 +301,20 @@ def worker_summarise(
     from tubesum.settings import Settings
     from tubesum.workers.gpu.worker import run_summarise_worker
 
-    overrides = {key: value for key, value in dict(
-        model=model, chunk_size=chunk_size, chunk_wait_s=chunk_wait, max_new_tokens=max_new_tokens,
-        device_map=device_map, tensor_parallel=tensor_parallel, dtype=dtype, attn=attn,
-    ).items() if value is not None}  # fmt: skip
+    overrides = {
+        key: value
+        for key, value in dict(
+            model=model,
+            chunk_size=chunk_size,
+            chunk_wait_s=chunk_wait,
+            max_new_tokens=max_new_tokens,
+            device_map=device_map,
+            tensor_parallel=tensor_parallel,
+            dtype=dtype,
+            attn=attn,
+        ).items()
+        if value is not None
+    }
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     with exit_codes():
         settings = Settings(**overrides)
@@ -298,7 +353,7 @@ def status_cmd(
     from rich.console import Console
 
     from tubesum.db import NoJobsYet, require_database, session_scope
-    from tubesum.jobs import NoJobs, all_jobs_table, all_job_statuses, job_status, status_tables
+    from tubesum.jobs import NoJobs, all_job_statuses, all_jobs_table, job_status, status_tables
 
     console = Console()
     with exit_codes():
@@ -324,8 +379,9 @@ def status_cmd(
 @app.command("export", cls=Command, rich_help_panel=PANEL_RESULTS)
 def export_cmd(
     job: int = typer.Argument(..., help="job id"),
-    output: str = typer.Option(..., "--output", "-o",
-                               help="file ending in .csv or .jsonl, or a directory (tubesum-job-N.csv in it for job N)"),
+    output: str = typer.Option(
+        ..., "--output", "-o", help="file ending in .csv or .jsonl, or a directory (tubesum-job-N.csv in it for job N)"
+    ),
 ) -> None:
     """Write one row per video (transcript facts, summary, batch timings) to CSV or JSON Lines."""
     from tubesum.db import require_database, session_scope
@@ -344,18 +400,29 @@ def run_cmd(
     sources: list[str] = typer.Argument(None, help="playlist URLs, video URLs or 11-character video ids"),
     from_file: str = typer.Option(None, "--from-file", help="file with one source per line (# comments)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of video_id,transcript[,title]"),
-    encoding: str = typer.Option(None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"),
-    model: str = typer.Option(None, "--model", show_default=f"TUBESUM_MODEL, else {DEFAULT_MODEL}",
-                              help="Hugging Face model id, local directory, or dummy:tiny for a dry run"),
+    encoding: str = typer.Option(
+        None, "--encoding", help="the CSV's encoding when it is not UTF-8 (e.g. latin-1, cp1252)"
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        show_default=f"TUBESUM_MODEL, else {DEFAULT_MODEL}",
+        help="Hugging Face model id, local directory, or dummy:tiny for a dry run",
+    ),
     chunk_size: str = typer.Option(None, "--chunk-size", help="prompts per batched generation, or 'auto'"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="summary length limit in tokens"),
-    device_map: str = typer.Option(None, "--device-map", help="auto, cpu, cuda:0, ... (default TUBESUM_DEVICE_MAP, auto)"),
+    device_map: str = typer.Option(
+        None, "--device-map", help="auto, cpu, cuda:0, ... (default TUBESUM_DEVICE_MAP, auto)"
+    ),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32 (default TUBESUM_DTYPE, auto)"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager (default TUBESUM_ATTN, auto)"),
-    output: str = typer.Option(None, "--output", "-o",
-                               help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"),
+    output: str = typer.Option(
+        None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
+    ),
     fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", help="parallel transcript fetches"),
-    fetch_only: bool = typer.Option(False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"),
+    fetch_only: bool = typer.Option(
+        False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"
+    ),
     timeout: float = typer.Option(None, "--timeout", help="give up waiting after this many seconds"),
 ) -> None:
     """Do a whole job on this machine: start local workers, submit, show progress, export, stop.
@@ -372,19 +439,39 @@ def run_cmd(
 
     try:
         with exit_codes():
-            settings = run_settings(model=model, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
-                                    device_map=device_map, dtype=dtype, attn=attn)
-            result = run_job(sources or [], from_file=from_file, transcripts_csv=transcripts, encoding=encoding,
-                             settings=settings, export_to=output, fetch_only=fetch_only,
-                             fetch_concurrency=fetch_concurrency, timeout_s=timeout, say=say)
+            settings = run_settings(
+                model=model,
+                chunk_size=chunk_size,
+                max_new_tokens=max_new_tokens,
+                device_map=device_map,
+                dtype=dtype,
+                attn=attn,
+            )
+            result = run_job(
+                sources or [],
+                from_file=from_file,
+                transcripts_csv=transcripts,
+                encoding=encoding,
+                settings=settings,
+                export_to=output,
+                fetch_only=fetch_only,
+                fetch_concurrency=fetch_concurrency,
+                timeout_s=timeout,
+                say=say,
+            )
     except (KeyboardInterrupt, Terminated) as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        typer.echo(f"{how}: workers stopped; unfinished videos stay on the queue for the next workers "
-                   "on this broker (another `tubesum run` here picks them up)", err=True)
+        typer.echo(
+            f"{how}: workers stopped; unfinished videos stay on the queue for the next workers "
+            "on this broker (another `tubesum run` here picks them up)",
+            err=True,
+        )
         raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     c = result.counts
-    typer.echo(f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
-               f"{c.failed} failed of {c.total}; exported to {clean(result.export_path)}")
+    typer.echo(
+        f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
+        f"{c.failed} failed of {c.total}; exported to {clean(result.export_path)}"
+    )
     raise typer.Exit(EXIT_FAILED if c.failed or not (c.finished or fetch_only) else 0)
 
 
@@ -405,21 +492,39 @@ def _int_list(text: str) -> list[int]:
 @app.command("bench", cls=Command, rich_help_panel=PANEL_BENCH)
 def bench_cmd(
     model: str = typer.Option(..., "--model", help="hub id, local path, or dummy:ARCH (dummy:tiny, dummy:llama-3-8b)"),
-    chunk_sizes: str = typer.Option("1,2,4,8,16,32,64", "--chunk-sizes", help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks"),
+    chunk_sizes: str = typer.Option(
+        "1,2,4,8,16,32,64",
+        "--chunk-sizes",
+        help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks",
+    ),
     prompts: int = typer.Option(64, "--prompts", help="prompts per chunk size (reused for larger chunks)"),
     new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of real transcripts to build prompts from"),
     job: int = typer.Option(None, "--job", help="build prompts from this job's stored transcripts"),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA if there is one, else the CPU), cuda, cpu or cuda:N"),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="run the model over N GPUs with tensor parallelism; --baseline then times device_map over the same GPUs"),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA if there is one, else the CPU), cuda, cpu or cuda:N"
+    ),
+    tensor_parallel: int = typer.Option(
+        1,
+        "--tensor-parallel",
+        help="run the model over N GPUs with tensor parallelism; --baseline then times device_map over the same GPUs",
+    ),
     dtype: str = typer.Option("auto", "--dtype"),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
     max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most"),
-    extend: bool = typer.Option(True, "--extend/--no-extend", help="after the list, double the size until memory runs out"),
+    extend: bool = typer.Option(
+        True, "--extend/--no-extend", help="after the list, double the size until memory runs out"
+    ),
     output: str = typer.Option("bench-out", "--output", "-o", help="directory for bench.json and the plots"),
-    varied_sizes: str = typer.Option(None, "--varied-chunk-sizes", help="chunk sizes for varied lengths (default: --chunk-sizes)"),
-    lengths: str = typer.Option("both", "--lengths", help="output lengths: fixed (every prompt --new-tokens), varied (each its own, seeded, mean ~0.8x --new-tokens), or both"),
+    varied_sizes: str = typer.Option(
+        None, "--varied-chunk-sizes", help="chunk sizes for varied lengths (default: --chunk-sizes)"
+    ),
+    lengths: str = typer.Option(
+        "both",
+        "--lengths",
+        help="output lengths: fixed (every prompt --new-tokens), varied (each its own, seeded, mean ~0.8x --new-tokens), or both",
+    ),
 ) -> None:
     """The batching study: throughput and speedup against chunk size, on the worker's engine."""
     if lengths not in ("fixed", "varied", "both"):
@@ -442,12 +547,24 @@ def bench_cmd(
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("loading model", total=None)
         report = run_bench(
-            model=model, chunk_sizes=_int_list(chunk_sizes), prompts=prompts, new_tokens=new_tokens,
-            transcripts=transcripts, job=job, device=device, baseline=baseline,
-            baseline_sizes=_int_list(baseline_sizes), max_chunks=max_chunks, extend=extend,
-            out_dir=Path(output), dtype=dtype, lengths=lengths, tensor_parallel=tensor_parallel,
+            model=model,
+            chunk_sizes=_int_list(chunk_sizes),
+            prompts=prompts,
+            new_tokens=new_tokens,
+            transcripts=transcripts,
+            job=job,
+            device=device,
+            baseline=baseline,
+            baseline_sizes=_int_list(baseline_sizes),
+            max_chunks=max_chunks,
+            extend=extend,
+            out_dir=Path(output),
+            dtype=dtype,
+            lengths=lengths,
+            tensor_parallel=tensor_parallel,
             varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
-            progress=lambda text: bar.update(task, description=text))
+            progress=lambda text: bar.update(task, description=text),
+        )
     print_report(report, console)
     console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)
 

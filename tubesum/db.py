@@ -7,7 +7,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
-
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -44,8 +43,14 @@ def make_engine(url: str) -> Engine:
     # pre_ping: a worker survives PostgreSQL restarts and dropped connections. application_name
     # names the process in pg_stat_activity (who holds which connection).
     connect_args = {"application_name": f"tubesum pid {os.getpid()}"} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW,
-                         pool_timeout=POOL_TIMEOUT_S, connect_args=connect_args)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_MAX_OVERFLOW,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args=connect_args,
+    )
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
@@ -119,15 +124,19 @@ def require_database(url: str | None = None) -> None:
     shown = parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         if not Path(parsed.database).exists():
-            raise NoJobsYet(f"no jobs yet: there is no database at {parsed.database} "
-                             "(`tubesum run` or `tubesum db upgrade` creates it)")
+            raise NoJobsYet(
+                f"no jobs yet: there is no database at {parsed.database} "
+                "(`tubesum run` or `tubesum db upgrade` creates it)"
+            )
     try:
         with get_engine(url).connect() as conn:
             has_jobs = inspect(conn).has_table(JOBS_TABLE)
     except OperationalError as exc:
         if "does not exist" in str(exc.orig):
-            raise NoDatabase(f"database {parsed.database!r} does not exist on {parsed.host}: create it "
-                             f"(createdb {parsed.database}) and run `tubesum db upgrade`") from None
+            raise NoDatabase(
+                f"database {parsed.database!r} does not exist on {parsed.host}: create it "
+                f"(createdb {parsed.database}) and run `tubesum db upgrade`"
+            ) from None
         raise NoDatabase(f"cannot open the database {shown}: {str(exc.orig).strip().splitlines()[0]}") from None
     if not has_jobs:
         raise NoJobsYet(f"no jobs yet: the database {shown} has no tables; run `tubesum db upgrade`")

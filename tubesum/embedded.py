@@ -25,14 +25,14 @@ from rich.console import Console
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
-from tubesum.producer.submit import check_input, submit
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
 from tubesum.errors import Terminated, WorkerDied
 from tubesum.jobs import check_export_path, check_writable, default_export_name, export_job, export_path
 from tubesum.models import Video, VideoStatus
+from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
+from tubesum.producer.submit import check_input, submit
 from tubesum.settings import Settings, get_settings
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.reconcile import run_periodically
@@ -44,8 +44,12 @@ WORKER_STOP_TIMEOUT_S = 30.0
 # Celery's line once a worker consumes (the summarise worker prints it after loading its model).
 READY_MARK = " ready."
 # Video states of unfinished work: another job's videos in them are what a run's workers pick up.
-UNFINISHED = (VideoStatus.queued.value, VideoStatus.fetching.value, VideoStatus.fetched.value,
-              VideoStatus.summarising.value)
+UNFINISHED = (
+    VideoStatus.queued.value,
+    VideoStatus.fetching.value,
+    VideoStatus.fetched.value,
+    VideoStatus.summarising.value,
+)
 # Lines of a dead worker's log shown in the error message.
 LOG_TAIL_LINES = 40
 # How often `--fetch-only` polls the database, seconds.
@@ -68,9 +72,15 @@ class LocalWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_term_with_parent,
-        )  # fmt: skip
+            self.argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_term_with_parent,
+        )
         log.info("started %s worker (pid %s), log in %s", self.name, self.proc.pid, self.log_path)
 
     def alive(self) -> bool:
@@ -87,8 +97,10 @@ class LocalWorker:
 
     def died(self) -> WorkerDied:
         code = self.proc.returncode if self.proc else "?"
-        return WorkerDied(f"the {self.name} worker exited with code {code} while the job was running; "
-                          f"last lines of {self.log_path}:\n{self.log_tail()}")
+        return WorkerDied(
+            f"the {self.name} worker exited with code {code} while the job was running; "
+            f"last lines of {self.log_path}:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -149,8 +161,12 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def stop_workers(workers: Sequence[LocalWorker], *, timeout_s: float = WORKER_STOP_TIMEOUT_S,
-                 say: Callable[[str], None] | None = None) -> None:
+def stop_workers(
+    workers: Sequence[LocalWorker],
+    *,
+    timeout_s: float = WORKER_STOP_TIMEOUT_S,
+    say: Callable[[str], None] | None = None,
+) -> None:
     """Stop every worker at once (SIGTERM to all, then wait), so the slowest alone sets the time.
     A second Ctrl-C (or SIGTERM) while waiting kills them all at once and is re-raised."""
     started = [w for w in workers if w.proc is not None]
@@ -202,8 +218,11 @@ def unfinished_elsewhere(database_url: str) -> dict[int, int]:
     shared queues, so this run's workers take them too."""
     with session_scope(database_url) as session:
         rows = session.execute(
-            select(Video.job_id, func.count()).where(Video.status.in_(UNFINISHED)).group_by(Video.job_id)
-            .order_by(Video.job_id)).all()  # fmt: skip
+            select(Video.job_id, func.count())
+            .where(Video.status.in_(UNFINISHED))
+            .group_by(Video.job_id)
+            .order_by(Video.job_id)
+        ).all()
     return {job_id: n for job_id, n in rows}
 
 
@@ -215,8 +234,10 @@ def leftovers_note(leftovers: dict[int, int], *, model: str | None) -> str | Non
     videos = f"{total} unfinished video{'s' if total != 1 else ''}"
     jobs = f"earlier job{'s' if several else ''} {', '.join(str(j) for j in leftovers)}"
     what = f"summarise them with {model}" if model else "fetch their transcripts"
-    return (f"note: {videos} of {jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take "
-            f"them first and {what} (`tubesum status {next(iter(leftovers))}` shows them)")
+    return (
+        f"note: {videos} of {jobs} {'are' if total != 1 else 'is'} still queued; this run's workers take "
+        f"them first and {what} (`tubesum status {next(iter(leftovers))}` shows them)"
+    )
 
 
 @dataclass(frozen=True)
@@ -287,15 +308,27 @@ def local_workers(settings: Settings, *, summarise: bool, fetch_concurrency: int
     logs = Path(settings.embedded_dir) / "logs"
     workers = [LocalWorker("fetch", [*cli, "fetch", "--concurrency", str(fetch_concurrency)], logs / "fetch.log")]
     if summarise:
-        argv = [*cli, "summarise", "--model", settings.model, "--chunk-size", str(settings.chunk_size),
-                "--max-new-tokens", str(settings.max_new_tokens), "--device-map", settings.device_map,
-                "--dtype", settings.dtype, "--attn", settings.attn]
+        argv = [
+            *cli,
+            "summarise",
+            "--model",
+            settings.model,
+            "--chunk-size",
+            str(settings.chunk_size),
+            "--max-new-tokens",
+            str(settings.max_new_tokens),
+            "--device-map",
+            settings.device_map,
+            "--dtype",
+            settings.dtype,
+            "--attn",
+            settings.attn,
+        ]
         workers.append(LocalWorker("summarise", argv, logs / "summarise.log"))
     return workers
 
 
-def _wait_fetched(job_id: int, *, database_url: str, timeout_s: float | None,
-                  check: Callable[[], None]) -> JobCounts:
+def _wait_fetched(job_id: int, *, database_url: str, timeout_s: float | None, check: Callable[[], None]) -> JobCounts:
     """Until no video waits for a transcript (``--fetch-only``)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -349,8 +382,12 @@ def run_job(
     # The reconciler of this run (`tubesum reconcile --every` in distributed mode): videos whose
     # message was lost, e.g. a worker restarted by hand, are sent again.
     stop_reconciler = threading.Event()
-    reconciler = threading.Thread(target=run_periodically, name="tubesum-reconciler", daemon=True, kwargs=dict(
-        settings=settings, celery_app=celery_app, every_s=settings.reconcile_every_s, stop=stop_reconciler))
+    reconciler = threading.Thread(
+        target=run_periodically,
+        name="tubesum-reconciler",
+        daemon=True,
+        kwargs=dict(settings=settings, celery_app=celery_app, every_s=settings.reconcile_every_s, stop=stop_reconciler),
+    )
     summariser = next((w for w in workers if w.name == "summarise"), None)
 
     def phase() -> str | None:
@@ -364,14 +401,27 @@ def run_job(
         try:
             for worker in workers:
                 worker.start(env=env, cwd=cwd)
-            job_id = submit(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding,
-                            settings=settings, celery_app=celery_app)
+            job_id = submit(
+                sources,
+                from_file=from_file,
+                transcripts_csv=transcripts_csv,
+                encoding=encoding,
+                settings=settings,
+                celery_app=celery_app,
+            )
             reconciler.start()
             if fetch_only:
                 counts = _wait_fetched(job_id, database_url=settings.database_url, timeout_s=timeout_s, check=check)
             else:
-                counts = wait_for_job(job_id, database_url=settings.database_url, timeout_s=timeout_s,
-                                      show=show_progress, console=console, check=check, phase=phase)
+                counts = wait_for_job(
+                    job_id,
+                    database_url=settings.database_url,
+                    timeout_s=timeout_s,
+                    show=show_progress,
+                    console=console,
+                    check=check,
+                    phase=phase,
+                )
         except (KeyboardInterrupt, Terminated):
             interrupted = True
             raise

@@ -49,6 +49,8 @@ class WorkerDied(TubesumError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM to `tubesum run`: handled like a Ctrl-C (workers stopped), exit code 143. Not a
     TubesumError: it is an interruption, not a failure of the work."""
+
+
 class VideoFailed(TubesumError):
     """A video failed for good; its reason is already recorded. Raised by its task afterwards so
     that the task ends as FAILURE (Flower shows it with this reason) without any retry."""

@@ -26,9 +26,11 @@ def check_basic_auth(value: str | None) -> list[str]:
     """The ``user:password`` pairs of ``value``; BadInput when there is none, or when a user name or
     a password is empty."""
     if not value or not value.strip():
-        raise BadInput(f"{FLOWER_AUTH_ENV} is not set: without it Flower shows every task to anyone who "
-                       f"reaches its port; set it to user:password, e.g. "
-                       f"export {FLOWER_AUTH_ENV}=admin:$(openssl rand -hex 12)")
+        raise BadInput(
+            f"{FLOWER_AUTH_ENV} is not set: without it Flower shows every task to anyone who "
+            f"reaches its port; set it to user:password, e.g. "
+            f"export {FLOWER_AUTH_ENV}=admin:$(openssl rand -hex 12)"
+        )
     pairs = value.split(",")
     for number, pair in enumerate(pairs, start=1):
         user, colon, password = pair.partition(":")
@@ -36,15 +38,26 @@ def check_basic_auth(value: str | None) -> list[str]:
         if not colon or not user.strip():
             raise BadInput(f"{where} must be user:password (got no user name)")
         if not password.strip():
-            raise BadInput(f"{where} has an empty password for user {user.strip()!r}: Flower would accept "
-                           f"anyone who types that name")
+            raise BadInput(
+                f"{where} has an empty password for user {user.strip()!r}: Flower would accept "
+                f"anyone who types that name"
+            )
     return pairs
 
 
 def flower_argv(*, port: int, address: str) -> list[str]:
     """Flower on this project's Celery app; no credentials here (they travel in the environment)."""
-    return [sys.executable, "-m", "celery", "-A", "tubesum.celery_app", "flower",
-            f"--port={port}", f"--address={address}", f"--tasks-columns={TASKS_COLUMNS}"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tubesum.celery_app",
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        f"--tasks-columns={TASKS_COLUMNS}",
+    ]
 
 
 def exec_flower(*, port: int, address: str, env: Mapping[str, str] | None = None) -> None:

@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from defusedcsv import csv as defused_csv
@@ -22,18 +22,34 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tubesum.display import plain
+from tubesum.errors import BadInput, UnknownJob
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.producer.progress import JobCounts
-from tubesum.errors import BadInput, UnknownJob
 
 # One row per video, in this column order (CSV header, JSON keys). Columns after "transcript_chars"
 # come from the summaries and batches tables and are empty for a video not summarised (yet).
 EXPORT_COLUMNS: tuple[str, ...] = (
-    "position", "video_id", "title", "status", "error", "language", "language_code",
-    "transcript_chars", "summary", "finish_reason", "model", "batch_id", "batch_size",
-    "prompt_tokens", "generated_tokens", "batch_seconds", "generated_tokens_per_s",
-    "queue_wait_s", "latency_s", "worker_host",
-)  # fmt: skip
+    "position",
+    "video_id",
+    "title",
+    "status",
+    "error",
+    "language",
+    "language_code",
+    "transcript_chars",
+    "summary",
+    "finish_reason",
+    "model",
+    "batch_id",
+    "batch_size",
+    "prompt_tokens",
+    "generated_tokens",
+    "batch_seconds",
+    "generated_tokens_per_s",
+    "queue_wait_s",
+    "latency_s",
+    "worker_host",
+)
 EXPORT_FORMATS = (".csv", ".jsonl")
 # Leading characters spreadsheets may read as the start of a formula besides those defusedcsv
 # handles (= + - @ | %): OWASP's CSV-injection list adds tab and carriage return.
@@ -85,10 +101,12 @@ def models_ran(session: Session, job_ids: Sequence[int]) -> dict[int, list[str]]
     """For each job, the models of the batches that produced its summaries, in order of first use."""
     rows = session.execute(
         select(Video.job_id, Batch.model, func.min(Batch.started_at))
-        .join(Summary, Summary.video_pk == Video.id).join(Batch, Batch.id == Summary.batch_id)
-        .where(Video.job_id.in_(list(job_ids))).group_by(Video.job_id, Batch.model)
+        .join(Summary, Summary.video_pk == Video.id)
+        .join(Batch, Batch.id == Summary.batch_id)
+        .where(Video.job_id.in_(list(job_ids)))
+        .group_by(Video.job_id, Batch.model)
         .order_by(Video.job_id, func.min(Batch.started_at))
-    ).all()  # fmt: skip
+    ).all()
     out: dict[int, list[str]] = {job_id: [] for job_id in job_ids}
     for job_id, model, _first in rows:
         out[job_id].append(model)
@@ -129,8 +147,10 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
         counts=JobCounts({status: n for status, n in counts}),
         failures=[FailedVideo(*row) for row in failed],
         holders=lease_holders(session, job.id),
-        expired_leases=session.scalar(select(func.coalesce(func.sum(Video.lease_expiries), 0))
-                                      .where(Video.job_id == job.id)) or 0,
+        expired_leases=session.scalar(
+            select(func.coalesce(func.sum(Video.lease_expiries), 0)).where(Video.job_id == job.id)
+        )
+        or 0,
     )
 
 
@@ -138,9 +158,9 @@ def lease_holders(session: Session, job_id: int) -> list[LeaseHolder]:
     """Per worker: how many of the job's videos it holds, since when, and until when."""
     rows = session.execute(
         select(Video.lease_owner, func.count(), func.min(Video.leased_at), func.max(Video.lease_expires_at))
-        .where(Video.job_id == job_id, Video.lease_owner.is_not(None),
-               Video.status.in_(("fetching", "summarising")))
-        .group_by(Video.lease_owner).order_by(Video.lease_owner)
+        .where(Video.job_id == job_id, Video.lease_owner.is_not(None), Video.status.in_(("fetching", "summarising")))
+        .group_by(Video.lease_owner)
+        .order_by(Video.lease_owner)
     ).all()
     return [LeaseHolder(*row) for row in rows]
 
@@ -168,8 +188,10 @@ def all_job_statuses(session: Session, *, limit: int = 20) -> list[JobLine]:
     for job_id, status, n in rows:
         by_job[job_id][status] = n
     ran = models_ran(session, ids)
-    return [JobLine(job_id, created, ", ".join(ran[job_id]) or f"{requested or ''}?", JobCounts(by_job[job_id]))
-            for job_id, created, requested in jobs]
+    return [
+        JobLine(job_id, created, ", ".join(ran[job_id]) or f"{requested or ''}?", JobCounts(by_job[job_id]))
+        for job_id, created, requested in jobs
+    ]
 
 
 def export_rows(session: Session, job_id: int) -> list[dict[str, object]]:
@@ -177,14 +199,27 @@ def export_rows(session: Session, job_id: int) -> list[dict[str, object]]:
     get_job(session, job_id)
     query = (
         select(
-            Video.position, Video.video_id, Video.title, Video.status, Video.error,
-            Transcript.language, Transcript.language_code,
+            Video.position,
+            Video.video_id,
+            Video.title,
+            Video.status,
+            Video.error,
+            Transcript.language,
+            Transcript.language_code,
             func.length(Transcript.text).label("transcript_chars"),
-            Summary.text.label("summary"), Summary.finish_reason, Summary.model, Summary.batch_id,
-            Batch.batch_size, Summary.prompt_tokens, Summary.generated_tokens,
-            Batch.wall_s.label("batch_seconds"), Batch.generated_tokens_per_s,
-            Summary.queue_wait_s, Summary.latency_s, Batch.worker_host,
-        )  # fmt: skip
+            Summary.text.label("summary"),
+            Summary.finish_reason,
+            Summary.model,
+            Summary.batch_id,
+            Batch.batch_size,
+            Summary.prompt_tokens,
+            Summary.generated_tokens,
+            Batch.wall_s.label("batch_seconds"),
+            Batch.generated_tokens_per_s,
+            Summary.queue_wait_s,
+            Summary.latency_s,
+            Batch.worker_host,
+        )
         .outerjoin(Transcript, Transcript.video_pk == Video.id)
         .outerjoin(Summary, Summary.video_pk == Video.id)
         .outerjoin(Batch, Batch.id == Summary.batch_id)
@@ -197,8 +232,9 @@ def export_rows(session: Session, job_id: int) -> list[dict[str, object]]:
 def export_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in EXPORT_FORMATS:
-        raise BadInput(f"cannot export to {str(path)!r}: the file name must end in .csv or .jsonl "
-                       "(or give a directory)")
+        raise BadInput(
+            f"cannot export to {str(path)!r}: the file name must end in .csv or .jsonl (or give a directory)"
+        )
     return suffix
 
 
@@ -210,6 +246,8 @@ def csv_cell(value: object) -> object:
     if isinstance(value, str) and value.startswith(FORMULA_WHITESPACE):
         return "'" + value
     return value
+
+
 def default_export_name(job_id: int) -> str:
     return f"tubesum-job-{job_id}.csv"
 
@@ -323,8 +361,9 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
 
 def leases_table(status: JobStatus) -> Table:
     """Who holds the job's videos now, and how often a lease ran out (its worker died)."""
-    table = Table(title="held by workers",
-                  caption=f"{status.expired_leases} returned to the queue after a lease ran out")
+    table = Table(
+        title="held by workers", caption=f"{status.expired_leases} returned to the queue after a lease ran out"
+    )
     for column in ("worker", "videos", "since (UTC)", "lease until (UTC)"):
         table.add_column(column, justify="right" if column == "videos" else "left")
     for h in status.holders:
@@ -333,7 +372,7 @@ def leases_table(status: JobStatus) -> Table:
 
 
 def _clock(value: datetime | None) -> str:
-    return f"{value.astimezone(timezone.utc):%H:%M:%S}" if value else ""
+    return f"{value.astimezone(UTC):%H:%M:%S}" if value else ""
 
 
 # `status --all` columns: the progress bar's four groups (queued = queued + fetching, fetched =
@@ -347,19 +386,26 @@ MIN_MODEL_WIDTH = 12
 
 def all_jobs_table(jobs: Sequence[JobLine], *, width: int = 80) -> Table:
     """One line per job in ``width`` columns: the counts keep their width, the model is cut."""
-    table = Table(title="recent jobs", caption="queued includes fetching; fetched includes summarising",
-                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table = Table(
+        title="recent jobs",
+        caption="queued includes fetching; fetched includes summarising",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
     table.add_column("job", justify="right", no_wrap=True)
     table.add_column("created", no_wrap=True)
     for column in ALL_JOBS_COUNTS:
         table.add_column(column, justify="right", no_wrap=True)
-    cells = [[str(line.job_id), f"{line.created_at:%m-%d %H:%M}", *map(str, _count_cells(line.counts))]
-             for line in jobs]
+    cells = [
+        [str(line.job_id), f"{line.created_at:%m-%d %H:%M}", *map(str, _count_cells(line.counts))] for line in jobs
+    ]
     headers = ["job", "created", *ALL_JOBS_COUNTS]
     fixed = sum(max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers))
     separators = 3 * len(headers)  # " │ " between columns (padding 1 + rule + padding 1)
-    table.add_column("model", overflow="ellipsis", no_wrap=True,
-                     max_width=max(MIN_MODEL_WIDTH, width - fixed - separators))
+    table.add_column(
+        "model", overflow="ellipsis", no_wrap=True, max_width=max(MIN_MODEL_WIDTH, width - fixed - separators)
+    )
     for row, line in zip(cells, jobs, strict=True):
         table.add_row(*row, plain(line.model))
     return table

@@ -30,15 +30,34 @@ from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from tubesum.display import clean, plain  # noqa: E402
-from tubesum.models import Batch, Summary, Video  # noqa: E402
 from tubesum.jobs import get_job  # noqa: E402
+from tubesum.models import Batch, Summary, Video  # noqa: E402
 
 BATCH_COLUMNS: tuple[str, ...] = (
-    "id", "started_at", "ended_at", "worker_host", "devices", "model", "dtype", "attn_implementation",
-    "engine", "chunk_size", "batch_size", "videos_finished", "prompt_tokens", "padded_prompt_tokens",
-    "generated_tokens", "prefill_s", "decode_s", "wall_s", "generated_tokens_per_s", "peak_memory_bytes",
-    "oom_split", "status", "note",
-)  # fmt: skip
+    "id",
+    "started_at",
+    "ended_at",
+    "worker_host",
+    "devices",
+    "model",
+    "dtype",
+    "attn_implementation",
+    "engine",
+    "chunk_size",
+    "batch_size",
+    "videos_finished",
+    "prompt_tokens",
+    "padded_prompt_tokens",
+    "generated_tokens",
+    "prefill_s",
+    "decode_s",
+    "wall_s",
+    "generated_tokens_per_s",
+    "peak_memory_bytes",
+    "oom_split",
+    "status",
+    "note",
+)
 BATCHES_CSV = "batches.csv"
 TOKENS_PLOT = "tokens_per_s_by_batch_size.png"
 LATENCY_PLOT = "latency_histogram.png"
@@ -86,10 +105,14 @@ class JobReport:
 def job_batches(session: Session, job_id: int) -> list[dict[str, object]]:
     """The job's batch rows (see the module doc), oldest first, keys BATCH_COLUMNS."""
     job = get_job(session, job_id)
-    finished = dict(session.execute(
-        select(Summary.batch_id, func.count()).join(Video, Video.id == Summary.video_pk)
-        .where(Video.job_id == job_id, Summary.batch_id.is_not(None)).group_by(Summary.batch_id)
-    ).all())  # fmt: skip
+    finished = dict(
+        session.execute(
+            select(Summary.batch_id, func.count())
+            .join(Video, Video.id == Summary.video_pk)
+            .where(Video.job_id == job_id, Summary.batch_id.is_not(None))
+            .group_by(Summary.batch_id)
+        ).all()
+    )
     if not finished:
         return []
     linked = session.scalars(select(Batch).where(Batch.id.in_(finished))).all()
@@ -109,10 +132,15 @@ def job_batches(session: Session, job_id: int) -> list[dict[str, object]]:
 
 
 def job_latencies(session: Session, job_id: int) -> list[float]:
-    return [s for (s,) in session.execute(
-        select(Summary.latency_s).join(Video, Video.id == Summary.video_pk)
-        .where(Video.job_id == job_id, Summary.latency_s.is_not(None)).order_by(Summary.latency_s)
-    )]  # fmt: skip
+    return [
+        s
+        for (s,) in session.execute(
+            select(Summary.latency_s)
+            .join(Video, Video.id == Summary.video_pk)
+            .where(Video.job_id == job_id, Summary.latency_s.is_not(None))
+            .order_by(Summary.latency_s)
+        )
+    ]
 
 
 def stats_by_size(rows: list[dict[str, object]]) -> list[SizeStats]:
@@ -122,11 +150,12 @@ def stats_by_size(rows: list[dict[str, object]]) -> list[SizeStats]:
             groups[int(row["batch_size"])].append(row)  # type: ignore[arg-type]
     return [
         SizeStats(
-            batch_size=size, batches=len(g),
+            batch_size=size,
+            batches=len(g),
             mean_tokens_per_s=statistics.fmean(float(r["generated_tokens_per_s"]) for r in g),  # type: ignore[arg-type]
             mean_wall_s=statistics.fmean(float(r["wall_s"]) for r in g),  # type: ignore[arg-type]
             generated_tokens=sum(int(r["generated_tokens"]) for r in g),  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
         for size, g in sorted(groups.items())
     ]
 
@@ -136,12 +165,14 @@ def write_batches_csv(rows: list[dict[str, object]], path: Path) -> None:
         writer = csv.DictWriter(out, fieldnames=BATCH_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if v is None else (v.isoformat() if hasattr(v, "isoformat") else v)
-                             for k, v in row.items()})  # fmt: skip
+            writer.writerow(
+                {k: "" if v is None else (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+            )
 
 
-def plot_tokens_per_s(rows: list[dict[str, object]], by_size: list[SizeStats], path: Path, *,
-                      job_id: int | None = None) -> None:
+def plot_tokens_per_s(
+    rows: list[dict[str, object]], by_size: list[SizeStats], path: Path, *, job_id: int | None = None
+) -> None:
     _save(tokens_figure(rows, by_size, job_id=job_id), path)
 
 
@@ -150,17 +181,20 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def tokens_figure(rows: list[dict[str, object]], by_size: list[SizeStats], *,
-                  job_id: int | None = None) -> plt.Figure:
+def tokens_figure(rows: list[dict[str, object]], by_size: list[SizeStats], *, job_id: int | None = None) -> plt.Figure:
     """Each successful batch as a dot, the mean of each batch size as a line. Batch sizes are
     whole numbers: one tick per size (a one-batch job is not drawn on a 19.00-21.00 axis)."""
     ok = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([r["batch_size"] for r in ok], [r["generated_tokens_per_s"] for r in ok], alpha=0.5,
-               label="one batch")
+    ax.scatter([r["batch_size"] for r in ok], [r["generated_tokens_per_s"] for r in ok], alpha=0.5, label="one batch")
     if by_size:
-        ax.plot([s.batch_size for s in by_size], [s.mean_tokens_per_s for s in by_size], marker="o",
-                color="C1", label="mean")
+        ax.plot(
+            [s.batch_size for s in by_size],
+            [s.mean_tokens_per_s for s in by_size],
+            marker="o",
+            color="C1",
+            label="mean",
+        )
     sizes = sorted({int(r["batch_size"]) for r in ok})  # type: ignore[arg-type]
     if sizes and len(sizes) <= MAX_LABELLED_SIZES:
         ax.set_xticks(sizes)
@@ -182,19 +216,25 @@ def _title(what: str, job_id: int | None, rows: list[dict[str, object]]) -> str:
     return f"{what}: job {job_id}\n{run_facts(rows)}" if job_id is not None else f"{what}\n{run_facts(rows)}"
 
 
-def plot_latency(latencies: list[float], path: Path, *, job_id: int | None = None,
-                 rows: list[dict[str, object]] | None = None) -> None:
+def plot_latency(
+    latencies: list[float], path: Path, *, job_id: int | None = None, rows: list[dict[str, object]] | None = None
+) -> None:
     _save(latency_figure(latencies, job_id=job_id, rows=rows), path)
 
 
-def latency_figure(latencies: list[float], *, job_id: int | None = None,
-                   rows: list[dict[str, object]] | None = None) -> plt.Figure:
+def latency_figure(
+    latencies: list[float], *, job_id: int | None = None, rows: list[dict[str, object]] | None = None
+) -> plt.Figure:
     """Histogram of per-video latency; the y-axis counts whole videos."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if latencies:
         ax.hist(latencies, bins=min(LATENCY_BINS, max(1, len(latencies))), color="C2", edgecolor="white")
-        ax.axvline(statistics.median(latencies), color="k", linestyle="--",
-                   label=f"median {statistics.median(latencies):.1f} s")
+        ax.axvline(
+            statistics.median(latencies),
+            color="k",
+            linestyle="--",
+            label=f"median {statistics.median(latencies):.1f} s",
+        )
         ax.legend()
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("latency per video, submitted → summary stored (s)")
@@ -219,18 +259,29 @@ def write_report(session: Session, job_id: int, out_dir: Path) -> JobReport:
 
 def print_report(report: JobReport, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=plain(f"job {report.job_id}: {plural(len(report.rows), 'batch')} "
-                              f"({report.oom_batches} out of memory) · {run_facts(report.rows)}"))
+    table = Table(
+        title=plain(
+            f"job {report.job_id}: {plural(len(report.rows), 'batch')} "
+            f"({report.oom_batches} out of memory) · {run_facts(report.rows)}"
+        )
+    )
     for header in ("batch size", "batches", "mean tokens/s", "mean seconds", "generated tokens"):
         table.add_column(header, justify="right")
     for s in report.by_size:
-        table.add_row(str(s.batch_size), str(s.batches), f"{s.mean_tokens_per_s:.1f}", f"{s.mean_wall_s:.2f}",
-                      str(s.generated_tokens))
+        table.add_row(
+            str(s.batch_size),
+            str(s.batches),
+            f"{s.mean_tokens_per_s:.1f}",
+            f"{s.mean_wall_s:.2f}",
+            str(s.generated_tokens),
+        )
     console.print(table)
     if report.latencies_s:
         lat = report.latencies_s
         p90 = lat[min(len(lat) - 1, int(0.9 * len(lat)))]
-        console.print(f"latency per video: median {statistics.median(lat):.1f} s, p90 {p90:.1f} s, "
-                      f"max {lat[-1]:.1f} s over {plural(len(lat), 'video')}")
+        console.print(
+            f"latency per video: median {statistics.median(lat):.1f} s, p90 {p90:.1f} s, "
+            f"max {lat[-1]:.1f} s over {plural(len(lat), 'video')}"
+        )
     for path in report.files:
         console.print(plain(f"wrote {path}"))

@@ -127,13 +127,18 @@ class Settings(BaseSettings):
         # Redis must not hand it to a second worker meanwhile. (The GPU side cannot be checked
         # here: keep the timeout above the longest chunk, see README "Failure handling".)
         fetch_unacked_s = self.fetch_backoff_max_s + FETCH_REQUESTS * (
-            self.http_connect_timeout_s + self.http_read_timeout_s)
+            self.http_connect_timeout_s + self.http_read_timeout_s
+        )
         if self.visibility_timeout_s <= fetch_unacked_s:
-            raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
-                             f"unacknowledged fetch, {fetch_unacked_s:.0f}s (backoff max + request timeouts)")
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
+                f"unacknowledged fetch, {fetch_unacked_s:.0f}s (backoff max + request timeouts)"
+            )
         if self.heartbeat_s <= 0 or self.lease_s < HEARTBEATS_PER_LEASE * self.heartbeat_s:
-            raise ValueError(f"lease_s ({self.lease_s}) must be at least {HEARTBEATS_PER_LEASE} "
-                             f"heartbeats (heartbeat_s={self.heartbeat_s})")
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must be at least {HEARTBEATS_PER_LEASE} "
+                f"heartbeats (heartbeat_s={self.heartbeat_s})"
+            )
         if self.stuck_after_s <= 0 or self.reconcile_every_s < 0 or self.handback_grace_s < 0:
             raise ValueError("stuck_after_s must be > 0; reconcile_every_s and handback_grace_s >= 0")
         if self.max_worker_lost_retries < 0 or self.max_reconciles < 0:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 import requests
-from urllib3.exceptions import NameResolutionError
 from sqlalchemy.exc import IntegrityError
+from urllib3.exceptions import NameResolutionError
 from youtube_transcript_api import (
     CouldNotRetrieveTranscript,
     NoTranscriptFound,
@@ -27,16 +27,24 @@ from youtube_transcript_api import (
     YouTubeRequestFailed,
     YouTubeTranscriptApi,
 )
-from youtube_transcript_api._transcripts import Transcript as YtTranscript, TranscriptList
+from youtube_transcript_api._transcripts import Transcript as YtTranscript
+from youtube_transcript_api._transcripts import TranscriptList
 from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig, WebshareProxyConfig
 
-from tubesum.models import Transcript, Video, VideoStatus
-from tubesum.models.base import utcnow
 from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
+from tubesum.models import Transcript, Video, VideoStatus
+from tubesum.models.base import utcnow
 from tubesum.settings import Settings
 from tubesum.workers import video_state
-from tubesum.workers.video_state import FETCH_CLAIMABLE, clear_lease, clip_reason, held_elsewhere, lock_video, take_lease
+from tubesum.workers.video_state import (
+    FETCH_CLAIMABLE,
+    clear_lease,
+    clip_reason,
+    held_elsewhere,
+    lock_video,
+    take_lease,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +139,9 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
         fetched = chosen.fetch()
     except TRANSIENT_ERRORS as exc:
         if unresolvable_host(exc):  # offline or no DNS: retrying for minutes would only hide it
-            raise PermanentFetchError(f"cannot resolve YouTube's host name (offline, or no DNS): "
-                                      f"{describe(exc)}") from exc
+            raise PermanentFetchError(
+                f"cannot resolve YouTube's host name (offline, or no DNS): {describe(exc)}"
+            ) from exc
         raise TransientFetchError(describe(exc)) from exc
     except CouldNotRetrieveTranscript as exc:
         raise PermanentFetchError(describe(exc)) from exc
@@ -177,8 +186,15 @@ def describe(exc: BaseException) -> str:
 # --- database ------------------------------------------------------------------------------------
 
 
-def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None, owner: str | None = None,
-          lease_s: float | None = None, takeover: bool = False) -> str | None:
+def claim(
+    video_pk: int,
+    *,
+    database_url: str,
+    max_attempts: int | None = None,
+    owner: str | None = None,
+    lease_s: float | None = None,
+    takeover: bool = False,
+) -> str | None:
     """queued/fetching → fetching, count the attempt, and hold the video under ``owner``'s lease for
     ``lease_s``; the YouTube id, or None if there is nothing to do.
 
@@ -193,8 +209,9 @@ def claim(video_pk: int, *, database_url: str, max_attempts: int | None = None, 
             return None
         now = utcnow()
         if not takeover and held_elsewhere(video, owner=owner, now=now):
-            log.info("video %s is held by %s until %s: message dropped", video_pk, video.lease_owner,
-                     video.lease_expires_at)
+            log.info(
+                "video %s is held by %s until %s: message dropped", video_pk, video.lease_owner, video.lease_expires_at
+            )
             return None
         if max_attempts is not None and video.attempts >= max_attempts:
             video.status, video.failed_at = VideoStatus.failed.value, now
@@ -239,16 +256,30 @@ def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
     video_state.mark_failed(video_pk, reason, database_url=database_url, only_from=FETCH_CLAIMABLE)
 
 
-def fetch_video(video_pk: int, *, settings: Settings, api: YouTubeTranscriptApi | None = None,
-                owner: str | None = None, takeover: bool = False) -> Outcome:
+def fetch_video(
+    video_pk: int,
+    *,
+    settings: Settings,
+    api: YouTubeTranscriptApi | None = None,
+    owner: str | None = None,
+    takeover: bool = False,
+) -> Outcome:
     """Claim (as worker ``owner``), download, store. Transient errors propagate as
     TransientFetchError (the caller retries); permanent ones are recorded and return Outcome.failed."""
-    video_id = claim(video_pk, database_url=settings.database_url, max_attempts=max_fetch_attempts(settings),
-                     owner=owner, lease_s=settings.fetch_lease_s, takeover=takeover)
+    video_id = claim(
+        video_pk,
+        database_url=settings.database_url,
+        max_attempts=max_fetch_attempts(settings),
+        owner=owner,
+        lease_s=settings.fetch_lease_s,
+        takeover=takeover,
+    )
     if video_id is None:
         return Outcome.skipped
     try:
-        fetched = download_transcript(video_id, api=api or thread_api(settings), languages=settings.transcript_languages)
+        fetched = download_transcript(
+            video_id, api=api or thread_api(settings), languages=settings.transcript_languages
+        )
     except PermanentFetchError as exc:
         log.info("video %s (%s) failed: %s", video_pk, video_id, exc)
         mark_failed(video_pk, str(exc), database_url=settings.database_url)

@@ -38,8 +38,12 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
     started = now()
     try:
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        outcome = fetch_video(video_pk, settings=settings, owner=self.request.hostname,
-                              takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered))
+        outcome = fetch_video(
+            video_pk,
+            settings=settings,
+            owner=self.request.hostname,
+            takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered),
+        )
     except TransientFetchError as exc:
         attempt = self.request.retries + 1
         if attempt > settings.fetch_max_retries:
@@ -48,8 +52,9 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
             mark_failed(video_pk, reason, database_url=settings.database_url)
             outcome = Outcome.failed
         else:
-            delay = backoff_delay(self.request.retries, base_s=settings.fetch_backoff_base_s,
-                                  max_s=settings.fetch_backoff_max_s)
+            delay = backoff_delay(
+                self.request.retries, base_s=settings.fetch_backoff_base_s, max_s=settings.fetch_backoff_max_s
+            )
             log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
             try:  # only for the progress line: a database hiccup here must not stop the retry
                 note_retry(video_pk, str(exc), database_url=settings.database_url)
@@ -57,15 +62,19 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
                 log.warning("video %s: could not record the retry reason", video_pk, exc_info=True)
             # Whichever worker gets the retry may claim it; nobody resends it before it is due.
             hold_for_retry(video_pk, until_s=delay + settings.fetch_lease_s, database_url=settings.database_url)
-            raise self.retry(exc=exc, countdown=delay,
-                             argsrepr=shown_args(self.request, video_pk, database_url=settings.database_url))
+            raise self.retry(
+                exc=exc,
+                countdown=delay,
+                argsrepr=shown_args(self.request, video_pk, database_url=settings.database_url),
+            ) from None
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
         if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:
             delay = backoff_delay(self.request.retries, base_s=1.0, max_s=DB_RETRY_MAX_DELAY_S, jitter=False)
             log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, delay)
             # The message's own argsrepr: the database may be the thing that is down.
-            raise self.retry(exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES,
-                             argsrepr=getattr(self.request, "argsrepr", None)) from None
+            raise self.retry(
+                exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES, argsrepr=getattr(self.request, "argsrepr", None)
+            ) from None
         log.exception("video %s: unexpected error", video_pk)
         mark_failed(video_pk, f"unexpected error: {type(exc).__name__}: {exc}", database_url=settings.database_url)
         outcome = Outcome.failed
@@ -96,5 +105,8 @@ def _release_lease_of_lost_child(sender=None, request=None, reason=None, **_kwar
     lost = getattr(reason, "exc", reason)  # Celery passes Retry(exc=WorkerLostError(...))
     if not isinstance(lost, WorkerLostError) or request is None or not request.args:
         return
-    hold_for_retry(int(request.args[0]), until_s=WORKER_LOST_RETRY_DELAY_S + get_settings().fetch_lease_s,
-                   database_url=get_settings().database_url)
+    hold_for_retry(
+        int(request.args[0]),
+        until_s=WORKER_LOST_RETRY_DELAY_S + get_settings().fetch_lease_s,
+        database_url=get_settings().database_url,
+    )

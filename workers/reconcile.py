@@ -48,8 +48,10 @@ from tubesum.workers.video_state import clear_lease
 log = logging.getLogger(__name__)
 
 # A claimed state, and the state its video returns to when the lease runs out.
-RETURNS_TO = {VideoStatus.fetching.value: VideoStatus.queued.value,
-              VideoStatus.summarising.value: VideoStatus.fetched.value}
+RETURNS_TO = {
+    VideoStatus.fetching.value: VideoStatus.queued.value,
+    VideoStatus.summarising.value: VideoStatus.fetched.value,
+}
 # States that wait on a queue (no worker holds them), that queue, and the task of their message.
 WAITING_ON = {VideoStatus.queued.value: TRANSCRIPTS_QUEUE, VideoStatus.fetched.value: SUMMARISE_QUEUE}
 RESEND_TASK = {VideoStatus.queued.value: FETCH_TASK, VideoStatus.fetched.value: SUMMARISE_TASK}
@@ -74,9 +76,13 @@ class ReconcileReport:
         if self.skipped:
             return "another reconcile pass is running; nothing done"
         by_state = ", ".join(f"{len(p)} {s}" for s, p in sorted(self.resent.items())) or "none"
-        resumed = f"; finished the sends of job(s) {', '.join(map(str, self.resumed_jobs))}" if self.resumed_jobs else ""
-        return (f"re-enqueued {self.resent_count} ({by_state}); {len(self.expired)} expired leases; "
-                f"failed {len(self.failed)}; left waiting {self.waiting}{resumed}")
+        resumed = (
+            f"; finished the sends of job(s) {', '.join(map(str, self.resumed_jobs))}" if self.resumed_jobs else ""
+        )
+        return (
+            f"re-enqueued {self.resent_count} ({by_state}); {len(self.expired)} expired leases; "
+            f"failed {len(self.failed)}; left waiting {self.waiting}{resumed}"
+        )
 
 
 def queue_depths(celery_app: Celery, broker_url: str | None) -> dict[str, int]:
@@ -107,17 +113,29 @@ def take_turn(session: Session) -> bool:
 
 def expired_leases(session: Session, *, now: datetime, stale: datetime) -> list[Video]:
     no_lease_and_stale = and_(Video.lease_expires_at.is_(None), Video.updated_at < stale)
-    return list(session.scalars(
-        select(Video).where(Video.status.in_(list(RETURNS_TO)),
-                            or_(Video.lease_expires_at < now, no_lease_and_stale))
-        .order_by(Video.id).with_for_update(skip_locked=True)))
+    return list(
+        session.scalars(
+            select(Video)
+            .where(Video.status.in_(list(RETURNS_TO)), or_(Video.lease_expires_at < now, no_lease_and_stale))
+            .order_by(Video.id)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 def unsent(session: Session, *, now: datetime, stale: datetime) -> list[Video]:
-    return list(session.scalars(
-        select(Video).where(Video.status.in_(list(WAITING_ON)), Video.updated_at < stale,
-                            or_(Video.lease_expires_at.is_(None), Video.lease_expires_at < now))
-        .order_by(Video.id).with_for_update(skip_locked=True)))
+    return list(
+        session.scalars(
+            select(Video)
+            .where(
+                Video.status.in_(list(WAITING_ON)),
+                Video.updated_at < stale,
+                or_(Video.lease_expires_at.is_(None), Video.lease_expires_at < now),
+            )
+            .order_by(Video.id)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 def return_expired(video: Video, *, settings: Settings, now: datetime, report: ReconcileReport) -> bool:
@@ -125,8 +143,9 @@ def return_expired(video: Video, *, settings: Settings, now: datetime, report: R
     held_by, status = video.lease_owner or "a worker", video.status
     clear_lease(video)
     if video.lease_expiries >= settings.max_reconciles:
-        video.error = (f"stuck in '{status}' after {video.lease_expiries} expired leases (its worker died "
-                       f"each time); giving up")
+        video.error = (
+            f"stuck in '{status}' after {video.lease_expiries} expired leases (its worker died each time); giving up"
+        )
         video.status, video.failed_at = VideoStatus.failed.value, now
         report.failed.append(video.id)
         return False
@@ -139,8 +158,9 @@ def return_expired(video: Video, *, settings: Settings, now: datetime, report: R
     return True
 
 
-def reconcile(*, settings: Settings, celery_app: Celery, stuck_after_s: float | None = None,
-              now: datetime | None = None) -> ReconcileReport:
+def reconcile(
+    *, settings: Settings, celery_app: Celery, stuck_after_s: float | None = None, now: datetime | None = None
+) -> ReconcileReport:
     """One pass: finish the sends of interrupted submits; return expired leases and resend lost
     messages; commit, then send."""
     stuck_after_s = settings.stuck_after_s if stuck_after_s is None else stuck_after_s
@@ -173,8 +193,9 @@ def reconcile(*, settings: Settings, celery_app: Celery, stuck_after_s: float | 
     return report
 
 
-def run_periodically(*, settings: Settings, celery_app: Celery, every_s: float, stop: threading.Event,
-                     stuck_after_s: float | None = None) -> None:
+def run_periodically(
+    *, settings: Settings, celery_app: Celery, every_s: float, stop: threading.Event, stuck_after_s: float | None = None
+) -> None:
     """A pass every ``every_s`` seconds until ``stop`` is set; a failed pass (database or broker
     down) is logged and the next one tried on time."""
     while True:
@@ -198,8 +219,12 @@ def _start_in_worker(sender=None, **_kwargs) -> None:  # type: ignore[no-untyped
     if settings.reconcile_every_s <= 0 or not settings.database_url.startswith("postgresql"):
         return  # turned off, or embedded mode (SQLite): `tubesum run` runs the passes itself
     _worker_stop.clear()
-    threading.Thread(target=run_periodically, name="tubesum-reconcile", daemon=True, kwargs=dict(
-        settings=settings, celery_app=sender.app, every_s=settings.reconcile_every_s, stop=_worker_stop)).start()
+    threading.Thread(
+        target=run_periodically,
+        name="tubesum-reconcile",
+        daemon=True,
+        kwargs=dict(settings=settings, celery_app=sender.app, every_s=settings.reconcile_every_s, stop=_worker_stop),
+    ).start()
     log.info("reconcile pass every %.0fs in this worker", settings.reconcile_every_s)
 
 

@@ -12,7 +12,7 @@ the reason, after recording it, and Flower shows a FAILURE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 
@@ -58,14 +58,24 @@ class VideoReport:
 def video_report(video_pk: int, *, database_url: str) -> VideoReport | None:
     with session_scope(database_url) as session:
         row = session.execute(
-            select(Video.job_id, Video.video_id, Video.status, Video.error, Video.failed_at,
-                   func.length(Transcript.text), Transcript.language_code, func.length(Summary.text),
-                   Summary.batch_id, Batch.batch_size, Batch.wall_s)
+            select(
+                Video.job_id,
+                Video.video_id,
+                Video.status,
+                Video.error,
+                Video.failed_at,
+                func.length(Transcript.text),
+                Transcript.language_code,
+                func.length(Summary.text),
+                Summary.batch_id,
+                Batch.batch_size,
+                Batch.wall_s,
+            )
             .outerjoin(Transcript, Transcript.video_pk == Video.id)
             .outerjoin(Summary, Summary.video_pk == Video.id)
             .outerjoin(Batch, Batch.id == Summary.batch_id)
             .where(Video.id == video_pk)
-        ).one_or_none()  # fmt: skip
+        ).one_or_none()
     return None if row is None else VideoReport(*row)
 
 
@@ -92,8 +102,7 @@ def summarise_result(report: VideoReport | None, *, summarised: bool) -> str:
         return f"skipped: already {report.status} (a redelivered message)"
     batch = (report.batch_id or "?")[:BATCH_ID_SHOWN]
     generate = f"{report.generate_s:.2f} s" if report.generate_s is not None else "?"
-    return (f"summary {report.summary_chars:,} chars, batch {batch} of {report.batch_size}, "
-            f"generate {generate}")
+    return f"summary {report.summary_chars:,} chars, batch {batch} of {report.batch_size}, generate {generate}"
 
 
 def now() -> datetime:
@@ -103,4 +112,4 @@ def now() -> datetime:
 
 def _naive(value: datetime) -> datetime:
     # SQLite hands timestamps back without their zone; every timestamp tubesum writes is UTC.
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value

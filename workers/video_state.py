@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -60,14 +60,16 @@ def hold_for_retry(video_pk: int, *, until_s: float, database_url: str) -> None:
     """A task retries this video later (a countdown): the lease loses its owner, since any worker
     may get the retry message, but keeps an expiry, so nobody resends the video meanwhile."""
     with session_scope(database_url) as session:
-        session.execute(update(Video).where(Video.id == video_pk, Video.status.not_in(TERMINAL_STATUSES))
-                        .values(lease_owner=None, leased_at=None,
-                                lease_expires_at=utcnow() + timedelta(seconds=until_s)))
+        session.execute(
+            update(Video)
+            .where(Video.id == video_pk, Video.status.not_in(TERMINAL_STATUSES))
+            .values(lease_owner=None, leased_at=None, lease_expires_at=utcnow() + timedelta(seconds=until_s))
+        )
 
 
 def aware(value: datetime) -> datetime:
     # SQLite hands timestamps back without their zone; every timestamp tubesum writes is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def clip_reason(reason: str) -> str:

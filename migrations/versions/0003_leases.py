@@ -9,29 +9,29 @@ expiring soon unless the worker's heartbeat renews it. The reconcile pass inside
 a video whose lease expired back to its queue at once and counts that in ``lease_expiries`` (its
 worker died holding it). Existing rows have no lease and no expiry.
 """
-from alembic import op
+
 import sqlalchemy as sa
+from alembic import op
 
-
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('videos', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('lease_owner', sa.String(length=255), nullable=True))
-        batch_op.add_column(sa.Column('leased_at', sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column('lease_expiries', sa.Integer(), server_default='0', nullable=False))
-        batch_op.create_index('ix_videos_lease_expires_at', ['lease_expires_at'], unique=False)
+    with op.batch_alter_table("videos", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("lease_owner", sa.String(length=255), nullable=True))
+        batch_op.add_column(sa.Column("leased_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("lease_expiries", sa.Integer(), server_default="0", nullable=False))
+        batch_op.create_index("ix_videos_lease_expires_at", ["lease_expires_at"], unique=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('videos', schema=None) as batch_op:
-        batch_op.drop_index('ix_videos_lease_expires_at')
-        batch_op.drop_column('lease_expiries')
-        batch_op.drop_column('lease_expires_at')
-        batch_op.drop_column('leased_at')
-        batch_op.drop_column('lease_owner')
+    with op.batch_alter_table("videos", schema=None) as batch_op:
+        batch_op.drop_index("ix_videos_lease_expires_at")
+        batch_op.drop_column("lease_expiries")
+        batch_op.drop_column("lease_expires_at")
+        batch_op.drop_column("leased_at")
+        batch_op.drop_column("lease_owner")

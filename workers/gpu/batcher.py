@@ -89,17 +89,32 @@ class _Prompt:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, *, sink: Sink, chunk_size: int, chunk_wait_s: float,
-                 max_new_tokens: int, instruction: str, clock: Callable[[], float] = time.monotonic,
-                 worker_host: str | None = None, heartbeat: Heartbeat | None = None,
-                 heartbeat_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        sink: Sink,
+        chunk_size: int,
+        chunk_wait_s: float,
+        max_new_tokens: int,
+        instruction: str,
+        clock: Callable[[], float] = time.monotonic,
+        worker_host: str | None = None,
+        heartbeat: Heartbeat | None = None,
+        heartbeat_s: float = 60.0,
+    ) -> None:
         self.engine = engine
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
         self.params = SamplingParams(max_new_tokens=max_new_tokens)
         self.sizer = ChunkSizer(chunk_size)
-        self.prompts = PromptBuilder(engine.tokenizer, instruction=instruction, max_context=engine.max_context,
-                                     max_new_tokens=max_new_tokens, stop_ids=engine.stop_ids)
+        self.prompts = PromptBuilder(
+            engine.tokenizer,
+            instruction=instruction,
+            max_context=engine.max_context,
+            max_new_tokens=max_new_tokens,
+            stop_ids=engine.stop_ids,
+        )
         self.clock = clock
         self.worker_host = worker_host or engine.host  # written on every batch row
         self._pending: list[_Prompt] = []
@@ -170,15 +185,18 @@ class Batcher:
             waiting = [w for w in self._in_flight.values() if again or w not in self._running]
             running = len(self._running)
             self._cond.notify_all()
-        log.warning("shutting down: handing back %d videos now, %s", len(waiting),
-                    "and the running chunk too" if again else
-                    f"the {running} of the running chunk unless it finishes within {grace_s:.0f}s")
+        log.warning(
+            "shutting down: handing back %d videos now, %s",
+            len(waiting),
+            "and the running chunk too"
+            if again
+            else f"the {running} of the running chunk unless it finishes within {grace_s:.0f}s",
+        )
         self._give_back(waiting)
         if again:
             self._abandon.set()
         else:
-            threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back",
-                             daemon=True).start()
+            threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back", daemon=True).start()
 
     def wait_handed_back(self, timeout: float | None = None) -> bool:
         """True once ``hand_back`` has stored or given back every video this worker held."""
@@ -267,9 +285,17 @@ class Batcher:
                 chosen = self._plan()
                 # A chunk is full at the prompt cap, or when the token budget left prompts over.
                 full = bool(self._pending) and (len(chosen) >= limit or len(chosen) < len(self._pending))
-                wait = 0.0 if full else seconds_until_ready(
-                    pending=len(self._pending), limit=limit, now=self.clock(), wait_s=self.chunk_wait_s,
-                    oldest_arrival=min((p.pending.arrived for p in self._pending), default=0.0))
+                wait = (
+                    0.0
+                    if full
+                    else seconds_until_ready(
+                        pending=len(self._pending),
+                        limit=limit,
+                        now=self.clock(),
+                        wait_s=self.chunk_wait_s,
+                        oldest_arrival=min((p.pending.arrived for p in self._pending), default=0.0),
+                    )
+                )
                 if wait <= 0:
                     chosen = set(chosen)
                     chunk = [p for i, p in enumerate(self._pending) if i in chosen]
@@ -285,8 +311,9 @@ class Batcher:
         capacity = self.engine.token_capacity
         if capacity is None:  # plain generate(): memory not planned in tokens
             return plan_chunk(pending, self.sizer.limit)
-        return plan_token_chunk(pending, max_new_tokens=self.params.max_new_tokens,
-                                token_capacity=capacity, max_prompts=self.sizer.limit)
+        return plan_token_chunk(
+            pending, max_new_tokens=self.params.max_new_tokens, token_capacity=capacity, max_prompts=self.sizer.limit
+        )
 
     def _run(self, chunk: list[_Prompt], *, oom_split: bool, lone_retry: bool = False) -> None:
         started, t0 = utcnow(), time.perf_counter()
@@ -296,15 +323,24 @@ class Batcher:
         except OutOfMemory as exc:
             oom = exc  # handled below, outside this block: the halves run with no live traceback
         if oom is not None:
-            self._on_oom(chunk, oom, started=started, wall_s=time.perf_counter() - t0, oom_split=oom_split,
-                         lone_retry=lone_retry)
+            self._on_oom(
+                chunk, oom, started=started, wall_s=time.perf_counter() - t0, oom_split=oom_split, lone_retry=lone_retry
+            )
             return
         self.sizer.on_success(len(chunk))
         self._chunks_run += 1
-        log.info(chunk_line(self._chunks_run, videos=len({id(p.work) for p in chunk}),
-                            prompt_tokens=timings.prompt_tokens, generated_tokens=timings.generated_tokens,
-                            prefill_s=timings.prefill_s, decode_s=timings.decode_s, wall_s=timings.wall_s,
-                            peak_memory_bytes=timings.peak_memory_bytes))
+        log.info(
+            chunk_line(
+                self._chunks_run,
+                videos=len({id(p.work) for p in chunk}),
+                prompt_tokens=timings.prompt_tokens,
+                generated_tokens=timings.generated_tokens,
+                prefill_s=timings.prefill_s,
+                decode_s=timings.decode_s,
+                wall_s=timings.wall_s,
+                peak_memory_bytes=timings.peak_memory_bytes,
+            )
+        )
         finished: list[_Work] = []
         for prompt, gen in zip(chunk, generations, strict=True):
             work = prompt.work
@@ -323,8 +359,16 @@ class Batcher:
         record = records.batch_record(self._facts(), timings, oom_split=oom_split)
         self._stores.put((record, [self._outcome(w) for w in finished]))  # committed by the store thread
 
-    def _on_oom(self, chunk: list[_Prompt], exc: OutOfMemory, *, started: datetime, wall_s: float,
-                oom_split: bool, lone_retry: bool) -> None:
+    def _on_oom(
+        self,
+        chunk: list[_Prompt],
+        exc: OutOfMemory,
+        *,
+        started: datetime,
+        wall_s: float,
+        oom_split: bool,
+        lone_retry: bool,
+    ) -> None:
         self.sizer.on_oom(len(chunk))
         failed: list[VideoOutcome] = []
         retry_alone = len(chunk) == 1 and not lone_retry and not isinstance(exc, KVCacheTooSmall)
@@ -332,18 +376,30 @@ class Batcher:
             (prompt,) = chunk
             # Alone, on a card the engine has just emptied (or beyond the whole KV cache): it
             # cannot fit. The numbers say why.
-            reason = (f"out of memory on a single prompt of {len(prompt.ids)} tokens + "
-                      f"{self.params.max_new_tokens} new (KV cache of {self.engine.token_capacity} "
-                      f"tokens): {exc}")
+            reason = (
+                f"out of memory on a single prompt of {len(prompt.ids)} tokens + "
+                f"{self.params.max_new_tokens} new (KV cache of {self.engine.token_capacity} "
+                f"tokens): {exc}"
+            )
             log.warning("video %s failed: %s", prompt.work.video.video_pk, reason)
             failed.append(self._failure(prompt.work, reason))
         elif retry_alone:
             log.warning("a single prompt ran out of memory; retrying it once on the emptied card")
         else:
-            log.warning("chunk of %d prompts ran out of memory; retrying it in halves (later chunks "
-                        "capped at %d)", len(chunk), self.sizer.limit)
-        record = records.oom_record(self._facts(), batch_size=len(chunk), prompt_tokens=sum(len(p.ids) for p in chunk),
-                                    error=str(exc), started=started, wall_s=wall_s, oom_split=oom_split)
+            log.warning(
+                "chunk of %d prompts ran out of memory; retrying it in halves (later chunks capped at %d)",
+                len(chunk),
+                self.sizer.limit,
+            )
+        record = records.oom_record(
+            self._facts(),
+            batch_size=len(chunk),
+            prompt_tokens=sum(len(p.ids) for p in chunk),
+            error=str(exc),
+            started=started,
+            wall_s=wall_s,
+            oom_split=oom_split,
+        )
         self._stores.put((record, failed))  # in chunk order with the others
         if retry_alone:
             self._run(chunk, oom_split=True, lone_retry=True)
@@ -360,17 +416,28 @@ class Batcher:
         if plan.error is not None:
             return self._failure(work, plan.error)
         return VideoOutcome(
-            video_pk=work.video.video_pk, status="done", text=plan.text or "", token_ids=plan.token_ids,
-            finish_reason=plan.finish_reason, prompt_tokens=plan.prompt_tokens,
-            generated_tokens=plan.generated_tokens, pieces=plan.pieces, first_batch_started_at=work.first_started_at,
-        )  # fmt: skip
+            video_pk=work.video.video_pk,
+            status="done",
+            text=plan.text or "",
+            token_ids=plan.token_ids,
+            finish_reason=plan.finish_reason,
+            prompt_tokens=plan.prompt_tokens,
+            generated_tokens=plan.generated_tokens,
+            pieces=plan.pieces,
+            first_batch_started_at=work.first_started_at,
+        )
 
     def _failure(self, work: _Work, reason: str) -> VideoOutcome:
         work.finished = True
         with self._cond:  # its other prompts (pieces of a long transcript) will not run
             self._pending = [p for p in self._pending if p.work is not work]
-        return VideoOutcome(video_pk=work.video.video_pk, status="failed", error=reason,
-                            pieces=work.plan.pieces, first_batch_started_at=work.first_started_at)
+        return VideoOutcome(
+            video_pk=work.video.video_pk,
+            status="failed",
+            error=reason,
+            pieces=work.plan.pieces,
+            first_batch_started_at=work.first_started_at,
+        )
 
     def _store_loop(self) -> None:
         while (item := self._stores.get()) is not None:
@@ -417,8 +484,14 @@ class Batcher:
                 if attempt == STORE_ATTEMPTS or not is_transient_db_error(exc):
                     raise
                 pause = backoff_delay(attempt - 1, base_s=STORE_RETRY_BASE_S, max_s=30.0, jitter=False)
-                log.warning("storing batch %s failed (%s); try %d of %d in %.0fs", record.id, exc,
-                            attempt + 1, STORE_ATTEMPTS, pause)
+                log.warning(
+                    "storing batch %s failed (%s); try %d of %d in %.0fs",
+                    record.id,
+                    exc,
+                    attempt + 1,
+                    STORE_ATTEMPTS,
+                    pause,
+                )
                 time.sleep(pause)
 
     def _fail_tasks(self, works: set[_Work], exc: BaseException) -> None:

@@ -50,8 +50,9 @@ def plan_chunk(pending: Sequence[Pending], limit: int) -> list[int]:
     return sorted(order[: max(1, limit)])
 
 
-def plan_token_chunk(pending: Sequence[Pending], *, max_new_tokens: int, token_capacity: int,
-                     max_prompts: int) -> list[int]:
+def plan_token_chunk(
+    pending: Sequence[Pending], *, max_new_tokens: int, token_capacity: int, max_prompts: int
+) -> list[int]:
     """Indices of the prompts for the next chunk when KV memory is planned in tokens: in
     ``plan_chunk``'s order (continuations, then arrival), as many as fit both ``max_prompts`` and
     the token budget (each prompt needs its tokens + ``max_new_tokens`` of KV cache). Stops at
@@ -118,15 +119,28 @@ def short_count(n: int) -> str:
     return f"{n / 10**6:.1f}M"
 
 
-def chunk_line(number: int, *, videos: int, prompt_tokens: int, generated_tokens: int,
-               prefill_s: float | None, decode_s: float | None, wall_s: float,
-               peak_memory_bytes: int | None) -> str:
+def chunk_line(
+    number: int,
+    *,
+    videos: int,
+    prompt_tokens: int,
+    generated_tokens: int,
+    prefill_s: float | None,
+    decode_s: float | None,
+    wall_s: float,
+    peak_memory_bytes: int | None,
+) -> str:
     """One log line per chunk, like vLLM's: ``chunk 12: 256 videos, 310k prompt tok, prefill 6.6 s,
     decode 4.1 s, 3,600 gen tok/s, peak 72 GB``. The hf backend has no prefill/decode split (wall
     time instead); the CPU has no peak memory figure."""
-    times = (f"prefill {prefill_s:.1f} s, decode {decode_s:.1f} s" if prefill_s is not None and decode_s is not None
-             else f"wall {wall_s:.1f} s")
+    times = (
+        f"prefill {prefill_s:.1f} s, decode {decode_s:.1f} s"
+        if prefill_s is not None and decode_s is not None
+        else f"wall {wall_s:.1f} s"
+    )
     rate = generated_tokens / wall_s if wall_s > 0 else 0.0
     peak = "" if peak_memory_bytes is None else f", peak {peak_memory_bytes / BYTES_PER_GB:.0f} GB"
-    return (f"chunk {number}: {videos} video{'s' if videos != 1 else ''}, {short_count(prompt_tokens)} prompt tok, "
-            f"{times}, {rate:,.0f} gen tok/s{peak}")
+    return (
+        f"chunk {number}: {videos} video{'s' if videos != 1 else ''}, {short_count(prompt_tokens)} prompt tok, "
+        f"{times}, {rate:,.0f} gen tok/s{peak}"
+    )

@@ -25,7 +25,7 @@ import math
 import platform
 import random
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -87,7 +87,7 @@ class BenchReport:
     torch_version: str = torch.__version__
     transformers_version: str = ""
     python: str = platform.python_version()
-    date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    date: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     results: list[SizeResult] = field(default_factory=list)
     baseline: list[SizeResult] = field(default_factory=list)
     memory_limit_chunk: int | None = None
@@ -97,8 +97,9 @@ class BenchReport:
     baseline_device: str | None = None  # where the baseline ran, when not on the engine's device
 
 
-def reference_prompts(n: int, *, vocab_size: int, seed: int = REF_SEED,
-                      low: int = REF_MIN_TOKENS, high: int = REF_MAX_TOKENS) -> list[list[int]]:
+def reference_prompts(
+    n: int, *, vocab_size: int, seed: int = REF_SEED, low: int = REF_MIN_TOKENS, high: int = REF_MAX_TOKENS
+) -> list[list[int]]:
     """Synthetic prompts of the reference workload: random ids, lengths uniform in [low, high)."""
     rng = random.Random(seed)
     # Keep clear of the lowest ids, where dummy tokenizers put their special tokens.
@@ -109,24 +110,27 @@ def varied_lengths(n: int, *, new_tokens: int = VARIED_AT_NEW_TOKENS, seed: int 
     """Each prompt's own output length, tokens: seeded; at 150 new tokens 40-250, mean about 120."""
     rng = random.Random(seed)
     scale = new_tokens / VARIED_AT_NEW_TOKENS
-    return [max(1, round(scale * rng.triangular(VARIED_MIN_TOKENS, VARIED_MAX_TOKENS, VARIED_MODE_TOKENS)))
-            for _ in range(n)]
+    return [
+        max(1, round(scale * rng.triangular(VARIED_MIN_TOKENS, VARIED_MAX_TOKENS, VARIED_MODE_TOKENS)))
+        for _ in range(n)
+    ]
 
 
-def auto_chunks(prompts: list[list[int]], lengths: list[int], *, token_capacity: int | None,
-                cap: int, max_chunks: int) -> list[list[list[int]]]:
+def auto_chunks(
+    prompts: list[list[int]], lengths: list[int], *, token_capacity: int | None, cap: int, max_chunks: int
+) -> list[list[list[int]]]:
     """`--chunk-size auto` on these prompts, as the worker plans it: chunk after chunk from the
     prompts in hand (cycled, in order), each taking as many as the token budget holds (a
     prompt needs its tokens + its output length of KV cache), at most `cap`."""
     count = max_chunks * cap
     pool = (list(zip(prompts, lengths)) * math.ceil(count / len(prompts)))[:count]
     if token_capacity is None:
-        return [[p for p, _ in pool[i * cap:(i + 1) * cap]] for i in range(max_chunks)]
+        return [[p for p, _ in pool[i * cap : (i + 1) * cap]] for i in range(max_chunks)]
     chunks, at = [], 0
     while len(chunks) < max_chunks and at < len(pool):
-        pending = [Pending(0.0, len(p) + n) for p, n in pool[at:at + cap]]
+        pending = [Pending(0.0, len(p) + n) for p, n in pool[at : at + cap]]
         taken = len(plan_token_chunk(pending, max_new_tokens=0, token_capacity=token_capacity, max_prompts=cap))
-        chunks.append([p for p, _ in pool[at:at + taken]])
+        chunks.append([p for p, _ in pool[at : at + taken]])
         at += taken
     return chunks
 
@@ -134,13 +138,20 @@ def auto_chunks(prompts: list[list[int]], lengths: list[int], *, token_capacity:
 def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int) -> list[list[list[int]]]:
     count = max(1, min(math.ceil(len(prompts) / size), max_chunks))
     pool = prompts * math.ceil(size * count / len(prompts))  # reuse prompts for big sizes
-    return [pool[i * size:(i + 1) * size] for i in range(count)]
+    return [pool[i * size : (i + 1) * size] for i in range(count)]
 
 
-def run_size(engine: Engine, prompts: list[list[int]], size: int, params: SamplingParams, *,
-             max_chunks: int, backend: str | None = None,
-             reference: dict[int, list[int]] | None = None,
-             own_lengths: dict[int, int] | None = None) -> SizeResult:
+def run_size(
+    engine: Engine,
+    prompts: list[list[int]],
+    size: int,
+    params: SamplingParams,
+    *,
+    max_chunks: int,
+    backend: str | None = None,
+    reference: dict[int, list[int]] | None = None,
+    own_lengths: dict[int, int] | None = None,
+) -> SizeResult:
     """Warm up once, then time `max_chunks` chunks of `size` prompts. `own_lengths`: each
     prompt's output length by id(prompt) (varied lengths)."""
     name = backend or engine.backend
@@ -148,8 +159,7 @@ def run_size(engine: Engine, prompts: list[list[int]], size: int, params: Sampli
     if size == 0:  # auto: each chunk as many prompts as the token budget holds
         own = [own_lengths[id(p)] for p in prompts] if own_lengths else [params.max_new_tokens] * len(prompts)
         cap = engine.auto_chunk_cap(new_tokens=params.max_new_tokens)  # as the worker holds
-        chunks = auto_chunks(prompts, own, token_capacity=engine.token_capacity, cap=cap,
-                             max_chunks=max_chunks)
+        chunks = auto_chunks(prompts, own, token_capacity=engine.token_capacity, cap=cap, max_chunks=max_chunks)
         res.chunk_size = round(sum(map(len, chunks)) / len(chunks))
         res.ideal_speedup = float(res.chunk_size)
         res.note = "auto: " + ", ".join(str(len(c)) for c in chunks)
@@ -164,8 +174,9 @@ def run_size(engine: Engine, prompts: list[list[int]], size: int, params: Sampli
         # generate() captures and compiles nothing: a few tokens warm it up (a full chunk costs
         # minutes on a 70B model spread by device_map).
         if name == "hf":
-            engine.generate(chunks[0], SamplingParams(max_new_tokens=HF_WARMUP_TOKENS, ignore_eos=True),
-                            backend=backend)
+            engine.generate(
+                chunks[0], SamplingParams(max_new_tokens=HF_WARMUP_TOKENS, ignore_eos=True), backend=backend
+            )
         else:
             engine.generate(chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]))
         peaks = []
@@ -219,10 +230,20 @@ def fill_speedups(results: list[SizeResult]) -> None:
             r.efficiency = r.speedup / r.ideal_speedup
 
 
-def sweep(engine: Engine, prompts: list[list[int]], params: SamplingParams, *,
-          chunk_sizes: list[int], extend: bool, max_chunks: int, progress=None,
-          backend: str | None = None, check_match: bool = True,
-          own_lengths: list[int] | None = None, decode: str = "drop") -> tuple[list[SizeResult], int | None]:
+def sweep(
+    engine: Engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    chunk_sizes: list[int],
+    extend: bool,
+    max_chunks: int,
+    progress=None,
+    backend: str | None = None,
+    check_match: bool = True,
+    own_lengths: list[int] | None = None,
+    decode: str = "drop",
+) -> tuple[list[SizeResult], int | None]:
     """Every size in turn (then doubling, with `extend`) until one does not fit. With
     `own_lengths` (one per prompt), rows stop at their own length; `decode` "static" keeps
     finished rows in the step."""
@@ -230,7 +251,7 @@ def sweep(engine: Engine, prompts: list[list[int]], params: SamplingParams, *,
     numbered = [c for c in sizes if c]
     if extend and numbered:
         top = max(numbered)
-        sizes[len(numbered):len(numbered)] = [top * 2 ** k for k in range(1, MAX_EXTRA_DOUBLINGS + 1)]
+        sizes[len(numbered) : len(numbered)] = [top * 2**k for k in range(1, MAX_EXTRA_DOUBLINGS + 1)]
     reference = batch1_reference(engine, prompts, params) if check_match else None
     by_id = None if own_lengths is None else {id(p): n for p, n in zip(prompts, own_lengths)}
     runner = engine.runner
@@ -243,8 +264,16 @@ def sweep(engine: Engine, prompts: list[list[int]], params: SamplingParams, *,
             continue  # larger than a size that did not fit
         if progress:
             progress(f"{backend or engine.backend} chunk {size or 'auto'}")
-        res = run_size(engine, prompts, size, params, max_chunks=max_chunks, backend=backend,
-                       reference=reference, own_lengths=by_id)
+        res = run_size(
+            engine,
+            prompts,
+            size,
+            params,
+            max_chunks=max_chunks,
+            backend=backend,
+            reference=reference,
+            own_lengths=by_id,
+        )
         res.lengths = "fixed" if own_lengths is None else "varied"
         res.decode = decode
         results.append(res)
@@ -293,11 +322,14 @@ def plot(report: BenchReport, out_dir: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in series.items():
-        ax.plot([r.chunk_size for r in rows], [r.generated_tokens_per_s for r in rows], "o-",
-                label=f"tubesum ({report.engine}), {name}")
+        ax.plot(
+            [r.chunk_size for r in rows],
+            [r.generated_tokens_per_s for r in rows],
+            "o-",
+            label=f"tubesum ({report.engine}), {name}",
+        )
     if base:
-        ax.plot([r.chunk_size for r in base], [r.generated_tokens_per_s for r in base], "s--",
-                label="plain generate()")
+        ax.plot([r.chunk_size for r in base], [r.generated_tokens_per_s for r in base], "s--", label="plain generate()")
     if series or base:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("chunk size (prompts per batched generation)")
@@ -353,16 +385,33 @@ def resolve_bench_device(device: str) -> tuple[str, str | None]:
             return "cuda", None
         return "cpu", "note: no CUDA device here (or torch was built without CUDA): benchmarking on the CPU"
     if device.startswith("cuda") and not has_cuda:
-        raise ValueError(f"--device {device}: no CUDA device here (or torch was built without CUDA); "
-                         "use --device cpu, or leave --device out to pick the CPU")
+        raise ValueError(
+            f"--device {device}: no CUDA device here (or torch was built without CUDA); "
+            "use --device cpu, or leave --device out to pick the CPU"
+        )
     return device, None
 
 
-def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: int,
-              transcripts: str | None, job: int | None, device: str, baseline: bool,
-              baseline_sizes: list[int] | None, max_chunks: int, extend: bool, out_dir: Path,
-              dtype: str = "auto", tensor_parallel: int = 1, progress=None, lengths: str = "both",
-              varied_sizes: list[int] | None = None) -> BenchReport:
+def run_bench(
+    *,
+    model: str,
+    chunk_sizes: list[int],
+    prompts: int,
+    new_tokens: int,
+    transcripts: str | None,
+    job: int | None,
+    device: str,
+    baseline: bool,
+    baseline_sizes: list[int] | None,
+    max_chunks: int,
+    extend: bool,
+    out_dir: Path,
+    dtype: str = "auto",
+    tensor_parallel: int = 1,
+    progress=None,
+    lengths: str = "both",
+    varied_sizes: list[int] | None = None,
+) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
     baseline), write bench.json and plots."""
     import transformers
@@ -376,45 +425,62 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     if transcripts or job is not None:
         from tubesum.workers.gpu.bench_prompts import prompts_from_source
 
-        prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts,
-                                         new_tokens=new_tokens)
+        prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts, new_tokens=new_tokens)
         source = transcripts or f"job {job}"
     else:
         high = min(REF_MAX_TOKENS, engine.max_context - new_tokens)
         low = min(REF_MIN_TOKENS, high - 1)
-        prompt_ids = reference_prompts(prompts, vocab_size=engine.model.config.vocab_size,
-                                       low=low, high=high)
+        prompt_ids = reference_prompts(prompts, vocab_size=engine.model.config.vocab_size, low=low, high=high)
         source = f"synthetic reference: {prompts} prompts of {low}-{high - 1} tokens, seed {REF_SEED}"
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    report = BenchReport(model=model, engine=engine.backend, device=engine.devices,
-                         dtype=engine.dtype, attention=engine.attn_implementation,
-                         new_tokens=new_tokens, prompt_source=source,
-                         transformers_version=transformers.__version__,
-                         token_capacity=engine.token_capacity, tensor_parallel=tensor_parallel)
+    report = BenchReport(
+        model=model,
+        engine=engine.backend,
+        device=engine.devices,
+        dtype=engine.dtype,
+        attention=engine.attn_implementation,
+        new_tokens=new_tokens,
+        prompt_source=source,
+        transformers_version=transformers.__version__,
+        token_capacity=engine.token_capacity,
+        tensor_parallel=tensor_parallel,
+    )
     if lengths in ("fixed", "both"):
         fixed, report.memory_limit_chunk = sweep(
-            engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend,
-            max_chunks=max_chunks, progress=progress)
+            engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend, max_chunks=max_chunks, progress=progress
+        )
         report.results += fixed
     if lengths in ("varied", "both"):
         own = varied_lengths(len(prompt_ids), new_tokens=new_tokens)
         varied_params = SamplingParams(max_new_tokens=max(own), ignore_eos=True)
-        fit = [c for c in varied_sizes or chunk_sizes
-               if not report.memory_limit_chunk or c < report.memory_limit_chunk]
+        fit = [c for c in varied_sizes or chunk_sizes if not report.memory_limit_chunk or c < report.memory_limit_chunk]
         for decode in ("static", "drop"):
-            rows, _ = sweep(engine, prompt_ids, varied_params, chunk_sizes=fit or chunk_sizes,
-                            extend=False, max_chunks=max_chunks, progress=progress,
-                            check_match=False, own_lengths=own, decode=decode)
+            rows, _ = sweep(
+                engine,
+                prompt_ids,
+                varied_params,
+                chunk_sizes=fit or chunk_sizes,
+                extend=False,
+                max_chunks=max_chunks,
+                progress=progress,
+                check_match=False,
+                own_lengths=own,
+                decode=decode,
+            )
             report.results += rows
     auto = [r for r in report.results if r.note.startswith("auto") and not r.oom]
-    report.auto_chunk_size = auto[0].chunk_size if auto else engine.auto_chunk_size(
-        prompt_tokens=max(len(p) for p in prompt_ids), new_tokens=new_tokens)
+    report.auto_chunk_size = (
+        auto[0].chunk_size
+        if auto
+        else engine.auto_chunk_size(prompt_tokens=max(len(p) for p in prompt_ids), new_tokens=new_tokens)
+    )
     if tensor_parallel > 1:
         dtype_name = engine.dtype
         engine.close()  # frees every GPU of the group for the baseline
         if torch.cuda.is_available():
-            log.info("tensor-parallel group closed: %.1f GB still allocated on cuda:0",
-                     torch.cuda.memory_allocated(0) / 1e9)
+            log.info(
+                "tensor-parallel group closed: %.1f GB still allocated on cuda:0", torch.cuda.memory_allocated(0) / 1e9
+            )
         if baseline:
             if progress:
                 progress("loading the device_map baseline")
@@ -423,8 +489,16 @@ def run_bench(*, model: str, chunk_sizes: list[int], prompts: int, new_tokens: i
     if baseline:
         numbered = [c for c in chunk_sizes if c]
         report.baseline, _ = sweep(
-            engine, prompt_ids, params, chunk_sizes=baseline_sizes or [1, max(numbered or [1])],
-            extend=False, max_chunks=1, progress=progress, backend="hf", check_match=False)
+            engine,
+            prompt_ids,
+            params,
+            chunk_sizes=baseline_sizes or [1, max(numbered or [1])],
+            extend=False,
+            max_chunks=1,
+            progress=progress,
+            backend="hf",
+            check_match=False,
+        )
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)
     return report
@@ -439,8 +513,13 @@ def load_device_map_engine(model: str, *, gpus: int, dtype: str) -> Engine:
         return load_engine(model, device_map="auto", dtype=dtype, backend="hf")
     hf_model, tokenizer = dummy.build_dummy_device_map(model, gpus=gpus, dtype=getattr(torch, dtype))
     tokenizer.padding_side = "left"
-    return Engine(model=hf_model, tokenizer=tokenizer, model_name=model, backend="hf",
-                  stop_ids=stop_token_ids(hf_model, tokenizer))
+    return Engine(
+        model=hf_model,
+        tokenizer=tokenizer,
+        model_name=model,
+        backend="hf",
+        stop_ids=stop_token_ids(hf_model, tokenizer),
+    )
 
 
 def best(results: list[SizeResult], lengths: str = "fixed") -> SizeResult | None:

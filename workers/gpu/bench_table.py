@@ -16,8 +16,19 @@ def _fmt(x: float | None, spec: str = ",.1f") -> str:
 
 def size_table(title: str, rows: list[SizeResult]) -> Table:
     table = Table(title=title)
-    for col in ("chunk", "lengths", "decode", "summaries/s", "gen tok/s", "total tok/s", "speedup", "ideal",
-                "efficiency", "peak GB", "match vs bs1"):
+    for col in (
+        "chunk",
+        "lengths",
+        "decode",
+        "summaries/s",
+        "gen tok/s",
+        "total tok/s",
+        "speedup",
+        "ideal",
+        "efficiency",
+        "peak GB",
+        "match vs bs1",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         chunk = f"{r.chunk_size} (auto)" if r.note.startswith("auto") else str(r.chunk_size)
@@ -26,8 +37,14 @@ def size_table(title: str, rows: list[SizeResult]) -> Table:
             table.add_row(chunk, r.lengths, decode, "OOM: memory limit", *[""] * 7)
             continue
         table.add_row(
-            chunk, r.lengths, decode, _fmt(r.summaries_per_s, ".2f"), _fmt(r.generated_tokens_per_s),
-            _fmt(r.total_tokens_per_s, ",.0f"), _fmt(r.speedup), _fmt(r.ideal_speedup, ".0f"),
+            chunk,
+            r.lengths,
+            decode,
+            _fmt(r.summaries_per_s, ".2f"),
+            _fmt(r.generated_tokens_per_s),
+            _fmt(r.total_tokens_per_s, ",.0f"),
+            _fmt(r.speedup),
+            _fmt(r.ideal_speedup, ".0f"),
             _fmt(r.efficiency, ".0%") if r.efficiency is not None else "–",
             _fmt(r.peak_memory_gb, ".1f"),
             _fmt(r.token_match_rate, ".1%") if r.token_match_rate is not None else "–",
@@ -38,23 +55,34 @@ def size_table(title: str, rows: list[SizeResult]) -> Table:
 def varied_comparison(results: list[SizeResult]) -> list[str]:
     """Varied lengths: finished rows dropped against kept, size by size."""
     lines = []
-    static = {(r.chunk_size, r.note.startswith("auto")): r for r in results
-              if r.lengths == "varied" and r.decode == "static" and not r.oom}
+    static = {
+        (r.chunk_size, r.note.startswith("auto")): r
+        for r in results
+        if r.lengths == "varied" and r.decode == "static" and not r.oom
+    }
     for r in results:
         s = static.get((r.chunk_size, r.note.startswith("auto")))
         if r.lengths == "varied" and r.decode == "drop" and not r.oom and s and s.summaries_per_s:
-            lines.append(f"varied lengths, chunk {r.chunk_size}: dropping finished rows "
-                         f"{r.summaries_per_s / s.summaries_per_s:.2f}x static "
-                         f"({r.summaries_per_s:.2f} vs {s.summaries_per_s:.2f} summaries/s)")
+            lines.append(
+                f"varied lengths, chunk {r.chunk_size}: dropping finished rows "
+                f"{r.summaries_per_s / s.summaries_per_s:.2f}x static "
+                f"({r.summaries_per_s:.2f} vs {s.summaries_per_s:.2f} summaries/s)"
+            )
     return lines
 
 
 def print_report(report: BenchReport, console: Console) -> None:
     # The model name and prompt source are the user's text: plain, never markup.
-    console.print(Text.assemble((clean(report.model), "bold"), plain(
-        f" on {report.device}, {report.dtype}, attention {report.attention}, engine {report.engine}; torch "
-        f"{report.torch_version}, transformers {report.transformers_version}; {report.prompt_source}; "
-        f"{report.new_tokens} new tokens each")))
+    console.print(
+        Text.assemble(
+            (clean(report.model), "bold"),
+            plain(
+                f" on {report.device}, {report.dtype}, attention {report.attention}, engine {report.engine}; torch "
+                f"{report.torch_version}, transformers {report.transformers_version}; {report.prompt_source}; "
+                f"{report.new_tokens} new tokens each"
+            ),
+        )
+    )
     console.print(size_table("tubesum engine", report.results))
     if report.baseline:
         where = f" with device_map over {report.baseline_device}" if report.baseline_device else ""
@@ -64,17 +92,20 @@ def print_report(report: BenchReport, console: Console) -> None:
         console.print(f"best: chunk {top.chunk_size} at {top.summaries_per_s:.2f} summaries/s")
     base_top = best(report.baseline)
     if top and base_top and base_top.summaries_per_s:
-        console.print(f"best against best: {top.summaries_per_s / base_top.summaries_per_s:.1f}x plain "
-                      f"generate() (chunk {top.chunk_size}: {top.summaries_per_s:.2f} vs chunk "
-                      f"{base_top.chunk_size}: {base_top.summaries_per_s:.2f} summaries/s)")
+        console.print(
+            f"best against best: {top.summaries_per_s / base_top.summaries_per_s:.1f}x plain "
+            f"generate() (chunk {top.chunk_size}: {top.summaries_per_s:.2f} vs chunk "
+            f"{base_top.chunk_size}: {base_top.summaries_per_s:.2f} summaries/s)"
+        )
     if report.memory_limit_chunk:
         console.print(f"memory limit: chunk {report.memory_limit_chunk} does not fit")
-    console.print(f"--chunk-size auto would pick {report.auto_chunk_size} "
-                  f"(KV cache of {report.token_capacity} tokens)")
+    console.print(f"--chunk-size auto would pick {report.auto_chunk_size} (KV cache of {report.token_capacity} tokens)")
     for line in varied_comparison(report.results):
         console.print(line)
     for r in report.baseline:
         ours = next((x for x in report.results if x.chunk_size == r.chunk_size and not x.oom), None)
         if ours and not r.oom and r.summaries_per_s:
-            console.print(f"chunk {r.chunk_size}: {ours.summaries_per_s / r.summaries_per_s:.1f}x "
-                          f"plain generate() ({ours.summaries_per_s:.2f} vs {r.summaries_per_s:.2f} summaries/s)")
+            console.print(
+                f"chunk {r.chunk_size}: {ours.summaries_per_s / r.summaries_per_s:.1f}x "
+                f"plain generate() ({ours.summaries_per_s:.2f} vs {r.summaries_per_s:.2f} summaries/s)"
+            )

@@ -49,48 +49,108 @@ _CORPUS = [
 
 ARCHS: dict[str, dict] = {
     "tiny": dict(
-        vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-        rope_theta=10000.0, initializer_range=0.2, tie_word_embeddings=False,
+        vocab_size=TINY_VOCAB,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
     ),
     # One narrow layer: cheap enough on CPU for a test job with a 200,000-word transcript.
     "micro": dict(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rope_theta=10000.0, initializer_range=0.2, tie_word_embeddings=False,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
     ),
     "llama-3-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     ),
     "llama-3-1b": dict(  # Llama-3.2-1B shapes: a quick GPU smoke model
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
     ),
     "llama-2-70b": dict(  # the tutorial's model: 141 GB in bf16, so two cards at least
-        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     ),
     "llama-3-70b": dict(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     ),
     "mixtral-8x7b": dict(  # 8 experts, top-2 routing: 47B parameters, 13B active per token
-        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+        model_type="mixtral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),
     # The MoE math on CPU: tensor-parallel and router tests against transformers' Mixtral.
     "tiny-mixtral": dict(
-        model_type="mixtral", vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=192,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=10000.0,
-        initializer_range=0.2, tie_word_embeddings=False,
+        model_type="mixtral",
+        vocab_size=TINY_VOCAB,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
     ),
 }
 # Share of the weights each GPU may take beyond an even split when device_map balances layers.
@@ -109,12 +169,17 @@ def train_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
         padding_side="left",
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -129,7 +194,7 @@ def dummy_config(arch: str) -> PreTrainedConfig:
 
 
 def dummy_arch(spec: str) -> str:
-    return spec[len(DUMMY_PREFIX):] if is_dummy(spec) else spec
+    return spec[len(DUMMY_PREFIX) :] if is_dummy(spec) else spec
 
 
 def dummy_config_with_tokens(spec: str) -> tuple[PreTrainedConfig, PreTrainedTokenizerFast]:
@@ -143,8 +208,12 @@ def dummy_config_with_tokens(spec: str) -> tuple[PreTrainedConfig, PreTrainedTok
 
 
 def dummy_generation_config(config: PreTrainedConfig) -> GenerationConfig:
-    return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                            pad_token_id=config.pad_token_id, do_sample=False)
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
 
 
 def build_dummy(spec: str, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
@@ -169,8 +238,9 @@ def build_dummy_device_map(spec: str, *, gpus: int, dtype: torch.dtype, seed: in
     weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     per_gpu = int(weight_bytes / gpus * DEVICE_MAP_BALANCE) + 2**30
     layer_class = type(model.model.layers[0]).__name__
-    device_map = infer_auto_device_map(model, max_memory={i: per_gpu for i in range(gpus)},
-                                       no_split_module_classes=[layer_class], dtype=dtype)
+    device_map = infer_auto_device_map(
+        model, max_memory={i: per_gpu for i in range(gpus)}, no_split_module_classes=[layer_class], dtype=dtype
+    )
     for name, dev in device_map.items():
         module = model.get_submodule(name) if name else model
         module.to_empty(device=torch.device("cuda", dev) if isinstance(dev, int) else dev)

@@ -16,15 +16,15 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import torch
 
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
-from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
 from tubesum.workers.gpu.model_check import check_model
+from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
 from tubesum.workers.gpu.tp import RankGroup, ShardSource, check_divisible, full_config
 
@@ -118,16 +118,21 @@ class Engine:
         return self.auto_chunk_size(prompt_tokens=AUTO_TYPICAL_PROMPT_TOKENS, new_tokens=new_tokens)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 *, backend: str | None = None,
-                 new_tokens: list[int] | None = None) -> tuple[list[Generation], BatchTimings]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        backend: str | None = None,
+        new_tokens: list[int] | None = None,
+    ) -> tuple[list[Generation], BatchTimings]:
         """One batched generation over the whole chunk. Results come back in input order.
         Raises OutOfMemory when the chunk does not fit, with every tensor of the failed attempt
         already freed. `new_tokens`: each prompt's own length (fast backend; the bench)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use = backend or self.backend
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
@@ -136,8 +141,12 @@ class Engine:
             if use == "fast":
                 assert self.runner is not None, "fast backend needs a Llama-family model"
                 rows, stats = self.runner.generate(
-                    prompts, max_new_tokens=params.max_new_tokens, stop_ids=self.stop_ids,
-                    ignore_eos=params.ignore_eos, new_tokens=new_tokens)
+                    prompts,
+                    max_new_tokens=params.max_new_tokens,
+                    stop_ids=self.stop_ids,
+                    ignore_eos=params.ignore_eos,
+                    new_tokens=new_tokens,
+                )
                 prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
             else:
                 rows, prefill_s, decode_s, padded = self._hf_generate(prompts, params)
@@ -163,10 +172,16 @@ class Engine:
             for p, row in zip(prompts, rows)
         ]
         timings = BatchTimings(
-            batch_size=len(prompts), prompt_tokens=sum(len(p) for p in prompts),
-            padded_prompt_tokens=padded, generated_tokens=sum(len(g.token_ids) for g in gens),
-            prefill_s=prefill_s, decode_s=decode_s, wall_s=wall, peak_memory_bytes=peak,
-            started_at=started, ended_at=datetime.now(timezone.utc),
+            batch_size=len(prompts),
+            prompt_tokens=sum(len(p) for p in prompts),
+            padded_prompt_tokens=padded,
+            generated_tokens=sum(len(g.token_ids) for g in gens),
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            wall_s=wall,
+            peak_memory_bytes=peak,
+            started_at=started,
+            ended_at=datetime.now(UTC),
         )
         return gens, timings
 
@@ -179,9 +194,13 @@ class Engine:
         self.release()
         if cuda:
             after = torch.cuda.memory_allocated(self.device)
-            log.warning("out of memory: %.2f GiB allocated before recovery, %.2f GiB after; KV "
-                        "cache planned for %s tokens from now on", before / 2**30, after / 2**30,
-                        self.token_capacity)
+            log.warning(
+                "out of memory: %.2f GiB allocated before recovery, %.2f GiB after; KV "
+                "cache planned for %s tokens from now on",
+                before / 2**30,
+                after / 2**30,
+                self.token_capacity,
+            )
 
     def warmup(self) -> float:
         """Compile the fused kernels (for one and for several rows/tokens, so the shapes become
@@ -196,7 +215,7 @@ class Engine:
             self.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))
         self.release()
         assert self.runner is not None
-        self.runner.token_capacity  # measure once, with the compiled kernels, before any chunk
+        _ = self.runner.token_capacity  # measure once, with the compiled kernels, before any chunk
         return time.perf_counter() - t0
 
     def release(self) -> None:
@@ -226,17 +245,21 @@ class Engine:
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         first_device = self.device
         kwargs = dict(
-            max_new_tokens=params.max_new_tokens, do_sample=False, temperature=None, top_p=None,
-            top_k=None, pad_token_id=pad_id, eos_token_id=sorted(self.stop_ids) or None,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(self.stop_ids) or None,
         )
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_new_tokens
-        out = self.model.generate(input_ids=ids.to(first_device), attention_mask=mask.to(first_device),
-                                  **kwargs)
+        out = self.model.generate(input_ids=ids.to(first_device), attention_mask=mask.to(first_device), **kwargs)
         rows = []
         for row in out[:, width:].tolist():
             cut = []
@@ -252,6 +275,7 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- loading
+
 
 def resolve_device_map(device_map: str) -> str:
     if device_map != "auto":
@@ -299,16 +323,29 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", attn: str = "auto",
-                backend: Backend = "auto", tensor_parallel: int = 1) -> Engine:
+def load_engine(
+    model: str,
+    *,
+    device_map: str = "auto",
+    dtype: str = "auto",
+    attn: str = "auto",
+    backend: Backend = "auto",
+    tensor_parallel: int = 1,
+) -> Engine:
     """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend.
     `tensor_parallel` N > 1: the fast backend over N GPUs (cuda:0..N-1 of the visible ones; on
     `device_map="cpu"`, N CPU ranks over gloo, for tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
     if tensor_parallel > 1:
-        return load_tp_engine(model, world=tensor_parallel, device_type="cpu" if dm == "cpu" else "cuda",
-                              dtype=torch_dtype, allow_flash=attn not in ("sdpa", "eager"), backend=backend)
+        return load_tp_engine(
+            model,
+            world=tensor_parallel,
+            device_type="cpu" if dm == "cpu" else "cuda",
+            dtype=torch_dtype,
+            allow_flash=attn not in ("sdpa", "eager"),
+            backend=backend,
+        )
     attn_impl = resolve_attn(attn, dm)
     if dummy.is_dummy(model):
         device = "cuda:0" if dm == "auto" else dm
@@ -321,7 +358,8 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
         try:
             tokenizer = AutoTokenizer.from_pretrained(model)
             hf_model = AutoModelForCausalLM.from_pretrained(
-                model, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl)
+                model, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl
+            )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
         hf_model.eval()
@@ -337,13 +375,26 @@ def load_engine(model: str, *, device_map: str = "auto", dtype: str = "auto", at
     elif backend == "fast" and not fast_ok:
         raise ModelLoadError(
             f"fast backend needs a Llama-family model on one device; got "
-            f"{hf_model.config.model_type!r}{' sharded' if sharded else ''}")
+            f"{hf_model.config.model_type!r}{' sharded' if sharded else ''}"
+        )
     # attn="sdpa"/"eager" asks for PyTorch attention in the fast runner too (no FlashAttention).
     runner = LlamaRunner(hf_model, allow_flash=attn not in ("sdpa", "eager")) if fast_ok else None
-    engine = Engine(model=hf_model, tokenizer=tokenizer, model_name=model, backend=chosen,
-                    runner=runner, stop_ids=stop_token_ids(hf_model, tokenizer))
-    log.info("loaded %s on %s (%s, attention %s, backend %s)", model, engine.devices,
-             engine.dtype, engine.attn_implementation, chosen)
+    engine = Engine(
+        model=hf_model,
+        tokenizer=tokenizer,
+        model_name=model,
+        backend=chosen,
+        runner=runner,
+        stop_ids=stop_token_ids(hf_model, tokenizer),
+    )
+    log.info(
+        "loaded %s on %s (%s, attention %s, backend %s)",
+        model,
+        engine.devices,
+        engine.dtype,
+        engine.attn_implementation,
+        chosen,
+    )
     return engine
 
 
@@ -362,31 +413,52 @@ def _tokenizer_and_generation_config(model: str, config):
     return tokenizer, generation
 
 
-def load_tp_engine(model: str, *, world: int, device_type: str, dtype: torch.dtype,
-                   allow_flash: bool = True, backend: Backend = "auto") -> Engine:
+def load_tp_engine(
+    model: str, *, world: int, device_type: str, dtype: torch.dtype, allow_flash: bool = True, backend: Backend = "auto"
+) -> Engine:
     """The fast backend over a tensor-parallel group of `world` ranks; this process is rank 0."""
     if backend == "hf":
-        raise ModelLoadError("the hf backend does not run tensor parallel; use --device-map auto "
-                             "(layers over the GPUs) or the fast backend")
+        raise ModelLoadError(
+            "the hf backend does not run tensor parallel; use --device-map auto "
+            "(layers over the GPUs) or the fast backend"
+        )
     # TUBESUM_TP_CUDA_GRAPHS=0: decode without CUDA graphs (diagnosis; graphs hold the all-reduces).
-    source = ShardSource(model=model, dtype=str(dtype).removeprefix("torch."), device_type=device_type,
-                         allow_flash=allow_flash, cuda_graphs=os.environ.get("TUBESUM_TP_CUDA_GRAPHS", "1") != "0")
+    source = ShardSource(
+        model=model,
+        dtype=str(dtype).removeprefix("torch."),
+        device_type=device_type,
+        allow_flash=allow_flash,
+        cuda_graphs=os.environ.get("TUBESUM_TP_CUDA_GRAPHS", "1") != "0",
+    )
     try:
         config = full_config(source)
         tokenizer, generation = _tokenizer_and_generation_config(model, config)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"tensor parallelism runs the fast backend, which does not support "
-                             f"model_type {config.model_type!r}")
+        raise ModelLoadError(
+            f"tensor parallelism runs the fast backend, which does not support model_type {config.model_type!r}"
+        )
     check_divisible(config, world)  # before any rank process starts
     group = RankGroup(source, world)
     group.model.generation_config = generation
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    engine = Engine(model=group.model, tokenizer=tokenizer, model_name=model, backend="fast",
-                    runner=group, stop_ids=stop_token_ids(group.model, tokenizer), group=group)
-    log.info("loaded %s tensor-parallel over %s (%s, attention %s)", model, engine.devices,
-             engine.dtype, engine.attn_implementation)
+    engine = Engine(
+        model=group.model,
+        tokenizer=tokenizer,
+        model_name=model,
+        backend="fast",
+        runner=group,
+        stop_ids=stop_token_ids(group.model, tokenizer),
+        group=group,
+    )
+    log.info(
+        "loaded %s tensor-parallel over %s (%s, attention %s)",
+        model,
+        engine.devices,
+        engine.dtype,
+        engine.attn_implementation,
+    )
     return engine

@@ -26,8 +26,10 @@ DRY_RUN_HINT = "for a dry run without any download use --model dummy:tiny"
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE (or the older TRANSFORMERS_OFFLINE), read now, not at import."""
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) or bool(constants.HF_HUB_OFFLINE)
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ) or bool(constants.HF_HUB_OFFLINE)
 
 
 def looks_like_path(model: str) -> bool:
@@ -44,13 +46,16 @@ def check_model(model: str, *, timeout_s: float = HUB_CHECK_TIMEOUT_S) -> str:
     try:
         cached = try_to_load_from_cache(model, CONFIG_FILE)
     except HFValidationError as exc:
-        raise ModelLoadError(f"model {model!r} is neither a directory nor a Hugging Face model id ({exc}); "
-                             f"{DRY_RUN_HINT}") from None
+        raise ModelLoadError(
+            f"model {model!r} is neither a directory nor a Hugging Face model id ({exc}); {DRY_RUN_HINT}"
+        ) from None
     if isinstance(cached, str):
         return "cache"
     if hub_offline():
-        raise ModelLoadError(f"model {model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it "
-                             f"cannot be downloaded; download it first or unset HF_HUB_OFFLINE; {DRY_RUN_HINT}")
+        raise ModelLoadError(
+            f"model {model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it "
+            f"cannot be downloaded; download it first or unset HF_HUB_OFFLINE; {DRY_RUN_HINT}"
+        )
     return _check_hub(model, timeout_s=timeout_s)
 
 
@@ -66,15 +71,20 @@ def _check_hub(model: str, *, timeout_s: float) -> str:
     try:
         HfApi().model_info(model, timeout=timeout_s)
     except GatedRepoError:
-        raise ModelLoadError(f"model {model!r} is gated on the Hugging Face hub: accept its licence and "
-                             f"log in (`hf auth login`); {DRY_RUN_HINT}") from None
+        raise ModelLoadError(
+            f"model {model!r} is gated on the Hugging Face hub: accept its licence and "
+            f"log in (`hf auth login`); {DRY_RUN_HINT}"
+        ) from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"there is no model {model!r} on the Hugging Face hub (or it is private); "
-                             f"{DRY_RUN_HINT}") from None
+        raise ModelLoadError(
+            f"there is no model {model!r} on the Hugging Face hub (or it is private); {DRY_RUN_HINT}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - connection, DNS, proxy, timeout: all "cannot reach"
-        raise ModelLoadError(f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to find model {model!r}: "
-                             f"{type(exc).__name__}: {_first_line(exc)}; set HF_HUB_OFFLINE=1 to use the "
-                             f"cache only; {DRY_RUN_HINT}") from None
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to find model {model!r}: "
+            f"{type(exc).__name__}: {_first_line(exc)}; set HF_HUB_OFFLINE=1 to use the "
+            f"cache only; {DRY_RUN_HINT}"
+        ) from None
     return "hub"
 
 

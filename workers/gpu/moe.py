@@ -26,8 +26,11 @@ import torch.nn.functional as F
 
 def grouped_mm_available(weight: torch.Tensor) -> bool:
     """The fused kernel: CUDA, bf16, and a PyTorch that has it (2.10+ as F.grouped_mm)."""
-    return (weight.device.type == "cuda" and weight.dtype == torch.bfloat16
-            and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")))
+    return (
+        weight.device.type == "cuda"
+        and weight.dtype == torch.bfloat16
+        and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
+    )
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -61,8 +64,7 @@ class MoEWeights:
         experts = block.experts
         if not hasattr(experts, "gate_up_proj"):
             raise ValueError("fast runner needs transformers 5's fused Mixtral experts (gate_up_proj)")
-        return cls(router=block.gate.weight.data, w13=experts.gate_up_proj.data,
-                   w2=experts.down_proj.data, top_k=top_k)
+        return cls(router=block.gate.weight.data, w13=experts.gate_up_proj.data, w2=experts.down_proj.data, top_k=top_k)
 
 
 def route(h: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,27 +26,62 @@ def engine_facts(engine: EngineLike, *, worker_host: str, sizer: ChunkSizer) -> 
     note = None
     if sizer.limit < sizer.configured:
         note = f"chunks capped at {sizer.limit} after running out of memory"
-    return dict(id=uuid.uuid4().hex, worker_host=worker_host, devices=engine.devices, model=engine.model_name,
-                dtype=engine.dtype, attn_implementation=engine.attn_implementation, engine=engine.backend,
-                chunk_size=sizer.configured, note=note)
+    return dict(
+        id=uuid.uuid4().hex,
+        worker_host=worker_host,
+        devices=engine.devices,
+        model=engine.model_name,
+        dtype=engine.dtype,
+        attn_implementation=engine.attn_implementation,
+        engine=engine.backend,
+        chunk_size=sizer.configured,
+        note=note,
+    )
 
 
 def batch_record(facts: EngineFacts, t: BatchTimings, *, oom_split: bool) -> BatchRecord:
     return BatchRecord(
-        **facts, batch_size=t.batch_size, prompt_tokens=t.prompt_tokens,
-        padded_prompt_tokens=t.padded_prompt_tokens, generated_tokens=t.generated_tokens,
-        prefill_s=t.prefill_s, decode_s=t.decode_s, wall_s=t.wall_s,
-        generated_tokens_per_s=t.generated_tokens_per_s, peak_memory_bytes=t.peak_memory_bytes,
-        oom_split=oom_split, status="ok", started_at=t.started_at, ended_at=t.ended_at,
+        **facts,
+        batch_size=t.batch_size,
+        prompt_tokens=t.prompt_tokens,
+        padded_prompt_tokens=t.padded_prompt_tokens,
+        generated_tokens=t.generated_tokens,
+        prefill_s=t.prefill_s,
+        decode_s=t.decode_s,
+        wall_s=t.wall_s,
+        generated_tokens_per_s=t.generated_tokens_per_s,
+        peak_memory_bytes=t.peak_memory_bytes,
+        oom_split=oom_split,
+        status="ok",
+        started_at=t.started_at,
+        ended_at=t.ended_at,
     )
 
 
-def oom_record(facts: EngineFacts, *, batch_size: int, prompt_tokens: int, error: str, started: datetime,
-               wall_s: float, oom_split: bool) -> BatchRecord:
+def oom_record(
+    facts: EngineFacts,
+    *,
+    batch_size: int,
+    prompt_tokens: int,
+    error: str,
+    started: datetime,
+    wall_s: float,
+    oom_split: bool,
+) -> BatchRecord:
     facts = {**facts, "note": f"out of memory, split in halves: {error}"}
     return BatchRecord(
-        **facts, batch_size=batch_size, prompt_tokens=prompt_tokens,
-        padded_prompt_tokens=0, generated_tokens=0, prefill_s=None, decode_s=None, wall_s=wall_s,
-        generated_tokens_per_s=0.0, peak_memory_bytes=None, oom_split=oom_split, status="oom",
-        started_at=started, ended_at=utcnow(),
+        **facts,
+        batch_size=batch_size,
+        prompt_tokens=prompt_tokens,
+        padded_prompt_tokens=0,
+        generated_tokens=0,
+        prefill_s=None,
+        decode_s=None,
+        wall_s=wall_s,
+        generated_tokens_per_s=0.0,
+        peak_memory_bytes=None,
+        oom_split=oom_split,
+        status="oom",
+        started_at=started,
+        ended_at=utcnow(),
     )

@@ -108,9 +108,9 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     row = 0
     for lin in linears:
         n = lin.weight.shape[0]
-        lin.weight.data = weight[row:row + n]
+        lin.weight.data = weight[row : row + n]
         if bias is not None:
-            lin.bias.data = bias[row:row + n]
+            lin.bias.data = bias[row : row + n]
         row += n
     return weight, bias
 
@@ -139,9 +139,18 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: flo
     return x, rms_norm(x, w, eps)
 
 
-def qkv_rope(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-             pos: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
-             q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float):
+def qkv_rope(
+    qkv: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    pos: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+):
     # qkv: [T, (H + 2·KVH)·D]; pos: [T] → q [T, H, D], k, v [T, KVH, D], q and k rotated
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(-1, n_heads, head_dim)
@@ -174,8 +183,9 @@ class KVCache:
     head_dim]. A row owns `[start, start + prompt + new tokens)`; the last slot is scratch that
     dummy rows of a padded decode graph write to and read from."""
 
-    def __init__(self, *, layers: int, capacity: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, *, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         shape = (layers, capacity + 1, kv_heads, head_dim)
         # Empty, not zeroed: every reader is limited to slots its row has written (seqused_k on
         # CUDA, per-row slices on the CPU). Only the scratch slot is zeroed (no NaN in dummy rows).
@@ -191,8 +201,9 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
-def kv_token_capacity(*, free_bytes: int, reserve_bytes: int, bytes_per_token: int,
-                      share: float = KV_MEMORY_SHARE) -> int:
+def kv_token_capacity(
+    *, free_bytes: int, reserve_bytes: int, bytes_per_token: int, share: float = KV_MEMORY_SHARE
+) -> int:
     """KV-cache tokens that fit in `free_bytes` once `reserve_bytes` (activations, logits,
     headroom) are set aside, using `share` of what is left (slack for fragmentation)."""
     return int(max(0, free_bytes - reserve_bytes) * share) // bytes_per_token
@@ -220,9 +231,18 @@ class _DecodeGraph:
     bucket: real rows first, dummy rows after). The step also does its own bookkeeping (store the
     pick, advance position and step), so a token costs exactly one graph launch from the host."""
 
-    def __init__(self, runner: LlamaRunner, cache: KVCache, *, rows: int, max_k: int,
-                 suppress: torch.Tensor | None, max_new_tokens: int, use_graph: bool,
-                 pool=None) -> None:
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        cache: KVCache,
+        *,
+        rows: int,
+        max_k: int,
+        suppress: torch.Tensor | None,
+        max_new_tokens: int,
+        use_graph: bool,
+        pool=None,
+    ) -> None:
         dev = runner.device
         self.runner, self.cache, self.suppress = runner, cache, suppress
         self.rows, self.max_k, self.max_new_tokens = rows, max_k, max_new_tokens
@@ -304,9 +324,16 @@ class LlamaRunner:
     the runner then sums the attention output and the MLP output over the ranks (one all-reduce
     each per layer, captured in the decode graph), and every rank computes the same tokens."""
 
-    def __init__(self, model: torch.nn.Module, *, use_cuda_graphs: bool | None = None,
-                 allow_flash: bool = True, compile_ops: bool = True,
-                 token_capacity: int | None = None, tp_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        use_cuda_graphs: bool | None = None,
+        allow_flash: bool = True,
+        compile_ops: bool = True,
+        token_capacity: int | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"fast runner does not support model_type {cfg.model_type!r}")
@@ -342,12 +369,20 @@ class LlamaRunner:
                 else:
                     w13, _ = _fuse([mlp.gate_proj, mlp.up_proj])
                     w2 = mlp.down_proj.weight
-                self.layers.append(_Layer(
-                    wqkv=wqkv, bqkv=bqkv, wo=att.o_proj.weight, w13=w13, w2=w2, moe=moe,
-                    ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                    q_norm=getattr(getattr(att, "q_norm", None), "weight", None),
-                    k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
-                ))
+                self.layers.append(
+                    _Layer(
+                        wqkv=wqkv,
+                        bqkv=bqkv,
+                        wo=att.o_proj.weight,
+                        w13=w13,
+                        w2=w2,
+                        moe=moe,
+                        ln1=layer.input_layernorm.weight,
+                        ln2=layer.post_attention_layernorm.weight,
+                        q_norm=getattr(getattr(att, "q_norm", None), "weight", None),
+                        k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
+                    )
+                )
             # cos/sin for every position once, with the model's own rotary code (rope scaling incl.)
             positions = torch.arange(self.max_positions, device=self.device)[None]
             probe = torch.zeros(1, dtype=torch.float32, device=self.device)
@@ -383,8 +418,14 @@ class LlamaRunner:
         self.release()
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        probe = KVCache(layers=len(self.layers), capacity=PREFILL_TOKEN_BUDGET, kv_heads=self.n_kv,
-                        head_dim=self.head_dim, dtype=self.dtype, device=dev)
+        probe = KVCache(
+            layers=len(self.layers),
+            capacity=PREFILL_TOKEN_BUDGET,
+            kv_heads=self.n_kv,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=dev,
+        )
         probe_bytes = probe.k.numel() * probe.k.element_size() * 2
         rows = 8  # several prompts: the varlen path the chunks take
         length = PREFILL_TOKEN_BUDGET // rows
@@ -395,11 +436,21 @@ class LlamaRunner:
         torch.cuda.empty_cache()
         logits = MAX_PLANNED_ROWS * self.lm_head.shape[0] * self.lm_head.element_size()
         free, _total = torch.cuda.mem_get_info(dev)
-        capacity = kv_token_capacity(free_bytes=free, reserve_bytes=activations + logits + MEMORY_HEADROOM_BYTES,
-                                     bytes_per_token=self.kv_bytes_per_token)
-        log.info("KV cache: %d tokens (%.1f GiB) = free %.1f GiB - activations %.2f GiB - logits "
-                 "%.2f GiB - headroom %.1f GiB", capacity, capacity * self.kv_bytes_per_token / 2**30,
-                 free / 2**30, activations / 2**30, logits / 2**30, MEMORY_HEADROOM_BYTES / 2**30)
+        capacity = kv_token_capacity(
+            free_bytes=free,
+            reserve_bytes=activations + logits + MEMORY_HEADROOM_BYTES,
+            bytes_per_token=self.kv_bytes_per_token,
+        )
+        log.info(
+            "KV cache: %d tokens (%.1f GiB) = free %.1f GiB - activations %.2f GiB - logits "
+            "%.2f GiB - headroom %.1f GiB",
+            capacity,
+            capacity * self.kv_bytes_per_token / 2**30,
+            free / 2**30,
+            activations / 2**30,
+            logits / 2**30,
+            MEMORY_HEADROOM_BYTES / 2**30,
+        )
         return capacity
 
     def shrink_capacity(self, factor: float) -> None:
@@ -420,16 +471,27 @@ class LlamaRunner:
             return moe_mlp(h, lyr.moe, self.ops.silu_mul)
         return F.linear(self.ops.silu_mul(F.linear(h, lyr.w13)), lyr.w2)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor,
-                 attend) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor, attend
+    ) -> torch.Tensor:
         """ids, pos, dest: [T] → final-normed hidden states [T, hidden]. Writes every token's
         keys and values to its cache slot `dest`; `attend(layer, q, k, v)` does the attention."""
         ops, eps = self.ops, self.eps
         x = F.embedding(ids, self.embed)  # [T, hidden]: the residual stream
         h = ops.rms_norm(x, self.layers[0].ln1, eps)
         for i, lyr in enumerate(self.layers):
-            q, k, v = ops.qkv_rope(F.linear(h, lyr.wqkv, lyr.bqkv), self.cos, self.sin, pos,
-                                   self.n_heads, self.n_kv, self.head_dim, lyr.q_norm, lyr.k_norm, eps)
+            q, k, v = ops.qkv_rope(
+                F.linear(h, lyr.wqkv, lyr.bqkv),
+                self.cos,
+                self.sin,
+                pos,
+                self.n_heads,
+                self.n_kv,
+                self.head_dim,
+                lyr.q_norm,
+                lyr.k_norm,
+                eps,
+            )
             k_flat, v_flat = cache.flat(i)
             k_flat.index_copy_(0, dest, k)
             v_flat.index_copy_(0, dest, v)
@@ -441,8 +503,9 @@ class LlamaRunner:
         return h
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, prompts: list[list[int]], starts: list[int], cache: KVCache,
-                suppress: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(
+        self, prompts: list[list[int]], starts: list[int], cache: KVCache, suppress: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run `prompts` packed into one sequence, write their keys and values at `starts`,
         return their first generated token [n]."""
         logits = self.prefill_logits(prompts, starts, cache)
@@ -458,8 +521,7 @@ class LlamaRunner:
         dev = self.device
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)  # [T]
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])  # [T]
-        start_of = torch.repeat_interleave(
-            torch.tensor(starts, device=dev), torch.tensor(lens, device=dev))  # [T]
+        start_of = torch.repeat_interleave(torch.tensor(starts, device=dev), torch.tensor(lens, device=dev))  # [T]
         dest = start_of + pos  # flat cache slot of every token
         offsets = [0]
         for n in lens:
@@ -488,8 +550,9 @@ class LlamaRunner:
         return out
 
     # ------------------------------------------------------------------ decode
-    def decode_logits(self, tokens: torch.Tensor, pos: torch.Tensor, cu_k: torch.Tensor,
-                      cache: KVCache, max_k: int) -> torch.Tensor:
+    def decode_logits(
+        self, tokens: torch.Tensor, pos: torch.Tensor, cu_k: torch.Tensor, cache: KVCache, max_k: int
+    ) -> torch.Tensor:
         """One step for every row: tokens, pos: [B]; cu_k: [B + 1] int32, row i's region starts
         at cu_k[i]; max_k ≥ every row's length → logits [B, V]. Capturable in a CUDA graph."""
         rows = tokens.shape[0]
@@ -512,8 +575,7 @@ class LlamaRunner:
             # q [B, H, D] → [B, KVH, g, D] → [B·g, KVH, D]
             qg = q.view(rows, self.n_kv, group, self.head_dim).transpose(1, 2)
             qg = qg.reshape(rows * group, self.n_kv, self.head_dim)
-            out = _flash(qg, k_flat, v_flat, cu_grouped, cu_k, group, max_k, causal=False,
-                         seqused_k=used)
+            out = _flash(qg, k_flat, v_flat, cu_grouped, cu_k, group, max_k, causal=False, seqused_k=used)
             # back: [B·g, KVH, D] → [B, g, KVH, D] → [B, KVH, g, D] → [B, H, D]
             out = out.view(rows, group, self.n_kv, self.head_dim).transpose(1, 2)
             return out.reshape(rows, self.n_heads, self.head_dim)
@@ -521,16 +583,15 @@ class LlamaRunner:
         # bf16 logits are fine for a greedy pick (same argmax as after a float cast).
         return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head)
 
-    def _sdpa_decode(self, q, layer: int, cache: KVCache, cu_k: torch.Tensor,
-                     used: torch.Tensor) -> torch.Tensor:
+    def _sdpa_decode(self, q, layer: int, cache: KVCache, cu_k: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
         # q: [B, H, D]; each row attends to its own region's written slots only (CPU path: the
         # host reads the offsets, so this is not graph-capturable).
         k_flat, v_flat = cache.flat(layer)
         group = self.n_heads // self.n_kv
         out = torch.empty_like(q)
         for i, (start, n) in enumerate(zip(cu_k[:-1].tolist(), used.tolist())):
-            keys = k_flat[start:start + n].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, n, D]
-            vals = v_flat[start:start + n].transpose(0, 1).repeat_interleave(group, dim=0)
+            keys = k_flat[start : start + n].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, n, D]
+            vals = v_flat[start : start + n].transpose(0, 1).repeat_interleave(group, dim=0)
             out[i] = F.scaled_dot_product_attention(q[i][:, None], keys, vals)[:, 0]
         return out  # [B, H, D]
 
@@ -539,12 +600,17 @@ class LlamaRunner:
         """The one KV cache, allocated at token_capacity the first time (and again only after
         `release`): every chunk reuses it, so memory never fragments chunk by chunk."""
         if self._kv is None:
-            self._kv = KVCache(layers=len(self.layers), capacity=self.token_capacity, kv_heads=self.n_kv,
-                               head_dim=self.head_dim, dtype=self.dtype, device=self.device)
+            self._kv = KVCache(
+                layers=len(self.layers),
+                capacity=self.token_capacity,
+                kv_heads=self.n_kv,
+                head_dim=self.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
         return self._kv
 
-    def _decoder_for(self, rows: int, max_k: int, suppress: tuple[int, ...],
-                     max_new_tokens: int) -> _DecodeGraph:
+    def _decoder_for(self, rows: int, max_k: int, suppress: tuple[int, ...], max_new_tokens: int) -> _DecodeGraph:
         """The decode graph for `rows` real rows (bucketed), reused across chunks."""
         bucket = row_bucket(rows)
         max_k = math.ceil(max_k / MAX_K_ROUNDING) * MAX_K_ROUNDING
@@ -558,8 +624,16 @@ class LlamaRunner:
         if self.use_graphs and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs never replay at once
         sup = torch.tensor(suppress, device=self.device) if suppress else None
-        dec = _DecodeGraph(self, cache, rows=bucket, max_k=max_k, suppress=sup,
-                           max_new_tokens=max_new_tokens, use_graph=self.use_graphs, pool=self._pool)
+        dec = _DecodeGraph(
+            self,
+            cache,
+            rows=bucket,
+            max_k=max_k,
+            suppress=sup,
+            max_new_tokens=max_new_tokens,
+            use_graph=self.use_graphs,
+            pool=self._pool,
+        )
         self._graphs[(bucket, max_k, suppress, max_new_tokens)] = dec
         return dec
 
@@ -572,9 +646,15 @@ class LlamaRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
-                 ignore_eos: bool = False, new_tokens: list[int] | None = None,
-                 ) -> tuple[list[list[int]], RunStats]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: set[int],
+        ignore_eos: bool = False,
+        new_tokens: list[int] | None = None,
+    ) -> tuple[list[list[int]], RunStats]:
         """Greedy continuation of every prompt; returns each row's new tokens (up to and including
         its first stop token) in input order. `new_tokens` gives each row its own limit (at most
         max_new_tokens): the bench's emulation of end tokens on random weights."""
@@ -584,8 +664,10 @@ class LlamaRunner:
             raise ValueError("new_tokens needs one limit in [1, max_new_tokens] per prompt")
         lengths = [len(p) + m for p, m in zip(prompts, limits)]  # each row's KV region, tokens
         if max(lengths) > self.max_positions:
-            raise ValueError(f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new "
-                             f"exceeds the model's {self.max_positions} positions")
+            raise ValueError(
+                f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new "
+                f"exceeds the model's {self.max_positions} positions"
+            )
         if sum(lengths) > self.token_capacity:
             raise CacheTooSmall(needed=sum(lengths), capacity=self.token_capacity, prompts=n)
         starts = row_starts(lengths)
@@ -596,8 +678,7 @@ class LlamaRunner:
         first = self._prefill_all(prompts, starts, dec)
         dec.load(first, [len(p) for p in prompts], starts, lengths)
         t1 = _now(self.device)
-        rows = self._decode(dec, limits, starts, lengths, stop_ids=stop_ids, ignore_eos=ignore_eos,
-                            suppress=suppress)
+        rows = self._decode(dec, limits, starts, lengths, stop_ids=stop_ids, ignore_eos=ignore_eos, suppress=suppress)
         t2 = _now(self.device)
         result = [_cut(row, limit, None if ignore_eos else stop_ids) for row, limit in zip(rows, limits)]
         total = sum(len(p) for p in prompts)
@@ -611,13 +692,21 @@ class LlamaRunner:
             while end < n and (end == start or budget + len(prompts[end]) <= PREFILL_TOKEN_BUDGET):
                 budget += len(prompts[end])
                 end += 1
-            firsts.append(self.prefill(prompts[start:end], starts[start:end], dec.cache,
-                                       suppress=dec.suppress))
+            firsts.append(self.prefill(prompts[start:end], starts[start:end], dec.cache, suppress=dec.suppress))
             start = end
         return torch.cat(firsts)
 
-    def _decode(self, dec: _DecodeGraph, limits: list[int], starts: list[int], lengths: list[int], *,
-                stop_ids: set[int], ignore_eos: bool, suppress: tuple[int, ...]) -> list[list[int]]:
+    def _decode(
+        self,
+        dec: _DecodeGraph,
+        limits: list[int],
+        starts: list[int],
+        lengths: list[int],
+        *,
+        stop_ids: set[int],
+        ignore_eos: bool,
+        suppress: tuple[int, ...],
+    ) -> list[list[int]]:
         """Replay decode steps until every row is done; each row's tokens (uncut), input order.
         With `drop_finished_rows`, rows that are done leave the step: once the rest fit a smaller
         row bucket, they move to that bucket's graph (their cache regions stay where they are)."""
@@ -629,7 +718,7 @@ class LlamaRunner:
             if steps % FINISH_CHECK_EVERY == 0:
                 done = [steps >= limits[r] for r in owner]
                 if not ignore_eos:
-                    hit = torch.isin(dec.out[:len(owner), :steps], stop).any(dim=1).tolist()
+                    hit = torch.isin(dec.out[: len(owner), :steps], stop).any(dim=1).tolist()
                     done = [a or b for a, b in zip(done, hit)]
                 if all(done):
                     break
@@ -639,22 +728,30 @@ class LlamaRunner:
             dec.run()
             steps += 1
         rows = dict(kept)
-        for i, row in enumerate(dec.out[:len(owner), :steps].tolist()):
+        for i, row in enumerate(dec.out[: len(owner), :steps].tolist()):
             rows[owner[i]] = row
         return [rows[r] for r in range(len(limits))]
 
-    def _shrink(self, dec: _DecodeGraph, owner: list[int], active: list[int], kept: dict[int, list[int]],
-                steps: int, starts: list[int], lengths: list[int], suppress: tuple[int, ...]):
+    def _shrink(
+        self,
+        dec: _DecodeGraph,
+        owner: list[int],
+        active: list[int],
+        kept: dict[int, list[int]],
+        steps: int,
+        starts: list[int],
+        lengths: list[int],
+        suppress: tuple[int, ...],
+    ):
         """Move the `active` graph rows of `dec` to a smaller bucket's graph at step `steps`."""
-        for i, row in enumerate(dec.out[:len(owner), :steps].tolist()):
+        for i, row in enumerate(dec.out[: len(owner), :steps].tolist()):
             if i not in active:
                 kept[owner[i]] = row
         owner = [owner[i] for i in active]
         idx = torch.tensor(active, device=self.device)
         small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens)
-        small.load(dec.tokens[idx], dec.pos[idx].tolist(), [starts[r] for r in owner],
-                   [lengths[r] for r in owner])
-        small.out[:len(active), :steps] = dec.out[idx, :steps]
+        small.load(dec.tokens[idx], dec.pos[idx].tolist(), [starts[r] for r in owner], [lengths[r] for r in owner])
+        small.out[: len(active), :steps] = dec.out[idx, :steps]
         small.step.fill_(steps)
         return small, owner
 
@@ -675,8 +772,7 @@ class CacheTooSmall(Exception):
     def __init__(self, *, needed: int, capacity: int, prompts: int) -> None:
         self.needed, self.capacity, self.prompts = needed, capacity, prompts
         what = "a single prompt" if prompts == 1 else f"a chunk of {prompts} prompts"
-        super().__init__(f"{what} needs {needed:,} KV-cache tokens (prompt + new tokens); "
-                         f"the cache holds {capacity:,}")
+        super().__init__(f"{what} needs {needed:,} KV-cache tokens (prompt + new tokens); the cache holds {capacity:,}")
 
 
 def _now(device: torch.device) -> float:

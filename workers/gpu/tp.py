@@ -89,8 +89,11 @@ def _head_dim(config) -> int:
 def check_divisible(config, world: int) -> None:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    for what, n in (("attention heads", heads), ("key-value heads", kv),
-                    ("intermediate size", config.intermediate_size)):
+    for what, n in (
+        ("attention heads", heads),
+        ("key-value heads", kv),
+        ("intermediate size", config.intermediate_size),
+    ):
         if n % world:
             raise ModelLoadError(f"--tensor-parallel {world} must divide the model's {what} ({n})")
 
@@ -127,8 +130,12 @@ def shard_tensor(src, name: str, config, rank: int, world: int) -> torch.Tensor:
     dim, unit = rule
     head_dim = _head_dim(config)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    per = {"heads": config.num_attention_heads * head_dim, "kv_heads": kv * head_dim,
-           "inter": config.intermediate_size, "gate_up": config.intermediate_size}[unit] // world
+    per = {
+        "heads": config.num_attention_heads * head_dim,
+        "kv_heads": kv * head_dim,
+        "inter": config.intermediate_size,
+        "gate_up": config.intermediate_size,
+    }[unit] // world
     if unit != "gate_up":
         return _slice(src, dim, rank * per, (rank + 1) * per)
     inter = config.intermediate_size
@@ -211,8 +218,9 @@ _MIXTRAL_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w
 _MIXTRAL_ROUTER = re.compile(r"^(.*)\.block_sparse_moe\.gate\.weight$")
 
 
-def _copy_checkpoint_tensor(params: dict[str, torch.Tensor], name: str, src, config, rank: int,
-                            world: int) -> str | None:
+def _copy_checkpoint_tensor(
+    params: dict[str, torch.Tensor], name: str, src, config, rank: int, world: int
+) -> str | None:
     """Copy this rank's part of checkpoint tensor `name` into its parameter; returns the
     parameter's name, or None when the model has no such parameter."""
     if (m := _MIXTRAL_ROUTER.match(name)) is not None:
@@ -227,7 +235,7 @@ def _copy_checkpoint_tensor(params: dict[str, torch.Tensor], name: str, src, con
         else:  # gate (w1) and up (w3): [inter, hidden], rows; fused as gate rows then up rows
             target = f"{prefix}.mlp.experts.gate_up_proj"
             at = 0 if which == "w1" else per
-            params[target][expert, at:at + per].copy_(src[lo:hi])
+            params[target][expert, at : at + per].copy_(src[lo:hi])
         return target
     if name not in params:
         return None
@@ -252,9 +260,11 @@ def _load_shard_weights(model: torch.nn.Module, config, source: ShardSource, ran
         seen.add("lm_head.weight")  # tied: the embedding
     missing = sorted(set(params) - seen)
     if missing:
-        raise ModelLoadError(f"checkpoint {source.model!r} lacks {len(missing)} tensors for "
-                             f"tensor parallelism, e.g. {missing[0]!r} (names as transformers 5 "
-                             "saves them are needed)")
+        raise ModelLoadError(
+            f"checkpoint {source.model!r} lacks {len(missing)} tensors for "
+            f"tensor parallelism, e.g. {missing[0]!r} (names as transformers 5 "
+            "saves them are needed)"
+        )
 
 
 def build_shard(source: ShardSource, rank: int, world: int) -> torch.nn.Module:
@@ -278,8 +288,14 @@ def probe_logits(runner: LlamaRunner, prompts: list[list[int]]) -> tuple[torch.T
     (tests and GPU checks compare these across tensor-parallel sizes)."""
     regions = [len(p) + 1 for p in prompts]  # each row: its prompt and one new token
     starts = row_starts(regions)
-    cache = KVCache(layers=len(runner.layers), capacity=sum(regions), kv_heads=runner.n_kv,
-                    head_dim=runner.head_dim, dtype=runner.dtype, device=runner.device)
+    cache = KVCache(
+        layers=len(runner.layers),
+        capacity=sum(regions),
+        kv_heads=runner.n_kv,
+        head_dim=runner.head_dim,
+        dtype=runner.dtype,
+        device=runner.device,
+    )
     with torch.inference_mode():
         first = runner.prefill_logits(prompts, starts, cache)
         tokens = first.argmax(-1)
@@ -289,8 +305,9 @@ def probe_logits(runner: LlamaRunner, prompts: list[list[int]]) -> tuple[torch.T
     return first.float().cpu(), step.float().cpu()
 
 
-def kv_cache_fits(runner: LlamaRunner, prompts: list[list[int]], max_new_tokens: int,
-                  new_tokens: list[int] | None) -> bool:
+def kv_cache_fits(
+    runner: LlamaRunner, prompts: list[list[int]], max_new_tokens: int, new_tokens: list[int] | None
+) -> bool:
     """Whether the chunk's KV regions (each row: its prompt + its new tokens) fit this rank's
     ragged cache. The ranks agreed on one capacity, so they answer alike; the vote still guards a
     rank whose capacity shrank alone."""
@@ -317,8 +334,9 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
         # the ranks agree on it before any of them allocates.
         if not _agree(kv_cache_fits(runner, prompts, max_new_tokens, new_tokens), commands):
             raise torch.OutOfMemoryError("the chunk's KV cache does not fit on every rank")
-        return runner.generate(prompts, max_new_tokens=max_new_tokens, stop_ids=set(stop_ids),
-                               ignore_eos=ignore_eos, new_tokens=new_tokens)
+        return runner.generate(
+            prompts, max_new_tokens=max_new_tokens, stop_ids=set(stop_ids), ignore_eos=ignore_eos, new_tokens=new_tokens
+        )
     if kind == "probe":
         return probe_logits(runner, args[0])
     if kind == "release":
@@ -350,8 +368,9 @@ def _init_group(source: ShardSource, rank: int, world: int, init_method: str):
 
 
 def _runner(model: torch.nn.Module, source: ShardSource, group: dist.ProcessGroup) -> LlamaRunner:
-    return LlamaRunner(model, allow_flash=source.allow_flash, tp_group=group,
-                       use_cuda_graphs=None if source.cuda_graphs else False)
+    return LlamaRunner(
+        model, allow_flash=source.allow_flash, tp_group=group, use_cuda_graphs=None if source.cuda_graphs else False
+    )
 
 
 def _rank_main(rank: int, world: int, source: ShardSource, init_method: str, ready: mp.Queue) -> None:
@@ -404,16 +423,16 @@ class RankGroup:
         if world < 2:
             raise ValueError("a rank group needs at least 2 ranks")
         if source.device_type == "cuda" and torch.cuda.device_count() < world:
-            raise ModelLoadError(f"--tensor-parallel {world} needs {world} GPUs; "
-                                 f"{torch.cuda.device_count()} visible")
+            raise ModelLoadError(f"--tensor-parallel {world} needs {world} GPUs; {torch.cuda.device_count()} visible")
         self.source, self.world = source, world
         ctx = mp.get_context("spawn")
         self._ready: mp.Queue = ctx.Queue()
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         # Not daemonic: a rank compiles kernels (torch.compile starts worker processes).
-        self._procs = [ctx.Process(target=_rank_main, name=f"tubesum-rank-{r}",
-                                   args=(r, world, source, init_method, self._ready))
-                       for r in range(1, world)]
+        self._procs = [
+            ctx.Process(target=_rank_main, name=f"tubesum-rank-{r}", args=(r, world, source, init_method, self._ready))
+            for r in range(1, world)
+        ]
         for p in self._procs:
             p.start()
         self._closed = False
@@ -468,11 +487,23 @@ class RankGroup:
         self._send(("shrink", factor))
         self.runner.shrink_capacity(factor)
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: set[int],
-                 ignore_eos: bool = False, new_tokens: list[int] | None = None,
-                 ) -> tuple[list[list[int]], RunStats]:
-        command = ("generate", prompts, max_new_tokens, sorted(stop_ids), ignore_eos,
-                   None if new_tokens is None else list(new_tokens))
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: set[int],
+        ignore_eos: bool = False,
+        new_tokens: list[int] | None = None,
+    ) -> tuple[list[list[int]], RunStats]:
+        command = (
+            "generate",
+            prompts,
+            max_new_tokens,
+            sorted(stop_ids),
+            ignore_eos,
+            None if new_tokens is None else list(new_tokens),
+        )
         self._send(command)
         error: Exception | None = None
         try:
@@ -532,4 +563,3 @@ def tensor_parallel_of(spec: str | int | None) -> int:
     if n < 1:
         raise ValueError("--tensor-parallel must be >= 1")
     return n
-

@@ -14,10 +14,10 @@ import time
 from functools import partial
 
 from celery import platforms
+from celery.apps.worker import safe_say
 from celery.exceptions import WorkerTerminate
 from celery.platforms import EX_FAILURE, EX_OK
 from celery.signals import worker_ready
-from celery.apps.worker import safe_say
 from celery.utils.nodenames import default_nodename, host_format
 from celery.worker import state as worker_state
 from kombu.common import ignore_errors
@@ -48,16 +48,22 @@ def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
     if settings.chunk_size != "auto":
         return int(settings.chunk_size)
     size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens)
-    log.info("--chunk-size auto: up to %d prompts a chunk, as many as %s KV-cache tokens hold",
-             size, engine.token_capacity)
+    log.info(
+        "--chunk-size auto: up to %d prompts a chunk, as many as %s KV-cache tokens hold", size, engine.token_capacity
+    )
     return size
 
 
 def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
     """Load the model once and compile its kernels before the first chunk."""
-    engine = load_engine(settings.model, device_map=settings.device_map, dtype=settings.dtype,
-                         attn=settings.attn, backend=backend,  # type: ignore[arg-type]
-                         tensor_parallel=settings.tensor_parallel)
+    engine = load_engine(
+        settings.model,
+        device_map=settings.device_map,
+        dtype=settings.dtype,
+        attn=settings.attn,
+        backend=backend,  # type: ignore[arg-type]
+        tensor_parallel=settings.tensor_parallel,
+    )
     log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
     return engine
 
@@ -65,13 +71,19 @@ def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
 def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None = None) -> Batcher:
     """The Batcher over a loaded engine, storing into settings.database_url; its heartbeat renews
     the leases ``lease_owner`` (this worker's node name) holds."""
-    return Batcher(engine, sink=partial(store_batch, database_url=settings.database_url),
-                   chunk_size=resolve_chunk_size(engine, settings), chunk_wait_s=settings.chunk_wait_s,
-                   max_new_tokens=settings.max_new_tokens, instruction=settings.prompt,
-                   worker_host=settings.worker_host,
-                   heartbeat=partial(touch_videos, database_url=settings.database_url, owner=lease_owner,
-                                     lease_s=settings.lease_s),
-                   heartbeat_s=settings.heartbeat_s)
+    return Batcher(
+        engine,
+        sink=partial(store_batch, database_url=settings.database_url),
+        chunk_size=resolve_chunk_size(engine, settings),
+        chunk_wait_s=settings.chunk_wait_s,
+        max_new_tokens=settings.max_new_tokens,
+        instruction=settings.prompt,
+        worker_host=settings.worker_host,
+        heartbeat=partial(
+            touch_videos, database_url=settings.database_url, owner=lease_owner, lease_s=settings.lease_s
+        ),
+        heartbeat_s=settings.heartbeat_s,
+    )
 
 
 def hand_back_then_stop(batcher: Batcher, grace_s: float) -> None:
@@ -91,19 +103,22 @@ def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected rec
     stop consuming and hand back what the worker holds, instead of Celery's warm shutdown, which
     would run every held video to the end first. A second signal hands back the running chunk too;
     a third ends the process at once (what is unacknowledged then comes back as after a SIGKILL)."""
+
     def receiver(sender=None, **_kwargs: object) -> None:  # type: ignore[no-untyped-def]
         consumer, seen = sender, []
 
         def on_signal(signum: int, _frame: object) -> None:
             seen.append(signum)
             if len(seen) == 1:
-                safe_say(f"worker: handing back held messages (grace {grace_s:.0f}s), then warm shutdown",
-                         sys.__stdout__)
+                safe_say(
+                    f"worker: handing back held messages (grace {grace_s:.0f}s), then warm shutdown", sys.__stdout__
+                )
                 # Stop taking messages, as Celery's own cold shutdown does from its signal handler.
                 if consumer.task_consumer is not None:
                     ignore_errors(consumer, consumer.task_consumer.cancel)
-                threading.Thread(target=hand_back_then_stop, args=(batcher, grace_s), name="gpu-shutdown",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=hand_back_then_stop, args=(batcher, grace_s), name="gpu-shutdown", daemon=True
+                ).start()
             elif len(seen) == 2:
                 safe_say("worker: handing back the running chunk too", sys.__stdout__)
                 threading.Thread(target=batcher.hand_back, args=(grace_s,), daemon=True).start()
@@ -117,8 +132,9 @@ def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected rec
     return receiver
 
 
-def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO",
-                         backend: str = "auto") -> None:
+def run_summarise_worker(
+    settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO", backend: str = "auto"
+) -> None:
     """`tubesum worker summarise`: load the model, then consume the summarise queue with
     CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
     nodename = host_format(default_nodename(name))  # what the tasks see as request.hostname
@@ -127,14 +143,32 @@ def run_summarise_worker(settings: Settings, *, name: str = "gpu@%h", loglevel: 
     receiver = install_hand_back(batcher, settings.handback_grace_s)
     batcher.start()
     concurrency = batcher.sizer.configured * CHUNKS_IN_HAND
-    log.info("summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
-             host_format(name), batcher.sizer.configured, settings.chunk_wait_s)
+    log.info(
+        "summarise worker %s: chunks of up to %d, waiting up to %.1fs for a full chunk",
+        host_format(name),
+        batcher.sizer.configured,
+        settings.chunk_wait_s,
+    )
     try:
-        app.worker_main(["worker", "-Q", SUMMARISE_QUEUE, "-P", "threads", f"--concurrency={concurrency}",
-                         "-n", name, "-E", "--prefetch-multiplier=1",
-                         # Like the fetch worker: no start-up sync with peers (it only delays
-                         # start and leaves stale files on the filesystem broker).
-                         "--without-mingle", "--without-gossip", f"--loglevel={loglevel}"])
+        app.worker_main(
+            [
+                "worker",
+                "-Q",
+                SUMMARISE_QUEUE,
+                "-P",
+                "threads",
+                f"--concurrency={concurrency}",
+                "-n",
+                name,
+                "-E",
+                "--prefetch-multiplier=1",
+                # Like the fetch worker: no start-up sync with peers (it only delays
+                # start and leaves stale files on the filesystem broker).
+                "--without-mingle",
+                "--without-gossip",
+                f"--loglevel={loglevel}",
+            ]
+        )
     finally:
         worker_ready.disconnect(receiver)
         batcher.stop()

@@ -51,7 +51,6 @@ class Tokenizer(Protocol):  # the part of a Hugging Face tokenizer used here
     def apply_chat_template(self, messages: list[dict], **kwargs): ...  # noqa: ANN003, ANN201
 
 
-
 def sanitize(text: str) -> str:
     """Untrusted text made safe to put between the tags: control characters removed and any
     ``<transcript>``/``</transcript>`` tag turned into a look-alike that is not a tag."""
@@ -86,11 +85,13 @@ def render_template(tokenizer: Tokenizer, *, system: str, user: str) -> Template
             text = _chat(tokenizer, [{"role": "user", "content": f"{system}\n\n{user}"}])
         before, after = text.split(_SLOT)
         # The template writes its own special tokens (BOS included) as text.
-        return Template(tokenizer.encode(before, add_special_tokens=False),
-                        tokenizer.encode(after, add_special_tokens=False))
+        return Template(
+            tokenizer.encode(before, add_special_tokens=False), tokenizer.encode(after, add_special_tokens=False)
+        )
     before, after = f"{system}\n\n{user}{PLAIN_ANSWER_CUE}".split(_SLOT)
-    return Template(tokenizer.encode(before, add_special_tokens=True),
-                    tokenizer.encode(after, add_special_tokens=False))
+    return Template(
+        tokenizer.encode(before, add_special_tokens=True), tokenizer.encode(after, add_special_tokens=False)
+    )
 
 
 def _chat(tokenizer: Tokenizer, messages: list[dict]) -> str:
@@ -113,13 +114,17 @@ class PromptBuilder:
     Shared by the task threads and the GPU thread: a Hugging Face fast tokenizer may raise
     "Already borrowed" when two threads use it at once, hence the lock."""
 
-    def __init__(self, tokenizer: Tokenizer, *, instruction: str, max_context: int, max_new_tokens: int,
-                 stop_ids: set[int]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, instruction: str, max_context: int, max_new_tokens: int, stop_ids: set[int]
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         # Never copied from a generation into a reduce prompt: a summary is data too.
-        self.special_ids = self.stop_ids | set(getattr(tokenizer, "all_special_ids", [])) | {
-            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        self.special_ids = (
+            self.stop_ids
+            | set(getattr(tokenizer, "all_special_ids", []))
+            | {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        )
         self.lock = threading.Lock()
         system = f"{instruction}\n{DATA_RULE}"
         with self.lock:
@@ -136,7 +141,8 @@ class PromptBuilder:
         if min(self.budgets.values()) < need:
             raise PromptError(
                 f"model context of {max_context} tokens is too small for max_new_tokens={max_new_tokens} "
-                f"and this prompt (room for {min(self.budgets.values())} transcript tokens, need {need})")
+                f"and this prompt (room for {min(self.budgets.values())} transcript tokens, need {need})"
+            )
 
     def _encode(self, text: str) -> list[int]:
         # split_special_tokens: "<|im_end|>" in a transcript is text, not the end of the turn.

@@ -14,9 +14,9 @@ CONTEXT_MARGIN_TOKENS = 16
 MIN_PIECE_TOKENS = 64
 
 
-
-def piece_budget(*, max_context: int, max_new_tokens: int, template_tokens: int,
-                 margin: int = CONTEXT_MARGIN_TOKENS) -> int:
+def piece_budget(
+    *, max_context: int, max_new_tokens: int, template_tokens: int, margin: int = CONTEXT_MARGIN_TOKENS
+) -> int:
     """Transcript tokens one prompt may carry: the context minus the summary, the prompt's own
     tokens (instruction, chat template, tags) and a margin."""
     return max_context - max_new_tokens - template_tokens - margin

@@ -15,13 +15,20 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 
 from tubesum.db import session_scope
-from tubesum.text import is_blank
 from tubesum.models import Batch, Summary, Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.models.tables import TERMINAL_STATUSES
+from tubesum.text import is_blank
 from tubesum.workers.summarise.prompt import sanitize
-from tubesum.workers.video_state import (SUMMARISE_CLAIMABLE, aware, clear_lease, clip_reason, held_elsewhere,
-                                         lock_video, take_lease)
+from tubesum.workers.video_state import (
+    SUMMARISE_CLAIMABLE,
+    aware,
+    clear_lease,
+    clip_reason,
+    held_elsewhere,
+    lock_video,
+    take_lease,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +85,15 @@ class BatchRecord:
     ended_at: datetime
 
 
-def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = None, owner: str | None = None,
-                lease_s: float | None = None, takeover: bool = False) -> VideoInput | None:
+def claim_video(
+    video_pk: int,
+    *,
+    database_url: str,
+    max_attempts: int | None = None,
+    owner: str | None = None,
+    lease_s: float | None = None,
+    takeover: bool = False,
+) -> VideoInput | None:
     """fetched/summarising → summarising, counting the claim, held under ``owner``'s lease for
     ``lease_s``; the transcript to summarise, or None when there is nothing to do (already done or
     failed, not fetched, gone, held by another live worker, or no transcript: then failed). A video
@@ -93,19 +107,25 @@ def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = 
         now = utcnow()
         if not takeover and held_elsewhere(video, owner=owner, now=now):
             # Redis gave a long chunk's message to a second worker: the first still runs it.
-            log.info("video %s is held by %s until %s: message dropped", video_pk, video.lease_owner,
-                     video.lease_expires_at)
+            log.info(
+                "video %s is held by %s until %s: message dropped", video_pk, video.lease_owner, video.lease_expires_at
+            )
             return None
         text = session.scalar(select(Transcript.text).where(Transcript.video_pk == video_pk))
         if max_attempts is not None and video.summarise_attempts >= max_attempts:
             video.status, video.failed_at = VideoStatus.failed.value, now
-            video.error = f"gave up after {video.summarise_attempts} summarise attempts that never finished (worker died?)"
+            video.error = (
+                f"gave up after {video.summarise_attempts} summarise attempts that never finished (worker died?)"
+            )
             clear_lease(video)
             log.warning("video %s: %s", video_pk, video.error)
             return None
         # Another delivery to the worker that holds it (it joins the video in flight) is no new attempt.
-        if not (video.status == VideoStatus.summarising.value and video.lease_owner is not None
-                and video.lease_owner == owner):
+        if not (
+            video.status == VideoStatus.summarising.value
+            and video.lease_owner is not None
+            and video.lease_owner == owner
+        ):
             video.summarise_attempts += 1
         if not text or is_blank(sanitize(text)):  # nothing readable: spaces, control or zero-width characters
             video.status, video.error, video.failed_at = VideoStatus.failed.value, "empty transcript", now
@@ -118,8 +138,9 @@ def claim_video(video_pk: int, *, database_url: str, max_attempts: int | None = 
         return VideoInput(video_pk=video_pk, transcript=text)
 
 
-def touch_videos(video_pks: Sequence[int], *, database_url: str, owner: str | None = None,
-                 lease_s: float | None = None) -> None:
+def touch_videos(
+    video_pks: Sequence[int], *, database_url: str, owner: str | None = None, lease_s: float | None = None
+) -> None:
     """The GPU worker's heartbeat: renew ``owner``'s lease (and ``updated_at``) on the videos it is
     still summarising. A lease that ran out and went to another worker is not taken back."""
     if not video_pks:
@@ -129,9 +150,15 @@ def touch_videos(video_pks: Sequence[int], *, database_url: str, owner: str | No
     if lease_s is not None:
         values["lease_expires_at"] = now + timedelta(seconds=lease_s)
     with session_scope(database_url) as session:
-        session.execute(update(Video).where(Video.id.in_(sorted(video_pks)), Video.lease_owner == owner,
-                                            Video.status == VideoStatus.summarising.value)
-                        .values(**values))
+        session.execute(
+            update(Video)
+            .where(
+                Video.id.in_(sorted(video_pks)),
+                Video.lease_owner == owner,
+                Video.status == VideoStatus.summarising.value,
+            )
+            .values(**values)
+        )
 
 
 def release_video(video_pk: int, *, database_url: str, owner: str | None) -> bool:
@@ -161,18 +188,30 @@ def store_batch(batch: BatchRecord, outcomes: Sequence[VideoOutcome], *, databas
             now = utcnow()
             clear_lease(video)
             if outcome.status == VideoStatus.failed.value:
-                video.status, video.error, video.failed_at = VideoStatus.failed.value, clip_reason(outcome.error or ""), now
+                video.status, video.error, video.failed_at = (
+                    VideoStatus.failed.value,
+                    clip_reason(outcome.error or ""),
+                    now,
+                )
                 continue
             if session.scalar(select(Summary.id).where(Summary.video_pk == outcome.video_pk)) is not None:
                 video.status, video.done_at = VideoStatus.done.value, video.done_at or now
                 continue
-            session.add(Summary(
-                video_pk=outcome.video_pk, batch_id=batch.id, text=outcome.text, model=batch.model,
-                prompt_tokens=outcome.prompt_tokens, generated_tokens=outcome.generated_tokens,
-                finish_reason=outcome.finish_reason or "length", pieces=outcome.pieces,
-                queue_wait_s=seconds_between(video.fetched_at, outcome.first_batch_started_at or batch.started_at),
-                latency_s=seconds_between(video.queued_at, now), created_at=now,
-            ))  # fmt: skip
+            session.add(
+                Summary(
+                    video_pk=outcome.video_pk,
+                    batch_id=batch.id,
+                    text=outcome.text,
+                    model=batch.model,
+                    prompt_tokens=outcome.prompt_tokens,
+                    generated_tokens=outcome.generated_tokens,
+                    finish_reason=outcome.finish_reason or "length",
+                    pieces=outcome.pieces,
+                    queue_wait_s=seconds_between(video.fetched_at, outcome.first_batch_started_at or batch.started_at),
+                    latency_s=seconds_between(video.queued_at, now),
+                    created_at=now,
+                )
+            )
             video.status, video.done_at, video.error = VideoStatus.done.value, now, None
 
 

@@ -64,9 +64,14 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     owner = self.request.hostname
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        video = claim_video(video_pk, database_url=settings.database_url, max_attempts=max_summarise_attempts(settings),
-                            owner=owner, lease_s=settings.lease_s,
-                            takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered))
+        video = claim_video(
+            video_pk,
+            database_url=settings.database_url,
+            max_attempts=max_summarise_attempts(settings),
+            owner=owner,
+            lease_s=settings.lease_s,
+            takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered),
+        )
     except Exception as exc:
         if not is_transient_db_error(exc):
             raise
@@ -85,11 +90,12 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
         except Exception as exc:  # storing the chunk failed: redeliver later
             log.warning("video %s: %s; retrying in %.0fs", video_pk, exc, STORE_RETRY_DELAY_S)
             try:  # whichever worker gets the retry may claim it
-                hold_for_retry(video_pk, until_s=STORE_RETRY_DELAY_S + settings.lease_s,
-                               database_url=settings.database_url)
+                hold_for_retry(
+                    video_pk, until_s=STORE_RETRY_DELAY_S + settings.lease_s, database_url=settings.database_url
+                )
             except Exception:  # noqa: BLE001 - database still down: the lease runs out and the video is resent
                 log.warning("video %s: could not release its lease for the retry", video_pk)
-            raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY_S, argsrepr=_argsrepr(self.request))
+            raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY_S, argsrepr=_argsrepr(self.request)) from None
     report = video_report(video_pk, database_url=settings.database_url)
     if report is not None and report.failed_since(started):
         raise VideoFailed(f"{report.label}: {report.error}")
