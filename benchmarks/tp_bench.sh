@@ -14,7 +14,7 @@ bench() {  # name gpus tp chunk-sizes baseline-sizes timeout-s model
   local baseline=(--baseline --baseline-chunk-sizes "$base")
   [[ $base == none ]] && baseline=()
   CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" tubesum bench --model "$model" --tensor-parallel "$tp" \
-    --chunk-sizes "$sizes" --prompts 64 --new-tokens 150 --max-chunks 1 --no-extend \
+    --chunk-sizes "$sizes" --prompts 64 --new-tokens 150 --max-chunks 1 --no-extend --lengths fixed \
     "${baseline[@]}" -o "/tmp/$name" > "$OUT/$name.log" 2>&1
   echo "$name exit $?" >> "$OUT/$name.log"
   cp "/tmp/$name/bench.json" "$OUT/$name.json" 2>/dev/null
