@@ -12,6 +12,7 @@ from tubesum.workers.gpu.batching import (
     halves,
     plan_chunk,
     plan_token_chunk,
+    prefill_groups,
     seconds_until_ready,
 )
 from tubesum.workers.summarise.split import pack_groups, piece_budget, split_even
@@ -143,3 +144,13 @@ def test_pack_groups_keeps_order_and_fits_the_budget():
     assert pack_groups([3, 3, 3], budget=100, separator=1) == [[0, 1, 2]]
     assert pack_groups([10, 2, 2], budget=5, separator=1) == [[0], [1, 2]]  # too long: alone
     assert pack_groups([], budget=5, separator=1) == []
+
+
+def test_prefill_groups_keep_order_fit_the_budget_and_leave_nothing_out():
+    assert prefill_groups([4, 4, 4, 4], token_budget=8) == [(0, 2), (2, 4)]
+    assert prefill_groups([10, 3, 3], token_budget=8) == [(0, 1), (1, 3)]  # a long prompt alone
+    assert prefill_groups([], token_budget=8) == []
+    lengths = [5, 1, 7, 2, 2, 9, 1]
+    groups = prefill_groups(lengths, token_budget=9)
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(lengths)))
+    assert all(sum(lengths[a:b]) <= 9 or b - a == 1 for a, b in groups)

@@ -184,6 +184,10 @@ def test_each_row_stops_at_its_own_length_and_finished_rows_leave_the_step(tiny_
 
 
 def test_auto_chunk_size_on_cpu_is_a_fixed_safe_number(tiny_engine):
-    assert tiny_engine.auto_chunk_size(prompt_tokens=1000, new_tokens=150) >= 1
+    from tubesum.workers.gpu.engine import CPU_AUTO_CHUNK
+
+    # The CPU has no memory to plan in: auto is the fixed CPU size, whatever the prompts.
+    assert tiny_engine.auto_chunk_size(prompt_tokens=1000, new_tokens=150) == CPU_AUTO_CHUNK
+    assert tiny_engine.auto_chunk_size(prompt_tokens=10, new_tokens=5) == CPU_AUTO_CHUNK
     assert tiny_engine.kv_bytes_per_token() == 2 * 4 * 4 * 32 * 4  # layers·kv heads·head dim·fp32
     assert tiny_engine.token_capacity == runner_mod.CPU_TOKEN_CAPACITY

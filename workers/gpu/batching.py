@@ -144,3 +144,19 @@ def chunk_line(
         f"chunk {number}: {videos} video{'s' if videos != 1 else ''}, {short_count(prompt_tokens)} prompt tok, "
         f"{times}, {rate:,.0f} gen tok/s{peak}"
     )
+
+
+def prefill_groups(lengths: Sequence[int], *, token_budget: int) -> list[tuple[int, int]]:
+    """[start, end) runs of whole prompts, in input order, each at most ``token_budget`` tokens
+    (a longer prompt gets a run of its own): the pieces one chunk's prefill is computed in, so its
+    activations stay bounded whatever the chunk size."""
+    groups: list[tuple[int, int]] = []
+    start, n = 0, len(lengths)
+    while start < n:
+        end, used = start, 0
+        while end < n and (end == start or used + lengths[end] <= token_budget):
+            used += lengths[end]
+            end += 1
+        groups.append((start, end))
+        start = end
+    return groups

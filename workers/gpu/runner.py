@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tubesum.workers.gpu.batching import prefill_groups
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
 
 log = logging.getLogger(__name__)
@@ -686,14 +687,8 @@ class LlamaRunner:
 
     def _prefill_all(self, prompts: list[list[int]], starts: list[int], dec: _DecodeGraph) -> torch.Tensor:
         """Sub-batches of whole prompts up to the token budget, in input order → first tokens [n]."""
-        firsts, start, n = [], 0, len(prompts)
-        while start < n:
-            end, budget = start, 0
-            while end < n and (end == start or budget + len(prompts[end]) <= PREFILL_TOKEN_BUDGET):
-                budget += len(prompts[end])
-                end += 1
-            firsts.append(self.prefill(prompts[start:end], starts[start:end], dec.cache, suppress=dec.suppress))
-            start = end
+        groups = prefill_groups([len(p) for p in prompts], token_budget=PREFILL_TOKEN_BUDGET)
+        firsts = [self.prefill(prompts[a:b], starts[a:b], dec.cache, suppress=dec.suppress) for a, b in groups]
         return torch.cat(firsts)
 
     def _decode(
