@@ -23,6 +23,8 @@ PACKAGE_DIRS = {
 }
 # The floor everyone stands on: it imports nothing above it.
 FOUNDATION = (
+    "tubesum.text",
+    "tubesum.display",
     "tubesum.settings",
     "tubesum.defaults",
     "tubesum.errors",
