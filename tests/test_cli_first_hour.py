@@ -232,7 +232,7 @@ def test_help_lists_commands_in_order_without_bool_and_version(env: dict[str, st
     ]
     assert listed == list(COMMAND_ORDER)
     summaries = {line.split()[1]: line for line in top.stdout.splitlines() if line.startswith("│ ")}
-    assert "fail those re-enqueued too often" in summaries["reconcile"]  # one line, not broken mid-phrase
+    assert "fail those whose leases ran out too often" in summaries["reconcile"]  # one line, not broken mid-phrase
     for command in ([], ["run"], ["status"], ["submit"], ["export"], ["worker", "summarise"], ["bench"]):
         page = tubesum([*command, "--help"], env=env, cwd=tmp_path)
         assert page.returncode == 0 and "<bool>" not in page.stdout, page.stdout

@@ -237,7 +237,7 @@ def reconcile_cmd(
         pass
 
 
-@app.command("flower")
+@app.command("flower", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
 def flower_cmd(
     port: int = typer.Option(5555, "--port", help="port of Flower's pages and REST API"),
     address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0: every one)"),
