@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 from tests.own_redis import OwnRedis
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.test_playlist import task_args
-from tests.youtube_replay import REPLAY_ENV
+from tests.youtube_replay import REPLAY_ENV, fetch_worker_argv
 from tubesum.celery_app import SUMMARISE_QUEUE, create_app
 from tubesum.models import Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
@@ -45,30 +45,6 @@ JOB_TIMEOUT_S = 60
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def fetch_worker_argv(name: str, *, pool: str = "threads", concurrency: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tests.youtube_replay:worker_app",
-        "worker",
-        "-Q",
-        "transcripts",
-        "-P",
-        pool,
-        "-c",
-        str(concurrency),
-        "-n",
-        f"{name}@%h",
-        "-E",
-        "--without-mingle",
-        "--without-gossip",
-        "-l",
-        "info",
-    ]
 
 
 def gpu_worker_argv(name: str, model_dir: Path, *, chunk_size: int = 4) -> list[str]:

@@ -4,7 +4,6 @@ transport layer), tubesum's fetch functions on PostgreSQL, and a real fetch work
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import kombu.pools
@@ -12,7 +11,7 @@ import pytest
 import redis
 from youtube_transcript_api import YouTubeTranscriptApi
 
-from tests.youtube_replay import RECORDED_VIDEO_ID, REPLAY_ENV, ReplayAdapter, mount_replay
+from tests.youtube_replay import RECORDED_VIDEO_ID, REPLAY_ENV, ReplayAdapter, fetch_worker_argv, mount_replay
 from tubesum.defaults import backoff_delay
 from tubesum.errors import PermanentFetchError, TransientFetchError
 from tubesum.models import Job, Transcript, Video
@@ -207,27 +206,7 @@ def test_fetch_worker_end_to_end(settings, env, db_session, redis_url, start_wor
         env=worker_env,
         cwd=REPO,
         name="fetch",
-        argv=[
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.youtube_replay:worker_app",
-            "worker",
-            "-Q",
-            "transcripts",
-            "-P",
-            "threads",
-            "-c",
-            "3",
-            "-n",
-            "fetch@%h",
-            "-E",
-            "--without-mingle",
-            "--without-gossip",
-            "-l",
-            "info",
-        ],
+        argv=fetch_worker_argv("fetch", concurrency=3),
     )
 
     kombu.pools.reset()

@@ -19,7 +19,7 @@ import pytest
 import redis
 import requests
 
-from tests.youtube_replay import REPLAY_ENV
+from tests.youtube_replay import REPLAY_ENV, fetch_worker_argv
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
 from tubesum.producer.submit import submit
 
@@ -97,27 +97,7 @@ def test_flower_shows_every_task_with_state_and_worker(
     worker = start_worker(
         env=env,
         name="fetch-flower",
-        argv=[
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.youtube_replay:worker_app",
-            "worker",
-            "-Q",
-            "transcripts",
-            "-P",
-            "threads",
-            "-c",
-            "2",
-            "-n",
-            "fetch-flower@%h",
-            "-E",
-            "--without-mingle",
-            "--without-gossip",
-            "-l",
-            "info",
-        ],
+        argv=fetch_worker_argv("fetch-flower", concurrency=2),
     )
 
     # Flower's event consumer is live once it has seen the worker's heartbeat.

@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -334,3 +335,28 @@ def replay_ydl(pages: dict[tuple[str, str], tuple[int, bytes]], calls: list | No
         return ydl
 
     return make
+
+
+def fetch_worker_argv(name: str, *, pool: str = "threads", concurrency: int = 2) -> list[str]:
+    """A real fetch worker (`celery worker` on the transcripts queue) whose YouTube is the replay."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.youtube_replay:worker_app",
+        "worker",
+        "-Q",
+        "transcripts",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "info",
+    ]
