@@ -63,7 +63,13 @@ def test_a_full_chunk_runs_without_waiting(make_batcher):
     assert time.monotonic() - t0 < 20  # two full chunks, not a 30 s wait
     assert [b.batch_size for b in sink.batches] == [4, 4]
     assert all(o.status == "done" and o.generated_tokens > 0 for o in outcomes.values())
-    assert {o.batch_id for o in outcomes.values()} == {b.id for b in sink.batches}  # type: ignore[attr-defined]
+    assert {o.batch_id for o in outcomes.values()} == {b.id for b in sink.batches}
+    # Each outcome carries its batch's facts: the task's shown result needs no database read.
+    by_id = {b.id: b for b in sink.batches}
+    assert all(
+        (o.batch_size, o.generate_s) == (by_id[o.batch_id].batch_size, by_id[o.batch_id].wall_s)
+        for o in outcomes.values()
+    )
 
 
 def test_a_partial_chunk_runs_after_the_wait(make_batcher):
@@ -195,7 +201,7 @@ def test_same_summary_alone_or_in_a_crowd_of_mixed_lengths(make_batcher):
     crowd = {pk: transcript(pk) * (1 + pk % 3) for pk in range(10, 17)}
     batcher.chunk_wait_s = 30.0  # the 8 prompts go together
     together = summarise_all(batcher, {**crowd, 1: probe})
-    assert len({o.batch_id for o in together.values()}) == 1  # type: ignore[attr-defined]
+    assert len({o.batch_id for o in together.values()}) == 1
     assert together[1].token_ids == alone.token_ids and len(alone.token_ids) > 0
     assert together[1].text == alone.text
 
@@ -209,9 +215,9 @@ def test_a_transcript_longer_than_the_context_is_map_reduced(make_batcher, tiny_
     assert long_outcome.status == "done" and long_outcome.pieces >= 2
     # First chunk: the pieces and the short video; next chunk: the reduce prompt.
     assert [b.batch_size for b in sink.batches] == [long_outcome.pieces + 1, 1]
-    assert long_outcome.batch_id == sink.batches[1].id  # type: ignore[attr-defined]
+    assert long_outcome.batch_id == sink.batches[1].id
     assert long_outcome.first_batch_started_at == sink.batches[0].started_at
-    assert outcomes[2].pieces == 1 and outcomes[2].batch_id == sink.batches[0].id  # type: ignore[attr-defined]
+    assert outcomes[2].pieces == 1 and outcomes[2].batch_id == sink.batches[0].id
 
 
 def test_a_long_video_whose_pieces_do_not_fit_fails_alone(make_batcher, tiny_engine):

@@ -61,7 +61,6 @@ class Recorder:
         with self.lock:
             self.batches.append(batch)
             for o in outcomes:
-                o.batch_id = batch.id  # type: ignore[attr-defined]
                 self.outcomes[o.video_pk] = o
 
     def ok(self) -> list[BatchRecord]:

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     tensor_parallel: int = Field(default=1, ge=1)
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # The GIL switch interval of the GPU worker's process, seconds (Python's default: 0.005). The
+    # GPU thread gives up the GIL in every kernel launch and waits to get it back; while the next
+    # chunk's task threads claim videos and tokenize, each wait could last the whole interval, and
+    # a prefill of short kernels ran 0.5-1.1 s (of ~8.5 s) slower than in the bench (H100).
+    gil_switch_interval_s: float = Field(default=0.0002, gt=0, le=0.1)
     # The host name written on this worker's batch rows; unset = the machine's hostname. For hosts
     # that share a hostname (network namespaces, some container setups).
     worker_host: str | None = None

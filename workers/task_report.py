@@ -100,9 +100,14 @@ def summarise_result(report: VideoReport | None, *, summarised: bool) -> str:
         return "skipped: the video is no longer in the database"
     if not summarised or report.summary_chars is None:
         return f"skipped: already {report.status} (a redelivered message)"
-    batch = (report.batch_id or "?")[:BATCH_ID_SHOWN]
-    generate = f"{report.generate_s:.2f} s" if report.generate_s is not None else "?"
-    return f"summary {report.summary_chars:,} chars, batch {batch} of {report.batch_size}, generate {generate}"
+    return summary_line(report.summary_chars, report.batch_id, report.batch_size, report.generate_s)
+
+
+def summary_line(chars: int, batch_id: str | None, batch_size: int | None, generate_s: float | None) -> str:
+    """The shown result of a summarised video: ``summary 412 chars, batch 3f2a9c01 of 32, generate 3.21 s``."""
+    batch = (batch_id or "?")[:BATCH_ID_SHOWN]
+    generate = f"{generate_s:.2f} s" if generate_s is not None else "?"
+    return f"summary {chars:,} chars, batch {batch} of {batch_size}, generate {generate}"
 
 
 def now() -> datetime:

@@ -357,7 +357,7 @@ class Batcher:
                 with self._cond:
                     self._enqueue(work, continuation=True)
         record = records.batch_record(self._facts(), timings, oom_split=oom_split)
-        self._stores.put((record, [self._outcome(w) for w in finished]))  # committed by the store thread
+        self._stores.put((record, [self._outcome(w, record) for w in finished]))  # committed by the store thread
 
     def _on_oom(
         self,
@@ -410,7 +410,7 @@ class Batcher:
                     self._run(alive, oom_split=True)
 
     # ------------------------------------------------------------------ outcomes
-    def _outcome(self, work: _Work) -> VideoOutcome:
+    def _outcome(self, work: _Work, record: BatchRecord) -> VideoOutcome:
         work.finished = True
         plan = work.plan
         if plan.error is not None:
@@ -425,6 +425,9 @@ class Batcher:
             generated_tokens=plan.generated_tokens,
             pieces=plan.pieces,
             first_batch_started_at=work.first_started_at,
+            batch_id=record.id,
+            batch_size=record.batch_size,
+            generate_s=record.wall_s,
         )
 
     def _failure(self, work: _Work, reason: str) -> VideoOutcome:

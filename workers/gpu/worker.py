@@ -138,6 +138,7 @@ def run_summarise_worker(
     """`tubesum worker summarise`: load the model, then consume the summarise queue with
     CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
     nodename = host_format(default_nodename(name))  # what the tasks see as request.hostname
+    sys.setswitchinterval(settings.gil_switch_interval_s)  # kernel launches wait less for the GIL
     batcher = build_batcher(load_warm_engine(settings, backend=backend), settings, lease_owner=nodename)
     attach_batcher(app, batcher)
     receiver = install_hand_back(batcher, settings.handback_grace_s)

@@ -55,6 +55,10 @@ class VideoOutcome:
     pieces: int = 1
     first_batch_started_at: datetime | None = None
     error: str | None = None
+    # The batch that finished the video (its task's shown result, with no database read).
+    batch_id: str | None = None
+    batch_size: int | None = None
+    generate_s: float | None = None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tubesum.defaults import CLAIM_RETRY_DELAY_S, STORE_MAX_RETRIES, STORE_RETRY
 from tubesum.errors import PromptError, VideoFailed, WorkerStopping
 from tubesum.settings import Settings, get_settings
 from tubesum.workers.summarise.store import claim_video, release_video
-from tubesum.workers.task_report import now, summarise_result, video_report
+from tubesum.workers.task_report import now, summarise_result, summary_line, video_report
 from tubesum.workers.video_state import hold_for_retry, mark_failed, takes_over
 
 if TYPE_CHECKING:  # the batcher's engine imports torch
@@ -79,7 +79,12 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
         raise self.retry(exc=exc, countdown=CLAIM_RETRY_DELAY_S, argsrepr=_argsrepr(self.request)) from None
     if video is not None:  # None: already done or failed (a redelivery), not ours to do, or failed by the claim
         try:
-            batcher.submit(video).result()
+            outcome = batcher.submit(video).result()
+            if outcome.status == "done":
+                # Shown from what the batcher stored, not read back: a chunk's 256 task threads
+                # would otherwise query the database while the next chunk prefills, and the GPU
+                # thread's kernel launches wait for the GIL behind them.
+                return summary_line(len(outcome.text), outcome.batch_id, outcome.batch_size, outcome.generate_s)
         except PromptError as exc:  # the transcript cannot make a prompt for this model
             log.warning("video %s failed: %s", video_pk, exc)
             mark_failed(video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url)
