@@ -23,7 +23,7 @@ if [[ $what == two-with-check ]]; then  # the check on GPUs 2,3, then Mixtral th
   bench llama2-70b-tp2 0,1 2 1,32,auto 1,8 250 dummy:llama-2-70b &
   (CUDA_VISIBLE_DEVICES=2,3 timeout 70 python3 benchmarks/check_tp.py dummy:tiny-mixtral > "$OUT/check.log" 2>&1
    echo "check exit $?" >> "$OUT/check.log"
-   bench mixtral-tp2 2,3 2 1,32,128,auto 1,8 190 dummy:mixtral-8x7b) &
+   bench mixtral-tp2 2,3 2 1,32,128,auto 1,8 240 dummy:mixtral-8x7b) &
   wait
 fi
 if [[ $what == all || $what == check ]]; then
@@ -38,10 +38,10 @@ if [[ $what == all || $what == check ]]; then
 fi
 if [[ $what == all || $what == two ]]; then
   bench llama2-70b-tp2 0,1 2 1,32,auto 1,8 250 dummy:llama-2-70b &
-  bench mixtral-tp2 2,3 2 1,32,128,auto 1,8 190 dummy:mixtral-8x7b &
+  bench mixtral-tp2 2,3 2 1,32,128,auto 1,8 240 dummy:mixtral-8x7b &
   wait
 fi
 if [[ $what == all || $what == four ]]; then
-  bench llama2-70b-tp4 0,1,2,3 4 1,64,auto none 180 dummy:llama-2-70b
+  bench llama2-70b-tp4 0,1,2,3 4 1,64,auto 1,16 330 dummy:llama-2-70b
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | tail -25; done
