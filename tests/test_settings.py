@@ -52,6 +52,9 @@ def test_environment_switches_to_services(clean_env: pytest.MonkeyPatch) -> None
         ("TUBESUM_LEASE_S", "30"),
         ("TUBESUM_HEARTBEAT_S", "0"),
         ("TUBESUM_HANDBACK_GRACE_S", "-1"),
+        # sys.setswitchinterval rejects 0; a second would starve the GPU thread's kernel launches
+        ("TUBESUM_GIL_SWITCH_INTERVAL_S", "0"),
+        ("TUBESUM_GIL_SWITCH_INTERVAL_S", "1"),
     ],
 )
 def test_unsafe_values_fail_fast(clean_env: pytest.MonkeyPatch, key: str, value: str) -> None:
