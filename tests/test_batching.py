@@ -11,6 +11,7 @@ from tubesum.workers.gpu.batching import (
     ChunkSizer,
     FreeRegions,
     Pending,
+    admit,
     halves,
     plan_chunk,
     plan_token_chunk,
@@ -208,3 +209,15 @@ def test_free_regions_never_overlap_under_random_traffic():
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # nothing overlaps
         assert sum(b - a for a, b in spans) == 1000  # taken + free is the whole cache
         assert all(a[1] < b[0] for a, b in zip(regions.free, regions.free[1:]))  # free coalesced
+
+
+def test_admit_takes_prompts_in_input_order_while_slots_and_regions_last():
+    regions, waiting = FreeRegions(100), [0, 1, 2, 3]
+    sizes = [40, 30, 50, 10]
+    assert admit(waiting, sizes, regions, slots=8) == [(0, 0), (1, 40)]
+    assert waiting == [2, 3]  # 50 does not fit in the 30 left; 10 would, but waits its turn
+    regions.give(0, 40)
+    assert admit(waiting, sizes, regions, slots=8) == []  # 40 + 30 free, but not side by side
+    regions.give(40, 30)
+    assert admit(waiting, sizes, regions, slots=1) == [(2, 0)]  # one free row slot
+    assert admit(waiting, sizes, regions, slots=1) == [(3, 50)] and waiting == []

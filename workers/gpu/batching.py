@@ -211,3 +211,18 @@ class FreeRegions:
 
     def free_tokens(self) -> int:
         return sum(end - start for start, end in self.free)
+
+
+def admit(waiting: list[int], sizes: Sequence[int], regions: FreeRegions, *, slots: int) -> list[tuple[int, int]]:
+    """The waiting prompts that join a rolling generation now: ``(prompt index, region start)``
+    in input order, while a row slot is free and the next prompt's region (``sizes[i]`` tokens)
+    fits. The first that does not fit waits, and every prompt after it too (input order: a long
+    prompt is never overtaken for ever by shorter ones). Takes them off the front of
+    ``waiting`` and their regions from ``regions``."""
+    joined: list[tuple[int, int]] = []
+    while waiting and len(joined) < slots:
+        start = regions.take(sizes[waiting[0]])
+        if start is None:
+            break
+        joined.append((waiting.pop(0), start))
+    return joined
