@@ -211,7 +211,7 @@ def run_size(
         res.oom, res.note = True, str(exc).split(":")[0]
         return res
     finally:
-        if runner is not None:
+        if decode == "rolling" and runner is not None:
             runner.max_rows = None
     res.peak_memory_gb = round(max(peaks) / 1e9, 2) if peaks else None
     res.summaries_per_s = res.prompts / res.wall_s
