@@ -236,8 +236,17 @@ def test_rolling_decode_equals_one_big_chunk_token_for_token(tiny_engine, monkey
     monkeypatch.setattr(runner, "rolling", True)
     tiny_engine.release()
     seen = watch_regions(monkeypatch)
+    joins: list[tuple[int, int]] = []  # (step, prompts joining then)
+    join = runner._join
+
+    def counted(dec, rows, placed, *, steps):
+        joins.append((steps, len(placed)))
+        join(dec, rows, placed, steps=steps)
+
+    monkeypatch.setattr(runner, "_join", counted)
     rolled, t = tiny_engine.generate(prompts, params, new_tokens=limits)
     assert [g.token_ids for g in rolled] == [g.token_ids for g in reference]  # input order too
+    assert len(joins) > 2 and joins[0][0] == 1 and sum(n for _, n in joins) == len(prompts)  # joined mid-decode
     assert seen["taken"] == len(prompts)  # each prompt got one region, in a cache it could not fill
     assert seen["peak_tokens"] <= runner.token_capacity < need
     assert t.prompt_tokens == t.padded_prompt_tokens == sum(map(len, prompts))
