@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
 from tubesum.workers.gpu.batching import (
     ChunkSizer,
+    FreeRegions,
     Pending,
+    admit,
     halves,
     plan_chunk,
     plan_token_chunk,
@@ -154,3 +157,67 @@ def test_prefill_groups_keep_order_fit_the_budget_and_leave_nothing_out():
     groups = prefill_groups(lengths, token_budget=9)
     assert [i for a, b in groups for i in range(a, b)] == list(range(len(lengths)))
     assert all(sum(lengths[a:b]) <= 9 or b - a == 1 for a, b in groups)
+
+
+def test_free_regions_take_first_fit_in_offset_order():
+    regions = FreeRegions(100)
+    assert [regions.take(n) for n in (30, 20, 50)] == [0, 30, 50]
+    assert regions.take(1) is None and regions.free == []
+    regions.give(0, 30)
+    regions.give(50, 50)
+    assert regions.take(40) == 50  # the first interval (30 tokens) is too short
+    assert regions.take(25) == 0  # the first interval that holds it, not the best fit
+    assert regions.free == [(25, 30), (90, 100)]
+
+
+def test_free_regions_coalesce_with_both_neighbours():
+    regions = FreeRegions(90)
+    starts = [regions.take(30) for _ in range(3)]
+    regions.give(starts[0], 30)
+    regions.give(starts[2], 30)
+    assert regions.free == [(0, 30), (60, 90)]
+    assert regions.take(60) is None  # fragmented: no 60-token interval yet
+    regions.give(starts[1], 30)
+    assert regions.free == [(0, 90)] and regions.free_tokens() == 90
+    assert regions.take(90) == 0
+
+
+def test_free_regions_refuse_regions_that_are_free_or_outside():
+    regions = FreeRegions(50)
+    regions.take(20)
+    with pytest.raises(ValueError, match="overlaps"):
+        regions.give(10, 20)  # [20, 30) is still free
+    with pytest.raises(ValueError, match="not inside"):
+        regions.give(40, 20)
+    with pytest.raises(ValueError):
+        regions.take(0)
+
+
+def test_free_regions_never_overlap_under_random_traffic():
+    rng = random.Random(7)
+    regions, taken = FreeRegions(1000), {}
+    for _ in range(2000):
+        if taken and rng.random() < 0.5:
+            start = rng.choice(sorted(taken))
+            regions.give(start, taken.pop(start))
+        else:
+            size = rng.randrange(1, 200)
+            start = regions.take(size)
+            if start is not None:
+                taken[start] = size
+        spans = sorted([(s, s + n) for s, n in taken.items()] + regions.free)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # nothing overlaps
+        assert sum(b - a for a, b in spans) == 1000  # taken + free is the whole cache
+        assert all(a[1] < b[0] for a, b in zip(regions.free, regions.free[1:]))  # free coalesced
+
+
+def test_admit_takes_prompts_in_input_order_while_slots_and_regions_last():
+    regions, waiting = FreeRegions(100), [0, 1, 2, 3]
+    sizes = [40, 30, 50, 10]
+    assert admit(waiting, sizes, regions, slots=8) == [(0, 0), (1, 40)]
+    assert waiting == [2, 3]  # 50 does not fit in the 30 left; 10 would, but waits its turn
+    regions.give(0, 40)
+    assert admit(waiting, sizes, regions, slots=8) == []  # 40 + 30 free, but not side by side
+    regions.give(40, 30)
+    assert admit(waiting, sizes, regions, slots=1) == [(2, 0)]  # one free row slot
+    assert admit(waiting, sizes, regions, slots=1) == [(3, 50)] and waiting == []

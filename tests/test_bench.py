@@ -62,8 +62,8 @@ def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
     assert [r["chunk_size"] for r in fixed] == [1, 2, report["auto_chunk_size"]]
     assert fixed[-1]["note"].startswith("auto")
     varied = [(r["decode"], r["chunk_size"]) for r in report["results"] if r["lengths"] == "varied"]
-    assert varied == [(d, c) for d in ("static", "drop") for c in (1, 2, report["auto_chunk_size"])]
-    assert "dropping finished rows" in proc.stdout and report["token_capacity"] > 0
+    assert varied == [(d, c) for d in ("static", "drop", "rolling") for c in (1, 2, report["auto_chunk_size"])]
+    assert "dropping finished rows" in proc.stdout and "rolling" in proc.stdout and report["token_capacity"] > 0
     for r in report["results"]:
         assert not r["oom"]
         if r["lengths"] == "varied":
@@ -145,16 +145,16 @@ def test_varied_lengths_are_seeded_and_look_like_summaries():
     assert max(varied_lengths(50, new_tokens=6)) <= 10  # scaled for short CPU runs
 
 
-def test_varied_lengths_rows_stop_at_their_own_length_static_or_dropped(tiny_engine):
+def test_varied_lengths_rows_stop_at_their_own_length_static_dropped_or_rolling(tiny_engine):
     prompts = reference_prompts(6, vocab_size=512, low=5, high=40)
     own = [3, 25, 7, 1, 12, 4]
     params = SamplingParams(max_new_tokens=25, ignore_eos=True)
-    for decode in ("static", "drop"):
+    for decode in ("static", "drop", "rolling"):
         results, _ = sweep(
             tiny_engine,
             prompts,
             params,
-            chunk_sizes=[6],
+            chunk_sizes=[3],  # a pair of chunks of 3: rolling runs all 6 at most 3 at a time
             extend=False,
             max_chunks=1,
             check_match=False,
@@ -162,8 +162,9 @@ def test_varied_lengths_rows_stop_at_their_own_length_static_or_dropped(tiny_eng
             decode=decode,
         )
         (r,) = results
-        assert (r.lengths, r.decode, r.generated_tokens) == ("varied", decode, sum(own))
-    assert tiny_engine.runner.drop_finished_rows  # the engine's default is restored
+        assert (r.lengths, r.decode, r.prompts, r.generated_tokens) == ("varied", decode, 6, sum(own))
+    runner = tiny_engine.runner
+    assert runner.drop_finished_rows and not runner.rolling and runner.max_rows is None  # defaults restored
 
 
 def test_auto_chunks_take_what_the_token_budget_holds():

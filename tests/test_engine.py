@@ -10,6 +10,7 @@ import torch
 
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu import runner as runner_mod
+from tubesum.workers.gpu.batching import FreeRegions
 from tubesum.workers.gpu.engine import SamplingParams
 from tubesum.workers.gpu.runner import KVCache, LlamaRunner, kv_token_capacity, row_bucket
 
@@ -191,3 +192,95 @@ def test_auto_chunk_size_on_cpu_is_a_fixed_safe_number(tiny_engine):
     assert tiny_engine.auto_chunk_size(prompt_tokens=10, new_tokens=5) == CPU_AUTO_CHUNK
     assert tiny_engine.kv_bytes_per_token() == 2 * 4 * 4 * 32 * 4  # layers·kv heads·head dim·fp32
     assert tiny_engine.token_capacity == runner_mod.CPU_TOKEN_CAPACITY
+
+
+def watch_regions(monkeypatch) -> dict:
+    """Replace the runner's region allocator with one that asserts, at every take, that the new
+    region lies inside the cache and overlaps no region in use; returns what it saw."""
+    seen: dict = {"live": set(), "taken": 0, "peak_tokens": 0}
+
+    class Watched(FreeRegions):
+        def take(self, size: int) -> int | None:
+            start = super().take(size)
+            if start is not None:
+                assert 0 <= start and start + size <= self.capacity
+                assert all(start + size <= a or b <= start for a, b in seen["live"])
+                seen["live"].add((start, start + size))
+                seen["taken"] += 1
+                seen["peak_tokens"] = max(seen["peak_tokens"], sum(b - a for a, b in seen["live"]))
+            return start
+
+        def give(self, start: int, size: int) -> None:
+            seen["live"].remove((start, start + size))
+            super().give(start, size)
+
+    monkeypatch.setattr(runner_mod, "FreeRegions", Watched)
+    return seen
+
+
+def test_rolling_decode_equals_one_big_chunk_token_for_token(tiny_engine, monkeypatch, request):
+    """Prompts needing 2.5x the KV cache: they join in input order as finished rows (at their
+    limit or at a stop token) free their regions, and no token changes (fp32 on CPU: exact)."""
+    runner: LlamaRunner = tiny_engine.runner
+    request.addfinalizer(tiny_engine.release)  # the cache is re-allocated at the session's capacity
+    prompts = mixed_prompts(16, seed=11)
+    rng = random.Random(11)
+    limits = [rng.randrange(2, 48) for _ in prompts]
+    params = SamplingParams(max_new_tokens=48)  # stop tokens on: some rows end before their limit
+    tiny_engine.release()
+    reference, _ = tiny_engine.generate(prompts, params, new_tokens=limits)
+    assert sum(g.finish_reason == "stop" and len(g.token_ids) < n for g, n in zip(reference, limits)) == 4
+
+    need = sum(len(p) + n for p, n in zip(prompts, limits))
+    monkeypatch.setattr(runner, "_capacity", need * 2 // 5)
+    monkeypatch.setattr(runner, "rolling", True)
+    tiny_engine.release()
+    seen = watch_regions(monkeypatch)
+    joins: list[tuple[int, int]] = []  # (step, prompts joining then)
+    join = runner._join
+
+    def counted(dec, rows, placed, *, steps):
+        joins.append((steps, len(placed)))
+        join(dec, rows, placed, steps=steps)
+
+    monkeypatch.setattr(runner, "_join", counted)
+    rolled, t = tiny_engine.generate(prompts, params, new_tokens=limits)
+    assert [g.token_ids for g in rolled] == [g.token_ids for g in reference]  # input order too
+    assert len(joins) > 2 and joins[0][0] == 1 and sum(n for _, n in joins) == len(prompts)  # joined mid-decode
+    assert seen["taken"] == len(prompts)  # each prompt got one region, in a cache it could not fill
+    assert seen["peak_tokens"] <= runner.token_capacity < need
+    assert t.prompt_tokens == t.padded_prompt_tokens == sum(map(len, prompts))
+    assert t.prefill_s > 0 and t.decode_s > 0
+
+
+def test_rolling_keeps_the_step_full_up_to_max_rows(tiny_engine, monkeypatch, request):
+    """The bench's rolling mode: 10 prompts at most 4 rows at a time (emulated end tokens), then
+    the tail drops to smaller buckets; the same tokens as all 10 at once."""
+    runner: LlamaRunner = tiny_engine.runner
+    request.addfinalizer(tiny_engine.release)
+    prompts = mixed_prompts(10, seed=13)
+    limits = [3, 40, 5, 17, 9, 4, 33, 2, 6, 21]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    tiny_engine.release()
+    reference, _ = tiny_engine.generate(prompts, params, new_tokens=limits)
+    monkeypatch.setattr(runner, "rolling", True)
+    monkeypatch.setattr(runner, "max_rows", 4)
+    tiny_engine.release()
+    seen = watch_regions(monkeypatch)
+    rolled, t = tiny_engine.generate(prompts, params, new_tokens=limits)
+    assert [g.token_ids for g in rolled] == [g.token_ids for g in reference]
+    assert [len(g.token_ids) for g in rolled] == limits and t.generated_tokens == sum(limits)
+    assert seen["taken"] == 10
+    assert max(key[0] for key in runner._graphs) == 4  # never more than max_rows rows
+
+
+def test_rolling_refuses_only_a_prompt_beyond_the_whole_cache(tiny_engine, monkeypatch, request):
+    request.addfinalizer(tiny_engine.release)
+    monkeypatch.setattr(tiny_engine.runner, "_capacity", 300)
+    monkeypatch.setattr(tiny_engine.runner, "rolling", True)
+    tiny_engine.release()
+    prompts = [[10] * 100, [11] * 120]
+    gens, _ = tiny_engine.generate(prompts * 3, SamplingParams(max_new_tokens=8, ignore_eos=True))  # 3 × 236
+    assert [len(g.token_ids) for g in gens] == [8] * 6
+    with pytest.raises(OutOfMemory, match=r"a single prompt needs 408 KV-cache tokens .*holds 300"):
+        tiny_engine.generate([[12] * 100, [12] * 400], SamplingParams(max_new_tokens=8))

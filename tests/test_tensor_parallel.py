@@ -168,6 +168,11 @@ def _compare_two_ranks_with_one(spec: str, monkeypatch) -> None:
             tp.generate([[10] * 1020], SamplingParams(max_new_tokens=10))
         again, _ = tp.generate(prompts[:2], params)
         assert [g.token_ids for g in again] == [g.token_ids for g in alone[:2]]
+        # Rolling, two rows at a time: every rank gets the setting and takes the same turns.
+        tp.runner.rolling, tp.runner.max_rows = True, 2
+        rolled, _ = tp.generate(prompts, params)
+        tp.runner.rolling, tp.runner.max_rows = False, None
+        assert [g.token_ids for g in rolled] == [g.token_ids for g in alone]
         # Out of memory on ONE rank (here rank 0; the other would have room): every rank gives
         # the chunk up together, nobody waits in an all-reduce, and the group goes on.
         monkeypatch.setattr(tp_module, "kv_cache_fits", lambda *a: False)

@@ -4,7 +4,9 @@
 * which pending prompts go into the next chunk (``plan_chunk``; ``plan_token_chunk`` when the
   KV cache is planned in tokens: as many prompts as the token budget holds);
 * how a chunk that ran out of memory is split (``halves``) and how big later chunks may be
-  (``ChunkSizer``: halves after an OOM, grows back after chunks succeed).
+  (``ChunkSizer``: halves after an OOM, grows back after chunks succeed);
+* where a rolling generation puts each prompt's KV region (``FreeRegions``: first fit over the
+  free intervals, neighbours coalesced).
 
 Cutting long transcripts into pieces is the summarise step's business: workers/summarise/split.py.
 """
@@ -160,3 +162,67 @@ def prefill_groups(lengths: Sequence[int], *, token_budget: int) -> list[tuple[i
         groups.append((start, end))
         start = end
     return groups
+
+
+class FreeRegions:
+    """First-fit allocator of token regions in ``[0, capacity)``: the KV cache of a rolling
+    generation, where finished rows give their region back and waiting prompts take one.
+
+    Free space is kept as sorted, disjoint, non-touching ``(start, end)`` intervals: a region
+    given back merges with its free neighbours, so space two finished rows leave side by side
+    can hold one longer prompt."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self.free: list[tuple[int, int]] = [(0, capacity)] if capacity else []
+
+    def take(self, size: int) -> int | None:
+        """The start of a region of ``size`` tokens at the lowest free offset that holds it,
+        or None when no free interval is long enough."""
+        if size < 1:
+            raise ValueError("a region needs at least one token")
+        for i, (start, end) in enumerate(self.free):
+            if end - start >= size:
+                if end - start == size:
+                    del self.free[i]
+                else:
+                    self.free[i] = (start + size, end)
+                return start
+        return None
+
+    def give(self, start: int, size: int) -> None:
+        """Give back ``[start, start + size)``, which must be taken (not free, inside capacity)."""
+        end = start + size
+        if size < 1 or start < 0 or end > self.capacity:
+            raise ValueError(f"region [{start}, {end}) is not inside [0, {self.capacity})")
+        i = 0
+        while i < len(self.free) and self.free[i][1] <= start:
+            i += 1
+        if i < len(self.free) and self.free[i][0] < end:
+            raise ValueError(f"region [{start}, {end}) overlaps free space {self.free[i]}")
+        if i > 0 and self.free[i - 1][1] == start:  # touches the free interval before: merge
+            i -= 1
+            start = self.free.pop(i)[0]
+        if i < len(self.free) and self.free[i][0] == end:  # and the one after
+            end = self.free.pop(i)[1]
+        self.free.insert(i, (start, end))
+
+    def free_tokens(self) -> int:
+        return sum(end - start for start, end in self.free)
+
+
+def admit(waiting: list[int], sizes: Sequence[int], regions: FreeRegions, *, slots: int) -> list[tuple[int, int]]:
+    """The waiting prompts that join a rolling generation now: ``(prompt index, region start)``
+    in input order, while a row slot is free and the next prompt's region (``sizes[i]`` tokens)
+    fits. The first that does not fit waits, and every prompt after it too (input order: a long
+    prompt is never overtaken for ever by shorter ones). Takes them off the front of
+    ``waiting`` and their regions from ``regions``."""
+    joined: list[tuple[int, int]] = []
+    while waiting and len(joined) < slots:
+        start = regions.take(sizes[waiting[0]])
+        if start is None:
+            break
+        joined.append((waiting.pop(0), start))
+    return joined

@@ -8,9 +8,11 @@ the same prompts in the same process.
 
 `--lengths varied` gives each prompt its own output length, drawn with a fixed seed like real
 summaries (40-250 tokens, mean about 120), and stops each row there (an emulated end token: the
-random weights never pick one). Those sizes run twice: "static" (a finished row keeps its place
-in the decode step until the chunk's longest row is done) and "drop" (finished rows leave the
-step: the engine's default).
+random weights never pick one). Those sizes run three times over the same prompts, taken in pairs
+of chunks: "static" (a finished row keeps its place in the decode step until the chunk's longest
+row is done) and "drop" (finished rows leave the step: the engine's default), one chunk at a time;
+"rolling" hands the runner both chunks of a pair in one call, at most a chunk's size of rows
+decoding at once: waiting prompts take the place of finished rows, so the step stays full.
 
 With `--tensor-parallel N` the engine runs over N GPUs and the baseline is the tutorial's multi-GPU
 setup: the same model spread layer by layer over the same N GPUs with `device_map`, loaded once the
@@ -72,7 +74,9 @@ class SizeResult:
     oom: bool = False
     note: str = ""
     lengths: str = "fixed"  # fixed: every prompt --new-tokens; varied: its own length
-    decode: str = "drop"  # static: finished rows stay in the step; drop: they leave it
+    # static: finished rows stay in the step; drop: they leave it; rolling: waiting prompts take
+    # their place (two chunks per call, a chunk's size of rows at once)
+    decode: str = "drop"
 
 
 @dataclass
@@ -135,8 +139,10 @@ def auto_chunks(
     return chunks
 
 
-def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int) -> list[list[list[int]]]:
+def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int, *, pairs: bool = False) -> list[list[list[int]]]:
     count = max(1, min(math.ceil(len(prompts) / size), max_chunks))
+    if pairs:
+        count += count % 2
     pool = prompts * math.ceil(size * count / len(prompts))  # reuse prompts for big sizes
     return [pool[i * size : (i + 1) * size] for i in range(count)]
 
@@ -151,11 +157,16 @@ def run_size(
     backend: str | None = None,
     reference: dict[int, list[int]] | None = None,
     own_lengths: dict[int, int] | None = None,
+    decode: str = "drop",
 ) -> SizeResult:
     """Warm up once, then time `max_chunks` chunks of `size` prompts. `own_lengths`: each
-    prompt's output length by id(prompt) (varied lengths)."""
+    prompt's output length by id(prompt) (varied lengths); the chunks then come in pairs (at
+    least one pair), so that `decode` "rolling" (one call a pair) runs the same prompts."""
     name = backend or engine.backend
     res = SizeResult(chunk_size=size, engine=name, ideal_speedup=float(size))
+    pairs = own_lengths is not None
+    if pairs:
+        max_chunks = 2 * max(1, max_chunks // 2)
     if size == 0:  # auto: each chunk as many prompts as the token budget holds
         own = [own_lengths[id(p)] for p in prompts] if own_lengths else [params.max_new_tokens] * len(prompts)
         cap = engine.auto_chunk_cap(new_tokens=params.max_new_tokens)  # as the worker holds
@@ -164,7 +175,11 @@ def run_size(
         res.ideal_speedup = float(res.chunk_size)
         res.note = "auto: " + ", ".join(str(len(c)) for c in chunks)
     else:
-        chunks = _chunks_for(size, prompts, max_chunks)
+        chunks = _chunks_for(size, prompts, max_chunks, pairs=pairs)
+    runner = engine.runner
+    if decode == "rolling" and runner is not None:
+        chunks = [a + b for a, b in zip(chunks[::2], chunks[1::2])]
+        runner.max_rows = res.chunk_size
 
     def lengths_of(chunk: list[list[int]]) -> list[int] | None:
         return None if own_lengths is None else [own_lengths[id(p)] for p in chunk]
@@ -195,6 +210,9 @@ def run_size(
     except OutOfMemory as exc:
         res.oom, res.note = True, str(exc).split(":")[0]
         return res
+    finally:
+        if decode == "rolling" and runner is not None:
+            runner.max_rows = None
     res.peak_memory_gb = round(max(peaks) / 1e9, 2) if peaks else None
     res.summaries_per_s = res.prompts / res.wall_s
     res.generated_tokens_per_s = res.generated_tokens / res.wall_s
@@ -246,7 +264,7 @@ def sweep(
 ) -> tuple[list[SizeResult], int | None]:
     """Every size in turn (then doubling, with `extend`) until one does not fit. With
     `own_lengths` (one per prompt), rows stop at their own length; `decode` "static" keeps
-    finished rows in the step."""
+    finished rows in the step, "rolling" runs two chunks a call (see `run_size`)."""
     sizes = sorted(chunk_sizes, key=lambda c: (c == 0, c))  # 0 = auto, last
     numbered = [c for c in sizes if c]
     if extend and numbered:
@@ -257,6 +275,7 @@ def sweep(
     runner = engine.runner
     if runner is not None:
         runner.drop_finished_rows = decode != "static"
+        runner.rolling = decode == "rolling"
     results: list[SizeResult] = []
     limit = None
     for size in sizes:
@@ -273,6 +292,7 @@ def sweep(
             backend=backend,
             reference=reference,
             own_lengths=by_id,
+            decode=decode,
         )
         res.lengths = "fixed" if own_lengths is None else "varied"
         res.decode = decode
@@ -281,7 +301,7 @@ def sweep(
         if res.oom and size:
             limit = size
     if runner is not None:
-        runner.drop_finished_rows = True
+        runner.drop_finished_rows, runner.rolling = True, False
     engine.release()
     fill_speedups(results)
     return results, limit
@@ -454,7 +474,7 @@ def run_bench(
         own = varied_lengths(len(prompt_ids), new_tokens=new_tokens)
         varied_params = SamplingParams(max_new_tokens=max(own), ignore_eos=True)
         fit = [c for c in varied_sizes or chunk_sizes if not report.memory_limit_chunk or c < report.memory_limit_chunk]
-        for decode in ("static", "drop"):
+        for decode in ("static", "drop", "rolling"):
             rows, _ = sweep(
                 engine,
                 prompt_ids,

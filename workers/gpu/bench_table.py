@@ -52,8 +52,12 @@ def size_table(title: str, rows: list[SizeResult]) -> Table:
     return table
 
 
+# What each decode mode other than static does, in the comparison lines.
+WHAT = {"drop": "dropping finished rows", "rolling": "rolling (waiting prompts join)"}
+
+
 def varied_comparison(results: list[SizeResult]) -> list[str]:
-    """Varied lengths: finished rows dropped against kept, size by size."""
+    """Varied lengths: finished rows dropped, and rolling, against kept, size by size."""
     lines = []
     static = {
         (r.chunk_size, r.note.startswith("auto")): r
@@ -62,9 +66,9 @@ def varied_comparison(results: list[SizeResult]) -> list[str]:
     }
     for r in results:
         s = static.get((r.chunk_size, r.note.startswith("auto")))
-        if r.lengths == "varied" and r.decode == "drop" and not r.oom and s and s.summaries_per_s:
+        if r.lengths == "varied" and r.decode in WHAT and not r.oom and s and s.summaries_per_s:
             lines.append(
-                f"varied lengths, chunk {r.chunk_size}: dropping finished rows "
+                f"varied lengths, chunk {r.chunk_size}: {WHAT[r.decode]} "
                 f"{r.summaries_per_s / s.summaries_per_s:.2f}x static "
                 f"({r.summaries_per_s:.2f} vs {s.summaries_per_s:.2f} summaries/s)"
             )

@@ -27,13 +27,13 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tubesum.workers.gpu.batching import prefill_groups
+from tubesum.workers.gpu.batching import FreeRegions, admit, prefill_groups
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,10 @@ def row_bucket(rows: int) -> int:
 
 class _DecodeGraph:
     """Static buffers and (on CUDA) a captured graph for one decode step of `rows` rows (a
-    bucket: real rows first, dummy rows after). The step also does its own bookkeeping (store the
-    pick, advance position and step), so a token costs exactly one graph launch from the host."""
+    bucket: real rows first, dummy rows after; a rolling generation also parks finished rows as
+    dummy rows and loads joining rows into any slot). The step also does its own bookkeeping
+    (store the pick, advance each row's position and `out` column), so a token costs exactly one
+    graph launch from the host."""
 
     def __init__(
         self,
@@ -257,7 +259,10 @@ class _DecodeGraph:
         self.cu_k[rows] = cache.scratch + 1
         # [B, N + 1]: graph capture runs one step at column 1, which must exist even when N is 1.
         self.out = torch.zeros(rows, max_new_tokens + 1, dtype=torch.long, device=dev)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)  # next column of `out`
+        # [B] each row's next column of `out`: per row, so a row that joins a rolling generation
+        # at a later step writes from column 1 of its own row. Clamped to the last column (a row
+        # past its limit, or a dummy row, overwrites it there: tokens past a limit are cut).
+        self.row_step = torch.ones(rows, dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         if use_graph:
             self._capture(pool)
@@ -267,10 +272,10 @@ class _DecodeGraph:
         if self.suppress is not None:
             logits.index_fill_(1, self.suppress, float("-inf"))
         nxt = logits.argmax(dim=-1)  # [B]
-        self.out.index_copy_(1, self.step, nxt[:, None])
+        self.out.scatter_(1, self.row_step[:, None], nxt[:, None])
         self.tokens.copy_(nxt)
         torch.minimum(self.pos + 1, self.last_pos, out=self.pos)  # dummy rows stay on scratch
-        self.step.add_(1)
+        self.row_step.add_(1).clamp_(max=self.out.shape[1] - 1)
 
     def _capture(self, pool) -> None:
         # Warm up on a side stream (cuBLAS workspaces, kernel compilation), then record one step.
@@ -278,30 +283,44 @@ class _DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.step.fill_(1)
+                self.row_step.fill_(1)
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.step.fill_(1)
+        self.row_step.fill_(1)
         self.pos.zero_()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self._step()
 
     def load(self, first: torch.Tensor, pos: list[int], starts: list[int], lengths: list[int]) -> None:
-        """Point the first len(pos) rows at a chunk: first tokens [n], positions, cache offsets
-        and region lengths (prompt + that row's new tokens)."""
-        n, dev = len(pos), self.runner.device
-        self.tokens.zero_()
-        self.tokens[:n] = first
-        self.pos.zero_()
-        self.pos[:n] = torch.tensor(pos, device=dev)
-        self.last_pos.zero_()
-        self.last_pos[:n] = torch.tensor(lengths, device=dev) - 1
-        self.cu_k.fill_(self.cache.scratch)
-        self.cu_k[:n] = torch.tensor(starts, dtype=torch.int32, device=dev)
-        self.cu_k[self.rows] = self.cache.scratch + 1
-        self.out[:n, 0] = first
-        self.step.fill_(1)
+        """Point the first len(pos) rows at a chunk (see `place`); the others become dummy rows."""
+        self.park(list(range(len(pos), self.rows)))
+        self.place(list(range(len(pos))), first, pos, starts, lengths)
+
+    def place(
+        self, slots: list[int], first: torch.Tensor, pos: list[int], starts: list[int], lengths: list[int]
+    ) -> None:
+        """Point graph rows `slots` at new rows: first tokens [n], positions, cache offsets and
+        region lengths (prompt + that row's new tokens). The other rows are left as they are."""
+        dev = self.runner.device
+        idx = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.tokens[idx] = first
+        self.pos[idx] = torch.tensor(pos, dtype=torch.long, device=dev)
+        self.last_pos[idx] = torch.tensor(lengths, dtype=torch.long, device=dev) - 1
+        self.cu_k[idx] = torch.tensor(starts, dtype=torch.int32, device=dev)
+        self.out[idx, 0] = first
+        self.row_step[idx] = 1
+
+    def park(self, slots: list[int]) -> None:
+        """Make graph rows `slots` dummy rows on the scratch slot: a finished row whose region
+        was given back must not write into it any more."""
+        if not slots:
+            return
+        idx = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
+        self.tokens[idx] = 0
+        self.pos[idx] = 0
+        self.last_pos[idx] = 0
+        self.cu_k[idx] = self.cache.scratch
 
     def run(self) -> None:
         if self.graph is not None:
@@ -396,6 +415,11 @@ class LlamaRunner:
         self._pool = None  # the decode graphs' shared memory pool
         # Rows that finished stop costing decode time (they leave the step at the next bucket).
         self.drop_finished_rows = True
+        # generate() may get more prompts than the KV cache holds at once: they join the decode
+        # as finished rows free their regions, and the step stays full (drop applies to the tail).
+        self.rolling = False
+        # Rolling: the most rows decoding at once (None: as many as the first admission's bucket).
+        self.max_rows: int | None = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -658,7 +682,9 @@ class LlamaRunner:
     ) -> tuple[list[list[int]], RunStats]:
         """Greedy continuation of every prompt; returns each row's new tokens (up to and including
         its first stop token) in input order. `new_tokens` gives each row its own limit (at most
-        max_new_tokens): the bench's emulation of end tokens on random weights."""
+        max_new_tokens): the bench's emulation of end tokens on random weights. With `rolling`,
+        the prompts together may need more KV cache than the runner holds: they join the decode
+        in input order as finished rows free their regions (see `_decode`)."""
         n = len(prompts)
         limits = list(new_tokens) if new_tokens is not None else [max_new_tokens] * n
         if len(limits) != n or min(limits) < 1 or max(limits) > max_new_tokens:
@@ -669,21 +695,29 @@ class LlamaRunner:
                 f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new "
                 f"exceeds the model's {self.max_positions} positions"
             )
-        if sum(lengths) > self.token_capacity:
-            raise CacheTooSmall(needed=sum(lengths), capacity=self.token_capacity, prompts=n)
-        starts = row_starts(lengths)
+        # Rolling: each region must fit on its own (it may wait for space); otherwise all at once.
+        needed = max(lengths) if self.rolling else sum(lengths)
+        if needed > self.token_capacity:
+            raise CacheTooSmall(needed=needed, capacity=self.token_capacity, prompts=1 if self.rolling else n)
+        regions = FreeRegions(self.token_capacity)
+        waiting = list(range(n))
+        most = self.max_rows if self.rolling and self.max_rows else n
+        placed = admit(waiting, lengths, regions, slots=most)  # all of them unless rolling
         suppress = tuple(sorted(stop_ids)) if ignore_eos else ()
-        dec = self._decoder_for(n, max(lengths), suppress, max_new_tokens)
+        dec = self._decoder_for(len(placed), max(lengths), suppress, max_new_tokens)
+        # The graph's row count is fixed for the call: rows that join later take free slots.
+        slots = min(dec.rows, most)
+        rows = _Rows(prompts, limits, lengths, regions, waiting, owner=[None] * slots, joined=[0] * slots)
 
         t0 = _now(self.device)
-        first = self._prefill_all(prompts, starts, dec)
-        dec.load(first, [len(p) for p in prompts], starts, lengths)
+        dec.park(list(range(dec.rows)))
+        self._join(dec, rows, placed, steps=1)
         t1 = _now(self.device)
-        rows = self._decode(dec, limits, starts, lengths, stop_ids=stop_ids, ignore_eos=ignore_eos, suppress=suppress)
+        tokens, joined_s = self._decode(dec, rows, stop_ids=stop_ids, ignore_eos=ignore_eos, suppress=suppress)
         t2 = _now(self.device)
-        result = [_cut(row, limit, None if ignore_eos else stop_ids) for row, limit in zip(rows, limits)]
+        result = [_cut(row, limit, None if ignore_eos else stop_ids) for row, limit in zip(tokens, limits)]
         total = sum(len(p) for p in prompts)
-        return result, RunStats(prefill_s=t1 - t0, decode_s=t2 - t1, computed_prompt_tokens=total)
+        return result, RunStats(prefill_s=t1 - t0 + joined_s, decode_s=t2 - t1 - joined_s, computed_prompt_tokens=total)
 
     def _prefill_all(self, prompts: list[list[int]], starts: list[int], dec: _DecodeGraph) -> torch.Tensor:
         """Sub-batches of whole prompts up to the token budget, in input order → first tokens [n]."""
@@ -691,64 +725,137 @@ class LlamaRunner:
         firsts = [self.prefill(prompts[a:b], starts[a:b], dec.cache, suppress=dec.suppress) for a, b in groups]
         return torch.cat(firsts)
 
+    def _join(self, dec: _DecodeGraph, rows: _Rows, placed: list[tuple[int, int]], *, steps: int) -> None:
+        """Prefill the `placed` prompts ((input row, region start), packed) and load them into the
+        lowest free graph rows, as rows whose first token is step `steps`' token."""
+        free = [b for b, r in enumerate(rows.owner) if r is None][: len(placed)]
+        which = [i for i, _ in placed]
+        starts = [s for _, s in placed]
+        first = self._prefill_all([rows.prompts[i] for i in which], starts, dec)
+        dec.place(free, first, [len(rows.prompts[i]) for i in which], starts, [rows.lengths[i] for i in which])
+        for b, i, start in zip(free, which, starts):
+            rows.owner[b], rows.joined[b], rows.starts[i] = i, steps - 1, start
+
     def _decode(
         self,
         dec: _DecodeGraph,
-        limits: list[int],
-        starts: list[int],
-        lengths: list[int],
+        rows: _Rows,
         *,
         stop_ids: set[int],
         ignore_eos: bool,
         suppress: tuple[int, ...],
-    ) -> list[list[int]]:
-        """Replay decode steps until every row is done; each row's tokens (uncut), input order.
-        With `drop_finished_rows`, rows that are done leave the step: once the rest fit a smaller
-        row bucket, they move to that bucket's graph (their cache regions stay where they are)."""
+    ) -> tuple[list[list[int]], float]:
+        """Replay decode steps until every row is done; each row's tokens (uncut), input order, and
+        the seconds spent prefilling rows that joined on the way. Every FINISH_CHECK_EVERY steps:
+        while prompts wait (rolling), finished rows give their graph row and cache region back and
+        waiting prompts join there, so the step stays full; once none wait, with
+        `drop_finished_rows`, rows that are done leave the step: once the rest fit a smaller row
+        bucket, they move to that bucket's graph (their cache regions stay where they are)."""
         stop = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
-        owner = list(range(len(limits)))  # graph row → input row
-        kept: dict[int, list[int]] = {}  # input row → its tokens, once it left the step
-        steps, longest = 1, max(limits)
-        while steps < longest:
+        steps, joined_s = 1, 0.0
+        while rows.waiting or steps < rows.end():
             if steps % FINISH_CHECK_EVERY == 0:
-                done = [steps >= limits[r] for r in owner]
-                if not ignore_eos:
-                    hit = torch.isin(dec.out[: len(owner), :steps], stop).any(dim=1).tolist()
-                    done = [a or b for a, b in zip(done, hit)]
-                if all(done):
+                done = self._finished(dec, rows, steps, stop, ignore_eos)
+                if rows.waiting:
+                    joined_s += self._roll(dec, rows, done, steps)
+                elif all(done):
                     break
-                active = [i for i, d in enumerate(done) if not d]
-                if self.drop_finished_rows and row_bucket(len(active)) < dec.rows:
-                    dec, owner = self._shrink(dec, owner, active, kept, steps, starts, lengths, suppress)
+                elif self.drop_finished_rows:
+                    active = [b for b, d in enumerate(done) if not d]
+                    if row_bucket(len(active)) < dec.rows:
+                        dec = self._shrink(dec, rows, active, steps, suppress)
             dec.run()
             steps += 1
-        rows = dict(kept)
-        for i, row in enumerate(dec.out[: len(owner), :steps].tolist()):
-            rows[owner[i]] = row
-        return [rows[r] for r in range(len(limits))]
+        for b, row in enumerate(dec.out[: len(rows.owner)].tolist()):
+            if rows.owner[b] is not None:
+                rows.keep(b, row[: steps - rows.joined[b]])
+        return [rows.kept[r] for r in range(len(rows.limits))], joined_s
+
+    def _finished(self, dec: _DecodeGraph, rows: _Rows, steps: int, stop: torch.Tensor, ignore_eos: bool) -> list[bool]:
+        """Per graph row: done (its limit reached or, unless stop tokens are suppressed, a stop
+        token among the tokens it wrote); dummy rows count as done."""
+        done = [r is None or steps - j >= rows.limits[r] for r, j in zip(rows.owner, rows.joined)]
+        if not ignore_eos:
+            n = len(rows.owner)
+            written = torch.arange(dec.out.shape[1], device=self.device) < dec.row_step[:n, None]
+            hit = (torch.isin(dec.out[:n], stop) & written).any(dim=1).tolist()
+            done = [a or b for a, b in zip(done, hit)]
+        return done
+
+    def _roll(self, dec: _DecodeGraph, rows: _Rows, done: list[bool], steps: int) -> float:
+        """Rows that are done leave (tokens kept, region freed); waiting prompts that fit join in
+        their place. Returns the seconds the joining prompts' prefill took."""
+        gone = [b for b, d in enumerate(done) if d and rows.owner[b] is not None]
+        if gone:
+            for b, row in zip(gone, dec.out[torch.tensor(gone, device=self.device)].tolist()):
+                rows.retire(b, row[: steps - rows.joined[b]])
+        placed = admit(rows.waiting, rows.lengths, rows.regions, slots=rows.owner.count(None))
+        took = 0.0
+        if placed:
+            t0 = _now(self.device)
+            self._join(dec, rows, placed, steps=steps)
+            took = _now(self.device) - t0
+        # A row whose region was given back and whose graph row got no new prompt must not
+        # write there any more: it becomes a dummy row.
+        dec.park([b for b in gone if rows.owner[b] is None])
+        return took
 
     def _shrink(
-        self,
-        dec: _DecodeGraph,
-        owner: list[int],
-        active: list[int],
-        kept: dict[int, list[int]],
-        steps: int,
-        starts: list[int],
-        lengths: list[int],
-        suppress: tuple[int, ...],
-    ):
+        self, dec: _DecodeGraph, rows: _Rows, active: list[int], steps: int, suppress: tuple[int, ...]
+    ) -> _DecodeGraph:
         """Move the `active` graph rows of `dec` to a smaller bucket's graph at step `steps`."""
-        for i, row in enumerate(dec.out[: len(owner), :steps].tolist()):
-            if i not in active:
-                kept[owner[i]] = row
-        owner = [owner[i] for i in active]
+        for b, row in enumerate(dec.out[: len(rows.owner)].tolist()):
+            if rows.owner[b] is not None and b not in active:
+                rows.keep(b, row[: steps - rows.joined[b]])
+        owner = [rows.owner[b] for b in active]
         idx = torch.tensor(active, device=self.device)
         small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens)
-        small.load(dec.tokens[idx], dec.pos[idx].tolist(), [starts[r] for r in owner], [lengths[r] for r in owner])
-        small.out[: len(active), :steps] = dec.out[idx, :steps]
-        small.step.fill_(steps)
-        return small, owner
+        small.load(
+            dec.tokens[idx],
+            dec.pos[idx].tolist(),
+            [rows.starts[r] for r in owner if r is not None],
+            [rows.lengths[r] for r in owner if r is not None],
+        )
+        small.out[: len(active), : dec.out.shape[1]] = dec.out[idx]
+        small.row_step[: len(active)] = dec.row_step[idx]
+        rows.owner, rows.joined = owner, [rows.joined[b] for b in active]
+        return small
+
+
+@dataclass
+class _Rows:
+    """The host's view of one generate() call: each prompt's limit and KV region, the prompts
+    still waiting (rolling), where the admitted ones sit in the cache, and which input row each
+    graph row holds. Every decision on it is a function of the tokens alone, so the ranks of a
+    tensor-parallel group, which share the tokens, decide alike."""
+
+    prompts: list[list[int]]
+    limits: list[int]
+    lengths: list[int]  # each prompt's KV region: its tokens + its limit
+    regions: FreeRegions
+    waiting: list[int]  # input rows not admitted yet, in input order
+    owner: list[int | None]  # graph row → input row (None: a dummy row)
+    joined: list[int]  # graph row → the step before its first token (its tokens: steps - joined)
+    starts: dict[int, int] = field(default_factory=dict)  # admitted input row → region offset
+    kept: dict[int, list[int]] = field(default_factory=dict)  # input row → tokens, once it left
+
+    def end(self) -> int:
+        """The step by which every row in the graph has reached its limit."""
+        return max((j + self.limits[r] for r, j in zip(self.owner, self.joined) if r is not None), default=0)
+
+    def keep(self, b: int, tokens: list[int]) -> None:
+        """Graph row `b`'s row leaves the step with these tokens."""
+        r = self.owner[b]
+        assert r is not None
+        self.kept[r] = tokens
+
+    def retire(self, b: int, tokens: list[int]) -> None:
+        """As `keep`, and its region and graph row are free for waiting prompts."""
+        self.keep(b, tokens)
+        r = self.owner[b]
+        assert r is not None
+        self.regions.give(self.starts.pop(r), self.lengths[r])
+        self.owner[b] = None
 
 
 def _cut(row: list[int], limit: int, stop_ids: set[int] | None) -> list[int]:

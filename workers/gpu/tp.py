@@ -309,10 +309,12 @@ def kv_cache_fits(
     runner: LlamaRunner, prompts: list[list[int]], max_new_tokens: int, new_tokens: list[int] | None
 ) -> bool:
     """Whether the chunk's KV regions (each row: its prompt + its new tokens) fit this rank's
-    ragged cache. The ranks agreed on one capacity, so they answer alike; the vote still guards a
-    rank whose capacity shrank alone."""
+    ragged cache: all together, or with `rolling` each on its own (they take turns). The ranks
+    agreed on one capacity, so they answer alike; the vote still guards a rank whose capacity
+    shrank alone."""
     limits = new_tokens if new_tokens is not None else [max_new_tokens] * len(prompts)
-    return sum(len(p) + m for p, m in zip(prompts, limits)) <= runner.token_capacity
+    regions = [len(p) + m for p, m in zip(prompts, limits)]
+    return (max(regions) if runner.rolling else sum(regions)) <= runner.token_capacity
 
 
 def agree_capacity(runner: LlamaRunner, commands: dist.ProcessGroup) -> int:
@@ -328,7 +330,10 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
     """One command, run identically on every rank (`commands`: the gloo group of the votes)."""
     kind, *args = command
     if kind == "generate":
-        prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens = args
+        prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode = args
+        # Rank 0's decode settings (drop finished rows, rolling, max rows), so every rank makes
+        # the same decisions at the same steps.
+        runner.drop_finished_rows, runner.rolling, runner.max_rows = decode
         # Every rank must fail a chunk together: a rank that ran out of memory alone would leave
         # the others waiting in an all-reduce for ever. The KV cache is the big allocation, so
         # the ranks agree on it before any of them allocates.
@@ -425,6 +430,9 @@ class RankGroup:
         if source.device_type == "cuda" and torch.cuda.device_count() < world:
             raise ModelLoadError(f"--tensor-parallel {world} needs {world} GPUs; {torch.cuda.device_count()} visible")
         self.source, self.world = source, world
+        # The runner's decode settings (LlamaRunner's), sent to every rank with each generate.
+        self.drop_finished_rows, self.rolling = True, False
+        self.max_rows: int | None = None
         ctx = mp.get_context("spawn")
         self._ready: mp.Queue = ctx.Queue()
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -503,6 +511,7 @@ class RankGroup:
             sorted(stop_ids),
             ignore_eos,
             None if new_tokens is None else list(new_tokens),
+            (self.drop_finished_rows, self.rolling, self.max_rows),
         )
         self._send(command)
         error: Exception | None = None
