@@ -20,9 +20,9 @@ class SlowEngine:
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.engine, name)
 
-    def generate(self, prompts, params):  # type: ignore[no-untyped-def]
+    def generate(self, prompts, params, **kwargs):  # type: ignore[no-untyped-def]
         time.sleep(self.delay_s)
-        return self.engine.generate(prompts, params)
+        return self.engine.generate(prompts, params, **kwargs)
 
 
 def main() -> None:

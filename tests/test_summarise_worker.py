@@ -42,10 +42,10 @@ class OomAbove:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, **kwargs):
         if len(prompts) > self.max_batch or max(len(p) for p in prompts) > self.max_prompt:
             raise OutOfMemory(f"injected: chunk of {len(prompts)} prompts")
-        return self.engine.generate(prompts, params)
+        return self.engine.generate(prompts, params, **kwargs)
 
 
 def summarise_all(batcher: Batcher, texts: dict[int, str]) -> dict[int, VideoOutcome]:
@@ -179,6 +179,27 @@ def test_chunks_are_cut_by_the_token_budget_and_never_run_out(make_batcher, tiny
     tiny_engine.runner.release()
 
 
+def test_rolling_chunks_hold_more_than_fits_and_summarise_alike(make_batcher, tiny_engine, monkeypatch):
+    texts = {pk: transcript(pk) * (1 + pk % 3) for pk in range(12)}
+    lengths = {pk: len(batcher_prompt(tiny_engine, t)) for pk, t in texts.items()}
+    budget = 3 * (max(lengths.values()) + MAX_NEW)  # three prompts at once at least
+    monkeypatch.setattr(tiny_engine.runner, "_capacity", budget)
+    tiny_engine.runner.release()
+    static, static_sink = make_batcher(chunk_size=12, chunk_wait_s=1.0)
+    expected = summarise_all(static, texts)
+    static.stop(timeout=30)
+    rolling, sink = make_batcher(chunk_size=12, chunk_wait_s=1.0, rolling=True)
+    outcomes = summarise_all(rolling, texts)
+    # Each rolling chunk needs more KV cache than exists (its prompts decode in turns) and up to
+    # twice of it; no OOM, and every summary is the one the static chunks made.
+    assert all(b.status == "ok" for b in sink.batches) and sum(b.batch_size for b in sink.batches) == 12
+    assert len(sink.batches) < len(static_sink.batches)
+    assert any(b.prompt_tokens + MAX_NEW * b.batch_size > budget for b in sink.batches)
+    assert all(b.prompt_tokens + MAX_NEW * b.batch_size <= 2 * budget for b in sink.batches)
+    assert {pk: o.token_ids for pk, o in outcomes.items()} == {pk: o.token_ids for pk, o in expected.items()}
+    tiny_engine.runner.release()
+
+
 def batcher_prompt(engine, text: str) -> list[int]:
     from tubesum.workers.summarise.plan import SummaryPlan
     from tubesum.workers.summarise.prompt import PromptBuilder
@@ -250,10 +271,10 @@ class SlowEngine:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, **kwargs):
         self.started.set()
         time.sleep(self.delay_s)
-        return self.engine.generate(prompts, params)
+        return self.engine.generate(prompts, params, **kwargs)
 
 
 @pytest.mark.parametrize("grace_s", [30.0, 0.2])

@@ -71,7 +71,14 @@ class Recorder:
 def make_batcher(tiny_engine):
     started: list[Batcher] = []
 
-    def make(*, chunk_size: int = 8, chunk_wait_s: float = 5.0, engine=None, max_new_tokens: int = MAX_NEW):
+    def make(
+        *,
+        chunk_size: int = 8,
+        chunk_wait_s: float = 5.0,
+        engine=None,
+        max_new_tokens: int = MAX_NEW,
+        rolling: bool = False,
+    ):
         sink = Recorder()
         batcher = Batcher(
             engine or tiny_engine,
@@ -80,6 +87,7 @@ def make_batcher(tiny_engine):
             chunk_wait_s=chunk_wait_s,
             max_new_tokens=max_new_tokens,
             instruction=INSTRUCTION,
+            rolling=rolling,
         ).start()
         started.append(batcher)
         return batcher, sink

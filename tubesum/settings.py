@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
     # ones); 1 = one device, as device_map says.
     tensor_parallel: int = Field(default=1, ge=1)
+    # Rolling chunks (fast engine): a chunk may need up to twice the KV cache; as many of its
+    # prompts as fit decode together, and rows that end early hand their place to the chunk's
+    # next prompts, so the decode step stays full. `auto` then holds twice the prompts.
+    rolling: bool = True
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # The GIL switch interval of the GPU worker's process, seconds (Python's default: 0.005). The

@@ -112,10 +112,11 @@ class Engine:
             return CPU_AUTO_CHUNK
         return int(max(1, min(AUTO_CHUNK_MAX, capacity // (prompt_tokens + new_tokens))))
 
-    def auto_chunk_cap(self, *, new_tokens: int) -> int:
+    def auto_chunk_cap(self, *, new_tokens: int, waves: int = 1) -> int:
         """`--chunk-size auto`: prompts held in hand, enough to fill the token budget with
-        shorter-than-typical prompts; each chunk is then cut by the budget."""
-        return self.auto_chunk_size(prompt_tokens=AUTO_TYPICAL_PROMPT_TOKENS, new_tokens=new_tokens)
+        shorter-than-typical prompts; each chunk is then cut by the budget. Rolling chunks hold
+        `waves` times that: the next prompts take the places of rows that end early."""
+        return waves * self.auto_chunk_size(prompt_tokens=AUTO_TYPICAL_PROMPT_TOKENS, new_tokens=new_tokens)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -125,10 +126,13 @@ class Engine:
         *,
         backend: str | None = None,
         new_tokens: list[int] | None = None,
+        rolling: bool = False,
     ) -> tuple[list[Generation], BatchTimings]:
         """One batched generation over the whole chunk. Results come back in input order.
         Raises OutOfMemory when the chunk does not fit, with every tensor of the failed attempt
-        already freed. `new_tokens`: each prompt's own length (fast backend; the bench)."""
+        already freed. `new_tokens`: each prompt's own length (fast backend; the bench).
+        `rolling` (fast backend): the chunk may need more KV cache than exists at once; as many
+        rows as fit decode together, and the rest join as rows finish."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use = backend or self.backend
@@ -140,13 +144,19 @@ class Engine:
         try:
             if use == "fast":
                 assert self.runner is not None, "fast backend needs a Llama-family model"
-                rows, stats = self.runner.generate(
-                    prompts,
-                    max_new_tokens=params.max_new_tokens,
-                    stop_ids=self.stop_ids,
-                    ignore_eos=params.ignore_eos,
-                    new_tokens=new_tokens,
-                )
+                runner, saved = self.runner, (self.runner.rolling, self.runner.max_rows)
+                if rolling:
+                    runner.rolling, runner.max_rows = True, None
+                try:
+                    rows, stats = runner.generate(
+                        prompts,
+                        max_new_tokens=params.max_new_tokens,
+                        stop_ids=self.stop_ids,
+                        ignore_eos=params.ignore_eos,
+                        new_tokens=new_tokens,
+                    )
+                finally:
+                    runner.rolling, runner.max_rows = saved
                 prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
             else:
                 rows, prefill_s, decode_s, padded = self._hf_generate(prompts, params)

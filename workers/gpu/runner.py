@@ -754,7 +754,9 @@ class LlamaRunner:
         stop = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
         steps, joined_s = 1, 0.0
         while rows.waiting or steps < rows.end():
-            if steps % FINISH_CHECK_EVERY == 0:
+            # While prompts wait, also when a row reaches its limit: a chunk of fixed-length rows
+            # then takes its next prompts at once, not up to FINISH_CHECK_EVERY steps later.
+            if steps % FINISH_CHECK_EVERY == 0 or (rows.waiting and steps == rows.first_end()):
                 done = self._finished(dec, rows, steps, stop, ignore_eos)
                 if rows.waiting:
                     joined_s += self._roll(dec, rows, done, steps)
@@ -842,6 +844,10 @@ class _Rows:
     def end(self) -> int:
         """The step by which every row in the graph has reached its limit."""
         return max((j + self.limits[r] for r, j in zip(self.owner, self.joined) if r is not None), default=0)
+
+    def first_end(self) -> int:
+        """The step at which the first row in the graph reaches its limit."""
+        return min((j + self.limits[r] for r, j in zip(self.owner, self.joined) if r is not None), default=0)
 
     def keep(self, b: int, tokens: list[int]) -> None:
         """Graph row `b`'s row leaves the step with these tokens."""

@@ -24,7 +24,7 @@ from kombu.common import ignore_errors
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
-from tubesum.workers.gpu.batcher import Batcher
+from tubesum.workers.gpu.batcher import ROLLING_WAVES, Batcher
 from tubesum.workers.gpu.engine import Engine, load_engine
 from tubesum.workers.summarise.store import store_batch, touch_videos
 from tubesum.workers.summarise.tasks import attach_batcher
@@ -47,9 +47,13 @@ def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
     chunk's size from the prompts in hand."""
     if settings.chunk_size != "auto":
         return int(settings.chunk_size)
-    size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens)
+    waves = ROLLING_WAVES if settings.rolling and engine.token_capacity is not None else 1
+    size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens, waves=waves)
     log.info(
-        "--chunk-size auto: up to %d prompts a chunk, as many as %s KV-cache tokens hold", size, engine.token_capacity
+        "--chunk-size auto: up to %d prompts a chunk, as many as %s%s KV-cache tokens hold",
+        size,
+        "rolling through twice " if waves > 1 else "",
+        engine.token_capacity,
     )
     return size
 
@@ -83,6 +87,7 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
             touch_videos, database_url=settings.database_url, owner=lease_owner, lease_s=settings.lease_s
         ),
         heartbeat_s=settings.heartbeat_s,
+        rolling=settings.rolling,
     )
 
 
