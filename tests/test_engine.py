@@ -194,6 +194,16 @@ def test_auto_chunk_size_on_cpu_is_a_fixed_safe_number(tiny_engine):
     assert tiny_engine.token_capacity == runner_mod.CPU_TOKEN_CAPACITY
 
 
+def test_auto_holds_twice_the_prompts_with_rolling_chunks(tiny_engine):
+    from tubesum.settings import Settings
+    from tubesum.workers.gpu.engine import CPU_AUTO_CHUNK
+    from tubesum.workers.gpu.worker import resolve_chunk_size
+
+    assert resolve_chunk_size(tiny_engine, Settings(chunk_size="auto", rolling=True)) == 2 * CPU_AUTO_CHUNK
+    assert resolve_chunk_size(tiny_engine, Settings(chunk_size="auto", rolling=False)) == CPU_AUTO_CHUNK
+    assert resolve_chunk_size(tiny_engine, Settings(chunk_size=12, rolling=True)) == 12  # a number is a cap
+
+
 def watch_regions(monkeypatch) -> dict:
     """Replace the runner's region allocator with one that asserts, at every take, that the new
     region lies inside the cache and overlaps no region in use; returns what it saw."""
