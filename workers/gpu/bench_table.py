@@ -103,7 +103,10 @@ def print_report(report: BenchReport, console: Console) -> None:
         )
     if report.memory_limit_chunk:
         console.print(f"memory limit: chunk {report.memory_limit_chunk} does not fit")
-    console.print(f"--chunk-size auto would pick {report.auto_chunk_size} (KV cache of {report.token_capacity} tokens)")
+    console.print(
+        f"--chunk-size auto would pick {report.auto_chunk_size} at once (KV cache of {report.token_capacity} "
+        "tokens; the worker's rolling chunks hold twice the prompts)"
+    )
     for line in varied_comparison(report.results):
         console.print(line)
     for r in report.baseline:
