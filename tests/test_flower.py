@@ -19,6 +19,7 @@ import pytest
 import redis
 import requests
 
+from tests.tiny_model import summarise_worker_argv
 from tests.youtube_replay import REPLAY_ENV, fetch_worker_argv
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
 from tubesum.producer.submit import submit
@@ -197,19 +198,7 @@ def test_flower_shows_each_summarise_task_of_a_chunk_on_the_gpu_worker(
     worker = start_worker(
         env=env,
         name="gpu-flower",
-        argv=[
-            "tubesum",
-            "worker",
-            "summarise",
-            "--model",
-            str(tiny_model_dir),
-            "--chunk-size",
-            "4",
-            "--device-map",
-            "cpu",
-            "--name",
-            "gpu-flower@%h",
-        ],
+        argv=summarise_worker_argv(tiny_model_dir, "gpu-flower@%h"),
     )
     wait_until(
         lambda: (

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.test_summarise_worker import add_videos, transcript
+from tests.tiny_model import summarise_worker_argv
 from tubesum.errors import WorkerStopping
 from tubesum.models import Video
 from tubesum.workers.summarise.store import VideoInput
@@ -98,19 +99,7 @@ def test_the_worker_log_names_itself_tells_its_queue_and_logs_each_chunk(
     pks = add_videos(db_session, [transcript(i) for i in range(3)])
     env.update(TUBESUM_MAX_NEW_TOKENS="8", TUBESUM_CHUNK_WAIT_S="1.0")
     worker = start_worker(
-        argv=[
-            "tubesum",
-            "worker",
-            "summarise",
-            "--model",
-            str(tiny_model_dir),
-            "--chunk-size",
-            "4",
-            "--device-map",
-            "cpu",
-            "--name",
-            "gpu-log@%h",
-        ],
+        argv=summarise_worker_argv(tiny_model_dir, "gpu-log@%h"),
         name="gpu-log",
         env=env,
     )

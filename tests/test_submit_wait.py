@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_model import summarise_worker_argv
+
 WAIT_TIMEOUT_S = 240
 
 
@@ -36,19 +38,7 @@ def submit_wait(csv_path: Path, env: dict[str, str], cwd: Path) -> subprocess.Co
 def test_submit_wait_exits_0_when_all_done_and_1_when_any_failed(env, tmp_path, start_worker, tiny_model_dir):
     env = {**env, "TUBESUM_MAX_NEW_TOKENS": "8", "TUBESUM_CHUNK_WAIT_S": "0.5"}
     start_worker(
-        argv=[
-            "tubesum",
-            "worker",
-            "summarise",
-            "--model",
-            str(tiny_model_dir),
-            "--chunk-size",
-            "4",
-            "--device-map",
-            "cpu",
-            "--name",
-            "gpu-wait@%h",
-        ],
+        argv=summarise_worker_argv(tiny_model_dir, "gpu-wait@%h"),
         name="gpu-wait",
         env=env,
     )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from tests.tiny_model import summarise_worker_argv
 from tests.worker_fixtures import FUTURE_TIMEOUT_S, INSTRUCTION, MAX_NEW
 from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
@@ -485,19 +486,7 @@ def test_summarise_worker_process(env, settings, db_session, start_worker, wait_
     env.update(TUBESUM_MAX_NEW_TOKENS=str(MAX_NEW), TUBESUM_CHUNK_WAIT_S="1.0")
     name = "gpu-test"
     start_worker(
-        argv=[
-            "tubesum",
-            "worker",
-            "summarise",
-            "--model",
-            str(tiny_model_dir),
-            "--chunk-size",
-            "8",
-            "--device-map",
-            "cpu",
-            "--name",
-            f"{name}@%h",
-        ],
+        argv=summarise_worker_argv(tiny_model_dir, f"{name}@%h", chunk_size=8),
         name=name,
         env=env,
     )

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.tiny_model import saved_tiny_model
+from tests.tiny_model import saved_tiny_model, summarise_worker_argv
 from tubesum.errors import ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu import tp as tp_module
@@ -267,23 +267,9 @@ def test_tensor_parallel_summarise_worker_is_one_celery_worker(
     env.update(TUBESUM_MAX_NEW_TOKENS="12", TUBESUM_CHUNK_WAIT_S="1.0")
     name = "gpu-tp"
     start_worker(
-        argv=[
-            "tubesum",
-            "worker",
-            "summarise",
-            "--model",
-            str(tiny_model_dir),
-            "--chunk-size",
-            "4",
-            "--device-map",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--tensor-parallel",
-            "2",
-            "--name",
-            f"{name}@%h",
-        ],
+        argv=summarise_worker_argv(
+            tiny_model_dir, f"{name}@%h", extra=("--dtype", "float32", "--tensor-parallel", "2")
+        ),
         name=name,
         env=env,
     )

@@ -55,3 +55,21 @@ def micro_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
     return load_tiny_engine(tiny_model_dir)
+
+
+def summarise_worker_argv(model_dir: Path, name: str, *, chunk_size: int = 4, extra: tuple[str, ...] = ()) -> list[str]:
+    """A real `tubesum worker summarise` on the CPU over the tiny model, Celery node name `name`."""
+    return [
+        "tubesum",
+        "worker",
+        "summarise",
+        "--model",
+        str(model_dir),
+        "--chunk-size",
+        str(chunk_size),
+        "--device-map",
+        "cpu",
+        *extra,
+        "--name",
+        name,
+    ]
