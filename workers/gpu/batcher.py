@@ -11,8 +11,8 @@ A long transcript becomes several map prompts in the chunk(s) of its video, and 
 prompts are queued first for the next chunk (see ``workers.summarise.SummaryPlan``).
 Memory is planned in tokens: a chunk takes as many prompts as the engine's KV cache holds (each
 prompt's tokens + max new tokens), capped by the chunk size; rolling chunks (the default) take up
-to ROLLING_WAVES times that, and the engine starts the rest as rows finish. Out of memory all the same: the
-failed attempt's memory is given back (the engine), the batch row is recorded as ``oom``, the
+to ROLLING_WAVES times that, and the engine starts the rest as rows finish. Out of memory all the
+same: the failed attempt's memory is given back (the engine), the batch row is recorded as ``oom``, the
 chunk is split in halves and each half retried; ``ChunkSizer`` caps later chunks and grows the
 cap back after chunks succeed.
 
@@ -71,6 +71,14 @@ STORES_IN_FLIGHT = 2
 HAND_BACK_POLL_S = 0.1
 
 Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
+
+
+def rolling_waves(engine: Engine, rolling: bool) -> int:
+    """How many times the KV cache a chunk may need: ROLLING_WAVES with rolling chunks, which
+    need memory planned in tokens (the fast engine), else 1."""
+    return ROLLING_WAVES if rolling and engine.token_capacity is not None else 1
+
+
 Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → renew their leases
 
 
@@ -111,8 +119,7 @@ class Batcher:
         rolling: bool = False,
     ) -> None:
         self.engine = engine
-        # Rolling needs memory planned in tokens (the fast engine).
-        self.rolling = rolling and engine.token_capacity is not None
+        self.waves = rolling_waves(engine, rolling)
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
         self.params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -323,7 +330,7 @@ class Batcher:
         return plan_token_chunk(
             pending,
             max_new_tokens=self.params.max_new_tokens,
-            token_capacity=capacity * (ROLLING_WAVES if self.rolling else 1),
+            token_capacity=capacity * self.waves,
             max_prompts=self.sizer.limit,
         )
 
@@ -331,7 +338,7 @@ class Batcher:
         started, t0 = utcnow(), time.perf_counter()
         oom: OutOfMemory | None = None
         try:
-            generations, timings = self.engine.generate([p.ids for p in chunk], self.params, rolling=self.rolling)
+            generations, timings = self.engine.generate([p.ids for p in chunk], self.params, rolling=self.waves > 1)
         except OutOfMemory as exc:
             oom = exc  # handled below, outside this block: the halves run with no live traceback
         if oom is not None:

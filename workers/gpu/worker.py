@@ -24,7 +24,7 @@ from kombu.common import ignore_errors
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
-from tubesum.workers.gpu.batcher import ROLLING_WAVES, Batcher
+from tubesum.workers.gpu.batcher import Batcher, rolling_waves
 from tubesum.workers.gpu.engine import Engine, load_engine
 from tubesum.workers.summarise.store import store_batch, touch_videos
 from tubesum.workers.summarise.tasks import attach_batcher
@@ -47,12 +47,12 @@ def resolve_chunk_size(engine: Engine, settings: Settings) -> int:
     chunk's size from the prompts in hand."""
     if settings.chunk_size != "auto":
         return int(settings.chunk_size)
-    waves = ROLLING_WAVES if settings.rolling and engine.token_capacity is not None else 1
+    waves = rolling_waves(engine, settings.rolling)
     size = engine.auto_chunk_cap(new_tokens=settings.max_new_tokens, waves=waves)
     log.info(
-        "--chunk-size auto: up to %d prompts a chunk, as many as %s%s KV-cache tokens hold",
+        "--chunk-size auto: up to %d prompts a chunk, enough to fill %d x %s KV-cache tokens",
         size,
-        "rolling through twice " if waves > 1 else "",
+        waves,
         engine.token_capacity,
     )
     return size
