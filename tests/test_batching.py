@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from tubesum.workers.gpu.batching import (
+from tubesum.workers.gpu.kv_regions import FreeRegions
+from tubesum.workers.gpu.scheduler import (
     ChunkSizer,
-    FreeRegions,
     Pending,
     admit,
     halves,

@@ -312,7 +312,7 @@ def test_report_of_a_one_batch_job(env, db_session, tmp_path: Path) -> None:
 
 
 def test_chunk_line_reads_like_vllms() -> None:
-    from tubesum.workers.gpu.batching import chunk_line
+    from tubesum.workers.gpu.records import chunk_line
 
     assert chunk_line(
         12,

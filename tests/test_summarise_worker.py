@@ -124,7 +124,7 @@ def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batche
     """torch's OutOfMemoryError inside the real engine (one unlucky chunk): the failed attempt's
     tensors are freed before the halves run, the halves succeed, and after enough chunks at the
     lowered cap it doubles back to the configured size."""
-    from tubesum.workers.gpu.batching import REGROW_AFTER_SUCCESSES
+    from tubesum.workers.gpu.scheduler import REGROW_AFTER_SUCCESSES
 
     runner = tiny_engine.runner
     real_prefill, capacity = runner.prefill_logits, runner.token_capacity

@@ -38,16 +38,15 @@ from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
 from tubesum.errors import KVCacheTooSmall, OutOfMemory, WorkerStopping
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu import records
-from tubesum.workers.gpu.batching import (
+from tubesum.workers.gpu.params import Generation, SamplingParams
+from tubesum.workers.gpu.scheduler import (
     ChunkSizer,
     Pending,
-    chunk_line,
     halves,
     plan_chunk,
     plan_token_chunk,
     seconds_until_ready,
 )
-from tubesum.workers.gpu.params import Generation, SamplingParams
 from tubesum.workers.summarise.plan import SummaryPlan
 from tubesum.workers.summarise.prompt import PromptBuilder
 from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome
@@ -349,7 +348,7 @@ class Batcher:
         self.sizer.on_success(len(chunk))
         self._chunks_run += 1
         log.info(
-            chunk_line(
+            records.chunk_line(
                 self._chunks_run,
                 videos=len({id(p.work) for p in chunk}),
                 prompt_tokens=timings.prompt_tokens,

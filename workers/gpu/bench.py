@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from tubesum.errors import OutOfMemory
-from tubesum.workers.gpu.batching import Pending, plan_token_chunk
 from tubesum.workers.gpu.engine import Engine, SamplingParams
+from tubesum.workers.gpu.scheduler import Pending, plan_token_chunk
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,10 @@ def run_size(
         res.note = "auto: " + ", ".join(str(len(c)) for c in chunks)
     else:
         chunks = _chunks_for(size, prompts, max_chunks, pairs=pairs)
-    runner = engine.runner
-    if decode == "rolling" and runner is not None:
+    rolling = decode == "rolling" and engine.runner is not None
+    max_rows = res.chunk_size if rolling else None  # a pair of chunks a call, a chunk's rows at once
+    if rolling:
         chunks = [a + b for a, b in zip(chunks[::2], chunks[1::2])]
-        runner.max_rows = res.chunk_size
 
     def lengths_of(chunk: list[list[int]]) -> list[int] | None:
         return None if own_lengths is None else [own_lengths[id(p)] for p in chunk]
@@ -193,10 +193,14 @@ def run_size(
                 chunks[0], SamplingParams(max_new_tokens=HF_WARMUP_TOKENS, ignore_eos=True), backend=backend
             )
         else:
-            engine.generate(chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]))
+            engine.generate(
+                chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]), rolling=rolling, max_rows=max_rows
+            )
         peaks = []
         for chunk in chunks:
-            gens, t = engine.generate(chunk, params, backend=backend, new_tokens=lengths_of(chunk))
+            gens, t = engine.generate(
+                chunk, params, backend=backend, new_tokens=lengths_of(chunk), rolling=rolling, max_rows=max_rows
+            )
             res.prompts += len(chunk)
             res.wall_s += t.wall_s
             res.prefill_s += t.prefill_s or 0.0
@@ -210,9 +214,6 @@ def run_size(
     except OutOfMemory as exc:
         res.oom, res.note = True, str(exc).split(":")[0]
         return res
-    finally:
-        if decode == "rolling" and runner is not None:
-            runner.max_rows = None
     res.peak_memory_gb = round(max(peaks) / 1e9, 2) if peaks else None
     res.summaries_per_s = res.prompts / res.wall_s
     res.generated_tokens_per_s = res.generated_tokens / res.wall_s
@@ -275,7 +276,6 @@ def sweep(
     runner = engine.runner
     if runner is not None:
         runner.drop_finished_rows = decode != "static"
-        runner.rolling = decode == "rolling"
     results: list[SizeResult] = []
     limit = None
     for size in sizes:
@@ -301,7 +301,7 @@ def sweep(
         if res.oom and size:
             limit = size
     if runner is not None:
-        runner.drop_finished_rows, runner.rolling = True, False
+        runner.drop_finished_rows = True
     engine.release()
     fill_speedups(results)
     return results, limit
