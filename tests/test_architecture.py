@@ -8,19 +8,14 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Installed name → folder (pyproject's package-dir).
-PACKAGE_DIRS = {
-    "tubesum": "tubesum",
-    "tubesum.workers": "workers",
-    "tubesum.producer": "producer",
-    "tubesum.models": "models",
-    "tubesum.migrations": "migrations",
-}
+# Installed name → folder, as pyproject's package-dir maps them (one place to add a folder).
+PACKAGE_DIRS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 # The floor everyone stands on: it imports nothing above it.
 FOUNDATION = (
     "tubesum.text",

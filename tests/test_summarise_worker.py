@@ -280,7 +280,7 @@ class SlowEngine:
 
 @pytest.mark.parametrize("grace_s", [30.0, 0.2])
 def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_the_grace(
-    make_batcher, tiny_engine, grace_s
+    make_batcher, tiny_engine, wait_until, grace_s
 ):
     """hand_back: videos not in the running chunk fail with WorkerStopping at once (their tasks
     requeue them); the running chunk is stored if it finishes within the grace, else handed back."""
@@ -307,7 +307,10 @@ def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_th
         for future in running:
             with pytest.raises(WorkerStopping):
                 future.result(timeout=1)
-        time.sleep(2.0)  # the abandoned chunk ends: its videos are not stored here
+        # The abandoned chunk still ends and its batch row is stored (the last thing a chunk does),
+        # without its videos: they were handed back.
+        wait_until(lambda: sink.batches, timeout=FUTURE_TIMEOUT_S, message="the abandoned chunk's batch row")
+        assert [b.batch_size for b in sink.batches] == [2]
         assert not sink.outcomes
 
 
