@@ -155,7 +155,7 @@ def test_producer_and_fetch_worker_never_import_torch(tmp_path: Path) -> None:
 
 
 def test_wait_for_job_counts_until_every_video_is_terminal(settings, db_session) -> None:
-    from tubesum.producer.progress import wait_for_job
+    from tubesum.read.progress import wait_for_job
 
     job = Job(sources=["x"])
     db_session.add_all(

@@ -11,13 +11,14 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from tests.factories import batch_row
 from tests.tiny_model import summarise_worker_argv
 from tests.worker_fixtures import FUTURE_TIMEOUT_S, INSTRUCTION, MAX_NEW
 from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import VideoInput, VideoOutcome, claim_video, store_batch
 
 SENTENCES = [
     "Octopuses have three hearts and blue blood.",
@@ -350,34 +351,8 @@ def add_videos(session, texts: list[str], *, status: str = "fetched") -> list[in
     return [v.id for v in videos]
 
 
-def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
-    now = utcnow()
-    values = dict(
-        id=batch_id,
-        worker_host="h",
-        devices="cpu",
-        model="tiny",
-        dtype="float32",
-        attn_implementation="sdpa",
-        engine="fast",
-        chunk_size=8,
-        batch_size=1,
-        prompt_tokens=10,
-        padded_prompt_tokens=10,
-        generated_tokens=5,
-        prefill_s=0.1,
-        decode_s=0.2,
-        wall_s=0.3,
-        generated_tokens_per_s=16.7,
-        peak_memory_bytes=None,
-        oom_split=False,
-        status="ok",
-        note=None,
-        started_at=now,
-        ended_at=now,
-    )
-    values.update(overrides)
-    return BatchRecord(**values)
+def record(batch_id: str = "b" * 32, **overrides) -> Batch:
+    return batch_row(id=batch_id, model="tiny", **overrides)
 
 
 def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):
