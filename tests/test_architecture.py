@@ -114,6 +114,14 @@ def test_the_summarise_step_does_not_reach_into_the_gpu_worker():
         assert not gpu, f"{name} imports {sorted(gpu)}"
 
 
+def test_the_read_side_stands_on_the_floor_only():
+    # Workers, the producer and the CLI read through tubesum.read; it never reaches back into them.
+    for name in (m for m in MODULES if m.startswith("tubesum.read")):
+        above = {m for m in module_imports(name) if not m.startswith((*FOUNDATION, "tubesum.read"))}
+        assert not above, f"{name} imports {sorted(above)}"
+    assert "tubesum.read.queries" in MODULES
+
+
 def test_pure_cores_and_cheap_workers_import_no_torch():
     code = (
         "import sys; import tubesum.producer.submit, tubesum.workers.fetch_tasks, "
