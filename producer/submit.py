@@ -593,18 +593,23 @@ def _record_send(session: Session, job: Job, state: SendState) -> None:
     session.execute(update(Job).where(Job.id == job.id).values(**state.columns()))
 
 
+def stale_sends(session: Session, *, now: datetime) -> list[int]:
+    """Jobs whose sends ``SendState.resumable`` says to finish, found in SQL (the reconcile pass of
+    every worker asks every few seconds): only jobs in ``ix_jobs_unsent`` are looked at."""
+    silent_since = now - timedelta(seconds=SEND_STALE_S)
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.send_sent < Job.send_total, or_(Job.send_stopped, Job.send_at < silent_since))
+            .order_by(Job.id)
+        )
+    )
+
+
 def resume_stale_sends(*, settings: Settings, celery_app: Celery) -> list[int]:
     """Finish the sends of every job whose submit stopped half-way (``tubesum reconcile``)."""
-    silent_since = utcnow() - timedelta(seconds=SEND_STALE_S)
     with session_scope(settings.database_url) as session:
-        # SendState.resumable as SQL, over the jobs of ix_jobs_unsent only.
-        stale = list(
-            session.scalars(
-                select(Job.id)
-                .where(Job.send_sent < Job.send_total, or_(Job.send_stopped, Job.send_at < silent_since))
-                .order_by(Job.id)
-            )
-        )
+        stale = stale_sends(session, now=utcnow())
     for job_id in stale:
         sent = send_job(job_id, settings=settings, celery_app=celery_app)
         log.warning("job %d: its submit stopped before sending every message; sent the other %d", job_id, sent)

@@ -206,3 +206,29 @@ def test_deleting_a_job_cascades(db_url: str) -> None:
         session.execute(Job.__table__.delete())
     with session_scope(db_url) as session:
         assert session.scalars(select(Transcript)).all() == []
+
+
+def test_the_stale_send_query_agrees_with_the_send_state(any_db_url: str) -> None:
+    """``stale_sends`` (SQL, over the partial index) picks exactly the jobs ``SendState.resumable`` would."""
+    from datetime import timedelta
+
+    from tubesum.producer.submit import SEND_STALE_S, SendState, stale_sends
+
+    now = datetime.now(UTC)
+    silent = now - timedelta(seconds=SEND_STALE_S + 1)
+    fresh = now - timedelta(seconds=1)
+    states = [
+        None,  # still being read
+        SendState(10, 10, 9, silent),  # complete
+        SendState(10, 4, 3, fresh),  # sending now
+        SendState(10, 4, 3, fresh, stopped=True),  # interrupted: resumable at once
+        SendState(10, 4, 3, silent),  # silent too long: its submit died
+        SendState(0, 0, -1, silent),  # nothing to send
+    ]
+    with Session(make_engine(any_db_url)) as session:
+        jobs = [Job(sources=[], **(state.columns() if state else {})) for state in states]
+        session.add_all(jobs)
+        session.commit()
+        expected = [j.id for j in jobs if (s := SendState.of(j)) is not None and s.resumable(now)]
+        assert expected == [jobs[3].id, jobs[4].id]
+        assert stale_sends(session, now=now) == expected
