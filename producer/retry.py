@@ -14,8 +14,8 @@ from sqlalchemy import exists, select
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK
 from tubesum.db import session_scope
-from tubesum.jobs import get_job
 from tubesum.models import Transcript, Video, VideoStatus
+from tubesum.read.queries import get_job
 from tubesum.settings import Settings
 from tubesum.workers.video_state import clear_lease
 

@@ -8,19 +8,14 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Installed name → folder (pyproject's package-dir).
-PACKAGE_DIRS = {
-    "tubesum": "tubesum",
-    "tubesum.workers": "workers",
-    "tubesum.producer": "producer",
-    "tubesum.models": "models",
-    "tubesum.migrations": "migrations",
-}
+# Installed name → folder, as pyproject's package-dir maps them (one place to add a folder).
+PACKAGE_DIRS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 # The floor everyone stands on: it imports nothing above it.
 FOUNDATION = (
     "tubesum.text",
@@ -119,6 +114,14 @@ def test_the_summarise_step_does_not_reach_into_the_gpu_worker():
     for name in (m for m in MODULES if m.startswith("tubesum.workers.summarise")):
         gpu = {m for m in module_imports(name) if m.startswith("tubesum.workers.gpu")}
         assert not gpu, f"{name} imports {sorted(gpu)}"
+
+
+def test_the_read_side_stands_on_the_floor_only():
+    # Workers, the producer and the CLI read through tubesum.read; it never reaches back into them.
+    for name in (m for m in MODULES if m.startswith("tubesum.read")):
+        above = {m for m in module_imports(name) if not m.startswith((*FOUNDATION, "tubesum.read"))}
+        assert not above, f"{name} imports {sorted(above)}"
+    assert "tubesum.read.queries" in MODULES
 
 
 def test_pure_cores_and_cheap_workers_import_no_torch():

@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.factories import batch_row
 from tubesum.cli import COMMAND_ORDER
 from tubesum.models import Batch, Job, Summary, Video
 from tubesum.models.base import utcnow
@@ -68,28 +68,12 @@ def add_job(
     session.add(job)
     if ran is not None:
         session.add(
-            Batch(
+            batch_row(
                 id=f"b{time.monotonic_ns()}",
-                worker_host="gpu1",
                 devices="cuda:0:NVIDIA H100",
                 model=ran,
-                dtype="bfloat16",
-                attn_implementation="sdpa",
-                engine="fast",
-                chunk_size=32,
                 batch_size=max(1, videos),
-                prompt_tokens=1000,
-                padded_prompt_tokens=1000,
-                generated_tokens=500,
-                prefill_s=0.5,
-                decode_s=1.5,
-                wall_s=2.0,
-                generated_tokens_per_s=250.0,
-                peak_memory_bytes=2**30,
-                oom_split=False,
-                status="ok",
                 started_at=t0,
-                ended_at=t0 + timedelta(seconds=2),
             )
         )
         session.flush()
@@ -292,7 +276,8 @@ def test_titles_and_ids_print_as_plain_text(env, db_session, tmp_path: Path) -> 
 
 
 def test_report_of_a_one_batch_job(env, db_session, tmp_path: Path) -> None:
-    from tubesum.report import job_batches, latency_figure, stats_by_size, tokens_figure
+    from tubesum.read.queries import job_batches
+    from tubesum.read.report import latency_figure, stats_by_size, tokens_figure
 
     job_id = add_job(db_session, ran="org/model-x", videos=20)
     result = tubesum(["report", str(job_id), "-o", "r"], env=env, cwd=tmp_path)
@@ -388,7 +373,7 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
 def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> None:
     from rich.console import Console
 
-    from tubesum.producer.progress import wait_for_job
+    from tubesum.read.progress import wait_for_job
 
     job_id = add_job(db_session, ran="m", videos=2, failures=[("fail0000001", "t", "r")])
     waiting = Video(job_id=job_id, video_id="wait0000001", position=9, status="queued", queued_at=utcnow())

@@ -23,8 +23,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from tests.factories import batch_row
 from tubesum.db import session_scope
-from tubesum.models import Batch, Job, Summary, Transcript, Video
+from tubesum.models import Job, Summary, Transcript, Video
 from tubesum.producer.submit import SEND_BATCH, SendState, submit
 from tubesum.workers.summarise.store import claim_video
 
@@ -248,24 +249,7 @@ def finish_with_summaries(db_url: str, job_id: int, *, model: str) -> dict[str, 
     now = datetime.now(UTC)
     texts = {}
     with session_scope(db_url) as s:
-        batch = Batch(
-            id=f"batch-of-job-{job_id}",
-            worker_host="gpu@test",
-            devices="cpu",
-            model=model,
-            dtype="fp32",
-            attn_implementation="sdpa",
-            engine="hf",
-            chunk_size=8,
-            batch_size=3,
-            prompt_tokens=30,
-            padded_prompt_tokens=30,
-            generated_tokens=9,
-            wall_s=1.25,
-            generated_tokens_per_s=7.2,
-            started_at=now,
-            ended_at=now,
-        )
+        batch = batch_row(id=f"batch-of-job-{job_id}", model=model, batch_size=3, started_at=now)
         s.add(batch)
         for video in s.scalars(select(Video).where(Video.job_id == job_id)):
             texts[video.video_id] = f"Summary of {video.video_id}."

@@ -11,13 +11,14 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from tests.factories import batch_row
 from tests.tiny_model import summarise_worker_argv
 from tests.worker_fixtures import FUTURE_TIMEOUT_S, INSTRUCTION, MAX_NEW
 from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import VideoInput, VideoOutcome, claim_video, store_batch
 
 SENTENCES = [
     "Octopuses have three hearts and blue blood.",
@@ -127,7 +128,7 @@ def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batche
     from tubesum.workers.gpu.scheduler import REGROW_AFTER_SUCCESSES
 
     runner = tiny_engine.runner
-    real_prefill, capacity = runner.prefill_logits, runner.token_capacity
+    real_prefill, capacity = runner.llama.prefill_logits, runner.token_capacity
     failed_attempt: list = []
 
     def prefill_once_oom(prompts, starts, cache):
@@ -138,7 +139,7 @@ def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batche
         assert not failed_attempt or failed_attempt[0]() is None  # freed before any retry ran
         return real_prefill(prompts, starts, cache)
 
-    monkeypatch.setattr(runner, "prefill_logits", prefill_once_oom)
+    monkeypatch.setattr(runner.llama, "prefill_logits", prefill_once_oom)
     try:
         batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=30.0)
         outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
@@ -280,7 +281,7 @@ class SlowEngine:
 
 @pytest.mark.parametrize("grace_s", [30.0, 0.2])
 def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_the_grace(
-    make_batcher, tiny_engine, grace_s
+    make_batcher, tiny_engine, wait_until, grace_s
 ):
     """hand_back: videos not in the running chunk fail with WorkerStopping at once (their tasks
     requeue them); the running chunk is stored if it finishes within the grace, else handed back."""
@@ -307,7 +308,10 @@ def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_th
         for future in running:
             with pytest.raises(WorkerStopping):
                 future.result(timeout=1)
-        time.sleep(2.0)  # the abandoned chunk ends: its videos are not stored here
+        # The abandoned chunk still ends and its batch row is stored (the last thing a chunk does),
+        # without its videos: they were handed back.
+        wait_until(lambda: sink.batches, timeout=FUTURE_TIMEOUT_S, message="the abandoned chunk's batch row")
+        assert [b.batch_size for b in sink.batches] == [2]
         assert not sink.outcomes
 
 
@@ -347,34 +351,8 @@ def add_videos(session, texts: list[str], *, status: str = "fetched") -> list[in
     return [v.id for v in videos]
 
 
-def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
-    now = utcnow()
-    values = dict(
-        id=batch_id,
-        worker_host="h",
-        devices="cpu",
-        model="tiny",
-        dtype="float32",
-        attn_implementation="sdpa",
-        engine="fast",
-        chunk_size=8,
-        batch_size=1,
-        prompt_tokens=10,
-        padded_prompt_tokens=10,
-        generated_tokens=5,
-        prefill_s=0.1,
-        decode_s=0.2,
-        wall_s=0.3,
-        generated_tokens_per_s=16.7,
-        peak_memory_bytes=None,
-        oom_split=False,
-        status="ok",
-        note=None,
-        started_at=now,
-        ended_at=now,
-    )
-    values.update(overrides)
-    return BatchRecord(**values)
+def record(batch_id: str = "b" * 32, **overrides) -> Batch:
+    return batch_row(id=batch_id, model="tiny", **overrides)
 
 
 def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):

@@ -133,8 +133,8 @@ def submit_cmd(
 ) -> None:
     """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
     from tubesum.celery_app import app as celery_app
-    from tubesum.producer.progress import missing_worker_hint, submit_progress, wait_for_job
     from tubesum.producer.submit import submit
+    from tubesum.read.progress import missing_worker_hint, submit_progress, wait_for_job
     from tubesum.settings import get_settings
 
     recorded: list[int] = []
@@ -330,8 +330,8 @@ def report_cmd(
     from pathlib import Path
 
     from tubesum.db import require_database, session_scope
-    from tubesum.jobs import check_writable
-    from tubesum.report import print_report, write_report
+    from tubesum.read.export import check_writable
+    from tubesum.read.report import print_report, write_report
 
     with exit_codes():
         check_writable(Path(output), what="directory")
@@ -353,7 +353,8 @@ def status_cmd(
     from rich.console import Console
 
     from tubesum.db import NoJobsYet, require_database, session_scope
-    from tubesum.jobs import NoJobs, all_job_statuses, all_jobs_table, job_status, status_tables
+    from tubesum.read.queries import NoJobs, all_job_statuses, job_status
+    from tubesum.read.status import all_jobs_table, status_tables
 
     console = Console()
     with exit_codes():
@@ -385,7 +386,7 @@ def export_cmd(
 ) -> None:
     """Write one row per video (transcript facts, summary, batch timings) to CSV or JSON Lines."""
     from tubesum.db import require_database, session_scope
-    from tubesum.jobs import check_export_path, export_job
+    from tubesum.read.export import check_export_path, export_job
 
     with exit_codes():
         path = check_export_path(output, job)  # before any query: no work for an unwritable path

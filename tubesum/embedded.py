@@ -29,10 +29,11 @@ from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
 from tubesum.errors import Terminated, WorkerDied
-from tubesum.jobs import check_export_path, check_writable, default_export_name, export_job, export_path
 from tubesum.models import Video, VideoStatus
-from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
 from tubesum.producer.submit import check_input, submit
+from tubesum.read.export import check_export_path, check_writable, default_export_name, export_job, export_path
+from tubesum.read.progress import wait_for_job
+from tubesum.read.queries import JobCounts, job_counts
 from tubesum.settings import Settings, get_settings
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.reconcile import run_periodically

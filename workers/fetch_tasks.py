@@ -1,6 +1,6 @@
 """The fetch task: parse the id, call tubesum.workers.fetch, decide retry. Runs on the ``transcripts`` queue.
 
-What Flower shows (workers/task_report.py): arguments ``job=N video=ID``, kept on retries and
+What Flower shows (tubesum/read/task_labels.py): arguments ``job=N video=ID``, kept on retries and
 passed on to the summarise message; a result such as ``fetched 12,345 chars (en)``; a permanently
 failed video ends its task as FAILURE with the reason (``VideoFailed``, no retry)."""
 
@@ -15,9 +15,9 @@ from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
 from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, WORKER_LOST_RETRY_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError, VideoFailed
+from tubesum.read.task_labels import fetch_result, label_of, now, video_report
 from tubesum.settings import get_settings
 from tubesum.workers.fetch import Outcome, fetch_video, mark_failed, note_retry
-from tubesum.workers.task_report import fetch_result, label_of, now, video_report
 from tubesum.workers.video_state import hold_for_retry, takes_over
 
 log = logging.getLogger(__name__)

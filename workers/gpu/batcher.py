@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from tubesum.db import is_transient_db_error
 from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
 from tubesum.errors import KVCacheTooSmall, OutOfMemory, WorkerStopping
+from tubesum.models import Batch
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu import records
 from tubesum.workers.gpu.params import Generation, SamplingParams
@@ -49,7 +50,7 @@ from tubesum.workers.gpu.scheduler import (
 )
 from tubesum.workers.summarise.plan import SummaryPlan
 from tubesum.workers.summarise.prompt import PromptBuilder
-from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome
+from tubesum.workers.summarise.store import VideoInput, VideoOutcome
 
 if TYPE_CHECKING:  # the engine imports torch; the batcher itself does not
     from tubesum.workers.gpu.engine import Engine
@@ -69,7 +70,7 @@ STORES_IN_FLIGHT = 2
 # While handing back: how often the grace period checks for the end of the running chunk, seconds.
 HAND_BACK_POLL_S = 0.1
 
-Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
+Sink = Callable[[Batch, Sequence[VideoOutcome]], None]
 
 
 def rolling_waves(engine: Engine, rolling: bool) -> int:
@@ -145,7 +146,7 @@ class Batcher:
         # Finished chunks are committed by their own thread, so the GPU starts the next chunk at
         # once instead of waiting for the database (~0.4 s a chunk of 256 measured on an H100,
         # 3% of the chunk). FIFO, one writer: batch rows and summaries land in chunk order.
-        self._stores: queue.Queue[tuple[BatchRecord, list[VideoOutcome]] | None] = queue.Queue(STORES_IN_FLIGHT)
+        self._stores: queue.Queue[tuple[Batch, list[VideoOutcome]] | None] = queue.Queue(STORES_IN_FLIGHT)
         self._store_thread = threading.Thread(target=self._store_loop, name="gpu-store", daemon=True)
         # While a chunk runs for minutes, this thread renews the leases of the videos this worker
         # holds, so the reconcile pass tells them from the videos of a dead worker.
@@ -428,7 +429,7 @@ class Batcher:
                     self._run(alive, oom_split=True)
 
     # ------------------------------------------------------------------ outcomes
-    def _outcome(self, work: _Work, record: BatchRecord) -> VideoOutcome:
+    def _outcome(self, work: _Work, record: Batch) -> VideoOutcome:
         work.finished = True
         plan = work.plan
         if plan.error is not None:
@@ -481,7 +482,7 @@ class Batcher:
         self._stores.put(None)
         self._store_thread.join(timeout)
 
-    def _commit(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
+    def _commit(self, record: Batch, outcomes: list[VideoOutcome]) -> None:
         """Store the batch and its finished videos, then wake their tasks (which ack their messages)."""
         try:
             self._store(record, outcomes)
@@ -497,7 +498,7 @@ class Batcher:
             for future in work.futures if work else []:
                 future.set_result(outcome)
 
-    def _store(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
+    def _store(self, record: Batch, outcomes: list[VideoOutcome]) -> None:
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
                 return self.sink(record, outcomes)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import datetime
 from typing import Any, Protocol
 
+from tubesum.models import Batch
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.params import BatchTimings
 from tubesum.workers.gpu.scheduler import ChunkSizer
-from tubesum.workers.summarise.store import BatchRecord
 
-EngineFacts = dict[str, Any]  # the BatchRecord fields that describe the engine and the worker
+EngineFacts = dict[str, Any]  # the Batch fields that describe the engine and the worker
 
 
 class EngineLike(Protocol):  # tubesum.workers.gpu.engine.Engine
@@ -39,23 +40,10 @@ def engine_facts(engine: EngineLike, *, worker_host: str, sizer: ChunkSizer) -> 
     )
 
 
-def batch_record(facts: EngineFacts, t: BatchTimings, *, oom_split: bool) -> BatchRecord:
-    return BatchRecord(
-        **facts,
-        batch_size=t.batch_size,
-        prompt_tokens=t.prompt_tokens,
-        padded_prompt_tokens=t.padded_prompt_tokens,
-        generated_tokens=t.generated_tokens,
-        prefill_s=t.prefill_s,
-        decode_s=t.decode_s,
-        wall_s=t.wall_s,
-        generated_tokens_per_s=t.generated_tokens_per_s,
-        peak_memory_bytes=t.peak_memory_bytes,
-        oom_split=oom_split,
-        status="ok",
-        started_at=t.started_at,
-        ended_at=t.ended_at,
-    )
+def batch_record(facts: EngineFacts, t: BatchTimings, *, oom_split: bool) -> Batch:
+    """The row of a generate() call: the engine's facts and its timings (BatchTimings' fields are
+    columns of the same name)."""
+    return Batch(**facts, **dataclasses.asdict(t), generated_tokens_per_s=t.generated_tokens_per_s, oom_split=oom_split)
 
 
 def oom_record(
@@ -67,19 +55,16 @@ def oom_record(
     started: datetime,
     wall_s: float,
     oom_split: bool,
-) -> BatchRecord:
-    facts = {**facts, "note": f"out of memory, split in halves: {error}"}
-    return BatchRecord(
-        **facts,
+) -> Batch:
+    """The row of an attempt that ran out of memory: nothing generated, its halves run next."""
+    return Batch(
+        **{**facts, "note": f"out of memory, split in halves: {error}"},
         batch_size=batch_size,
         prompt_tokens=prompt_tokens,
         padded_prompt_tokens=0,
         generated_tokens=0,
-        prefill_s=None,
-        decode_s=None,
         wall_s=wall_s,
         generated_tokens_per_s=0.0,
-        peak_memory_bytes=None,
         oom_split=oom_split,
         status="oom",
         started_at=started,

@@ -7,6 +7,7 @@ row lock).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,34 +60,6 @@ class VideoOutcome:
     batch_id: str | None = None
     batch_size: int | None = None
     generate_s: float | None = None
-
-
-@dataclass
-class BatchRecord:
-    """One generate() call (or one out-of-memory attempt): a row of the ``batches`` table."""
-
-    id: str
-    worker_host: str
-    devices: str
-    model: str
-    dtype: str
-    attn_implementation: str
-    engine: str
-    chunk_size: int
-    batch_size: int
-    prompt_tokens: int
-    padded_prompt_tokens: int
-    generated_tokens: int
-    prefill_s: float | None
-    decode_s: float | None
-    wall_s: float
-    generated_tokens_per_s: float
-    peak_memory_bytes: int | None
-    oom_split: bool
-    status: str  # "ok" | "oom"
-    note: str | None
-    started_at: datetime
-    ended_at: datetime
 
 
 def claim_video(
@@ -178,12 +151,14 @@ def release_video(video_pk: int, *, database_url: str, owner: str | None) -> boo
         return True
 
 
-def store_batch(batch: BatchRecord, outcomes: Sequence[VideoOutcome], *, database_url: str) -> None:
+def store_batch(batch: Batch, outcomes: Sequence[VideoOutcome], *, database_url: str) -> None:
     """In one transaction: the batch row, then each finished video's summary (done) or failure.
     Idempotent: a video already done or failed (another delivery got there first) is left as is,
-    and at most one summary per video exists (unique video_pk, checked under the row lock)."""
+    and at most one summary per video exists (unique video_pk, checked under the row lock).
+    ``batch`` (an unsaved row) is inserted as a copy: it stays the caller's, unattached, for a
+    retry of this call or a log line after it."""
     with session_scope(database_url) as session:
-        session.add(Batch(**batch.__dict__))
+        session.add(dataclasses.replace(batch))
         session.flush()  # the batch row exists before summaries point at it
         for outcome in sorted(outcomes, key=lambda o: o.video_pk):  # one lock order: no deadlocks
             video = lock_video(session, outcome.video_pk)

@@ -5,7 +5,7 @@ two threads per chunk slot). This module is imported by every process that build
 (producer, fetch workers), so it must not import torch or load a model at import time: the GPU
 worker puts its Batcher on the Celery app (``attach_batcher``) before it consumes a message.
 
-What Flower shows (workers/task_report.py): arguments ``job=N video=ID``; a result such as
+What Flower shows (tubesum/read/task_labels.py): arguments ``job=N video=ID``; a result such as
 ``summary 412 chars, batch 3f2a9c01 of 32, generate 3.21 s``; a video that failed ends its task as
 FAILURE with the reason (``VideoFailed``, no retry).
 """
@@ -22,9 +22,9 @@ from tubesum.celery_app import SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
 from tubesum.defaults import CLAIM_RETRY_DELAY_S, STORE_MAX_RETRIES, STORE_RETRY_DELAY_S
 from tubesum.errors import PromptError, VideoFailed, WorkerStopping
+from tubesum.read.task_labels import now, summarise_result, summary_line, video_report
 from tubesum.settings import Settings, get_settings
 from tubesum.workers.summarise.store import claim_video, release_video
-from tubesum.workers.task_report import now, summarise_result, summary_line, video_report
 from tubesum.workers.video_state import hold_for_retry, mark_failed, takes_over
 
 if TYPE_CHECKING:  # the batcher's engine imports torch
