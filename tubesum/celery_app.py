@@ -7,6 +7,7 @@ from pathlib import Path
 from celery import Celery
 from kombu import Exchange, Queue
 
+from tubesum.events import LoopFlushedEvents
 from tubesum.defaults import MAX_RESTORE_INTERVAL_S, PUBLISH_RETRY_POLICY, WORKER_LOST_RETRY_DELAY_S
 from tubesum.settings import Settings, get_settings
 
@@ -118,7 +119,9 @@ def celery_config(settings: Settings) -> dict:
 def create_app(settings: Settings | None = None) -> Celery:
     """The app, configured lazily: settings are read (and the embedded broker's folders made) when
     a worker, a producer or a test first uses it, never by importing this module."""
-    app = Celery("tubesum", include=TASK_MODULES)
+    # events: task events are published by the worker's event loop only (tubesum/events.py: a
+    # worker on RabbitMQ hung when two threads read the event connection).
+    app = Celery("tubesum", include=TASK_MODULES, events=LoopFlushedEvents)
     app.add_defaults(lambda: celery_config(settings or get_settings()))
     return app
 
