@@ -7,8 +7,8 @@ from pathlib import Path
 from celery import Celery
 from kombu import Exchange, Queue
 
-from tubesum.events import LoopFlushedEvents
 from tubesum.defaults import MAX_RESTORE_INTERVAL_S, PUBLISH_RETRY_POLICY, WORKER_LOST_RETRY_DELAY_S
+from tubesum.events import LoopFlushedEvents
 from tubesum.settings import Settings, get_settings
 
 TRANSCRIPTS_QUEUE = "transcripts"
