@@ -46,6 +46,10 @@ def is_amqp(broker_url: str | None) -> bool:
     return (broker_url or "").startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
+def is_redis(broker_url: str | None) -> bool:
+    return (broker_url or "").startswith("redis://")
+
+
 def declared_queues(settings: Settings) -> list[Queue]:
     """One queue per role. On RabbitMQ, quorum queues: replicated, durable, and they hand a dead
     consumer's unacknowledged messages to another consumer as soon as its connection drops."""
@@ -73,7 +77,12 @@ def celery_config(settings: Settings) -> dict:
         # Publisher confirms: a send returns only once RabbitMQ has the message (a send that a
         # broker restart ate raises, and is retried, instead of vanishing).
         transport_options = {"confirm_publish": True}
-    return {
+    config: dict = {}
+    if not settings.embedded_broker and is_redis(settings.broker_url):
+        # kombu's Redis transport, except that a queue entry that is not a Celery message is set
+        # aside instead of stopping the worker (tubesum/broker_redis.py).
+        config["broker_transport"] = "tubesum.broker_redis:Transport"
+    return config | {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,

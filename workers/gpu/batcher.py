@@ -142,6 +142,7 @@ class Batcher:
         self._handing_back = False
         self._abandon = threading.Event()  # a second hand_back: do not wait for the running chunk
         self._handed_back = threading.Event()
+        self._chunk_abandoned = False  # hand_back gave up videos of the running chunk
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
         # Finished chunks are committed by their own thread, so the GPU starts the next chunk at
         # once instead of waiting for the database (~0.4 s a chunk of 256 measured on an H100,
@@ -200,6 +201,7 @@ class Batcher:
             self._stopping = self._handing_back = True
             waiting = [w for w in self._in_flight.values() if again or w not in self._running]
             running = len(self._running)
+            self._chunk_abandoned |= again and running > 0
             self._cond.notify_all()
         log.warning(
             "shutting down: handing back %d videos now, %s",
@@ -214,6 +216,10 @@ class Batcher:
         else:
             threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back", daemon=True).start()
 
+    def abandoned(self) -> bool:
+        """The running chunk was handed back unfinished (grace over, or a second hand_back)."""
+        return self._chunk_abandoned
+
     def wait_handed_back(self, timeout: float | None = None) -> bool:
         """True once ``hand_back`` has stored or given back every video this worker held."""
         return self._handed_back.wait(timeout)
@@ -226,6 +232,7 @@ class Batcher:
             rest = list(self._in_flight.values())
         if rest:
             log.warning("handing back the %d videos of the unfinished chunk", len(rest))
+            self._chunk_abandoned = True
         self._give_back(rest)
         self._handed_back.set()
 
