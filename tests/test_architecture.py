@@ -30,6 +30,8 @@ FOUNDATION = (
     "tubesum.errors",
     "tubesum.db",
     "tubesum.celery_app",
+    "tubesum.events",
+    "tubesum.broker_redis",
     "tubesum.models",
 )
 

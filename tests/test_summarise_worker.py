@@ -17,7 +17,9 @@ from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, store_batch
+from tubesum.workers.summarise.tasks import readable
+from tubesum.workers.video_state import Step, claim, release
 
 SENTENCES = [
     "Octopuses have three hearts and blue blood.",
@@ -377,6 +379,12 @@ def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
     return BatchRecord(**values)
 
 
+def claim_video(pk: int, **kwargs) -> VideoInput | None:  # type: ignore[no-untyped-def]
+    """The summarise task's claim: ``claim(step=summarise)`` with its readable-transcript check."""
+    claimed = claim(pk, step=Step.summarise, readable=readable, **kwargs)
+    return None if claimed is None else VideoInput(pk, claimed.transcript or "")
+
+
 def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):
     (pk, empty, done) = add_videos(db_session, ["Bees dance.", "  ", "Whales sing."])
     db_session.get(Video, done).status = "done"
@@ -396,7 +404,7 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     """A claim holds the video under its worker's lease; another worker's delivery is dropped while
     the lease runs (unless it takes over: RabbitMQ's redelivery); the heartbeat renews only the
     holder's lease; a hand-back releases it without counting the claim."""
-    from tubesum.workers.summarise.store import release_video, touch_videos
+    from tubesum.workers.summarise.store import touch_videos
 
     (pk,) = add_videos(db_session, ["Bees dance."])
     assert claim_video(pk, database_url=db_url, owner="gpu@a", lease_s=60) is not None
@@ -412,8 +420,8 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     touch_videos([pk], database_url=db_url, owner="gpu@a", lease_s=600)
     db_session.expire_all()
     assert db_session.get(Video, pk).lease_expires_at > first_expiry
-    assert not release_video(pk, database_url=db_url, owner="gpu@b")
-    assert release_video(pk, database_url=db_url, owner="gpu@a")
+    assert not release(pk, step=Step.summarise, database_url=db_url, owner="gpu@b")
+    assert release(pk, step=Step.summarise, database_url=db_url, owner="gpu@a")
     db_session.expire_all()
     video = db_session.get(Video, pk)
     assert (video.status, video.lease_owner, video.lease_expires_at, video.summarise_attempts) == (

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from tubesum.db import is_transient_db_error
-from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
 from tubesum.errors import KVCacheTooSmall, OutOfMemory, WorkerStopping
 from tubesum.models.base import utcnow
+from tubesum.workers.db_outage import OUTAGE_MAX_WAIT_S, wait_out
 from tubesum.workers.gpu import records
 from tubesum.workers.gpu.batching import (
     ChunkSizer,
@@ -117,8 +116,10 @@ class Batcher:
         heartbeat: Heartbeat | None = None,
         heartbeat_s: float = 60.0,
         rolling: bool = False,
+        store_wait_s: float = OUTAGE_MAX_WAIT_S,
     ) -> None:
         self.engine = engine
+        self.store_wait_s = store_wait_s
         self.waves = rolling_waves(engine, rolling)
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
@@ -280,7 +281,9 @@ class Batcher:
         now = self.clock()
         work.outputs = {}
         for index, ids in enumerate(work.plan.step):
-            self._pending.append(_Prompt(work, index, ids, Pending(now, len(ids), continuation)))
+            self._pending.append(
+                _Prompt(work, index, ids, Pending(now, len(ids), continuation, video=work.video.video_pk))
+            )
         self._cond.notify_all()
 
     # ------------------------------------------------------------------ the GPU thread
@@ -506,22 +509,10 @@ class Batcher:
                 future.set_result(outcome)
 
     def _store(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                return self.sink(record, outcomes)
-            except Exception as exc:
-                if attempt == STORE_ATTEMPTS or not is_transient_db_error(exc):
-                    raise
-                pause = backoff_delay(attempt - 1, base_s=STORE_RETRY_BASE_S, max_s=30.0, jitter=False)
-                log.warning(
-                    "storing batch %s failed (%s); try %d of %d in %.0fs",
-                    record.id,
-                    exc,
-                    attempt + 1,
-                    STORE_ATTEMPTS,
-                    pause,
-                )
-                time.sleep(pause)
+        """Commit, waiting out a database outage (workers/db_outage.py): a chunk is minutes of GPU
+        time, not to be thrown away for a reconnect; meanwhile the GPU thread stops after
+        STORES_IN_FLIGHT chunks (back-pressure). Past ``store_wait_s`` the tasks retry."""
+        wait_out(lambda: self.sink(record, outcomes), limit_s=self.store_wait_s)
 
     def _fail_tasks(self, works: set[_Work], exc: BaseException) -> None:
         with self._cond:
