@@ -43,7 +43,8 @@ def test_queued_summarise_messages_wait_out_a_database_outage(
     env, db, db_url, proxy, start_worker, wait_until, tiny_model_dir
 ):
     proxied = make_url(db_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    worker_env = {**env, "TUBESUM_DATABASE_URL": proxied}
+    # No reconcile pass resends a video within the test: the messages themselves must survive.
+    worker_env = {**env, "TUBESUM_DATABASE_URL": proxied, "TUBESUM_STUCK_AFTER_S": "600"}
     worker = start_gpu(start_worker, worker_env, "gpu-a", tiny_model_dir, slow_s=0)
     proxy.down()
     job_id = submit_ids([f"pgout{i:06d}" for i in range(VIDEOS)], env, transcripts=True)  # straight to PostgreSQL
