@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.batcher import Batcher
 from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, store_batch
-from tubesum.workers.summarise.tasks import readable
+from tubesum.workers.summarise.tasks import refusal
 from tubesum.workers.video_state import Step, claim, release
 
 SENTENCES = [
@@ -381,7 +382,7 @@ def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
 
 def claim_video(pk: int, **kwargs) -> VideoInput | None:  # type: ignore[no-untyped-def]
     """The summarise task's claim: ``claim(step=summarise)`` with its readable-transcript check."""
-    claimed = claim(pk, step=Step.summarise, readable=readable, **kwargs)
+    claimed = claim(pk, step=Step.summarise, refuse=partial(refusal, max_chars=10**6), **kwargs)
     return None if claimed is None else VideoInput(pk, claimed.transcript or "")
 
 
@@ -531,3 +532,20 @@ def test_summarise_worker_process(env, settings, db_session, start_worker, wait_
     db_session.expire_all()
     assert [b.batch_size for b in db_session.scalars(select(Batch).order_by(Batch.started_at))][-1] == 1
     assert len(db_session.scalars(select(Summary)).all()) == 11
+
+
+def test_a_long_transcript_shares_its_chunks_with_the_videos_behind_it(make_batcher, tiny_engine):
+    """Issue 18, item 5: the pieces of a long transcript take at most half of each chunk while
+    other videos wait, so videos sent after it finish long before it (they used to wait for all
+    its pieces)."""
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.2)
+    long_text = " ".join(SENTENCES) * 120
+    long_future = batcher.submit(VideoInput(1, long_text))
+    small = {pk: batcher.submit(VideoInput(pk, transcript(pk))) for pk in range(10, 14)}
+    small_outcomes = {pk: f.result(timeout=FUTURE_TIMEOUT_S) for pk, f in small.items()}
+    long_outcome = long_future.result(timeout=FUTURE_TIMEOUT_S * 3)
+    assert long_outcome.status == "done" and long_outcome.pieces >= 16
+    batch_index = {b.id: i for i, b in enumerate(sink.batches)}
+    assert max(batch_index[o.batch_id] for o in small_outcomes.values()) <= 1
+    assert batch_index[long_outcome.batch_id] >= 3
+    print(f"{long_outcome.pieces} pieces; small videos done by chunk 2 of {len(sink.batches)}")

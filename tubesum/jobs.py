@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from tubesum.display import plain
 from tubesum.errors import BadInput, UnknownJob
-from tubesum.models import Batch, Job, Summary, Transcript, Video
+from tubesum.models import Batch, Job, Summary, Transcript, Video, VideoStatus
+from tubesum.models.tables import MAP_REDUCE_NOTE
 from tubesum.producer.progress import JobCounts
 
 # One row per video, in this column order (CSV header, JSON keys). Columns after "transcript_chars"
@@ -88,6 +89,7 @@ class JobStatus:
     failures: list[FailedVideo]
     holders: list[LeaseHolder] = field(default_factory=list)
     expired_leases: int = 0  # times a lease ran out and its video went back to the queue
+    long_videos: list[FailedVideo] = field(default_factory=list)  # in a long map-reduce (error: its note)
 
     @property
     def model_shown(self) -> str:
@@ -147,11 +149,26 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
         counts=JobCounts({status: n for status, n in counts}),
         failures=[FailedVideo(*row) for row in failed],
         holders=lease_holders(session, job.id),
+        long_videos=in_map_reduce(session, job.id),
         expired_leases=session.scalar(
             select(func.coalesce(func.sum(Video.lease_expiries), 0)).where(Video.job_id == job.id)
         )
         or 0,
     )
+
+
+def in_map_reduce(session: Session, job_id: int) -> list[FailedVideo]:
+    """The job's videos a GPU worker is summarising in map-reduce steps, with where each stands."""
+    rows = session.execute(
+        select(Video.video_id, Video.title, Video.error)
+        .where(
+            Video.job_id == job_id,
+            Video.status == VideoStatus.summarising.value,
+            Video.error.startswith(MAP_REDUCE_NOTE, autoescape=True),
+        )
+        .order_by(Video.position)
+    ).all()
+    return [FailedVideo(vid, title, (error or "")[len(MAP_REDUCE_NOTE) :]) for vid, title, error in rows]
 
 
 def lease_holders(session: Session, job_id: int) -> list[LeaseHolder]:
@@ -348,6 +365,13 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
     tables: list[Table | Text] = [counts, facts]
     if status.holders or status.expired_leases:
         tables.append(leases_table(status))
+    if status.long_videos:
+        long = Table(title=f"{len(status.long_videos)} long transcripts in map-reduce")
+        for column in ("video", "title", "where it stands"):
+            long.add_column(column, overflow="fold")
+        for v in status.long_videos:
+            long.add_row(plain(v.video_id), plain(v.title), plain(v.error))
+        tables.append(long)
     if status.failures:
         failed = Table(title=f"{len(status.failures)} failed")
         failed.add_column("video_id", overflow="fold")

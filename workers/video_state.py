@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from tubesum.db import session_scope
 from tubesum.models import Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
-from tubesum.models.tables import TERMINAL_STATUSES
+from tubesum.models.tables import MAP_REDUCE_NOTE, TERMINAL_STATUSES
 
 # A delivery of a video in one of these states is (re)claimed by its step: the second state is what
 # an earlier delivery that died before its commit leaves behind.
@@ -59,15 +59,15 @@ def claim(
     owner: str | None = None,
     lease_s: float | None = None,
     takeover: bool = False,
-    readable: Callable[[str], bool] = lambda _text: True,
+    refuse: Callable[[str], str | None] = lambda _text: None,
 ) -> Claimed | None:
     """Claim a video for ``step``: from the step's claimable states to its working state
     (fetching, summarising), the claim counted, held under ``owner``'s lease for ``lease_s``.
     None when there is nothing to do: gone, another state (already done or failed; summarise: not
     fetched yet), held by another live worker (unless ``takeover``: the broker redelivered
     because that worker's connection died), or failed here: claimed ``max_attempts`` times
-    already (its workers keep dying on it, so no message loops forever) or, for summarise, a
-    transcript that ``readable`` rejects.
+    already (its workers keep dying on it, so no message loops forever) or, for summarise, an
+    empty transcript or one that ``refuse`` gives a reason against (too long, unreadable).
 
     The working state is claimable too: it is what a worker that died before its commit leaves."""
     with session_scope(database_url) as session:
@@ -98,8 +98,9 @@ def claim(
             ):
                 video.summarise_attempts += 1
             transcript = session.scalar(select(Transcript.text).where(Transcript.video_pk == video_pk))
-            if not transcript or not readable(transcript):
-                fail(video, "empty transcript", now=now)
+            reason = refuse(transcript) if transcript else "empty transcript"
+            if reason is not None:
+                fail(video, reason, now=now)
                 return None
         video.status = CLAIMED_STATE[step]
         if step is Step.fetch:
@@ -124,8 +125,20 @@ def release(video_pk: int, *, step: Step, database_url: str, owner: str | None) 
         else:
             video.status = VideoStatus.fetched.value
             video.summarise_attempts = max(0, video.summarise_attempts - 1)
+        video.error = None  # a progress note of the worker that gives it back
         clear_lease(video)
         return True
+
+
+def note_map_reduce(video_pk: int, note: str, *, owner: str | None, database_url: str) -> None:
+    """Note on a long video that ``owner`` is summarising it in several steps (``status`` shows
+    it); the summary or a failure replaces the note."""
+    with session_scope(database_url) as session:
+        session.execute(
+            update(Video)
+            .where(Video.id == video_pk, Video.status == VideoStatus.summarising.value, Video.lease_owner == owner)
+            .values(error=clip_reason(MAP_REDUCE_NOTE + note))
+        )
 
 
 def note_retry(video_pk: int, reason: str, *, step: Step, database_url: str) -> None:

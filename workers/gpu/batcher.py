@@ -79,6 +79,7 @@ def rolling_waves(engine: Engine, rolling: bool) -> int:
 
 
 Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → renew their leases
+Progress = Callable[[int, str], None]  # video pk, where its map-reduce stands → noted for `status`
 
 
 @dataclass(eq=False)
@@ -117,9 +118,11 @@ class Batcher:
         heartbeat_s: float = 60.0,
         rolling: bool = False,
         store_wait_s: float = OUTAGE_MAX_WAIT_S,
+        progress: Progress | None = None,
     ) -> None:
         self.engine = engine
         self.store_wait_s = store_wait_s
+        self.progress = progress
         self.waves = rolling_waves(engine, rolling)
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
@@ -267,7 +270,19 @@ class Batcher:
             self._enqueue(work, continuation=False)
         if plan.pieces > 1:
             log.info("video %s: long transcript cut into %d pieces", video.video_pk, plan.pieces)
+            self._note(work)
         return future
+
+    def _note(self, work: _Work) -> None:
+        """Say where a long video's map-reduce stands (``status`` lists such videos)."""
+        if self.progress is None:
+            return
+        plan = work.plan
+        where = "map" if plan.levels == 0 else f"reduce level {plan.levels}"
+        try:
+            self.progress(work.video.video_pk, f"{plan.pieces} pieces, {where}: {len(plan.step)} prompts")
+        except Exception:  # noqa: BLE001 - only a progress note: the summary goes on
+            log.warning("video %s: could not note its map-reduce progress", work.video.video_pk, exc_info=True)
 
     def _enqueue(self, work: _Work, *, continuation: bool) -> None:
         # Caller holds self._cond.
@@ -385,6 +400,7 @@ class Batcher:
             else:
                 with self._cond:
                     self._enqueue(work, continuation=True)
+                self._note(work)
         record = records.batch_record(self._facts(), timings, oom_split=oom_split)
         self._stores.put((record, [self._outcome(w, record) for w in finished]))  # committed by the store thread
 

@@ -29,6 +29,7 @@ from tubesum.workers.gpu.batcher import Batcher, rolling_waves
 from tubesum.workers.gpu.engine import Engine, load_engine
 from tubesum.workers.summarise.store import store_batch, touch_videos
 from tubesum.workers.summarise.tasks import attach_batcher
+from tubesum.workers.video_state import note_map_reduce
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
         ),
         heartbeat_s=settings.heartbeat_s,
         rolling=settings.rolling,
+        progress=partial(note_map_reduce, owner=lease_owner, database_url=settings.database_url),
     )
 
 

@@ -13,6 +13,7 @@ FAILURE with the reason (``VideoFailed``, no retry).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 from celery import Celery
@@ -75,7 +76,7 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
                 owner=owner,
                 lease_s=settings.lease_s,
                 takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered),
-                readable=readable,
+                refuse=partial(refusal, max_chars=settings.max_transcript_chars),
             ),
             limit_s=max_wait_s(settings.visibility_timeout_s),
         )
@@ -115,9 +116,14 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     return summarise_result(report, summarised=video is not None)
 
 
-def readable(transcript: str) -> bool:
-    """Something to summarise is left once control and zero-width characters are gone."""
-    return not is_blank(sanitize(transcript))
+def refusal(transcript: str, *, max_chars: int) -> str | None:
+    """Why this transcript is not summarised (the video's failure reason), or None: longer than
+    TUBESUM_MAX_TRANSCRIPT_CHARS, or nothing left once control and zero-width characters are gone."""
+    if len(transcript) > max_chars:
+        return f"transcript of {len(transcript):,} characters is over TUBESUM_MAX_TRANSCRIPT_CHARS ({max_chars:,})"
+    if is_blank(sanitize(transcript)):
+        return "empty transcript"
+    return None
 
 
 def _argsrepr(request) -> str | None:  # type: ignore[no-untyped-def]
