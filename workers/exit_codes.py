@@ -17,6 +17,7 @@ import sys
 from typing import NoReturn
 
 from celery import Celery
+from click.exceptions import Exit
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,9 +26,18 @@ EXIT_CHUNK_ABANDONED = 75
 
 def run_celery_worker(app: Celery, argv: list[str]) -> int:
     """Run ``celery worker`` with ``argv`` in this process; its exit code. (Celery's
-    ``worker_main`` drops the code: a worker stopped by an error then exited 0.)"""
-    code = app.start(argv=argv)
-    return EXIT_OK if code is None else int(code)
+    ``app.worker_main``/``app.start`` drop it: click, run with ``standalone_mode=False``, returns
+    the code instead of raising, and a worker stopped by an error then exited 0.)"""
+    from celery.bin.celery import celery as celery_cli  # what app.start runs
+
+    celery_cli.params[0].default = app  # the -A app, as app.start sets it
+    try:
+        code = celery_cli.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        code = exc.exit_code
+    finally:
+        celery_cli.params[0].default = None
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def exit_now(code: int) -> NoReturn:
