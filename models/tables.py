@@ -32,6 +32,9 @@ class VideoStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({VideoStatus.done.value, VideoStatus.failed.value})
+# A summarising video's ``error`` while a GPU worker runs its long transcript in map-reduce steps
+# starts with this ("map-reduce: 37 pieces, reduce level 1: 3 prompts"); `status` lists them.
+MAP_REDUCE_NOTE = "map-reduce: "
 
 
 class Job(Base):

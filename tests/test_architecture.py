@@ -25,6 +25,8 @@ FOUNDATION = (
     "tubesum.errors",
     "tubesum.db",
     "tubesum.celery_app",
+    "tubesum.events",
+    "tubesum.broker_redis",
     "tubesum.models",
 )
 

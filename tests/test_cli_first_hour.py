@@ -130,6 +130,16 @@ def test_a_missing_postgresql_database_is_named(env: dict[str, str], tmp_path: P
     )
 
 
+def test_a_wrong_postgresql_user_is_named_not_a_missing_database(env: dict[str, str], tmp_path: Path) -> None:
+    url = make_url(env["TUBESUM_DATABASE_URL"]).set(username="tubesum_no_such_user")
+    result = tubesum(
+        ["status"], env={**env, "TUBESUM_DATABASE_URL": url.render_as_string(hide_password=False)}, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: PostgreSQL has no user 'tubesum_no_such_user' on 127.0.0.1"), result.stderr
+    assert "database" not in result.stderr.split(":")[1]
+
+
 # --- 5: the model is checked before the job is accepted ------------------------------------------
 
 
@@ -270,6 +280,18 @@ def test_titles_and_ids_print_as_plain_text(env, db_session, tmp_path: Path) -> 
     assert "Bees [/live] x" in out and "[link=https://evil.example]click[/link]" in out
     assert "[bold]no[/bold]" in out
     assert "\x1b" not in out and "\\x1b[2Jclear" in out
+
+
+# Bidirectional controls: shown raw, U+202E makes the rest of the line read right to left.
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_bidi_controls_in_titles_are_escaped_in_status(env, db_session, tmp_path: Path) -> None:
+    job_id = add_job(db_session, failures=[("bidi0000001", "harmless\u202eexe.txt", "reason\u2066x")])
+    result = tubesum(["status", str(job_id)], env=env, cwd=tmp_path, columns=200)
+    assert result.returncode == 0, result.stderr
+    assert not set(BIDI_CONTROLS) & set(result.stdout)
+    assert "harmless\\u202eexe.txt" in result.stdout and "reason\\u2066x" in result.stdout
 
 
 # --- 10: report plots -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from tests.factories import batch_row
 from tubesum.db import session_scope
 from tubesum.models import Job, Summary, Transcript, Video
 from tubesum.producer.submit import SEND_BATCH, SendState, submit
-from tubesum.workers.summarise.store import claim_video
+from tubesum.workers.summarise.tasks import refusal
+from tubesum.workers.video_state import Step, claim
 
 # Each test runs the real command as a subprocess, several times: seconds each.
 pytestmark = pytest.mark.slow
@@ -121,7 +123,7 @@ def test_zero_width_transcripts_fail_as_empty(env, db_url, tmp_path) -> None:
         s.add_all([video, Transcript(video=video, text="\u200b" * 50, source="youtube")])
         s.flush()
         pk = video.id
-    assert claim_video(pk, database_url=db_url) is None
+    assert claim(pk, step=Step.summarise, database_url=db_url, refuse=partial(refusal, max_chars=10**6)) is None
     with session_scope(db_url) as s:
         video = s.get(Video, pk)
         assert (video.status, video.error) == ("failed", "empty transcript")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise.store import VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import VideoInput, VideoOutcome, store_batch
+from tubesum.workers.summarise.tasks import refusal
+from tubesum.workers.video_state import Step, claim, release
 
 SENTENCES = [
     "Octopuses have three hearts and blue blood.",
@@ -355,6 +358,12 @@ def record(batch_id: str = "b" * 32, **overrides) -> Batch:
     return batch_row(id=batch_id, model="tiny", **overrides)
 
 
+def claim_video(pk: int, **kwargs) -> VideoInput | None:  # type: ignore[no-untyped-def]
+    """The summarise task's claim: ``claim(step=summarise)`` with its readable-transcript check."""
+    claimed = claim(pk, step=Step.summarise, refuse=partial(refusal, max_chars=10**6), **kwargs)
+    return None if claimed is None else VideoInput(pk, claimed.transcript or "")
+
+
 def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):
     (pk, empty, done) = add_videos(db_session, ["Bees dance.", "  ", "Whales sing."])
     db_session.get(Video, done).status = "done"
@@ -374,7 +383,7 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     """A claim holds the video under its worker's lease; another worker's delivery is dropped while
     the lease runs (unless it takes over: RabbitMQ's redelivery); the heartbeat renews only the
     holder's lease; a hand-back releases it without counting the claim."""
-    from tubesum.workers.summarise.store import release_video, touch_videos
+    from tubesum.workers.summarise.store import touch_videos
 
     (pk,) = add_videos(db_session, ["Bees dance."])
     assert claim_video(pk, database_url=db_url, owner="gpu@a", lease_s=60) is not None
@@ -390,8 +399,8 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     touch_videos([pk], database_url=db_url, owner="gpu@a", lease_s=600)
     db_session.expire_all()
     assert db_session.get(Video, pk).lease_expires_at > first_expiry
-    assert not release_video(pk, database_url=db_url, owner="gpu@b")
-    assert release_video(pk, database_url=db_url, owner="gpu@a")
+    assert not release(pk, step=Step.summarise, database_url=db_url, owner="gpu@b")
+    assert release(pk, step=Step.summarise, database_url=db_url, owner="gpu@a")
     db_session.expire_all()
     video = db_session.get(Video, pk)
     assert (video.status, video.lease_owner, video.lease_expires_at, video.summarise_attempts) == (
@@ -501,3 +510,20 @@ def test_summarise_worker_process(env, settings, db_session, start_worker, wait_
     db_session.expire_all()
     assert [b.batch_size for b in db_session.scalars(select(Batch).order_by(Batch.started_at))][-1] == 1
     assert len(db_session.scalars(select(Summary)).all()) == 11
+
+
+def test_a_long_transcript_shares_its_chunks_with_the_videos_behind_it(make_batcher, tiny_engine):
+    """Issue 18, item 5: the pieces of a long transcript take at most half of each chunk while
+    other videos wait, so videos sent after it finish long before it (they used to wait for all
+    its pieces)."""
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.2)
+    long_text = " ".join(SENTENCES) * 120
+    long_future = batcher.submit(VideoInput(1, long_text))
+    small = {pk: batcher.submit(VideoInput(pk, transcript(pk))) for pk in range(10, 14)}
+    small_outcomes = {pk: f.result(timeout=FUTURE_TIMEOUT_S) for pk, f in small.items()}
+    long_outcome = long_future.result(timeout=FUTURE_TIMEOUT_S * 3)
+    assert long_outcome.status == "done" and long_outcome.pieces >= 16
+    batch_index = {b.id: i for i, b in enumerate(sink.batches)}
+    assert max(batch_index[o.batch_id] for o in small_outcomes.values()) <= 1
+    assert batch_index[long_outcome.batch_id] >= 3
+    print(f"{long_outcome.pieces} pieces; small videos done by chunk 2 of {len(sink.batches)}")

@@ -180,28 +180,32 @@ def submit_cmd(
 @worker_app.command("fetch", cls=Command)
 def worker_fetch(
     concurrency: int = typer.Option(4, "--concurrency", "-c", help="parallel fetches (processes)"),
+    name: str = typer.Option("fetch@%h", "--name", "-n", help="Celery node name (two on one host need two names)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
     """Fetch transcripts: a Celery worker on the transcripts queue only."""
     from tubesum.celery_app import TRANSCRIPTS_QUEUE
     from tubesum.celery_app import app as celery_app
+    from tubesum.workers.exit_codes import run_celery_worker
 
     # No mingle/gossip: workers share nothing through them (state is in the database), and on the
     # filesystem broker each start would leave a stale broadcast file. Flower uses events only.
-    celery_app.worker_main(
+    code = run_celery_worker(
+        celery_app,
         [
             "worker",
             "-Q",
             TRANSCRIPTS_QUEUE,
             "-n",
-            "fetch@%h",
+            name,
             "-E",
             "--without-mingle",
             "--without-gossip",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
-        ]
+        ],
     )
+    raise typer.Exit(code)
 
 
 @app.command("reconcile", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
@@ -318,7 +322,8 @@ def worker_summarise(
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     with exit_codes():
         settings = Settings(**overrides)
-        run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+        code = run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+    raise typer.Exit(code)
 
 
 @app.command("report", cls=Command, rich_help_panel=PANEL_RESULTS)

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # chunk's task threads claim videos and tokenize, each wait could last the whole interval, and
     # a prefill of short kernels ran 0.5-1.1 s (of ~8.5 s) slower than in the bench (H100).
     gil_switch_interval_s: float = Field(default=0.0002, gt=0, le=0.1)
+    # Longest transcript the GPU worker summarises, characters; a longer one fails with that reason
+    # (map-reduce time and memory grow with it: a 5 MB transcript held a worker over 15 min).
+    # About 15 hours of speech at 1,000,000.
+    max_transcript_chars: int = Field(default=1_000_000, ge=1)
     # The host name written on this worker's batch rows; unset = the machine's hostname. For hosts
     # that share a hostname (network namespaces, some container setups).
     worker_host: str | None = None

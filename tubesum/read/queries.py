@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from tubesum.db import session_scope
 from tubesum.errors import UnknownJob
 from tubesum.models import Batch, Job, Summary, Transcript, Video, VideoStatus
+from tubesum.models.tables import MAP_REDUCE_NOTE
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class JobStatus:
     failures: list[FailedVideo]
     holders: list[LeaseHolder] = field(default_factory=list)
     expired_leases: int = 0  # times a lease ran out and its video went back to the queue
+    long_videos: list[FailedVideo] = field(default_factory=list)  # in a long map-reduce (error: its note)
 
     @property
     def model_shown(self) -> str:
@@ -137,11 +139,26 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
         counts=counts_of(session, job.id),
         failures=[FailedVideo(*row) for row in failed],
         holders=lease_holders(session, job.id),
+        long_videos=in_map_reduce(session, job.id),
         expired_leases=session.scalar(
             select(func.coalesce(func.sum(Video.lease_expiries), 0)).where(Video.job_id == job.id)
         )
         or 0,
     )
+
+
+def in_map_reduce(session: Session, job_id: int) -> list[FailedVideo]:
+    """The job's videos a GPU worker is summarising in map-reduce steps, with where each stands."""
+    rows = session.execute(
+        select(Video.video_id, Video.title, Video.error)
+        .where(
+            Video.job_id == job_id,
+            Video.status == VideoStatus.summarising.value,
+            Video.error.startswith(MAP_REDUCE_NOTE, autoescape=True),
+        )
+        .order_by(Video.position)
+    ).all()
+    return [FailedVideo(vid, title, (error or "")[len(MAP_REDUCE_NOTE) :]) for vid, title, error in rows]
 
 
 def lease_holders(session: Session, job_id: int) -> list[LeaseHolder]:

@@ -29,6 +29,13 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
     tables: list[Table | Text] = [counts, facts]
     if status.holders or status.expired_leases:
         tables.append(leases_table(status))
+    if status.long_videos:
+        long = Table(title=f"{len(status.long_videos)} long transcripts in map-reduce")
+        for column in ("video", "title", "where it stands"):
+            long.add_column(column, overflow="fold")
+        for v in status.long_videos:
+            long.add_row(plain(v.video_id), plain(v.title), plain(v.error))
+        tables.append(long)
     if status.failures:
         failed = Table(title=f"{len(status.failures)} failed")
         failed.add_column("video_id", overflow="fold")

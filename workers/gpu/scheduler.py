@@ -24,6 +24,11 @@ from tubesum.workers.gpu.kv_regions import FreeRegions
 
 T = TypeVar("T")
 
+# While prompts of other videos wait, one video's prompts take at most this share of a chunk's
+# prompt cap (at least one prompt): the pieces of a long transcript no longer hold the GPU alone (a
+# 1 MB transcript kept 5 small videos waiting 146 s, a 5 MB one over 15 min). Fraction.
+MAX_VIDEO_SHARE = 0.5
+
 # Consecutive chunks that must succeed at the lowered size limit before it doubles again
 # (towards the configured size) after an out-of-memory error. Chunks.
 REGROW_AFTER_SUCCESSES = 4
@@ -36,6 +41,7 @@ class Pending:
     arrived: float  # monotonic seconds when it was queued
     prompt_tokens: int
     continuation: bool = False  # a later step (reduce) of a video already in progress
+    video: int | None = None  # the video the prompt belongs to (None: a video of its own)
 
 
 def seconds_until_ready(*, pending: int, limit: int, oldest_arrival: float, now: float, wait_s: float) -> float:
@@ -48,33 +54,60 @@ def seconds_until_ready(*, pending: int, limit: int, oldest_arrival: float, now:
     return max(0.0, oldest_arrival + wait_s - now)
 
 
-def plan_chunk(pending: Sequence[Pending], limit: int) -> list[int]:
-    """Indices of the prompts for the next chunk, at most ``limit``: continuations of videos
-    already in progress first (they finish a video; their video's task is waiting), then the
-    rest in arrival order (first come, first served)."""
+def priority_order(pending: Sequence[Pending], *, limit: int, max_share: float = MAX_VIDEO_SHARE) -> list[int]:
+    """Indices of all pending prompts in the order the next chunk takes them: continuations of
+    videos already in progress first (they finish a video; its task is waiting), then arrival
+    order (first come, first served); but one video's prompts take at most
+    ``ceil(limit * max_share)`` places ahead of other videos' prompts, the rest of them going last
+    (they still fill places that nobody else wants). So a long transcript's pieces share every
+    chunk with new videos instead of filling it."""
     order = sorted(range(len(pending)), key=lambda i: (not pending[i].continuation, pending[i].arrived, i))
-    return sorted(order[: max(1, limit)])
+    cap = max(1, math.ceil(max(1, limit) * max_share))
+    ahead: list[int] = []
+    behind: list[int] = []
+    taken: dict[object, int] = {}
+    for i in order:
+        video: object = pending[i].video if pending[i].video is not None else ("prompt", i)
+        if taken.get(video, 0) < cap:
+            taken[video] = taken.get(video, 0) + 1
+            ahead.append(i)
+        else:
+            behind.append(i)
+    return ahead + behind
+
+
+def plan_chunk(pending: Sequence[Pending], limit: int) -> list[int]:
+    """Indices of the prompts for the next chunk, at most ``limit``, in ``priority_order``."""
+    return sorted(priority_order(pending, limit=limit)[: max(1, limit)])
 
 
 def plan_token_chunk(
     pending: Sequence[Pending], *, max_new_tokens: int, token_capacity: int, max_prompts: int
 ) -> list[int]:
     """Indices of the prompts for the next chunk when KV memory is planned in tokens: in
-    ``plan_chunk``'s order (continuations, then arrival), as many as fit both ``max_prompts`` and
-    the token budget (each prompt needs its tokens + ``max_new_tokens`` of KV cache). Stops at
-    the first prompt that does not fit (first come, first served: no long prompt waits forever
-    behind shorter ones). Never empty: a first prompt beyond the budget goes alone, and the
-    engine fails it with the numbers."""
-    order = sorted(range(len(pending)), key=lambda i: (not pending[i].continuation, pending[i].arrived, i))
+    ``priority_order`` (continuations, then arrival, one video's share capped), as many as fit
+    both ``max_prompts`` and the token budget (each prompt needs its tokens + ``max_new_tokens``
+    of KV cache). One video's share is of the chunk the budget holds, not of ``max_prompts``.
+    Stops at the first prompt that does not fit (first come, first served: no long prompt waits
+    forever behind shorter ones). Never empty: a first prompt beyond the budget goes alone, and
+    the engine fails it with the numbers."""
+    arrival = priority_order(pending, limit=max_prompts, max_share=1.0)
+    fits = len(_fitting(arrival, pending, max_new_tokens=max_new_tokens, budget=token_capacity, cap=max_prompts))
+    order = priority_order(pending, limit=fits)
+    return sorted(_fitting(order, pending, max_new_tokens=max_new_tokens, budget=token_capacity, cap=max_prompts))
+
+
+def _fitting(order: list[int], pending: Sequence[Pending], *, max_new_tokens: int, budget: int, cap: int) -> list[int]:
+    """The longest prefix of ``order`` (at most ``cap``, at least one) within ``budget`` tokens."""
     chosen: list[int] = []
     used = 0
-    for i in order[: max(1, max_prompts)]:
+    for i in order[: max(1, cap)]:
         need = pending[i].prompt_tokens + max_new_tokens
-        if chosen and used + need > token_capacity:
+        if chosen and used + need > budget:
             break
         chosen.append(i)
         used += need
-    return sorted(chosen)
+    return chosen
 
 
 def halves(items: Sequence[T]) -> tuple[list[T], list[T]]:
