@@ -58,8 +58,6 @@ class VideoOutcome:
     generate_s: float | None = None
 
 
-
-
 def touch_videos(
     video_pks: Sequence[int], *, database_url: str, owner: str | None = None, lease_s: float | None = None
 ) -> None:
