@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import typer
+from typer._click import exceptions as click_exceptions  # typer's own copy of click raises these
 from typer.core import TyperCommand, TyperGroup
 
 from tubesum.display import clean
@@ -42,6 +43,11 @@ class Command(TyperCommand):
 class Group(TyperGroup):
     def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
+
+    def invoke(self, ctx: typer.Context) -> object:
+        # Every command (and its option parsing) runs in here: the one place errors become lines.
+        with exit_codes():
+            return super().invoke(ctx)
 
     def list_commands(self, ctx: typer.Context) -> list[str]:
         names = super().list_commands(ctx)
@@ -79,28 +85,96 @@ def _main(
     """Summarise every video of a YouTube playlist on your GPUs."""
 
 
-def _error(exc: BaseException, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+def _error(exc: BaseException | str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """One line on stderr, data in it printed as plain text; the exit to raise."""
     text = "\n".join(clean(line) for line in str(exc).splitlines())  # a dead worker's log tail: lines
     typer.echo(f"error: {text}", err=True)
     return typer.Exit(code)
 
 
-@contextmanager
-def exit_codes() -> Iterator[None]:
-    """The one place errors become exit codes: bad input or configuration (a named BadInput, a
-    model that cannot load, a setting that fails validation) exits 2 with its message; any other
-    named tubesum error (a worker died) exits 1; a bug keeps its traceback."""
-    from pydantic import ValidationError
+# Settings a command line may override, by field: a refused value is named by the option given.
+SETTING_OPTIONS = {
+    "model": "--model",
+    "chunk_size": "--chunk-size",
+    "chunk_wait_s": "--chunk-wait",
+    "max_new_tokens": "--max-new-tokens",
+    "device_map": "--device-map",
+    "tensor_parallel": "--tensor-parallel",
+    "dtype": "--dtype",
+    "attn": "--attn",
+}
 
-    from tubesum.errors import BadInput, ModelLoadError, TubesumError
+
+@contextmanager
+def exit_codes(given: Iterable[str] = ()) -> Iterator[None]:
+    """The one place errors become exit codes and one line each, with what to do:
+
+    - exit 2, nothing (more) done: bad input (a named BadInput), a model that cannot load, a
+      setting that fails validation (named by its option when ``given`` on the command line, else
+      by its TUBESUM_ variable), a database or broker that cannot be reached, a usage error;
+    - exit 1: any other named tubesum error (a worker died);
+    - a bug keeps its traceback."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError as DatabaseError
+    from sqlalchemy.exc import ProgrammingError
+
+    from tubesum.errors import (
+        BadInput,
+        ModelLoadError,
+        ServiceUnavailable,
+        TubesumError,
+        broker_unavailable,
+        database_unavailable,
+        describe_validation,
+    )
 
     try:
         yield
-    except (BadInput, ModelLoadError, ValidationError) as exc:
+    except click_exceptions.NoArgsIsHelpError:
+        raise  # `tubesum worker` alone: the help page
+    except click_exceptions.UsageError as exc:
+        where = f" (`{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        raise _error(exc.format_message().rstrip(".") + where, EXIT_BAD_INPUT) from None
+    except ValidationError as exc:
+        options = {field: SETTING_OPTIONS[field] for field in given if field in SETTING_OPTIONS}
+        raise _error(describe_validation(exc, options=options), EXIT_BAD_INPUT) from None
+    except (BadInput, ModelLoadError, ServiceUnavailable) as exc:
         raise _error(exc, EXIT_BAD_INPUT) from None
     except TubesumError as exc:
         raise _error(exc, EXIT_FAILED) from None
+    except DatabaseError as exc:
+        raise _error(database_unavailable(exc, _database_url()), EXIT_BAD_INPUT) from None
+    except ProgrammingError as exc:
+        if "does not exist" not in str(exc.orig):  # a table or column missing: an old schema
+            raise
+        raise _error(
+            f"the database {_database_url(masked=True)} lacks tubesum's tables or columns "
+            f"({first_line_of(exc)}): run `tubesum db upgrade`",
+            EXIT_BAD_INPUT,
+        ) from None
+    except BrokerError as exc:
+        raise _error(broker_unavailable(exc, _broker_url()), EXIT_BAD_INPUT) from None
+
+
+def first_line_of(exc: BaseException) -> str:
+    from tubesum.errors import first_line
+
+    return first_line(getattr(exc, "orig", None) or exc)
+
+
+def _database_url(*, masked: bool = False) -> str:
+    from tubesum.errors import mask_url
+    from tubesum.settings import get_settings
+
+    url = get_settings().database_url
+    return mask_url(url) if masked else url
+
+
+def _broker_url() -> str:
+    from tubesum.settings import get_settings
+
+    return get_settings().effective_broker_url
 
 
 @db_app.command("upgrade", cls=Command)
@@ -130,21 +204,31 @@ def submit_cmd(
         False, "--reuse", help="take over existing summaries of the same video, model and prompt"
     ),
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the job id (for scripts)"),
 ) -> None:
-    """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
+    """Record a job and enqueue its videos; prints `job N: M videos queued` once they are recorded,
+    before the messages are sent (`--quiet`: just N).
+
+    Exit codes: 0 sent (with `--wait`: every video summarised); 1 with `--wait`, any video failed;
+    2 bad input, a setting, or a database or broker that cannot be reached; 130 Ctrl-C."""
+    from kombu.exceptions import OperationalError as BrokerError
+
     from tubesum.celery_app import app as celery_app
-    from tubesum.producer.progress import missing_worker_hint, submit_progress, wait_for_job
-    from tubesum.producer.submit import submit
+    from tubesum.db import require_database
+    from tubesum.errors import broker_unavailable
+    from tubesum.producer.progress import job_counts, missing_worker_hint, submit_progress, wait_for_job
+    from tubesum.producer.submit import queued_line, submit
     from tubesum.settings import get_settings
 
     recorded: list[int] = []
 
     def on_job(job: int) -> None:  # the id first, before any message is sent
         recorded.append(job)
-        typer.echo(job)
+        typer.echo(job if quiet else queued_line(job, job_counts(job)))
 
+    require_database()  # before reading the input: a missing SQLite file would be created
     try:
-        with exit_codes(), submit_progress() as progress:
+        with submit_progress() as progress:
             job_id = submit(
                 sources or [],
                 from_file=from_file,
@@ -154,6 +238,11 @@ def submit_cmd(
                 on_job=on_job,
                 progress=progress,
             )
+    except BrokerError as exc:  # gone between the check and the send: the job waits for reconcile
+        after = (
+            f" (job {recorded[0]} is recorded; `tubesum reconcile` sends the rest once it is back)" if recorded else ""
+        )
+        raise broker_unavailable(exc, celery_app.conf.broker_url or "", after=after) from None
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
@@ -185,7 +274,9 @@ def worker_fetch(
     """Fetch transcripts: a Celery worker on the transcripts queue only."""
     from tubesum.celery_app import TRANSCRIPTS_QUEUE
     from tubesum.celery_app import app as celery_app
+    from tubesum.db import require_database
 
+    require_database()  # at start, not a traceback every reconcile pass once "ready"
     # No mingle/gossip: workers share nothing through them (state is in the database), and on the
     # filesystem broker each start would leave a stale broadcast file. Flower uses events only.
     celery_app.worker_main(
@@ -221,10 +312,12 @@ def reconcile_cmd(
     import threading
 
     from tubesum.celery_app import app as celery_app
+    from tubesum.db import require_database
     from tubesum.settings import get_settings
     from tubesum.workers.reconcile import reconcile, run_periodically
 
     settings = get_settings()
+    require_database()
     if every is None:
         typer.echo(reconcile(settings=settings, celery_app=celery_app, stuck_after_s=stuck_after).summary())
         return
@@ -260,11 +353,12 @@ def retry_cmd(
     """Send a job's failed videos through again (to summarise if their transcript is stored, else
     to fetch), with fresh attempt counters: for videos failed by an outage, say."""
     from tubesum.celery_app import app as celery_app
+    from tubesum.db import require_database
     from tubesum.producer.retry import retry_failed
     from tubesum.settings import get_settings
 
-    with exit_codes():
-        report = retry_failed(job, settings=get_settings(), celery_app=celery_app, failed_reason=failed_reason)
+    require_database()
+    report = retry_failed(job, settings=get_settings(), celery_app=celery_app, failed_reason=failed_reason)
     typer.echo(report.summary())
 
 
@@ -315,10 +409,17 @@ def worker_summarise(
         ).items()
         if value is not None
     }
+    from tubesum.db import require_database
+    from tubesum.preflight import check_generation
+
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
-    with exit_codes():
+    with exit_codes(given=overrides):
         settings = Settings(**overrides)
-        run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+    require_database(settings.database_url)  # before a model loads for minutes
+    note = check_generation(settings)
+    if note:
+        logging.getLogger("tubesum.worker").warning(note)
+    run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
 
 
 @app.command("report", cls=Command, rich_help_panel=PANEL_RESULTS)
@@ -424,21 +525,40 @@ def run_cmd(
         False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"
     ),
     timeout: float = typer.Option(None, "--timeout", help="give up waiting after this many seconds"),
+    reuse: bool = typer.Option(
+        False, "--reuse", help="take over existing summaries of the same video, model and prompt"
+    ),
 ) -> None:
     """Do a whole job on this machine: start local workers, submit, show progress, export, stop.
 
     Needs no service by default (SQLite file and a filesystem broker in the working directory);
-    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead. The model and the
-    output path are checked before anything starts.
+    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead. The input, every
+    option, the model, the broker and the output path are checked before anything is recorded.
 
-    Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once."""
+    Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once.
+
+    Exit codes: 0 every video summarised; 1 any video failed (its reason is printed) or a worker
+    died; 2 bad input, a setting, or a database or broker that cannot be reached (nothing
+    recorded); 130 Ctrl-C; 143 SIGTERM."""
     from tubesum.embedded import Terminated, run_job, run_settings
 
     def say(text: str) -> None:
         typer.echo(clean(text), err=True)
 
+    given = {
+        k
+        for k, v in dict(
+            model=model,
+            chunk_size=chunk_size,
+            max_new_tokens=max_new_tokens,
+            device_map=device_map,
+            dtype=dtype,
+            attn=attn,
+        ).items()
+        if v is not None
+    }
     try:
-        with exit_codes():
+        with exit_codes(given=given):
             settings = run_settings(
                 model=model,
                 chunk_size=chunk_size,
@@ -452,6 +572,7 @@ def run_cmd(
                 from_file=from_file,
                 transcripts_csv=transcripts,
                 encoding=encoding,
+                reuse=reuse,
                 settings=settings,
                 export_to=output,
                 fetch_only=fetch_only,
@@ -472,7 +593,26 @@ def run_cmd(
         f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
         f"{c.failed} failed of {c.total}; exported to {clean(result.export_path)}"
     )
+    if c.failed:
+        _say_failures(result.job_id, database_url=settings.database_url)
     raise typer.Exit(EXIT_FAILED if c.failed or not (c.finished or fetch_only) else 0)
+
+
+# Failed videos whose reason `tubesum run` prints at its end, at most (the rest: `tubesum status`).
+FAILURES_SHOWN = 5
+
+
+def _say_failures(job_id: int, *, database_url: str) -> None:
+    """The reasons of a few failed videos on stderr, then how many more; the offline hint."""
+    from tubesum.db import session_scope
+    from tubesum.jobs import job_status
+
+    with session_scope(database_url) as session:
+        failures = job_status(session, job_id).failures
+    for video in failures[:FAILURES_SHOWN]:
+        typer.echo(f"failed: {clean(video.video_id)}: {clean(video.error or 'no reason recorded')}", err=True)
+    if len(failures) > FAILURES_SHOWN:
+        typer.echo(f"... and {len(failures) - FAILURES_SHOWN} more (`tubesum status {job_id}`)", err=True)
 
 
 # --- benchmark ----------------------------------------------------------------------------------
