@@ -193,3 +193,28 @@ def test_run_reuse_takes_over_the_summaries_of_the_first_run(embedded_env, tmp_p
     assert again.returncode == 0, again.stderr
     assert "2 video(s) took over an existing summary" in again.stderr, again.stderr
     assert "job 2: 2 summarised, 0 awaiting summary, 0 failed of 2" in again.stdout
+
+
+def test_flash_attention_without_its_package_is_said() -> None:
+    import importlib.util
+
+    from tubesum.preflight import attn_note
+
+    note = attn_note("flash_attention_2")
+    if importlib.util.find_spec("flash_attn") is None:  # the CPU box and the GPU box here: not installed
+        assert note is not None and "SDPA" in note
+    else:
+        assert note is None
+    assert attn_note("sdpa") is None and attn_note("auto") is None
+
+
+def test_a_device_map_is_checked_against_the_devices_torch_sees() -> None:
+    from tubesum.errors import BadInput
+    from tubesum.preflight import check_device_map
+
+    check_device_map("cpu", devices=0)
+    check_device_map("cuda:1", devices=2)
+    with pytest.raises(BadInput, match="needs 2 CUDA devices and torch sees 1"):
+        check_device_map("cuda:1", devices=1)
+    with pytest.raises(BadInput, match="--tensor-parallel 4 needs 4"):
+        check_device_map("auto", tensor_parallel=4, devices=2)
