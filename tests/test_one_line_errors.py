@@ -71,7 +71,16 @@ def test_a_garbage_database_url_is_one_line(env, tmp_path) -> None:
     assert_one_line(result, "TUBESUM_DATABASE_URL='garbage'", "not a database URL", "postgresql+psycopg://")
 
 
-@pytest.mark.parametrize("command", [["submit", "csvVideo001"], ["retry", "1"], ["reconcile"], ["worker", "fetch"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "csvVideo001"],
+        ["retry", "1"],
+        ["reconcile"],
+        ["worker", "fetch"],
+        ["worker", "summarise", "--model", "dummy:tiny", "--device-map", "cpu"],  # before loading the model
+    ],
+)
 def test_a_missing_postgresql_database_is_one_line(env, tmp_path, command) -> None:
     url = make_url(env["TUBESUM_DATABASE_URL"]).set(database="tubesum_never_created")
     bad = {**env, "TUBESUM_DATABASE_URL": url.render_as_string(hide_password=False)}
@@ -92,6 +101,12 @@ def test_an_unreachable_broker_is_named_masked_before_any_job(env, db_url, tmp_p
     assert_one_line(result, "cannot reach the broker redis://:***@127.0.0.1:1/10", "TUBESUM_BROKER_URL")
     assert "s3cret" not in result.stderr + result.stdout
     assert jobs_in(db_url) == 0
+
+
+def test_a_usage_error_is_one_line_and_help_names_the_exit_codes(env, tmp_path) -> None:
+    assert_one_line(tubesum(["--bogus"], env=env, cwd=tmp_path), "No such option: --bogus", "tubesum --help")
+    page = tubesum(["--help"], env=env, cwd=tmp_path).stdout
+    assert "any video failed" in " ".join(page.split())
 
 
 def test_an_unknown_broker_transport_is_one_line(env, tmp_path) -> None:

@@ -44,6 +44,11 @@ class Group(TyperGroup):
     def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
 
+    def make_context(self, info_name: str | None, args: list[str], parent: object = None, **extra: object):  # type: ignore[no-untyped-def, override]
+        # `tubesum --bogus`: the top level's own options are parsed here, before any invoke.
+        with exit_codes():
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[arg-type]
+
     def invoke(self, ctx: typer.Context) -> object:
         # Every command (and its option parsing) runs in here: the one place errors become lines.
         with exit_codes():
@@ -60,7 +65,13 @@ def _typer(help_text: str) -> typer.Typer:
     return typer.Typer(help=help_text, no_args_is_help=True, cls=Group, rich_markup_mode="markdown")
 
 
-app = _typer("Summarise every video of a YouTube playlist on your GPUs.")
+# The exit codes every command shares (`tubesum --help`, README, docs/reference.md).
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 1 the work ran and any video failed (or a worker died); 2 nothing (more) "
+    "was done: bad input, a setting, or a model, database or broker that is not there (one line "
+    "says what to do); 130 Ctrl-C; 143 SIGTERM."
+)
+app = _typer("Summarise every video of a YouTube playlist on your GPUs.\n\n" + EXIT_CODES_HELP)
 worker_app = _typer("Start a worker: `fetch` (transcripts) or `summarise` (the GPU).")
 db_app = _typer("Database schema.")
 app.add_typer(worker_app, name="worker", rich_help_panel=PANEL_DISTRIBUTED)
