@@ -663,7 +663,10 @@ def bench_cmd(
     dtype: str = typer.Option("auto", "--dtype"),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
-    max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most"),
+    max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most (at least --repeats)"),
+    repeats: int = typer.Option(
+        3, "--repeats", min=1, help="timed runs per size at least: their spread says whether the numbers are noise"
+    ),
     extend: bool = typer.Option(
         True, "--extend/--no-extend", help="after the list, double the size until memory runs out"
     ),
@@ -677,47 +680,70 @@ def bench_cmd(
         help="output lengths: fixed (every prompt --new-tokens), varied (each its own, seeded, mean ~0.8x --new-tokens), or both",
     ),
 ) -> None:
-    """The batching study: throughput and speedup against chunk size, on the worker's engine."""
+    """The batching study: throughput and speedup against chunk size, on the worker's engine.
+
+    Prompts are sized to the model (each with its longest output fits its context). bench.json is
+    written after every size, so a crash or Ctrl-C keeps what was measured; a line per size shows
+    progress. Each size runs at least --repeats times: the table shows the spread, and a warning
+    says when it is noise."""
     if lengths not in ("fixed", "varied", "both"):
         raise typer.BadParameter(f"--lengths must be fixed, varied or both, not {lengths!r}")
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import Progress
 
-    from tubesum.workers.gpu.bench import resolve_bench_device, run_bench
+    from tubesum.errors import BadInput
+    from tubesum.jobs import check_writable
+
+    sizes, base_sizes = _int_list(chunk_sizes), _int_list(baseline_sizes)
+    varied = _int_list(varied_sizes) if varied_sizes else None
+    out_dir = Path(output)
+    check_writable(out_dir, what="directory")  # before torch loads, and minutes of sweeping
+
+    from tubesum.workers.gpu.bench import BenchReport, SizeResult, resolve_bench_device, run_bench
     from tubesum.workers.gpu.bench_table import print_report
 
     console = Console()
     try:
         device, note = resolve_bench_device(device)
     except ValueError as exc:
-        raise _error(exc) from None
+        raise BadInput(str(exc)) from None
     if note:
         console.print(note, markup=False, highlight=False)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("loading model", total=None)
-        report = run_bench(
-            model=model,
-            chunk_sizes=_int_list(chunk_sizes),
-            prompts=prompts,
-            new_tokens=new_tokens,
-            transcripts=transcripts,
-            job=job,
-            device=device,
-            baseline=baseline,
-            baseline_sizes=_int_list(baseline_sizes),
-            max_chunks=max_chunks,
-            extend=extend,
-            out_dir=Path(output),
-            dtype=dtype,
-            lengths=lengths,
-            tensor_parallel=tensor_parallel,
-            varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
-            progress=lambda text: bar.update(task, description=text),
-        )
+
+    def say(text: str) -> None:  # progress on stderr: the table on stdout stays clean
+        typer.echo(clean(text), err=True)
+
+    def on_result(report: BenchReport, res: SizeResult) -> None:
+        what = "OOM: the memory limit" if res.oom else f"{res.summaries_per_s:.2f} summaries/s"
+        runs = f", spread {res.spread:.0%} over {len(res.runs)} runs" if res.spread is not None else ""
+        mode = f"{res.lengths}{', ' + res.decode if res.lengths == 'varied' else ''}"
+        say(f"chunk {res.chunk_size} ({res.engine}, {mode}): {what}{runs}; {clean(out_dir / 'bench.json')} updated")
+
+    say(f"loading {model} on {device}")
+    report = run_bench(
+        model=model,
+        chunk_sizes=sizes,
+        prompts=prompts,
+        new_tokens=new_tokens,
+        transcripts=transcripts,
+        job=job,
+        device=device,
+        baseline=baseline,
+        baseline_sizes=base_sizes,
+        max_chunks=max_chunks,
+        extend=extend,
+        out_dir=out_dir,
+        dtype=dtype,
+        lengths=lengths,
+        tensor_parallel=tensor_parallel,
+        varied_sizes=varied,
+        repeats=repeats,
+        progress=lambda text: say(f"running {text}"),
+        on_result=on_result,
+    )
     print_report(report, console)
-    console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)
+    console.print(f"wrote {clean(out_dir / 'bench.json')}, throughput.png, speedup.png", markup=False)
 
 
 class _PlainFormatter(logging.Formatter):
