@@ -43,6 +43,8 @@ def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
             "6",
             "--max-chunks",
             "1",
+            "--repeats",
+            "1",
             "--no-extend",
             "--baseline",
             "--baseline-chunk-sizes",
