@@ -37,6 +37,8 @@ from tubesum.db import session_scope
 from tubesum.errors import BadInput
 from tubesum.models import Job, Summary, Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
+from tubesum.preflight import check_broker
+from tubesum.producer.progress import JobCounts
 from tubesum.producer.sources import (
     CsvFile,
     CsvTranscript,
@@ -55,6 +57,8 @@ from tubesum.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 EMPTY_CSV_TRANSCRIPT = "empty transcript in CSV"
+# A job's source that is a transcripts CSV: "csv:PATH" (its videos' transcripts come from there).
+CSV_SOURCE_PREFIX = "csv:"
 # Duplicate ids named in the warning, at most.
 DUPLICATES_SHOWN = 5
 # CSV rows inserted per statement while reading (memory holds about this many transcripts).
@@ -145,11 +149,13 @@ def submit(
                 "message: finishing that job's sends instead of making a new job",
                 unfinished,
             )
+            check_broker(app)
             if on_job is not None:
                 on_job(unfinished)
             send_job(unfinished, settings=settings, celery_app=app, progress=progress)
             return unfinished
         warn_same_csv(csv_file, settings=settings, reuse=reuse)
+    check_broker(app)  # a broker that is down: one line, and no job recorded
     job_id = record_job(videos, csv_file, sources=all_sources, settings=settings, reuse=reuse, progress=progress)
     try:
         if on_job is not None:
@@ -160,6 +166,18 @@ def submit(
         raise
     log.info("job %s: %d messages sent", job_id, sent)
     return job_id
+
+
+def queued_line(job_id: int, counts: JobCounts) -> str:
+    """What `tubesum submit` says once a job is recorded: `job N: M videos queued`, and the videos
+    that need no message (refused at submit, or summarised already with --reuse)."""
+    waiting = counts.queued + counts.fetched
+    line = f"job {job_id}: {waiting} video{'s' if waiting != 1 else ''} queued"
+    if counts.failed:
+        line += f"; {counts.failed} refused (`tubesum status {job_id}` says why)"
+    if counts.summarised:
+        line += f"; {counts.summarised} already summarised (--reuse)"
+    return line
 
 
 def check_input(
@@ -366,7 +384,7 @@ def record_job(
     # The job row is committed first, so that a second submit of the same CSV sees this one at once.
     with session_scope(settings.database_url) as session:
         job = Job(
-            sources=list(sources) + ([f"csv:{csv_file.name}"] if csv_file else []),
+            sources=list(sources) + ([f"{CSV_SOURCE_PREFIX}{csv_file.name}"] if csv_file else []),
             model=settings.model,
             options=options,
             prompt=settings.prompt,

@@ -377,6 +377,8 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
             "4",
             "--max-chunks",
             "1",
+            "--repeats",
+            "1",
             "--no-extend",
             "-o",
             "out",

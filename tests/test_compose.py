@@ -242,7 +242,7 @@ def test_header_comment_names_only_real_services(services: dict) -> None:
         ("admin:", "empty password for user 'admin'"),
         ("admin:   ", "empty password for user 'admin'"),
         (":secret", "no user name"),
-        ("admin", "no user name"),
+        ("adminnopw", "user:password, with a colon between them (got no colon)"),
         ("ok:fine,bob:", "entry 2 has an empty password for user 'bob'"),
     ],
 )

@@ -30,6 +30,7 @@ from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
 from tubesum.errors import Terminated, WorkerDied
 from tubesum.models import Video, VideoStatus
+from tubesum.preflight import check_broker, check_generation
 from tubesum.producer.submit import check_input, submit
 from tubesum.read.export import check_export_path, check_writable, default_export_name, export_job, export_path
 from tubesum.read.progress import wait_for_job
@@ -265,7 +266,7 @@ def run_settings(
     if model is not None:
         update["model"] = model
     if chunk_size is not None:
-        update["chunk_size"] = "auto" if str(chunk_size).lower() == "auto" else int(chunk_size)
+        update["chunk_size"] = chunk_size  # "abc" is refused by the settings' own check
     if max_new_tokens is not None:
         update["max_new_tokens"] = max_new_tokens
     for key, value in (("device_map", device_map), ("dtype", dtype), ("attn", attn)):
@@ -277,10 +278,8 @@ def run_settings(
             hide_password=False
         )
     update["embedded_dir"] = Path(base.embedded_dir).resolve()
-    settings = base.model_copy(update=update)
-    # model_copy skips validation: validate the overrides the same way the environment is.
-    Settings.model_validate(settings.model_dump())
-    return settings
+    # Validated like the environment: a refused override names its option (tubesum.cli.exit_codes).
+    return Settings.model_validate({**base.model_dump(), **update})
 
 
 def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> dict[str, str]:
@@ -346,6 +345,7 @@ def run_job(
     from_file: str | Path | None = None,
     transcripts_csv: str | Path | None = None,
     encoding: str | None = None,
+    reuse: bool = False,
     settings: Settings | None = None,
     export_to: str | Path | None = None,  # a file, or a directory ("dir/" or existing) for the default name
     fetch_only: bool = False,
@@ -372,14 +372,18 @@ def run_job(
     # Bad input is named before the model is looked for: both in seconds, input first.
     check_input(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding)
     if not fetch_only:
+        note = check_generation(settings)  # a dummy that exists, CUDA if named: before any job
         check_model(settings.model)  # seconds, not a minute of retries inside the worker
+        if note and say is not None:
+            say(note)
+    celery_app = create_app(settings)
+    check_broker(celery_app)  # a broker that is down: one line, and no job recorded
     upgrade(settings.database_url)  # idempotent; the SQLite file is created on first use
     note = leftovers_note(unfinished_elsewhere(settings.database_url), model=None if fetch_only else settings.model)
     if note and say is not None:
         say(note)
     workers = local_workers(settings, summarise=not fetch_only, fetch_concurrency=fetch_concurrency)
     env = worker_env(settings)
-    celery_app = create_app(settings)
     # The reconciler of this run (`tubesum reconcile --every` in distributed mode): videos whose
     # message was lost, e.g. a worker restarted by hand, are sent again.
     stop_reconciler = threading.Event()
@@ -407,6 +411,7 @@ def run_job(
                 from_file=from_file,
                 transcripts_csv=transcripts_csv,
                 encoding=encoding,
+                reuse=reuse,
                 settings=settings,
                 celery_app=celery_app,
             )

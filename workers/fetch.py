@@ -41,6 +41,8 @@ from tubesum.workers.video_state import FETCH_CLAIMABLE, Step, clear_lease, clip
 
 log = logging.getLogger(__name__)
 
+# Offline, a CSV of transcripts still makes a job (the example ships with the repository).
+OFFLINE_HINT = "offline? summarise a CSV instead: --transcripts examples/nature_transcripts.csv"
 TRANSIENT_ERRORS = (RequestBlocked, YouTubeRequestFailed, requests.ConnectionError, requests.Timeout)
 
 
@@ -131,7 +133,7 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
     except TRANSIENT_ERRORS as exc:
         if unresolvable_host(exc):  # offline or no DNS: retrying for minutes would only hide it
             raise PermanentFetchError(
-                f"cannot resolve YouTube's host name (offline, or no DNS): {describe(exc)}"
+                f"cannot resolve YouTube's host name (offline, or no DNS): {describe(exc)}; {OFFLINE_HINT}"
             ) from exc
         raise TransientFetchError(describe(exc)) from exc
     except CouldNotRetrieveTranscript as exc:
