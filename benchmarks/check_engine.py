@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.bench.study import reference_prompts
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
 
 

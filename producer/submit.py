@@ -38,7 +38,6 @@ from tubesum.errors import BadInput
 from tubesum.models import Job, Summary, Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.preflight import check_broker
-from tubesum.producer.progress import JobCounts
 from tubesum.producer.sources import (
     CsvFile,
     CsvTranscript,
@@ -51,6 +50,7 @@ from tubesum.producer.sources import (
     parse_source,
     read_sources_file,
 )
+from tubesum.read.queries import JobCounts
 from tubesum.read.task_labels import video_label
 from tubesum.settings import Settings, get_settings
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tubesum.errors import OutOfMemory
-from tubesum.workers.gpu.bench import (
+from tubesum.bench.study import (
     BenchReport,
     SamplingParams,
     SizeResult,
@@ -20,6 +19,7 @@ from tubesum.workers.gpu.bench import (
     sweep,
     varied_lengths,
 )
+from tubesum.errors import OutOfMemory
 
 
 @pytest.mark.slow  # a subprocess that loads the model and runs fixed and varied sweeps (~1 min)
@@ -115,7 +115,7 @@ def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
 
 def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine, tmp_path: Path):
     """--transcripts: each video's prompt is the worker's own (chat template, tags, instruction)."""
-    from tubesum.workers.gpu.bench_prompts import prompts_from_source
+    from tubesum.bench.prompts import prompts_from_source
     from tubesum.workers.summarise.plan import SummaryPlan
     from tubesum.workers.summarise.prompt import PromptBuilder
 
@@ -221,8 +221,8 @@ def test_plots_draw_for_any_sweep(tmp_path: Path, sizes, ooms):
 
 
 def test_prompts_with_their_longest_output_fit_the_model() -> None:
+    from tubesum.bench.study import max_output_tokens, reference_span, varied_lengths
     from tubesum.errors import BadInput
-    from tubesum.workers.gpu.bench import max_output_tokens, reference_span, varied_lengths
 
     # dummy:tiny has 1024 positions; varied lengths at 150 new tokens reach 250.
     out = max_output_tokens(150, "both")
@@ -235,7 +235,7 @@ def test_prompts_with_their_longest_output_fit_the_model() -> None:
 
 
 def _timed(size: int, runs: list[float], **extra) -> SizeResult:
-    from tubesum.workers.gpu.bench import spread
+    from tubesum.bench.study import spread
 
     rate = sum(runs) / len(runs)
     return SizeResult(
@@ -251,7 +251,7 @@ def _timed(size: int, runs: list[float], **extra) -> SizeResult:
 
 
 def test_runs_that_disagree_are_called_noise() -> None:
-    from tubesum.workers.gpu.bench import fill_speedups, noise_warnings
+    from tubesum.bench.study import fill_speedups, noise_warnings
 
     steady, noisy = _timed(1, [3.0, 3.1, 2.9]), _timed(1, [0.52, 3.30, 6.85])
     assert steady.spread == pytest.approx(0.2 / 3.0) and not noise_warnings([steady])
@@ -263,7 +263,7 @@ def test_runs_that_disagree_are_called_noise() -> None:
 
 
 def test_the_plain_table_keeps_every_cell_whole_and_aligned() -> None:
-    from tubesum.workers.gpu.bench_table import COLUMNS, plain_table
+    from tubesum.bench.table import COLUMNS, plain_table
 
     rows = [_timed(1, [142.123456, 150.0, 149.0]), _timed(256, [24.04, 24.1, 23.9], note="auto: 256")]
     rows.append(SizeResult(chunk_size=512, engine="fast", oom=True))
@@ -291,7 +291,7 @@ def test_bench_refuses_an_unwritable_output_before_loading_anything(tmp_path: Pa
 
 @pytest.mark.slow  # loads dummy:tiny and times a few sizes on the CPU
 def test_bench_json_holds_each_size_as_it_finishes(tmp_path: Path) -> None:
-    from tubesum.workers.gpu.bench import run_bench
+    from tubesum.bench.study import run_bench
 
     seen: list[list[int]] = []
 

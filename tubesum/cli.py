@@ -622,7 +622,7 @@ FAILURES_SHOWN = 5
 def _say_failures(job_id: int, *, database_url: str) -> None:
     """The reasons of a few failed videos on stderr, then how many more; the offline hint."""
     from tubesum.db import session_scope
-    from tubesum.jobs import job_status
+    from tubesum.read.queries import job_status
 
     with session_scope(database_url) as session:
         failures = job_status(session, job_id).failures
@@ -699,15 +699,15 @@ def bench_cmd(
     from rich.console import Console
 
     from tubesum.errors import BadInput
-    from tubesum.jobs import check_writable
+    from tubesum.read.export import check_writable
 
     sizes, base_sizes = _int_list(chunk_sizes), _int_list(baseline_sizes)
     varied = _int_list(varied_sizes) if varied_sizes else None
     out_dir = Path(output)
     check_writable(out_dir, what="directory")  # before torch loads, and minutes of sweeping
 
-    from tubesum.workers.gpu.bench import BenchReport, SizeResult, resolve_bench_device, run_bench
-    from tubesum.workers.gpu.bench_table import print_report
+    from tubesum.bench.study import BenchReport, SizeResult, resolve_bench_device, run_bench
+    from tubesum.bench.table import print_report
 
     console = Console()
     try:

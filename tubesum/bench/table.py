@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tubesum.bench.study import BenchReport, SizeResult, best, noise_warnings
 from tubesum.display import clean, plain
-from tubesum.workers.gpu.bench import BenchReport, SizeResult, best, noise_warnings
 
 # A terminal at least this wide gets the rich table (its 12 columns fit without cutting a number).
 WIDE_TABLE_COLUMNS = 140

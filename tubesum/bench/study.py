@@ -531,7 +531,7 @@ def run_bench(
     if engine.device.type == "cuda":
         engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
-        from tubesum.workers.gpu.bench_prompts import prompts_from_source
+        from tubesum.bench.prompts import prompts_from_source
 
         prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts, new_tokens=out_tokens)
         source = transcripts or f"job {job}"
