@@ -538,6 +538,11 @@ def run_cmd(
         None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
     ),
     fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", help="parallel transcript fetches"),
+    gpu_workers: int = typer.Option(
+        1,
+        "--gpu-workers",
+        help="summarise workers on one queue, one per GPU (per TUBESUM_TENSOR_PARALLEL GPUs); on the CPU they share the cores",
+    ),
     fetch_only: bool = typer.Option(
         False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"
     ),
@@ -594,6 +599,7 @@ def run_cmd(
                 export_to=output,
                 fetch_only=fetch_only,
                 fetch_concurrency=fetch_concurrency,
+                gpu_workers=gpu_workers,
                 timeout_s=timeout,
                 say=say,
             )
