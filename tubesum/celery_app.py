@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from celery import Celery
@@ -18,6 +19,10 @@ SUMMARISE_TASK = "tubesum.summarise"
 
 # Modules every worker imports: the tasks, and the reconcile pass each worker runs in a thread.
 TASK_MODULES = ["tubesum.workers.fetch_tasks", "tubesum.workers.summarise.tasks", "tubesum.workers.reconcile"]
+
+
+# Set by `tubesum flower` in Flower's environment: its app keeps kombu's plain Redis transport.
+FLOWER_PROCESS_ENV = "TUBESUM_FLOWER_PROCESS"
 
 
 def declared_queue(name: str, arguments: dict | None = None) -> Queue:
@@ -78,7 +83,8 @@ def celery_config(settings: Settings) -> dict:
         # broker restart ate raises, and is retried, instead of vanishing).
         transport_options = {"confirm_publish": True}
     config: dict = {}
-    if not settings.embedded_broker and is_redis(settings.broker_url):
+    # Flower consumes nothing, and reads queue lengths only through kombu's own Redis transport.
+    if not settings.embedded_broker and is_redis(settings.broker_url) and not os.environ.get(FLOWER_PROCESS_ENV):
         # kombu's Redis transport, except that a queue entry that is not a Celery message is set
         # aside instead of stopping the worker (tubesum/broker_redis.py).
         config["broker_transport"] = "tubesum.broker_redis:Transport"

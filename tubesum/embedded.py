@@ -356,10 +356,12 @@ def local_workers(
         workers.append(LocalWorker("summarise", summarise_argv(cli, settings), logs / "summarise.log"))
         return workers
     on_gpu = settings.device_map != "cpu"
-    groups = gpu_groups(
-        workers=gpu_workers,
-        per_worker=settings.tensor_parallel,
-        visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    groups = (
+        gpu_groups(
+            workers=gpu_workers, per_worker=settings.tensor_parallel, visible=os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        if on_gpu
+        else [""] * gpu_workers  # CPU workers share the cores
     )
     host = settings.worker_host or socket.gethostname()
     for i, group in enumerate(groups):

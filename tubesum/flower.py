@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from tubesum.celery_app import FLOWER_PROCESS_ENV
 from tubesum.errors import BadInput
 
 # Flower reads this variable itself: ``user:password``, several separated by commas.
@@ -66,5 +67,6 @@ def exec_flower(*, port: int, address: str, env: Mapping[str, str] | None = None
     """Check the credentials, then replace this process with Flower (signals reach Flower itself)."""
     env = dict(os.environ if env is None else env)
     check_basic_auth(env.get(FLOWER_AUTH_ENV))
+    env[FLOWER_PROCESS_ENV] = "1"
     argv = flower_argv(port=port, address=address)
     os.execve(argv[0], argv, env)
