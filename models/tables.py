@@ -3,7 +3,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, false, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from tubesum.models.base import Base, utcnow
@@ -134,6 +134,8 @@ class Summary(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     generated_tokens: Mapped[int] = mapped_column(Integer)
     finish_reason: Mapped[str] = mapped_column(String(16))  # stop | length
+    # Stopped by the token limit and cut back to its last complete sentence.
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     pieces: Mapped[int] = mapped_column(Integer, default=1)  # >1: long transcript, map-reduced
     queue_wait_s: Mapped[float | None] = mapped_column(Float)  # enqueued → batch start
     latency_s: Mapped[float | None] = mapped_column(Float)  # submitted → stored

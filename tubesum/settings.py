@@ -24,6 +24,8 @@ DEFAULT_PROMPT = (
 # Small, ungated, Apache-2.0 instruct model that fits one 24 GB GPU in bf16 (~15 GB of weights).
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
+# Where GGUF models converted to safetensors (and the fetched SmolLM2) are cached.
+DEFAULT_MODEL_CACHE = "~/.cache/tubesum/models"
 # Directory (relative to the working directory) holding the embedded broker's files.
 EMBEDDED_DIR = ".tubesum"
 # HTTP requests of one transcript fetch (watch page, innertube player, caption track).
@@ -44,6 +46,8 @@ class Settings(BaseSettings):
 
     # --- summarisation -----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
+    # Converted GGUF models (workers/gpu/gguf_model.py) and `tubesum model fetch-smollm2`.
+    model_cache: Path = Path(DEFAULT_MODEL_CACHE)
     prompt: str = DEFAULT_PROMPT
     chunk_size: int | Literal["auto"] = 32  # prompts per batched generation
     chunk_wait_s: float = 2.0  # how long a partial chunk waits for more work, seconds

@@ -440,6 +440,7 @@ class Batcher:
             text=plan.text or "",
             token_ids=plan.token_ids,
             finish_reason=plan.finish_reason,
+            truncated=plan.truncated,
             prompt_tokens=plan.prompt_tokens,
             generated_tokens=plan.generated_tokens,
             pieces=plan.pieces,

@@ -23,6 +23,7 @@ import torch
 
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu.gguf_model import resolve_model
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
 from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
@@ -347,9 +348,10 @@ def load_engine(
     `device_map="cpu"`, N CPU ranks over gloo, for tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
+    source = resolve_model(model)  # a GGUF: its converted copy (converted now if not cached)
     if tensor_parallel > 1:
         return load_tp_engine(
-            model,
+            source,
             world=tensor_parallel,
             device_type="cpu" if dm == "cpu" else "cuda",
             dtype=torch_dtype,
@@ -364,11 +366,11 @@ def load_engine(
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_model(model)  # seconds, not a minute of download retries, when it is not there
+        check_model(source)  # seconds, not a minute of download retries, when it is not there
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            tokenizer = AutoTokenizer.from_pretrained(source)
             hf_model = AutoModelForCausalLM.from_pretrained(
-                model, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl
+                source, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
