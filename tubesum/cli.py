@@ -380,6 +380,53 @@ def report_cmd(
     print_report(report)
 
 
+@app.command("eval", cls=Command, rich_help_panel=PANEL_RESULTS)
+def eval_cmd(
+    source: str = typer.Argument(..., help="job id, or an export file (.csv or .jsonl) of `tubesum export`"),
+    references: str = typer.Option(
+        None,
+        "--references",
+        "-r",
+        help="CSV with video_id and any of reference (ROUGE), key_facts (fact1|fact2: recall), transcript",
+    ),
+    output: str = typer.Option("eval-out", "--output", "-o", help="directory for eval.csv, eval.json, eval.png"),
+) -> None:
+    """How good the summaries are: words, truncated, cut mid-sentence, repeats, copy rate, prompt
+    echoes; with references, ROUGE-1/2/L and key-fact recall. A table, and per-video figures."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tubesum.eval import evaluate, read_export, read_references, summarise_evals, summary_lines, write_eval
+    from tubesum.jobs import check_writable
+
+    with exit_codes():
+        check_writable(Path(output), what="directory")
+        refs = read_references(Path(references)) if references else None
+        transcripts = None
+        if source.isdigit():
+            from tubesum.db import require_database, session_scope
+            from tubesum.jobs import export_rows, transcript_texts
+
+            require_database()
+            with session_scope() as session:
+                rows, transcripts = export_rows(session, int(source)), transcript_texts(session, int(source))
+        else:
+            rows = read_export(Path(source))
+        evals = evaluate(rows, transcripts=transcripts, references=refs)
+        summary = summarise_evals(evals)
+        write_eval(evals, summary, Path(output))
+    table = Table(title=f"summary quality ({clean(source)})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in summary_lines(summary):
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {clean(Path(output))}/eval.csv, eval.json, eval.png", markup=False)
+
+
 # --- job status, export and embedded run ---------------------------------------------------------
 
 

@@ -239,6 +239,17 @@ def export_rows(session: Session, job_id: int) -> list[dict[str, object]]:
     return [dict(zip(EXPORT_COLUMNS, row, strict=True)) for row in session.execute(query).all()]
 
 
+def transcript_texts(session: Session, job_id: int) -> dict[str, str]:
+    """Each video's stored transcript, by video id (`tubesum eval`'s copy rate reads them)."""
+    get_job(session, job_id)
+    rows = session.execute(
+        select(Video.video_id, Transcript.text)
+        .join(Transcript, Transcript.video_pk == Video.id)
+        .where(Video.job_id == job_id)
+    ).all()
+    return {video_id: text for video_id, text in rows}
+
+
 def export_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in EXPORT_FORMATS:

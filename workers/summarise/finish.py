@@ -16,6 +16,8 @@ from dataclasses import dataclass
 ABBREVIATIONS = frozenset({"e.g", "i.e", "etc", "vs", "dr", "mr", "mrs", "ms", "st", "prof", "approx", "no", "fig"})
 # A sentence end: . ! ? or … , then any closing quotes or brackets, then whitespace or the end.
 _SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u2019\u201d)\]]*(?=\s|$)")
+# A list item: complete as a line, with or without a full stop.
+_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S")
 # The word a full stop follows (to tell "e.g." from the end of a sentence).
 _LAST_WORD = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
 
@@ -50,9 +52,12 @@ def last_complete_end(text: str) -> int:
 
 
 def ends_complete(text: str) -> bool:
-    """The text ends with a whole sentence (or a whole line of a list)."""
+    """The text ends with a whole sentence or with a list item (a finished summary's last line; a
+    list item the limit cut is not told apart here, finish_summary cuts it)."""
     text = text.rstrip()
-    return bool(text) and last_complete_end(text) == len(text)
+    if not text:
+        return False
+    return last_complete_end(text) == len(text) or bool(_LIST_ITEM.match(text.rsplit("\n", 1)[-1]))
 
 
 def finish_summary(text: str, *, finish_reason: str | None) -> Finished:
@@ -62,7 +67,7 @@ def finish_summary(text: str, *, finish_reason: str | None) -> Finished:
     if finish_reason != "length":
         return Finished(text, truncated=False)
     text = text.rstrip()
-    if ends_complete(text):
+    if last_complete_end(text) == len(text):
         return Finished(text, truncated=False)  # the limit fell just after a sentence
     end = last_complete_end(text)
     return Finished(text[:end].rstrip() if end else text, truncated=True)
