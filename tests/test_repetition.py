@@ -1,0 +1,46 @@
+"""The decode step's repetition rules equal transformers' own logits processors, given the same
+(generated) tokens: random logits and token rows, every row at its own length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+from tubesum.workers.gpu.repetition import ban_repeated_ngrams, penalise_repeats
+
+VOCAB = 11  # a small vocabulary: random rows repeat n-grams often
+WIDTH = 24
+
+
+def rows_and_logits(seed: int, rows: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randint(0, 3, (rows, WIDTH), generator=g)  # 3 tokens only: many repeats
+    written = torch.randint(1, WIDTH, (rows,), generator=g)
+    logits = torch.randn(rows, VOCAB, generator=g)
+    return out, written, logits
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_repeat_ngram_equals_transformers(n, seed):
+    out, written, logits = rows_and_logits(seed)
+    ours = logits.clone()
+    ban_repeated_ngrams(ours, out, written, n)
+    hf = NoRepeatNGramLogitsProcessor(n)
+    for b in range(out.shape[0]):
+        expected = hf(out[b : b + 1, : written[b]], logits[b : b + 1].clone())[0]
+        torch.testing.assert_close(ours[b], expected)
+    assert torch.isinf(ours).any()  # the case is not vacuous
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_equals_transformers(penalty):
+    out, written, logits = rows_and_logits(3)
+    ours = logits.clone()
+    penalise_repeats(ours, out, written, penalty)
+    hf = RepetitionPenaltyLogitsProcessor(penalty)
+    for b in range(out.shape[0]):
+        expected = hf(out[b : b + 1, : written[b]], logits[b : b + 1].clone())[0]
+        torch.testing.assert_close(ours[b], expected)
+    assert not torch.equal(ours, logits)
