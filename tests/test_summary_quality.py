@@ -76,11 +76,20 @@ def test_repeats_and_copy_rate():
 
 def test_evaluate_rows_with_references_and_a_failure():
     rows = [
-        {"video_id": "a", "status": "done", "summary": "Octopuses have three hearts. They have blue", "truncated": "false"},
+        {
+            "video_id": "a",
+            "status": "done",
+            "summary": "Octopuses have three hearts. They have blue",
+            "truncated": "false",
+        },
         {"video_id": "b", "status": "failed", "summary": None},
         {"video_id": "c", "status": "done", "summary": "", "truncated": "False"},
     ]
-    refs = {"a": Reference(reference="An octopus has three hearts and blue blood.", key_facts=["three hearts", "blue blood"])}
+    refs = {
+        "a": Reference(
+            reference="An octopus has three hearts and blue blood.", key_facts=["three hearts", "blue blood"]
+        )
+    }
     evals = evaluate(rows, transcripts={"a": "An octopus has three hearts."}, references=refs)
     a, b, c = evals
     assert a.cut_mid_sentence and a.facts == 2 and a.facts_recalled == 1 and a.missed_facts == "blue blood"
@@ -116,7 +125,10 @@ def test_eval_command_on_an_export_file(tmp_path):
             status = "failed" if i == 1 else "done"
             if i == 2:
                 summary += " And then the"
-            f.write(json.dumps({"video_id": row["video_id"], "status": status, "summary": summary, "truncated": False}) + "\n")
+            f.write(
+                json.dumps({"video_id": row["video_id"], "status": status, "summary": summary, "truncated": False})
+                + "\n"
+            )
     out = tmp_path / "eval"
     done = subprocess.run(
         ["tubesum", "eval", str(export), "--references", str(EXAMPLES / "nature_transcripts.csv"), "-o", str(out)],

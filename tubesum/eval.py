@@ -149,9 +149,7 @@ def repeated_ngram_share(tokens: Sequence[str], n: int = REPEAT_NGRAM) -> float:
 def repeated_sentences(text: str) -> int:
     """Sentences (of MIN_REPEATED_SENTENCE_WORDS words or more) that occur again later."""
     seen = Counter(
-        " ".join(ws)
-        for s in _SENTENCE_SPLIT.split(text.strip())
-        if len(ws := words(s)) >= MIN_REPEATED_SENTENCE_WORDS
+        " ".join(ws) for s in _SENTENCE_SPLIT.split(text.strip()) if len(ws := words(s)) >= MIN_REPEATED_SENTENCE_WORDS
     )
     return sum(n - 1 for n in seen.values() if n > 1)
 
@@ -194,9 +192,7 @@ class Reference:
     transcript: str | None = None
 
 
-def evaluate_video(
-    row: dict[str, object], *, transcript: str | None, ref: Reference | None, scorer=None
-) -> VideoEval:  # noqa: ANN001
+def evaluate_video(row: dict[str, object], *, transcript: str | None, ref: Reference | None, scorer=None) -> VideoEval:  # noqa: ANN001
     """The figures of one export row (its summary), given its transcript and references."""
     summary = str(row.get("summary") or "")
     status = str(row.get("status") or "")
@@ -219,7 +215,11 @@ def evaluate_video(
     if ref is not None and ref.key_facts:
         stems = set(content_stems(summary))
         missed = [f for f in ref.key_facts if not fact_recalled(f, stems)]
-        ev.facts, ev.facts_recalled, ev.missed_facts = len(ref.key_facts), len(ref.key_facts) - len(missed), "|".join(missed)
+        ev.facts, ev.facts_recalled, ev.missed_facts = (
+            len(ref.key_facts),
+            len(ref.key_facts) - len(missed),
+            "|".join(missed),
+        )
     return ev
 
 
@@ -365,8 +365,8 @@ def plot_eval(evals: Sequence[VideoEval], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     done = [e for e in evals if not e.failed and not e.empty]
-    panels = [
-        ("words per summary", [e.words for e in done]),
+    panels: list[tuple[str, list[float]]] = [
+        ("words per summary", [float(e.words) for e in done]),
         (f"copy rate ({COPY_NGRAM}-grams from the transcript)", [e.copy_rate for e in done if e.copy_rate is not None]),
         (f"repeated {REPEAT_NGRAM}-gram share", [e.repeated_ngram_share for e in done]),
         ("key-fact recall per video", [e.facts_recalled / e.facts for e in done if e.facts]),
@@ -395,12 +395,18 @@ def summary_lines(s: EvalSummary) -> list[tuple[str, str]]:
         ("videos", str(s.videos)),
         ("summarised", str(s.summarised)),
         ("failed / empty", f"{s.failed} / {s.empty}"),
-        ("words mean (p10, median, p90)", f"{num(s.words_mean, '.0f')} ({num(s.words_p10, '.0f')}, {num(s.words_median, '.0f')}, {num(s.words_p90, '.0f')})"),
+        (
+            "words mean (p10, median, p90)",
+            f"{num(s.words_mean, '.0f')} ({num(s.words_p10, '.0f')}, {num(s.words_median, '.0f')}, {num(s.words_p90, '.0f')})",
+        ),
         ("truncated at the limit", pct(s.truncated, s.summarised)),
         ("cut mid-sentence", pct(s.cut_mid_sentence, s.summarised)),
         ("with a repeated sentence", pct(s.with_repeated_sentence, s.summarised)),
         (f"repeated {REPEAT_NGRAM}-grams (mean share)", num(s.repeated_ngram_share_mean, ".1%")),
-        (f"copy rate / novel {COPY_NGRAM}-grams", f"{num(s.copy_rate_mean, '.0%')} / {num(s.novel_ngram_share_mean, '.0%')}"),
+        (
+            f"copy rate / novel {COPY_NGRAM}-grams",
+            f"{num(s.copy_rate_mean, '.0%')} / {num(s.novel_ngram_share_mean, '.0%')}",
+        ),
         ("echo the prompt's guard text", pct(s.prompt_echoes, s.summarised)),
     ]
     if s.rouge1_mean is not None:

@@ -69,9 +69,7 @@ def _check_local(path: Path) -> str:
     if not path.exists():
         raise ModelLoadError(f"model directory {str(path)!r} does not exist; {DRY_RUN_HINT}")
     if not (path / CONFIG_FILE).is_file():
-        raise ModelLoadError(
-            f"{str(path)!r} is not a saved model (no {CONFIG_FILE}, no .gguf file); {DRY_RUN_HINT}"
-        )
+        raise ModelLoadError(f"{str(path)!r} is not a saved model (no {CONFIG_FILE}, no .gguf file); {DRY_RUN_HINT}")
     return "local"
 
 
