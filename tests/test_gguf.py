@@ -48,7 +48,9 @@ def test_a_quantisation_transformers_cannot_read_is_refused_in_one_line(tmp_path
         timeout=120,
     )
     assert done.returncode == EXIT_BAD_INPUT
-    assert done.stderr.startswith("error: GGUF 'ints.gguf' uses quantisation type(s) I32") and done.stderr.count("\n") == 1
+    assert (
+        done.stderr.startswith("error: GGUF 'ints.gguf' uses quantisation type(s) I32") and done.stderr.count("\n") == 1
+    )
     assert not (tmp_path / "tubesum.db").exists()  # refused before any job was recorded
 
 

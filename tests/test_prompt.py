@@ -45,9 +45,11 @@ def test_prompt_uses_the_chat_template_with_the_rule_before_the_tags_and_the_tas
     user = text.split("<|im_start|>user\n", 1)[1]
     transcript_at = user.index("<transcript>\nBees dance")
     closing_at = user.index("</transcript>")
-    assert user.index(DATA_RULE) < transcript_at < closing_at < user.index(INSTRUCTION) < user.index(LENGTH_ASK)
-    # The guard text is never the last thing before the answer (small models echo it).
-    assert user.rindex(DATA_RULE) < transcript_at and "100 words" in LENGTH_ASK
+    assert transcript_at < closing_at < user.index(INSTRUCTION) < user.index(LENGTH_ASK)
+    # The rule is in the system message; the user message ends with the task (small models echo
+    # guard text that stands in the user message).
+    assert DATA_RULE in text.split("<|im_start|>user\n", 1)[0] and DATA_RULE not in user
+    assert "100 words" in LENGTH_ASK
     assert plan.pieces == 1
 
 

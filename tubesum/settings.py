@@ -51,7 +51,15 @@ class Settings(BaseSettings):
     prompt: str = DEFAULT_PROMPT
     chunk_size: int | Literal["auto"] = 32  # prompts per batched generation
     chunk_wait_s: float = 2.0  # how long a partial chunk waits for more work, seconds
-    max_new_tokens: int = 200  # ~100 words plus slack
+    # The summary's token limit: the ~100 words the prompt asks for (TARGET_WORDS, about 1.4
+    # tokens a word) plus half again for a model that runs long; one that reaches it is cut back
+    # to its last complete sentence and marked truncated.
+    max_new_tokens: int = 200
+    # Repetition control in the decode step, over each summary's own tokens (transformers'
+    # semantics): no n-gram of this many tokens twice (0: off), and a repetition penalty (1.0:
+    # off). See docs/benchmarks.md "Summary quality" for what they change.
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
     device_map: str = "auto"  # "auto", "cuda:0", "cpu", ...
     # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
     # ones); 1 = one device, as device_map says.

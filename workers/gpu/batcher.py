@@ -117,12 +117,18 @@ class Batcher:
         heartbeat: Heartbeat | None = None,
         heartbeat_s: float = 60.0,
         rolling: bool = False,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> None:
         self.engine = engine
         self.waves = rolling_waves(engine, rolling)
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
-        self.params = SamplingParams(max_new_tokens=max_new_tokens)
+        self.params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            repetition_penalty=repetition_penalty,
+        )
         self.sizer = ChunkSizer(chunk_size)
         self.prompts = PromptBuilder(
             engine.tokenizer,

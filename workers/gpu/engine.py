@@ -155,6 +155,7 @@ class Engine:
                         stop_ids=self.stop_ids,
                         ignore_eos=params.ignore_eos,
                         new_tokens=new_tokens,
+                        repeat=params.repeat_rules,
                     )
                 finally:
                     runner.rolling, runner.max_rows = saved
@@ -270,6 +271,8 @@ class Engine:
         )
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_new_tokens
+        # transformers' own repetition rules, given the generated tokens only (as the fast runner).
+        kwargs["logits_processor"] = generated_only_processors(params, prompt_width=width)
         out = self.model.generate(input_ids=ids.to(first_device), attention_mask=mask.to(first_device), **kwargs)
         rows = []
         for row in out[:, width:].tolist():
@@ -283,6 +286,30 @@ class Engine:
             rows.append(cut)
         # generate() does not expose a prefill/decode split.
         return rows, None, None, len(prompts) * width
+
+
+def generated_only_processors(params: SamplingParams, *, prompt_width: int):
+    """transformers' NoRepeatNGram / RepetitionPenalty processors applied to the tokens after the
+    (left-padded) prompt: the fast runner's rules, in generate()."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.logits_process import (
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    class GeneratedOnly(LogitsProcessor):
+        def __init__(self, inner: LogitsProcessor) -> None:
+            self.inner = inner
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids[:, prompt_width:], scores)
+
+    rules = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        rules.append(GeneratedOnly(RepetitionPenaltyLogitsProcessor(params.repetition_penalty)))
+    if params.no_repeat_ngram_size:
+        rules.append(GeneratedOnly(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size)))
+    return rules
 
 
 # ---------------------------------------------------------------------- loading

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from tubesum.workers.gpu.batching import FreeRegions, admit, prefill_groups
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
+from tubesum.workers.gpu.repetition import ban_repeated_ngrams, penalise_repeats
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +246,11 @@ class _DecodeGraph:
         max_new_tokens: int,
         use_graph: bool,
         pool=None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> None:
         dev = runner.device
         self.runner, self.cache, self.suppress = runner, cache, suppress
+        self.repeat = repeat  # (no-repeat n-gram size, repetition penalty), baked into the graph
         self.rows, self.max_k, self.max_new_tokens = rows, max_k, max_new_tokens
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] last token
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] its position
@@ -271,6 +274,11 @@ class _DecodeGraph:
         logits = self.runner.decode_logits(self.tokens, self.pos, self.cu_k, self.cache, self.max_k)  # [B, V]
         if self.suppress is not None:
             logits.index_fill_(1, self.suppress, float("-inf"))
+        ngram, penalty = self.repeat  # on the row's own tokens out[:, :row_step]: no host sync
+        if penalty != 1.0:
+            penalise_repeats(logits, self.out, self.row_step, penalty)
+        if ngram:
+            ban_repeated_ngrams(logits, self.out, self.row_step, ngram)
         nxt = logits.argmax(dim=-1)  # [B]
         self.out.scatter_(1, self.row_step[:, None], nxt[:, None])
         self.tokens.copy_(nxt)
@@ -635,12 +643,25 @@ class LlamaRunner:
             )
         return self._kv
 
-    def _decoder_for(self, rows: int, max_k: int, suppress: tuple[int, ...], max_new_tokens: int) -> _DecodeGraph:
+    def _decoder_for(
+        self,
+        rows: int,
+        max_k: int,
+        suppress: tuple[int, ...],
+        max_new_tokens: int,
+        repeat: tuple[int, float] = (0, 1.0),
+    ) -> _DecodeGraph:
         """The decode graph for `rows` real rows (bucketed), reused across chunks."""
         bucket = row_bucket(rows)
         max_k = math.ceil(max_k / MAX_K_ROUNDING) * MAX_K_ROUNDING
         for key, dec in self._graphs.items():
-            if key[0] == bucket and key[1] >= max_k and key[2] == suppress and key[3] >= max_new_tokens:
+            if (
+                key[0] == bucket
+                and key[1] >= max_k
+                and key[2] == suppress
+                and key[3] >= max_new_tokens
+                and key[4] == repeat
+            ):
                 self._graphs.move_to_end(key)
                 return dec
         cache = self._cache()
@@ -658,8 +679,9 @@ class LlamaRunner:
             max_new_tokens=max_new_tokens,
             use_graph=self.use_graphs,
             pool=self._pool,
+            repeat=repeat,
         )
-        self._graphs[(bucket, max_k, suppress, max_new_tokens)] = dec
+        self._graphs[(bucket, max_k, suppress, max_new_tokens, repeat)] = dec
         return dec
 
     def release(self) -> None:
@@ -679,6 +701,7 @@ class LlamaRunner:
         stop_ids: set[int],
         ignore_eos: bool = False,
         new_tokens: list[int] | None = None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> tuple[list[list[int]], RunStats]:
         """Greedy continuation of every prompt; returns each row's new tokens (up to and including
         its first stop token) in input order. `new_tokens` gives each row its own limit (at most
@@ -704,7 +727,7 @@ class LlamaRunner:
         most = self.max_rows if self.rolling and self.max_rows else n
         placed = admit(waiting, lengths, regions, slots=most)  # all of them unless rolling
         suppress = tuple(sorted(stop_ids)) if ignore_eos else ()
-        dec = self._decoder_for(len(placed), max(lengths), suppress, max_new_tokens)
+        dec = self._decoder_for(len(placed), max(lengths), suppress, max_new_tokens, tuple(repeat))
         # The graph's row count is fixed for the call: rows that join later take free slots.
         slots = min(dec.rows, most)
         rows = _Rows(prompts, limits, lengths, regions, waiting, owner=[None] * slots, joined=[0] * slots)
@@ -811,7 +834,7 @@ class LlamaRunner:
                 rows.keep(b, row[: steps - rows.joined[b]])
         owner = [rows.owner[b] for b in active]
         idx = torch.tensor(active, device=self.device)
-        small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens)
+        small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens, dec.repeat)
         small.load(
             dec.tokens[idx],
             dec.pos[idx].tolist(),

@@ -330,7 +330,7 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
     """One command, run identically on every rank (`commands`: the gloo group of the votes)."""
     kind, *args = command
     if kind == "generate":
-        prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode = args
+        prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode, repeat = args
         # Rank 0's decode settings (drop finished rows, rolling, max rows), so every rank makes
         # the same decisions at the same steps.
         runner.drop_finished_rows, runner.rolling, runner.max_rows = decode
@@ -340,7 +340,12 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
         if not _agree(kv_cache_fits(runner, prompts, max_new_tokens, new_tokens), commands):
             raise torch.OutOfMemoryError("the chunk's KV cache does not fit on every rank")
         return runner.generate(
-            prompts, max_new_tokens=max_new_tokens, stop_ids=set(stop_ids), ignore_eos=ignore_eos, new_tokens=new_tokens
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_ids=set(stop_ids),
+            ignore_eos=ignore_eos,
+            new_tokens=new_tokens,
+            repeat=repeat,
         )
     if kind == "probe":
         return probe_logits(runner, args[0])
@@ -503,6 +508,7 @@ class RankGroup:
         stop_ids: set[int],
         ignore_eos: bool = False,
         new_tokens: list[int] | None = None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> tuple[list[list[int]], RunStats]:
         command = (
             "generate",
@@ -512,6 +518,7 @@ class RankGroup:
             ignore_eos,
             None if new_tokens is None else list(new_tokens),
             (self.drop_finished_rows, self.rolling, self.max_rows),
+            tuple(repeat),
         )
         self._send(command)
         error: Exception | None = None

@@ -88,6 +88,8 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
         ),
         heartbeat_s=settings.heartbeat_s,
         rolling=settings.rolling,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty,
     )
 
 
