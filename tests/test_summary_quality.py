@@ -44,7 +44,12 @@ def test_a_summary_stopped_by_the_limit_keeps_its_complete_sentences(text, kept)
 
 
 def test_a_summary_that_ended_itself_or_on_a_full_stop_is_kept_whole():
-    assert finish_summary("It stops here,", finish_reason="stop").truncated is False
+    assert finish_summary("It ends. Here.", finish_reason="stop") == finish_summary(
+        "It ends. Here.", finish_reason="length"
+    )
+    assert finish_summary("Small packages.\n</transcript>", finish_reason="stop").text == "Small packages."
+    # The model ended its turn mid-sentence (rare): cut back as well.
+    assert finish_summary("It ends. Then it", finish_reason="stop").text == "It ends."
     assert finish_summary("It ends. Exactly here.", finish_reason="length").text == "It ends. Exactly here."
     # Nothing complete to keep: the text stays (marked), an empty summary would say less.
     assert finish_summary("no sentence at all", finish_reason="length").text == "no sentence at all"
@@ -140,6 +145,6 @@ def test_eval_command_on_an_export_file(tmp_path):
     assert "key-fact recall" in done.stdout and "cut mid-sentence" in done.stdout
     result = json.loads((out / "eval.json").read_text())
     assert result["videos"] == len(examples) and result["failed"] == 1 and result["cut_mid_sentence"] == 1
-    assert result["copy_rate_mean"] == pytest.approx(1.0)  # copied word for word
+    assert result["copy_rate_mean"] > 0.95  # copied word for word (but the cut row's "And then the")
     assert (out / "eval.png").stat().st_size > 0
     assert len((out / "eval.csv").read_text().splitlines()) == len(examples) + 1

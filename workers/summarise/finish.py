@@ -18,6 +18,8 @@ ABBREVIATIONS = frozenset({"e.g", "i.e", "etc", "vs", "dr", "mr", "mrs", "ms", "
 _SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u2019\u201d)\]]*(?=\s|$)")
 # A list item: complete as a line, with or without a full stop.
 _LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S")
+# The prompt's tags, when a model writes them into its answer ("…small packages.\n</transcript>").
+_TAG_TEXT = re.compile(r"<\s*/?\s*transcript\s*>", re.IGNORECASE)
 # The word a full stop follows (to tell "e.g." from the end of a sentence).
 _LAST_WORD = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
 
@@ -61,12 +63,14 @@ def ends_complete(text: str) -> bool:
 
 
 def finish_summary(text: str, *, finish_reason: str | None) -> Finished:
-    """A summary stopped by an end token is kept as it is. One stopped by the limit is cut back to
-    its last complete sentence and marked truncated; with no complete sentence at all it is kept
-    whole (still marked), since an empty summary would tell the reader less."""
-    if finish_reason != "length":
-        return Finished(text, truncated=False)
-    text = text.rstrip()
+    """Echoed prompt tags are removed. A summary that does not end with a complete sentence (the
+    limit stopped it, or, rarely, the model ended its turn mid-sentence) is cut back to its last
+    complete sentence and marked truncated; with no complete sentence at all it is kept whole
+    (still marked), since an empty summary would tell the reader less. `finish_reason` stays
+    in the export beside it: "length" says the limit was reached."""
+    text = _TAG_TEXT.sub("", text).rstrip()
+    if finish_reason != "length" and ends_complete(text):
+        return Finished(text, truncated=False)  # a list's last item, ended by the model, is whole
     if last_complete_end(text) == len(text):
         return Finished(text, truncated=False)  # the limit fell just after a sentence
     end = last_complete_end(text)
