@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     # Repetition control in the decode step, over each summary's own tokens (transformers'
     # semantics): no n-gram of this many tokens twice (0: off), and a repetition penalty (1.0:
     # off). See docs/benchmarks.md "Summary quality" for what they change.
-    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    # On by default: SmolLM2 greedy looped on a sentence in 4 of 8 summaries without it, 0 with it.
+    no_repeat_ngram_size: int = Field(default=3, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
     device_map: str = "auto"  # "auto", "cuda:0", "cpu", ...
     # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
