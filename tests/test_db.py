@@ -48,7 +48,7 @@ def test_upgrade_twice_is_harmless(tmp_path: Path) -> None:
     upgrade(url)
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0004"
     engine.dispose()
 
 
