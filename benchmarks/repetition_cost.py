@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.bench.study import reference_prompts
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
 
 NEW_TOKENS = 150  # the reference workload's summary length

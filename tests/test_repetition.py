@@ -57,15 +57,14 @@ def test_fast_engine_with_the_rules_equals_generate_with_the_same_options(tiny_e
     plain = [tiny_engine.generate([p], params, backend="hf")[0][0].token_ids for p in prompts]
     fast, _ = tiny_engine.generate(prompts, params, backend="fast")
     assert [g.token_ids for g in fast] == plain
-    runner = tiny_engine.runner
-    saved = runner.rolling, runner.max_rows
-    runner.rolling, runner.max_rows = True, 2
-    try:
-        rolled, _ = runner.generate(
-            prompts, max_new_tokens=40, stop_ids=tiny_engine.stop_ids, repeat=params.repeat_rules
-        )
-    finally:
-        runner.rolling, runner.max_rows = saved
+    rolled, _ = tiny_engine.runner.generate(
+        prompts,
+        max_new_tokens=40,
+        stop_ids=tiny_engine.stop_ids,
+        rolling=True,
+        max_rows=2,
+        repeat=params.repeat_rules,
+    )
     assert rolled == plain
     off = [
         tiny_engine.generate([p], SamplingParams(max_new_tokens=40), backend="fast")[0][0].token_ids for p in prompts

@@ -16,7 +16,7 @@ dropped: "survived", "survives" and "survive" all become "surviv"). Word order a
 matter. It is a recall of facts as words, strict enough that a summary which leaves the fact out
 fails and lenient enough that paraphrasing its grammar passes.
 
-Reads jobs through the export query (tubesum/jobs.py `export_rows`), or an export file.
+Reads jobs through the export query (tubesum/read/queries.py `export_rows`), or an export file.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """summaries.truncated: a summary stopped by the token limit and cut back to a complete sentence
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-03 10:50:00
 
 Existing summaries were never cut back: false.
@@ -10,8 +10,8 @@ Existing summaries were never cut back: false.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
