@@ -175,6 +175,8 @@ class Summary(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     generated_tokens: Mapped[int] = mapped_column(Integer)
     finish_reason: Mapped[str] = mapped_column(String(16))  # stop | length
+    # Stopped by the token limit and cut back to its last complete sentence.
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     pieces: Mapped[int] = mapped_column(Integer, default=1)  # >1: long transcript, map-reduced
     queue_wait_s: Mapped[float | None] = mapped_column(Float)  # enqueued → batch start
     latency_s: Mapped[float | None] = mapped_column(Float)  # submitted → stored

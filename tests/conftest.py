@@ -73,6 +73,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 # The tiny real models, session-scoped: built once, shared by every test module that names them.
+from tests.real_model import smollm2_dir, smollm2_engine  # noqa: F401
 from tests.tiny_model import micro_model_dir, tiny_engine, tiny_model_dir  # noqa: F401
 from tests.worker_fixtures import embedded_env, fault_env, make_batcher  # noqa: F401
 

@@ -7,7 +7,7 @@ import pytest
 from tubesum.errors import PromptError
 from tubesum.workers.gpu.params import Generation
 from tubesum.workers.summarise.plan import SummaryPlan
-from tubesum.workers.summarise.prompt import DATA_RULE, PromptBuilder, sanitize
+from tubesum.workers.summarise.prompt import DATA_RULE, LENGTH_ASK, PromptBuilder, sanitize
 
 INSTRUCTION = "Summarise the transcript in one line."
 MAX_NEW = 50
@@ -36,7 +36,7 @@ def test_sanitize_neutralises_tags_and_control_characters():
     assert "transcript" in clean  # the word stays, as text
 
 
-def test_prompt_uses_the_chat_template_with_tags_and_the_rule_after_the_transcript(builder):
+def test_prompt_uses_the_chat_template_with_the_rule_before_the_tags_and_the_task_last(builder):
     plan = SummaryPlan("Bees dance to tell their sisters where the flowers are.", builder)
     (ids,) = plan.step
     text = text_of(builder, ids)
@@ -45,7 +45,11 @@ def test_prompt_uses_the_chat_template_with_tags_and_the_rule_after_the_transcri
     user = text.split("<|im_start|>user\n", 1)[1]
     transcript_at = user.index("<transcript>\nBees dance")
     closing_at = user.index("</transcript>")
-    assert transcript_at < closing_at < user.index(INSTRUCTION) < user.index(DATA_RULE)
+    assert transcript_at < closing_at < user.index(INSTRUCTION) < user.index(LENGTH_ASK)
+    # The rule is in the system message; the user message ends with the task (small models echo
+    # guard text that stands in the user message).
+    assert DATA_RULE in text.split("<|im_start|>user\n", 1)[0] and DATA_RULE not in user
+    assert "100 words" in LENGTH_ASK
     assert plan.pieces == 1
 
 

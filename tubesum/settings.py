@@ -25,6 +25,8 @@ DEFAULT_PROMPT = (
 # Small, ungated, Apache-2.0 instruct model that fits one 24 GB GPU in bf16 (~15 GB of weights).
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
+# Where GGUF models converted to safetensors (and the fetched SmolLM2) are cached.
+DEFAULT_MODEL_CACHE = "~/.cache/tubesum/models"
 # Directory (relative to the working directory) holding the embedded broker's files.
 EMBEDDED_DIR = ".tubesum"
 # HTTP requests of one transcript fetch (watch page, innertube player, caption track).
@@ -49,10 +51,21 @@ class Settings(BaseSettings):
 
     # --- summarisation -----------------------------------------------------------------------
     model: str = DEFAULT_MODEL
+    # Converted GGUF models (workers/gpu/gguf_model.py) and `tubesum model fetch-smollm2`.
+    model_cache: Path = Path(DEFAULT_MODEL_CACHE)
     prompt: str = DEFAULT_PROMPT
     chunk_size: int | Literal["auto"] = 32  # prompts per batched generation
     chunk_wait_s: float = 2.0  # how long a partial chunk waits for more work, seconds
-    max_new_tokens: int = Field(default=200, ge=1, le=MAX_NEW_TOKENS_LIMIT)  # ~100 words plus slack
+    # The summary's token limit: the ~100 words the prompt asks for (TARGET_WORDS, about 1.4
+    # tokens a word) plus half again for a model that runs long; one that reaches it is cut back
+    # to its last complete sentence and marked truncated.
+    max_new_tokens: int = Field(default=200, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    # Repetition control in the decode step, over each summary's own tokens (transformers'
+    # semantics): no n-gram of this many tokens twice (0: off), and a repetition penalty (1.0:
+    # off). See docs/benchmarks.md "Summary quality" for what they change.
+    # On by default: SmolLM2 greedy looped on a sentence in 4 of 8 summaries without it, 0 with it.
+    no_repeat_ngram_size: int = Field(default=3, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
     device_map: str = "auto"  # "auto", "cuda:0", "cpu", ...
     # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
     # ones); 1 = one device, as device_map says.

@@ -83,6 +83,7 @@ class JobStatus:
     holders: list[LeaseHolder] = field(default_factory=list)
     expired_leases: int = 0  # times a lease ran out and its video went back to the queue
     long_videos: list[FailedVideo] = field(default_factory=list)  # in a long map-reduce (error: its note)
+    truncated: int = 0  # summaries stopped by the token limit and cut back to a complete sentence
 
     @property
     def model_shown(self) -> str:
@@ -142,6 +143,13 @@ def job_status(session: Session, job_id: int | None = None) -> JobStatus:
         long_videos=in_map_reduce(session, job.id),
         expired_leases=session.scalar(
             select(func.coalesce(func.sum(Video.lease_expiries), 0)).where(Video.job_id == job.id)
+        )
+        or 0,
+        truncated=session.scalar(
+            select(func.count())
+            .select_from(Summary)
+            .join(Video, Video.id == Summary.video_pk)
+            .where(Video.job_id == job.id, Summary.truncated.is_(True))
         )
         or 0,
     )
@@ -215,6 +223,7 @@ EXPORT_SELECT = (
     func.length(Transcript.text).label("transcript_chars"),
     Summary.text.label("summary"),
     Summary.finish_reason,
+    Summary.truncated,
     Summary.model,
     Summary.batch_id,
     Batch.batch_size,
@@ -245,6 +254,17 @@ def export_rows(session: Session, job_id: int) -> list[dict[str, object]]:
     get_job(session, job_id)
     query = video_rows().where(Video.job_id == job_id).order_by(Video.position, Video.id)
     return [dict(row) for row in session.execute(query).mappings()]
+
+
+def transcript_texts(session: Session, job_id: int) -> dict[str, str]:
+    """Each video's stored transcript, by video id (`tubesum eval`'s copy rate reads them)."""
+    get_job(session, job_id)
+    rows = session.execute(
+        select(Video.video_id, Transcript.text)
+        .join(Transcript, Transcript.video_pk == Video.id)
+        .where(Video.job_id == job_id)
+    ).all()
+    return {video_id: text for video_id, text in rows}
 
 
 def counts_of(session: Session, job_id: int) -> JobCounts:

@@ -119,6 +119,8 @@ class Batcher:
         rolling: bool = False,
         store_wait_s: float = OUTAGE_MAX_WAIT_S,
         progress: Progress | None = None,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> None:
         self.engine = engine
         self.store_wait_s = store_wait_s
@@ -126,7 +128,11 @@ class Batcher:
         self.waves = rolling_waves(engine, rolling)
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
-        self.params = SamplingParams(max_new_tokens=max_new_tokens)
+        self.params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            repetition_penalty=repetition_penalty,
+        )
         self.sizer = ChunkSizer(chunk_size)
         self.prompts = PromptBuilder(
             engine.tokenizer,
@@ -466,6 +472,7 @@ class Batcher:
             text=plan.text or "",
             token_ids=plan.token_ids,
             finish_reason=plan.finish_reason,
+            truncated=plan.truncated,
             prompt_tokens=plan.prompt_tokens,
             generated_tokens=plan.generated_tokens,
             pieces=plan.pieces,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from tubesum.workers.gpu.kv_cache import KVCache
+from tubesum.workers.gpu.repetition import ban_repeated_ngrams, penalise_repeats
 
 # Decode graphs are captured for bucketed row counts (powers of two up to this, then multiples of
 # it): a chunk of 187 rows replays the 192-row graph with 5 dummy rows. Rows.
@@ -51,9 +52,11 @@ class DecodeGraph:
         max_new_tokens: int,
         use_graph: bool,
         pool=None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> None:
         dev = self.device = device
         self.step_logits, self.cache, self.suppress = step_logits, cache, suppress
+        self.repeat = repeat  # (no-repeat n-gram size, repetition penalty), baked into the graph
         self.rows, self.max_k, self.max_new_tokens = rows, max_k, max_new_tokens
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] last token
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)  # [B] its position
@@ -77,6 +80,11 @@ class DecodeGraph:
         logits = self.step_logits(self.tokens, self.pos, self.cu_k, self.cache, self.max_k)  # [B, V]
         if self.suppress is not None:
             logits.index_fill_(1, self.suppress, float("-inf"))
+        ngram, penalty = self.repeat  # on the row's own tokens out[:, :row_step]: no host sync
+        if penalty != 1.0:
+            penalise_repeats(logits, self.out, self.row_step, penalty)
+        if ngram:
+            ban_repeated_ngrams(logits, self.out, self.row_step, ngram)
         nxt = logits.argmax(dim=-1)  # [B]
         self.out.scatter_(1, self.row_step[:, None], nxt[:, None])
         self.tokens.copy_(nxt)

@@ -23,6 +23,7 @@ import torch
 
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu.gguf_model import resolve_model
 from tubesum.workers.gpu.kv_cache import CacheTooSmall
 from tubesum.workers.gpu.llama import SUPPORTED_MODEL_TYPES
 from tubesum.workers.gpu.model_check import check_model
@@ -155,6 +156,7 @@ class Engine:
                     new_tokens=new_tokens,
                     rolling=rolling,
                     max_rows=max_rows,
+                    repeat=params.repeat_rules,
                 )
                 prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
             else:
@@ -268,6 +270,8 @@ class Engine:
         )
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_new_tokens
+        # transformers' own repetition rules, given the generated tokens only (as the fast runner).
+        kwargs["logits_processor"] = generated_only_processors(params, prompt_width=width)
         out = self.model.generate(input_ids=ids.to(first_device), attention_mask=mask.to(first_device), **kwargs)
         rows = []
         for row in out[:, width:].tolist():
@@ -281,6 +285,30 @@ class Engine:
             rows.append(cut)
         # generate() does not expose a prefill/decode split.
         return rows, None, None, len(prompts) * width
+
+
+def generated_only_processors(params: SamplingParams, *, prompt_width: int):
+    """transformers' NoRepeatNGram / RepetitionPenalty processors applied to the tokens after the
+    (left-padded) prompt: the fast runner's rules, in generate()."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.logits_process import (
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    class GeneratedOnly(LogitsProcessor):
+        def __init__(self, inner: LogitsProcessor) -> None:
+            self.inner = inner
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids[:, prompt_width:], scores)
+
+    rules = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        rules.append(GeneratedOnly(RepetitionPenaltyLogitsProcessor(params.repetition_penalty)))
+    if params.no_repeat_ngram_size:
+        rules.append(GeneratedOnly(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size)))
+    return rules
 
 
 # ---------------------------------------------------------------------- loading
@@ -346,9 +374,10 @@ def load_engine(
     `device_map="cpu"`, N CPU ranks over gloo, for tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
+    source = resolve_model(model)  # a GGUF: its converted copy (converted now if not cached)
     if tensor_parallel > 1:
         return load_tp_engine(
-            model,
+            source,
             world=tensor_parallel,
             device_type="cpu" if dm == "cpu" else "cuda",
             dtype=torch_dtype,
@@ -363,11 +392,11 @@ def load_engine(
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_model(model)  # seconds, not a minute of download retries, when it is not there
+        check_model(source)  # seconds, not a minute of download retries, when it is not there
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            tokenizer = AutoTokenizer.from_pretrained(source)
             hf_model = AutoModelForCausalLM.from_pretrained(
-                model, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl
+                source, dtype=torch_dtype, device_map=dm, attn_implementation=attn_impl
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc

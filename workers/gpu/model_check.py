@@ -15,6 +15,7 @@ from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
 from tubesum.errors import ModelLoadError
+from tubesum.workers.gpu.gguf_model import GGUF_SUFFIX, check_gguf, converted_dir, find_gguf, is_converted
 
 DUMMY_PREFIX = "dummy:"  # random weights of a real architecture (workers/gpu/dummy.py)
 # How long the hub may take to say whether a model exists, seconds.
@@ -41,6 +42,11 @@ def check_model(model: str, *, timeout_s: float = HUB_CHECK_TIMEOUT_S) -> str:
     ModelLoadError with a one-line reason and the dry-run hint when it cannot be loaded."""
     if model.startswith(DUMMY_PREFIX):
         return "dummy"
+    gguf = find_gguf(model) if looks_like_path(model) or model.lower().endswith(GGUF_SUFFIX) else None
+    if gguf is not None:
+        if not is_converted(converted_dir(gguf)):
+            check_gguf(gguf)  # converted copies were checked when they were made
+        return "gguf"
     if looks_like_path(model):
         return _check_local(Path(model).expanduser())
     try:
@@ -63,7 +69,7 @@ def _check_local(path: Path) -> str:
     if not path.exists():
         raise ModelLoadError(f"model directory {str(path)!r} does not exist; {DRY_RUN_HINT}")
     if not (path / CONFIG_FILE).is_file():
-        raise ModelLoadError(f"{str(path)!r} is not a saved model (no {CONFIG_FILE}); {DRY_RUN_HINT}")
+        raise ModelLoadError(f"{str(path)!r} is not a saved model (no {CONFIG_FILE}, no .gguf file); {DRY_RUN_HINT}")
     return "local"
 
 

@@ -13,10 +13,21 @@ class SamplingParams:
 
     max_new_tokens: int = 200
     ignore_eos: bool = False  # benchmarks: every prompt generates exactly max_new_tokens
+    # transformers' rules over each row's generated tokens (workers/gpu/repetition.py):
+    # no n-gram of this size twice (0: off), and its repetition penalty (1.0: off).
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.no_repeat_ngram_size < 0 or self.repetition_penalty <= 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0 and repetition_penalty > 0")
+
+    @property
+    def repeat_rules(self) -> tuple[int, float]:
+        """(no_repeat_ngram_size, repetition_penalty): part of a decode graph's identity."""
+        return (self.no_repeat_ngram_size, self.repetition_penalty)
 
 
 @dataclass

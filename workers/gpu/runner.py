@@ -78,6 +78,7 @@ class Runner(Protocol):
         new_tokens: list[int] | None = None,
         rolling: bool = False,
         max_rows: int | None = None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> tuple[list[list[int]], RunStats]: ...
 
     def shrink_capacity(self, factor: float) -> None: ...
@@ -157,12 +158,25 @@ class LlamaRunner:
             )
         return self._kv
 
-    def _decoder_for(self, rows: int, max_k: int, suppress: tuple[int, ...], max_new_tokens: int) -> DecodeGraph:
+    def _decoder_for(
+        self,
+        rows: int,
+        max_k: int,
+        suppress: tuple[int, ...],
+        max_new_tokens: int,
+        repeat: tuple[int, float] = (0, 1.0),
+    ) -> DecodeGraph:
         """The decode graph for `rows` real rows (bucketed), reused across chunks."""
         bucket = row_bucket(rows)
         max_k = math.ceil(max_k / MAX_K_ROUNDING) * MAX_K_ROUNDING
         for key, dec in self._graphs.items():
-            if key[0] == bucket and key[1] >= max_k and key[2] == suppress and key[3] >= max_new_tokens:
+            if (
+                key[0] == bucket
+                and key[1] >= max_k
+                and key[2] == suppress
+                and key[3] >= max_new_tokens
+                and key[4] == repeat
+            ):
                 self._graphs.move_to_end(key)
                 return dec
         cache = self._cache()
@@ -181,8 +195,9 @@ class LlamaRunner:
             max_new_tokens=max_new_tokens,
             use_graph=self.use_graphs,
             pool=self._pool,
+            repeat=repeat,
         )
-        self._graphs[(bucket, max_k, suppress, max_new_tokens)] = dec
+        self._graphs[(bucket, max_k, suppress, max_new_tokens, repeat)] = dec
         return dec
 
     def release(self) -> None:
@@ -204,6 +219,7 @@ class LlamaRunner:
         new_tokens: list[int] | None = None,
         rolling: bool = False,
         max_rows: int | None = None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> tuple[list[list[int]], RunStats]:
         """Greedy continuation of every prompt; returns each row's new tokens (up to and including
         its first stop token) in input order. `new_tokens` gives each row its own limit (at most
@@ -230,7 +246,7 @@ class LlamaRunner:
         most = max_rows if rolling and max_rows else n
         placed = admit(waiting, lengths, regions, slots=most)  # all of them unless rolling
         suppress = tuple(sorted(stop_ids)) if ignore_eos else ()
-        dec = self._decoder_for(len(placed), max(lengths), suppress, max_new_tokens)
+        dec = self._decoder_for(len(placed), max(lengths), suppress, max_new_tokens, tuple(repeat))
         # The graph's row count is fixed for the call: rows that join later take free slots.
         slots = min(dec.rows, most)
         rows = _Rows(prompts, limits, lengths, regions, waiting, owner=[None] * slots, joined=[0] * slots)
@@ -337,7 +353,7 @@ class LlamaRunner:
                 rows.keep(b, row[: steps - rows.joined[b]])
         owner = [rows.owner[b] for b in active]
         idx = torch.tensor(active, device=self.device)
-        small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens)
+        small = self._decoder_for(len(active), dec.max_k, suppress, dec.max_new_tokens, dec.repeat)
         small.load(
             dec.tokens[idx],
             dec.pos[idx].tolist(),

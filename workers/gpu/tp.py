@@ -320,7 +320,7 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
     """One command, run identically on every rank (`commands`: the gloo group of the votes)."""
     kind, *args = command
     if kind == "generate":
-        prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode = args
+        prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode, repeat = args
         # Rank 0's decode settings (drop finished rows, rolling, max rows), so every rank makes
         # the same decisions at the same steps.
         runner.drop_finished_rows, rolling, max_rows = decode
@@ -339,6 +339,7 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
             new_tokens=new_tokens,
             rolling=rolling,
             max_rows=max_rows,
+            repeat=repeat,
         )
     if kind == "probe":
         return probe_logits(runner, args[0])
@@ -502,6 +503,7 @@ class RankGroup:
         new_tokens: list[int] | None = None,
         rolling: bool = False,
         max_rows: int | None = None,
+        repeat: tuple[int, float] = (0, 1.0),
     ) -> tuple[list[list[int]], RunStats]:
         command = (
             "generate",
@@ -511,6 +513,7 @@ class RankGroup:
             ignore_eos,
             None if new_tokens is None else list(new_tokens),
             (self.drop_finished_rows, rolling, max_rows),
+            tuple(repeat),
         )
         self._send(command)
         error: Exception | None = None

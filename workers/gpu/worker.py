@@ -91,6 +91,8 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
         heartbeat_s=settings.heartbeat_s,
         rolling=settings.rolling,
         progress=partial(note_map_reduce, owner=lease_owner, database_url=settings.database_url),
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty,
     )
 
 

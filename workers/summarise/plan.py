@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from tubesum.workers.summarise.finish import finish_summary
 from tubesum.workers.summarise.prompt import PromptBuilder
 from tubesum.workers.summarise.split import pack_groups, split_even
 
@@ -34,6 +35,7 @@ class SummaryPlan:
         self.text: str | None = None
         self.token_ids: list[int] = []  # the final generation's tokens
         self.finish_reason: str | None = None
+        self.truncated = False  # stopped by the limit and cut back to its last complete sentence
         self.error: str | None = None
         ids = prompts.encode(transcript)
         if len(ids) <= prompts.budgets["single"]:
@@ -57,7 +59,8 @@ class SummaryPlan:
         self.generated_tokens += sum(len(g.token_ids) for g in generations)
         if self._final:
             (gen,) = generations
-            self.text = self.prompts.decode(gen.token_ids)
+            finished = finish_summary(self.prompts.decode(gen.token_ids), finish_reason=gen.finish_reason)
+            self.text, self.truncated = finished.text, finished.truncated
             self.token_ids = list(gen.token_ids)
             self.finish_reason = gen.finish_reason
             self.step = []

@@ -47,6 +47,7 @@ class VideoOutcome:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    truncated: bool = False  # cut back to its last complete sentence (workers/summarise/finish.py)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     pieces: int = 1
@@ -115,6 +116,7 @@ def store_batch(batch: Batch, outcomes: Sequence[VideoOutcome], *, database_url:
                     prompt_tokens=outcome.prompt_tokens,
                     generated_tokens=outcome.generated_tokens,
                     finish_reason=outcome.finish_reason or "length",
+                    truncated=outcome.truncated,
                     pieces=outcome.pieces,
                     queue_wait_s=seconds_between(video.fetched_at, outcome.first_batch_started_at or batch.started_at),
                     latency_s=seconds_between(video.queued_at, now),
