@@ -289,6 +289,11 @@ def worker_summarise(
     ),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager"),
+    quantize: str = typer.Option(
+        None,
+        "--quantize",
+        help="none or fp8 (FP8 projections; a card of compute capability >= 8.9; default TUBESUM_QUANTIZE, none)",
+    ),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
     name: str = typer.Option("gpu@%h", "--name", "-n", help="Celery node name"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
@@ -312,6 +317,7 @@ def worker_summarise(
             tensor_parallel=tensor_parallel,
             dtype=dtype,
             attn=attn,
+            quantize=quantize,
         ).items()
         if value is not None
     }
@@ -416,6 +422,11 @@ def run_cmd(
     ),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32 (default TUBESUM_DTYPE, auto)"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager (default TUBESUM_ATTN, auto)"),
+    quantize: str = typer.Option(
+        None,
+        "--quantize",
+        help="none or fp8: FP8 projections on a card of compute capability >= 8.9 (default TUBESUM_QUANTIZE, none)",
+    ),
     output: str = typer.Option(
         None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
     ),
@@ -446,7 +457,13 @@ def run_cmd(
                 device_map=device_map,
                 dtype=dtype,
                 attn=attn,
+                quantize=quantize,
             )
+            if settings.quantize != "none" and not fetch_only:
+                # Before anything is submitted: only then is torch imported here (to ask the card).
+                from tubesum.workers.gpu.engine import check_quantize
+
+                check_quantize(settings.quantize, device_map=settings.device_map)
             result = run_job(
                 sources or [],
                 from_file=from_file,
@@ -510,6 +527,11 @@ def bench_cmd(
         help="run the model over N GPUs with tensor parallelism; --baseline then times device_map over the same GPUs",
     ),
     dtype: str = typer.Option("auto", "--dtype"),
+    quantize: str = typer.Option(
+        "none",
+        "--quantize",
+        help="comma-separated: none, fp8, or none,fp8 (a bf16 and an FP8 sweep in one call, compared)",
+    ),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
     max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most"),
@@ -532,10 +554,9 @@ def bench_cmd(
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import Progress
 
-    from tubesum.workers.gpu.bench import resolve_bench_device, run_bench
-    from tubesum.workers.gpu.bench_table import print_report
+    from tubesum.workers.gpu.bench import resolve_bench_device
+    from tubesum.workers.gpu.bench_table import quantize_comparison
 
     console = Console()
     try:
@@ -544,29 +565,65 @@ def bench_cmd(
         raise _error(exc) from None
     if note:
         console.print(note, markup=False, highlight=False)
+    modes = [q.strip() for q in quantize.split(",") if q.strip()]
+    device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
+    with exit_codes():  # every mode is checked before anything is loaded or written
+        from tubesum.workers.gpu.engine import check_quantize
+
+        if not modes:
+            raise typer.BadParameter("--quantize needs at least one of none, fp8")
+        for mode in modes:
+            check_quantize(mode, device_map=device_map)
+    reports = []
+    for mode in modes:
+        out_dir = Path(output) / mode if len(modes) > 1 else Path(output)
+        reports.append(_bench_one(console, mode, out_dir, **locals_for_bench(locals())))
+    if len(reports) > 1:
+        for line in quantize_comparison(reports):
+            console.print(line, markup=False, highlight=False)
+
+
+def locals_for_bench(scope: dict) -> dict:
+    keys = (
+        "model chunk_sizes prompts new_tokens transcripts job device baseline baseline_sizes max_chunks extend "
+        "dtype lengths tensor_parallel varied_sizes"
+    ).split()
+    return {k: scope[k] for k in keys}
+
+
+def _bench_one(console, quantize: str, out_dir, **opts):
+    """One `tubesum bench` sweep with projections in `quantize`; prints its table, returns its report."""
+    from rich.progress import Progress
+
+    from tubesum.workers.gpu.bench import run_bench
+    from tubesum.workers.gpu.bench_table import print_report
+
+    model, varied_sizes = opts["model"], opts["varied_sizes"]
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("loading model", total=None)
+        task = bar.add_task(f"loading model ({quantize})", total=None)
         report = run_bench(
             model=model,
-            chunk_sizes=_int_list(chunk_sizes),
-            prompts=prompts,
-            new_tokens=new_tokens,
-            transcripts=transcripts,
-            job=job,
-            device=device,
-            baseline=baseline,
-            baseline_sizes=_int_list(baseline_sizes),
-            max_chunks=max_chunks,
-            extend=extend,
-            out_dir=Path(output),
-            dtype=dtype,
-            lengths=lengths,
-            tensor_parallel=tensor_parallel,
+            chunk_sizes=_int_list(opts["chunk_sizes"]),
+            prompts=opts["prompts"],
+            new_tokens=opts["new_tokens"],
+            transcripts=opts["transcripts"],
+            job=opts["job"],
+            device=opts["device"],
+            baseline=opts["baseline"],
+            baseline_sizes=_int_list(opts["baseline_sizes"]),
+            max_chunks=opts["max_chunks"],
+            extend=opts["extend"],
+            out_dir=out_dir,
+            dtype=opts["dtype"],
+            lengths=opts["lengths"],
+            tensor_parallel=opts["tensor_parallel"],
             varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
+            quantize=quantize,
             progress=lambda text: bar.update(task, description=text),
         )
     print_report(report, console)
-    console.print(f"wrote {clean(Path(output) / 'bench.json')}, throughput.png, speedup.png", markup=False)
+    console.print(f"wrote {clean(out_dir / 'bench.json')}, throughput.png, speedup.png", markup=False)
+    return report
 
 
 class _PlainFormatter(logging.Formatter):

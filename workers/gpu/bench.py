@@ -21,6 +21,7 @@ tensor-parallel group has stopped and freed them.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -99,6 +100,7 @@ class BenchReport:
     token_capacity: int | None = None  # KV-cache tokens the engine planned
     tensor_parallel: int = 1
     baseline_device: str | None = None  # where the baseline ran, when not on the engine's device
+    quantize: str = "none"  # "fp8": the engine's projections in FP8 (baseline rows stay bf16)
 
 
 def reference_prompts(
@@ -431,6 +433,7 @@ def run_bench(
     progress=None,
     lengths: str = "both",
     varied_sizes: list[int] | None = None,
+    quantize: str = "none",
 ) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
     baseline), write bench.json and plots."""
@@ -439,7 +442,7 @@ def run_bench(
     from tubesum.workers.gpu.engine import load_engine
 
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
-    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel)
+    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel, quantize=quantize)
     if engine.device.type == "cuda":
         engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
@@ -464,6 +467,7 @@ def run_bench(
         transformers_version=transformers.__version__,
         token_capacity=engine.token_capacity,
         tensor_parallel=tensor_parallel,
+        quantize=engine.quantize,
     )
     if lengths in ("fixed", "both"):
         fixed, report.memory_limit_chunk = sweep(
@@ -521,6 +525,13 @@ def run_bench(
         )
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)
+    if engine.model is not None:  # (a tensor-parallel group is closed already)
+        engine.release()
+    engine.close()
+    del engine
+    gc.collect()  # the next --quantize mode loads its own copy of the model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return report
 
 

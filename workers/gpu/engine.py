@@ -15,9 +15,9 @@ import os
 import socket
 import time
 import traceback
-from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import torch

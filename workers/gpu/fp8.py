@@ -232,7 +232,9 @@ def grouped_fp8(x: torch.Tensor, w: Fp8Weight, offs: torch.Tensor, *, quant: Qua
     return out.to(x.dtype)
 
 
-def per_expert_fp8(x: torch.Tensor, w: Fp8Weight, offs: torch.Tensor, *, quant: QuantFn = quantize_rows) -> torch.Tensor:
+def per_expert_fp8(
+    x: torch.Tensor, w: Fp8Weight, offs: torch.Tensor, *, quant: QuantFn = quantize_rows
+) -> torch.Tensor:
     """The grouped product one expert at a time (reads the offsets on the host: not capturable)."""
     out = x.new_empty(x.shape[0], w.weight.shape[1])
     start = 0

@@ -211,5 +211,7 @@ def load_fp8_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.
     missing = sorted(set(params) - seen)
     if missing:
         raise ModelLoadError(f"FP8 checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    log.info("loaded %s FP8 checkpoint %s (%d FP8 projections)", method, path, sum(1 for _ in fp8.decoder_linears(model)))
+    log.info(
+        "loaded %s FP8 checkpoint %s (%d FP8 projections)", method, path, sum(1 for _ in fp8.decoder_linears(model))
+    )
     return model

@@ -421,6 +421,11 @@ class LlamaRunner:
                         k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
                     )
                 )
+            if any(isinstance(w, fp8.Fp8Weight) for lyr in self.layers for w in (lyr.wqkv, lyr.moe and lyr.moe.w13)):
+                # Probe the FP8 kernels now: the probes read a result on the host, which a decode
+                # graph being captured must never do.
+                fp8.scaled_mm_ok(self.device)
+                fp8.scaled_grouped_mm_ok(self.device)
             # cos/sin for every position once, with the model's own rotary code (rope scaling incl.)
             positions = torch.arange(self.max_positions, device=self.device)[None]
             probe = torch.zeros(1, dtype=torch.float32, device=self.device)
