@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tubesum.errors import ModelLoadError
 from tubesum.workers.gpu import dummy, fp8, fp8_load
-from tubesum.workers.gpu.engine import load_engine
+from tubesum.workers.gpu.engine import SamplingParams, load_engine
 from tubesum.workers.gpu.fp8_quality import agreement, bf16_vs_fp8
 from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import probe_logits
@@ -328,3 +328,24 @@ def test_quantize_reaches_the_summarise_worker():
     assert worker_env(settings, base_env={})["TUBESUM_QUANTIZE"] == "fp8"
     summarise = local_workers(settings, summarise=True, fetch_concurrency=1)[-1]
     assert summarise.argv[summarise.argv.index("--quantize") + 1] == "fp8"
+
+
+@pytest.mark.slow  # two gloo rank processes (~1 min)
+@pytest.mark.parametrize("spec", ["dummy:tiny", "dummy:tiny-mixtral"])
+def test_tensor_parallel_ranks_quantise_their_own_shards(spec):
+    from tests.tiny_model import saved_tiny_model
+
+    path = str(saved_tiny_model(spec))
+    single = load_engine(path, device_map="cpu", dtype="float32", quantize="fp8", fp8_card=False)
+    tp = load_engine(path, device_map="cpu", dtype="float32", tensor_parallel=2, quantize="fp8", fp8_card=False)
+    try:
+        assert tp.quantize == "fp8" and fp8.is_quantized(tp.model)
+        one, _ = probe_logits(single.runner, PROMPTS)
+        two, _ = tp.group.probe(PROMPTS)
+        # q/k/v and gate/up shard by output rows: the same scales as the whole matrix; o and
+        # down shard by input columns, so each rank's row scales cover its slice only.
+        assert bool((_cos(two, one) > 0.97).all())
+        rows, _ = tp.generate(PROMPTS, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        assert [len(g.token_ids) for g in rows] == [4, 4, 4]
+    finally:
+        tp.close()
