@@ -10,14 +10,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, so a code change does not reinstall torch.
-COPY pyproject.toml README.md ./
-COPY tubesum/__init__.py tubesum/__init__.py
-RUN mkdir -p producer workers/gpu models migrations/versions \
-    && touch producer/__init__.py workers/__init__.py workers/gpu/__init__.py models/__init__.py \
-             migrations/__init__.py migrations/versions/__init__.py \
-    && pip install ".[gpu]" \
-    && pip uninstall -y tubesum
+# Dependencies first, so a code change does not reinstall torch. They are read from pyproject.toml
+# (no stub of the package's folders to keep in step with the tree); tests/test_dockerfile.py runs
+# these lines in a folder laid out as this stage is.
+COPY pyproject.toml scripts/requirements_from_pyproject.py ./
+RUN python requirements_from_pyproject.py gpu > requirements.txt \
+    && pip install -r requirements.txt \
+    && rm requirements.txt requirements_from_pyproject.py
 
 COPY . .
 RUN pip install --no-deps . \

@@ -107,7 +107,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "tubesum.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", str(work / "big.csv")],
+            [sys.executable, "-m", "tubesum.cli", "submit", "--quiet", "--transcripts", str(work / "big.csv")],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

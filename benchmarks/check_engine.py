@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.bench.study import reference_prompts
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
 
 
@@ -83,13 +83,8 @@ def main() -> None:
 def rolling_check(eng, prompts, sp, own) -> None:
     """Rolling decode (prompts join as finished rows free their slots and regions) on the CUDA
     graph path: 2 rows at a time over every prompt, against the same prompts all at once."""
-    r = eng.runner
     together = [g.token_ids for g in eng.generate(prompts, sp, new_tokens=own)[0]]
-    r.rolling, r.max_rows = True, 2
-    try:
-        rolled = [g.token_ids for g in eng.generate(prompts, sp, new_tokens=own)[0]]
-    finally:
-        r.rolling, r.max_rows = False, None
+    rolled = [g.token_ids for g in eng.generate(prompts, sp, new_tokens=own, rolling=True, max_rows=2)[0]]
     print(
         "rolling (2 rows at a time): lengths ok",
         [len(x) for x in rolled] == own,
@@ -101,9 +96,9 @@ def rolling_check(eng, prompts, sp, own) -> None:
 
 def logits_check(eng, prompts) -> None:
     """Last-position logits of the fast runner against HF's own forward, prompt by prompt."""
-    from tubesum.workers.gpu.runner import KVCache
+    from tubesum.workers.gpu.kv_cache import KVCache
 
-    r = eng.runner
+    r = eng.runner.llama
     for p in prompts[:4]:
         cache = KVCache(
             layers=len(r.layers),
@@ -142,9 +137,9 @@ def profile_decode(eng, rows: int, steps: int = 5) -> None:
 def decode_check(eng, prompts, steps: int = 12) -> None:
     """Teacher-forced: our per-step decode logits (several rows of different lengths in one
     cache) against HF's forward over prompt + our tokens, position by position."""
-    from tubesum.workers.gpu.runner import KVCache
+    from tubesum.workers.gpu.kv_cache import KVCache
 
-    r = eng.runner
+    r = eng.runner.llama
     prompts = prompts[:3]
     # Ragged: each row at its own offset, with gaps of stale values between the rows.
     starts, at = [], 0

@@ -9,16 +9,16 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tiny_model import saved_tiny_model  # noqa: E402
-
-from tubesum.workers.gpu.bench import reference_prompts  # noqa: E402
-from tubesum.workers.gpu.engine import SamplingParams, load_engine  # noqa: E402
-from tubesum.workers.gpu.tp import probe_logits  # noqa: E402
+from tubesum.bench.study import reference_prompts
+from tubesum.workers.gpu.dummy import save_dummy
+from tubesum.workers.gpu.engine import SamplingParams, load_engine
+from tubesum.workers.gpu.tp import probe_logits
 
 
 def step(text: str, t0: float = time.perf_counter()) -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     faulthandler.dump_traceback_later(float(os.environ.get("TUBESUM_TP_DUMP_S", "600")), exit=False)
     spec = sys.argv[1] if len(sys.argv) > 1 else "dummy:tiny-mixtral"
-    path = str(saved_tiny_model(spec))
+    path = str(save_dummy(spec, Path(tempfile.mkdtemp(prefix="tubesum-check-tp-")) / spec.removeprefix("dummy:")))
     prompts = reference_prompts(16, vocab_size=512, low=20, high=400)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     t = time.perf_counter()

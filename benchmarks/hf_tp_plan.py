@@ -23,7 +23,7 @@ import torch.distributed as dist
 import transformers
 from transformers import AutoModelForCausalLM
 
-from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.bench.study import reference_prompts
 from tubesum.workers.gpu.dummy import build_dummy
 
 

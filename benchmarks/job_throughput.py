@@ -36,7 +36,9 @@ def job_throughput(url: str, job_id: int | None = None) -> dict:
             job_id = conn.execute(select(Video.job_id).order_by(Video.job_id.desc()).limit(1)).scalar_one()
         videos = conn.execute(select(Video.status, Video.fetched_at, Video.done_at).where(Video.job_id == job_id)).all()
         batches = conn.execute(
-            select(Batch.batch_size, Batch.status, Batch.started_at, Batch.ended_at).order_by(Batch.started_at)
+            select(Batch.batch_size, Batch.status, Batch.started_at, Batch.ended_at, Batch.worker_host).order_by(
+                Batch.started_at
+            )
         ).all()
     done = [v for v in videos if v.status == "done"]
     ok = [b for b in batches if b.status == "ok"]
@@ -61,6 +63,34 @@ def job_throughput(url: str, job_id: int | None = None) -> dict:
             full_span = _seconds(full[0].ended_at, full[-1].ended_at)
             out["steady_full_chunks_summaries_per_s"] = round(sum(b.batch_size for b in full[1:]) / full_span, 2)
         out["mean_batch_wall_s"] = round(sum(_seconds(b.started_at, b.ended_at) for b in ok) / len(ok), 2)
+    if ok and done:
+        # Warm job-level rate: from the first chunk's start (every worker has loaded its model by
+        # then, or is about to: the skew is part of this figure) to the last commit.
+        warm = _seconds(ok[0].started_at, max(v.done_at for v in done))
+        out["warm_job_summaries_per_s"] = round(len(done) / warm, 2) if warm > 0 else None
+        out["workers"] = per_worker(ok)
+    return out
+
+
+def per_worker(ok: list) -> dict[str, dict]:
+    """Each worker's chunks, its own steady rate (chunks after its first, over its own span), and
+    when it started and finished relative to the first chunk of the job: start-up skew and the
+    end-of-job tail are the gaps between workers' first starts and last ends."""
+    t0 = ok[0].started_at
+    out: dict[str, dict] = {}
+    for host in sorted({b.worker_host for b in ok}):
+        mine = [b for b in ok if b.worker_host == host]
+        entry = {
+            "chunks": len(mine),
+            "videos": sum(b.batch_size for b in mine),
+            "first_start_s": round(_seconds(t0, mine[0].started_at), 2),
+            "last_end_s": round(_seconds(t0, mine[-1].ended_at), 2),
+            "busy_s": round(sum(_seconds(b.started_at, b.ended_at) for b in mine), 2),
+        }
+        if len(mine) > 1:
+            span = _seconds(mine[0].ended_at, mine[-1].ended_at)
+            entry["steady_summaries_per_s"] = round(sum(b.batch_size for b in mine[1:]) / span, 2) if span > 0 else None
+        out[host] = entry
     return out
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from tubesum.models import Batch
 from tubesum.producer.sources import load_transcripts_csv
 from tubesum.settings import Settings
 from tubesum.workers.gpu.batcher import Batcher
 from tubesum.workers.gpu.worker import load_warm_engine
-from tubesum.workers.summarise.store import BatchRecord, VideoInput
+from tubesum.workers.summarise.store import VideoInput
 
 GIB = 2**30
 CUDA = torch.cuda.is_available()  # on a CPU: a smoke run of the script, with no tenant
@@ -61,7 +62,7 @@ class RecordingSink:
         self.rows: list[dict] = []
         self.batcher: Batcher | None = None
 
-    def __call__(self, record: BatchRecord, outcomes) -> None:
+    def __call__(self, record: Batch, outcomes) -> None:
         self.rows.append(
             {
                 "batch_size": record.batch_size,

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from tubesum.celery_app import SUMMARISE_TASK, create_app
+from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.models import Batch, Summary, Video
-from tubesum.producer.sources import load_transcripts_csv
-from tubesum.producer.submit import plan_videos, record_job
+from tubesum.producer.sources import inspect_transcripts_csv
+from tubesum.producer.submit import record_job, send_job
 from tubesum.settings import get_settings
 
 # How long the worker may take to load its model and log "ready", seconds.
@@ -93,16 +93,11 @@ def measure(args: argparse.Namespace) -> dict:
     write_csv(work / "t.csv", args.videos)
     worker = start_worker(args, work / "worker.log")
     try:
-        rows = load_transcripts_csv(work / "t.csv")
+        csv_file = inspect_transcripts_csv(work / "t.csv")
         t0 = time.perf_counter()
-        job_id, _, to_summarise = record_job(
-            plan_videos([], rows), sources=[], settings=settings, transcripts_csv=work / "t.csv"
-        )
+        job_id = record_job([], csv_file, sources=[], settings=settings)
         t1 = time.perf_counter()
-        app = create_app(settings)
-        with app.producer_or_acquire() as producer:
-            for pk in to_summarise:
-                app.send_task(SUMMARISE_TASK, args=[pk], producer=producer)
+        send_job(job_id, settings=settings, celery_app=create_app(settings))
         t2 = time.perf_counter()
         while True:
             with session_scope(settings.database_url) as s:

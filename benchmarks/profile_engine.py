@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tubesum.workers.gpu.runner as runner_mod
-from tubesum.workers.gpu.bench import reference_prompts
+from tubesum.bench.study import reference_prompts
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
 
 

@@ -3,8 +3,21 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.orm import Mapped, MappedAsDataclass, mapped_column, relationship
 
 from tubesum.models.base import Base, utcnow
 
@@ -19,6 +32,9 @@ class VideoStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({VideoStatus.done.value, VideoStatus.failed.value})
+# A summarising video's ``error`` while a GPU worker runs its long transcript in map-reduce steps
+# starts with this ("map-reduce: 37 pieces, reduce level 1: 3 prompts"); `status` lists them.
+MAP_REDUCE_NOTE = "map-reduce: "
 
 
 class Job(Base):
@@ -26,11 +42,33 @@ class Job(Base):
 
     __tablename__ = "jobs"
 
+    __table_args__ = (
+        # The reconcile pass (every worker, every few seconds) looks for jobs whose submit stopped
+        # sending: only those with messages still unsent are in this index.
+        Index(
+            "ix_jobs_unsent",
+            "send_at",
+            postgresql_where=text("send_sent < send_total"),
+            sqlite_where=text("send_sent < send_total"),
+        ),
+    )
+
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sources: Mapped[list] = mapped_column(JSON, default=list)  # what the user typed
     model: Mapped[str | None] = mapped_column(String(300))
-    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # the rest it runs with, never queried
+    # Columns because they are queried: --reuse looks for earlier jobs of the same prompt, a submit
+    # for earlier jobs of the same CSV file (its SHA-256 hex).
+    prompt: Mapped[str | None] = mapped_column(Text)
+    csv_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    # How far the submit got in sending the job's messages (producer.submit.SendState); all None
+    # until the videos are recorded. ``send_at``: when ``send_sent`` last moved.
+    send_total: Mapped[int | None] = mapped_column(Integer)
+    send_sent: Mapped[int | None] = mapped_column(Integer)
+    send_through: Mapped[int | None] = mapped_column(Integer)  # position of the last video sent
+    send_at: Mapped[datetime | None]
+    send_stopped: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     videos: Mapped[list[Video]] = relationship(back_populates="job", order_by="Video.position")
 
@@ -92,12 +130,17 @@ class Transcript(Base):
     video: Mapped[Video] = relationship(back_populates="transcript")
 
 
-class Batch(Base):
-    """One batched generation (one forward-pass loop over a chunk) and its timings."""
+class Batch(MappedAsDataclass, Base, kw_only=True, eq=False):
+    """One batched generation (one forward-pass loop over a chunk, or one out-of-memory attempt)
+    and its timings. The GPU worker builds its record as an unsaved ``Batch`` (a dataclass with
+    keyword arguments) and the store inserts a copy: the row is defined here once. ``eq=False``:
+    two rows are the same row only if they are the same object, as everywhere in the ORM."""
 
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4 hex
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime]
     worker_host: Mapped[str] = mapped_column(String(255))
     devices: Mapped[str] = mapped_column(String(255))
     model: Mapped[str] = mapped_column(String(300))
@@ -109,18 +152,16 @@ class Batch(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)  # real prompt tokens
     padded_prompt_tokens: Mapped[int] = mapped_column(Integer)  # token slots the GPU computed
     generated_tokens: Mapped[int] = mapped_column(Integer)
-    prefill_s: Mapped[float | None] = mapped_column(Float)
-    decode_s: Mapped[float | None] = mapped_column(Float)
+    prefill_s: Mapped[float | None] = mapped_column(Float, default=None)
+    decode_s: Mapped[float | None] = mapped_column(Float, default=None)
     wall_s: Mapped[float] = mapped_column(Float)
     generated_tokens_per_s: Mapped[float] = mapped_column(Float)
-    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     oom_split: Mapped[bool] = mapped_column(Boolean, default=False)  # ran as part of a split chunk
     status: Mapped[str] = mapped_column(String(16), default="ok")  # ok | oom (a failed attempt)
-    note: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime]
-    ended_at: Mapped[datetime]
+    note: Mapped[str | None] = mapped_column(Text, default=None)
 
-    summaries: Mapped[list[Summary]] = relationship(back_populates="batch")
+    summaries: Mapped[list[Summary]] = relationship(back_populates="batch", init=False, repr=False)
 
 
 class Summary(Base):

@@ -326,15 +326,17 @@ def iter_transcripts_csv(
     csv.field_size_limit(2**31 - 1)  # transcripts of long videos exceed the 128 KiB default
     name = csv_file.name
     with csv_file.path.open("rb") as raw, io.TextIOWrapper(raw, encoding=csv_file.encoding, newline="") as text:
-        reader = csv.DictReader(text)
-        columns = [c.strip() for c in reader.fieldnames or []]
+        # strict: a quote never closed (or text after a closing quote) is an error, not a field that
+        # silently swallows every row after it.
+        reader = csv.DictReader(text, strict=True)
+        columns = [c.strip() for c in _fieldnames(reader, name)]
         missing = [c for c in CSV_REQUIRED_COLUMNS if c not in columns]
         if missing:
             raise BadInput(
                 f"transcripts CSV {name!r} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})"
             )
         count = 0
-        for row in reader:
+        for row in _rows(reader, name):
             if None in row:  # more fields than the header: an unquoted comma, most likely
                 raise BadInput(
                     f"transcripts CSV {name!r} line {reader.line_num} has {len(columns) + len(row[None])} "
@@ -358,6 +360,34 @@ def iter_transcripts_csv(
             on_bytes(csv_file.size)
     if not count:
         raise BadInput(f"transcripts CSV {name!r} has no rows")
+
+
+def _fieldnames(reader: csv.DictReader, name: str) -> list[str]:
+    try:
+        return list(reader.fieldnames or [])
+    except csv.Error as exc:
+        raise BadInput(f"transcripts CSV {name!r} line 1 (the header) cannot be read: {exc}") from None
+
+
+def _rows(reader: csv.DictReader, name: str) -> Iterator[dict]:
+    """The reader's rows; a malformed one (csv.Error) is refused naming the line where it starts."""
+    while True:
+        starts = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                raise BadInput(
+                    f"transcripts CSV {name!r} line {starts}: a quoted field opens there and is never closed "
+                    f'(the file ends inside it); close the quote, and write a quote inside a field as ""'
+                ) from None
+            raise BadInput(
+                f"transcripts CSV {name!r} line {starts}: {exc}; "
+                f'a field with a quote in it must be quoted whole, its quotes doubled ("")'
+            ) from None
+        yield row
 
 
 # Rows between two progress reports while reading a CSV.

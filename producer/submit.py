@@ -7,7 +7,7 @@ Big submissions (a 50,000-row CSV of 139 MB) stay fast and small:
 - **Reading** streams the CSV and inserts its rows a thousand at a time in one transaction: memory
   stays flat, and bad input anywhere (a malformed row, a wrong encoding) leaves nothing recorded.
 - **Sending** goes out in batches (kombu's ``Producer.batch``: one Redis round trip per batch), in
-  position order; after each batch the job records how far it got (``options["send"]``).
+  position order; after each batch the job records how far it got (its ``send_*`` columns).
 - The job id is known, and handed to ``on_job`` (the CLI prints it), before the first message.
 - **An interrupted submit** (Ctrl-C, a crash) leaves its unsent videos ``queued``. Its record says
   so: ``tubesum reconcile`` sends the rest once the submit has been silent for ``SEND_STALE_S``,
@@ -24,11 +24,11 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, celery_config
@@ -37,6 +37,7 @@ from tubesum.db import session_scope
 from tubesum.errors import BadInput
 from tubesum.models import Job, Summary, Transcript, Video, VideoStatus
 from tubesum.models.base import utcnow
+from tubesum.preflight import check_broker
 from tubesum.producer.sources import (
     CsvFile,
     CsvTranscript,
@@ -49,12 +50,15 @@ from tubesum.producer.sources import (
     parse_source,
     read_sources_file,
 )
+from tubesum.read.queries import JobCounts
+from tubesum.read.task_labels import video_label
 from tubesum.settings import Settings, get_settings
-from tubesum.workers.task_report import video_label
 
 log = logging.getLogger(__name__)
 
 EMPTY_CSV_TRANSCRIPT = "empty transcript in CSV"
+# A job's source that is a transcripts CSV: "csv:PATH" (its videos' transcripts come from there).
+CSV_SOURCE_PREFIX = "csv:"
 # Duplicate ids named in the warning, at most.
 DUPLICATES_SHOWN = 5
 # CSV rows inserted per statement while reading (memory holds about this many transcripts).
@@ -80,7 +84,7 @@ def _no_progress(phase: str, done: int, total: int | None) -> None:
 
 @dataclass(frozen=True)
 class SendState:
-    """How far a job's submit got in sending its messages (``Job.options["send"]``)."""
+    """How far a job's submit got in sending its messages (the job's ``send_*`` columns)."""
 
     total: int  # messages the job needs
     sent: int  # messages sent so far, in position order
@@ -96,23 +100,23 @@ class SendState:
         """Unsent messages and nobody sending them: interrupted, or silent for SEND_STALE_S (killed)."""
         return not self.complete and (self.stopped or now - self.at > timedelta(seconds=SEND_STALE_S))
 
-    def as_json(self) -> dict:
+    def columns(self) -> dict[str, object]:
+        """The job's columns that hold this state."""
         return {
-            "total": self.total,
-            "sent": self.sent,
-            "through": self.through,
-            "at": self.at.isoformat(),
-            "stopped": self.stopped,
+            "send_total": self.total,
+            "send_sent": self.sent,
+            "send_through": self.through,
+            "send_at": self.at,
+            "send_stopped": self.stopped,
         }
 
     @classmethod
     def of(cls, job: Job) -> SendState | None:
-        raw = (job.options or {}).get("send")
-        if not raw:
+        if job.send_total is None or job.send_sent is None or job.send_through is None or job.send_at is None:
             return None  # still reading, or a job from before send records (sent in one go)
-        return cls(
-            raw["total"], raw["sent"], raw["through"], datetime.fromisoformat(raw["at"]), raw.get("stopped", False)
-        )
+        # SQLite hands timestamps back without their zone; every timestamp tubesum writes is UTC.
+        at = job.send_at if job.send_at.tzinfo else job.send_at.replace(tzinfo=UTC)
+        return cls(job.send_total, job.send_sent, job.send_through, at, job.send_stopped)
 
 
 def submit(
@@ -145,11 +149,13 @@ def submit(
                 "message: finishing that job's sends instead of making a new job",
                 unfinished,
             )
+            check_broker(app)
             if on_job is not None:
                 on_job(unfinished)
             send_job(unfinished, settings=settings, celery_app=app, progress=progress)
             return unfinished
         warn_same_csv(csv_file, settings=settings, reuse=reuse)
+    check_broker(app)  # a broker that is down: one line, and no job recorded
     job_id = record_job(videos, csv_file, sources=all_sources, settings=settings, reuse=reuse, progress=progress)
     try:
         if on_job is not None:
@@ -160,6 +166,18 @@ def submit(
         raise
     log.info("job %s: %d messages sent", job_id, sent)
     return job_id
+
+
+def queued_line(job_id: int, counts: JobCounts) -> str:
+    """What `tubesum submit` says once a job is recorded: `job N: M videos queued`, and the videos
+    that need no message (refused at submit, or summarised already with --reuse)."""
+    waiting = counts.queued + counts.fetched
+    line = f"job {job_id}: {waiting} video{'s' if waiting != 1 else ''} queued"
+    if counts.failed:
+        line += f"; {counts.failed} refused (`tubesum status {job_id}` says why)"
+    if counts.summarised:
+        line += f"; {counts.summarised} already summarised (--reuse)"
+    return line
 
 
 def check_input(
@@ -200,8 +218,7 @@ def _warn_repeated(repeated: Sequence[str], *, what: str) -> None:
 
 def jobs_of_csv(session: Session, csv_file: CsvFile) -> list[Job]:
     """Earlier jobs made from a file with the same bytes, newest first."""
-    jobs = session.scalars(select(Job).order_by(Job.id.desc())).all()
-    return [j for j in jobs if (j.options or {}).get("csv_sha256") == csv_file.sha256]
+    return list(session.scalars(select(Job).where(Job.csv_sha256 == csv_file.sha256).order_by(Job.id.desc())))
 
 
 def interrupted_job(csv_file: CsvFile, *, settings: Settings) -> int | None:
@@ -361,19 +378,17 @@ def record_job(
     on any error the job row is deleted again. Returns the job id. Sources come first, in order; a CSV row gives its transcript to the source video of the same
     id, or becomes a video of its own after them. Repeated ids are kept once, at the first place."""
     now = utcnow()
-    options = {
-        "transcript_languages": settings.transcript_languages,
-        "prompt": settings.prompt,
-        "max_new_tokens": settings.max_new_tokens,
-    }
+    options = {"transcript_languages": settings.transcript_languages, "max_new_tokens": settings.max_new_tokens}
     if csv_file is not None:
-        options.update(csv_sha256=csv_file.sha256, csv_encoding=csv_file.encoding)
+        options.update(csv_encoding=csv_file.encoding)
     # The job row is committed first, so that a second submit of the same CSV sees this one at once.
     with session_scope(settings.database_url) as session:
         job = Job(
-            sources=list(sources) + ([f"csv:{csv_file.name}"] if csv_file else []),
+            sources=list(sources) + ([f"{CSV_SOURCE_PREFIX}{csv_file.name}"] if csv_file else []),
             model=settings.model,
             options=options,
+            prompt=settings.prompt,
+            csv_sha256=csv_file.sha256 if csv_file else None,
         )
         session.add(job)
         session.flush()
@@ -477,8 +492,8 @@ class _Reuse:
 
     @classmethod
     def for_job(cls, session: Session, job: Job, settings: Settings) -> _Reuse:
-        earlier = session.execute(select(Job.id, Job.options).where(Job.id != job.id)).all()
-        return cls([j for j, options in earlier if (options or {}).get("prompt") == settings.prompt], settings.model)
+        earlier = session.scalars(select(Job.id).where(Job.id != job.id, Job.prompt == settings.prompt)).all()
+        return cls(list(earlier), settings.model)
 
     def find(self, session: Session, rows: Sequence[tuple[dict, str | None]]) -> dict[str, _Found]:
         wanted = {row["video_id"]: text for row, text in rows if row["status"] != VideoStatus.failed.value}
@@ -593,17 +608,26 @@ def bulk_sender(app: Celery, *, settings: Settings, messages: int) -> Celery:
 
 
 def _record_send(session: Session, job: Job, state: SendState) -> None:
-    # A new dict: the JSON column is not tracked for in-place changes.
-    session.execute(
-        update(Job).where(Job.id == job.id).values(options={**(job.options or {}), "send": state.as_json()})
+    session.execute(update(Job).where(Job.id == job.id).values(**state.columns()))
+
+
+def stale_sends(session: Session, *, now: datetime) -> list[int]:
+    """Jobs whose sends ``SendState.resumable`` says to finish, found in SQL (the reconcile pass of
+    every worker asks every few seconds): only jobs in ``ix_jobs_unsent`` are looked at."""
+    silent_since = now - timedelta(seconds=SEND_STALE_S)
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.send_sent < Job.send_total, or_(Job.send_stopped, Job.send_at < silent_since))
+            .order_by(Job.id)
+        )
     )
 
 
 def resume_stale_sends(*, settings: Settings, celery_app: Celery) -> list[int]:
     """Finish the sends of every job whose submit stopped half-way (``tubesum reconcile``)."""
     with session_scope(settings.database_url) as session:
-        jobs = session.scalars(select(Job).order_by(Job.id)).all()
-        stale = [j.id for j in jobs if (s := SendState.of(j)) is not None and s.resumable(utcnow())]
+        stale = stale_sends(session, now=utcnow())
     for job_id in stale:
         sent = send_job(job_id, settings=settings, celery_app=celery_app)
         log.warning("job %d: its submit stopped before sending every message; sent the other %d", job_id, sent)

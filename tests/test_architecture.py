@@ -8,19 +8,14 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Installed name → folder (pyproject's package-dir).
-PACKAGE_DIRS = {
-    "tubesum": "tubesum",
-    "tubesum.workers": "workers",
-    "tubesum.producer": "producer",
-    "tubesum.models": "models",
-    "tubesum.migrations": "migrations",
-}
+# Installed name → folder, as pyproject's package-dir maps them (one place to add a folder).
+PACKAGE_DIRS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 # The floor everyone stands on: it imports nothing above it.
 FOUNDATION = (
     "tubesum.text",
@@ -30,6 +25,8 @@ FOUNDATION = (
     "tubesum.errors",
     "tubesum.db",
     "tubesum.celery_app",
+    "tubesum.events",
+    "tubesum.broker_redis",
     "tubesum.models",
 )
 
@@ -77,6 +74,8 @@ def test_the_tree_is_found():
         "tubesum.cli",
         "tubesum.workers.summarise.store",
         "tubesum.workers.gpu.batcher",
+        "tubesum.workers.gpu.scheduler",
+        "tubesum.workers.gpu.llama",
         "tubesum.producer.submit",
         "tubesum.models.tables",
     } <= set(MODULES)
@@ -119,18 +118,57 @@ def test_the_summarise_step_does_not_reach_into_the_gpu_worker():
         assert not gpu, f"{name} imports {sorted(gpu)}"
 
 
+def test_the_read_side_stands_on_the_floor_only():
+    # Workers, the producer and the CLI read through tubesum.read; it never reaches back into them.
+    for name in (m for m in MODULES if m.startswith("tubesum.read")):
+        above = {m for m in module_imports(name) if not m.startswith((*FOUNDATION, "tubesum.read"))}
+        assert not above, f"{name} imports {sorted(above)}"
+    assert "tubesum.read.queries" in MODULES
+
+
 def test_pure_cores_and_cheap_workers_import_no_torch():
     code = (
         "import sys; import tubesum.producer.submit, tubesum.workers.fetch_tasks, "
-        "tubesum.workers.summarise.tasks, tubesum.workers.gpu.batcher, tubesum.workers.gpu.batching, "
-        "tubesum.workers.reconcile, tubesum.cli; "
+        "tubesum.workers.summarise.tasks, tubesum.workers.gpu.batcher, tubesum.workers.gpu.scheduler, "
+        "tubesum.workers.gpu.kv_regions, tubesum.workers.gpu.records, tubesum.workers.reconcile, tubesum.cli; "
         "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
         "assert not bad, bad; "
-        "import tubesum.workers.gpu.batching as b, tubesum.workers.summarise.plan; "
+        "import tubesum.workers.summarise.plan; "
         "print('ok')"
     )
     result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# The engine's parts, each importing only parts above it in this list (one-way: the pure
+# allocator and scheduler first, the runner that ties them after the model, the cache and the
+# graphs; the rank group and the engine last).
+ENGINE_LAYERS = tuple(
+    f"tubesum.workers.gpu.{name}"
+    for name in ("kv_regions", "scheduler", "kv_cache", "moe", "llama", "cuda_graph", "runner", "tp", "engine")
+)
+# The engine's pure parts: plain Python, no torch (checked above), typed by mypy in .ci/run.
+PURE_ENGINE = ENGINE_LAYERS[:2]
+# The longest a module of the package may be: a file holds one part. Lines.
+MAX_MODULE_LINES = 600
+
+
+def test_the_engine_parts_import_one_way():
+    for i, name in enumerate(ENGINE_LAYERS):
+        below = {m for m in module_imports(name) if m in ENGINE_LAYERS[i:]} - {name}
+        assert not below, f"{name} imports {sorted(below)}, which come after it"
+
+
+def test_the_pure_engine_parts_are_in_the_mypy_line():
+    ci = (REPO / ".ci" / "run").read_text()
+    for name in PURE_ENGINE:
+        assert str(MODULES[name].relative_to(REPO)) in ci, f"{name} is not type-checked in .ci/run"
+
+
+def test_no_module_of_the_gpu_worker_is_longer_than_a_part():
+    gpu = {name: path for name, path in MODULES.items() if name.startswith("tubesum.workers.gpu.")}
+    long = {name: n for name, path in gpu.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
 def test_importing_the_celery_app_makes_no_folders(tmp_path):

@@ -7,15 +7,16 @@ import random
 
 import pytest
 
-from tubesum.workers.gpu.batching import (
+from tubesum.workers.gpu.kv_regions import FreeRegions
+from tubesum.workers.gpu.scheduler import (
     ChunkSizer,
-    FreeRegions,
     Pending,
     admit,
     halves,
     plan_chunk,
     plan_token_chunk,
     prefill_groups,
+    priority_order,
     seconds_until_ready,
 )
 from tubesum.workers.summarise.split import pack_groups, piece_budget, split_even
@@ -221,3 +222,40 @@ def test_admit_takes_prompts_in_input_order_while_slots_and_regions_last():
     regions.give(40, 30)
     assert admit(waiting, sizes, regions, slots=1) == [(2, 0)]  # one free row slot
     assert admit(waiting, sizes, regions, slots=1) == [(3, 50)] and waiting == []
+
+
+# --- fairness between videos (issue 18, item 5) -------------------------------------------------
+
+
+def test_a_long_transcripts_pieces_take_at_most_half_a_chunk_while_other_videos_wait():
+    pieces = [Pending(arrived=0.0, prompt_tokens=100, video=1) for _ in range(20)]
+    small = [Pending(arrived=1.0 + k, prompt_tokens=100, video=10 + k) for k in range(5)]
+    chosen = plan_chunk(pieces + small, 8)
+    assert sum(1 for i in chosen if i < 20) == 4  # ceil(8 * MAX_VIDEO_SHARE)
+    assert sorted(i - 20 for i in chosen if i >= 20) == [0, 1, 2, 3]
+
+
+def test_reduce_steps_of_a_long_video_are_interleaved_with_new_videos():
+    reduce = [Pending(arrived=5.0, prompt_tokens=100, continuation=True, video=1) for _ in range(6)]
+    new = [Pending(arrived=1.0 + k, prompt_tokens=100, video=10 + k) for k in range(6)]
+    order = priority_order(reduce + new, limit=4)
+    assert order[:4] == [0, 1, 6, 7]  # two places for the continuation, then the oldest new videos
+    assert order[-4:] == [2, 3, 4, 5]  # the rest of its prompts go last
+
+
+def test_alone_a_long_video_still_fills_the_chunk():
+    pieces = [Pending(arrived=0.0, prompt_tokens=100, video=1) for _ in range(10)]
+    assert plan_chunk(pieces, 8) == list(range(8))
+    assert plan_token_chunk(pieces, max_new_tokens=0, token_capacity=10_000, max_prompts=8) == list(range(8))
+
+
+def test_the_token_planner_caps_one_videos_share_too():
+    pieces = [Pending(arrived=0.0, prompt_tokens=100, video=1) for _ in range(10)]
+    small = [Pending(arrived=1.0, prompt_tokens=100, video=2)]
+    chosen = plan_token_chunk(pieces + small, max_new_tokens=0, token_capacity=300, max_prompts=8)
+    assert 10 in chosen and len(chosen) == 3  # the small video is not behind ten pieces
+
+
+def test_prompts_without_a_video_each_count_as_their_own():
+    prompts = [Pending(arrived=float(k), prompt_tokens=10) for k in range(8)]
+    assert plan_chunk(prompts, 8) == list(range(8))

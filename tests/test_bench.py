@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tubesum.errors import OutOfMemory
-from tubesum.workers.gpu.bench import (
+from tubesum.bench.study import (
     BenchReport,
     SamplingParams,
     SizeResult,
@@ -20,6 +19,7 @@ from tubesum.workers.gpu.bench import (
     sweep,
     varied_lengths,
 )
+from tubesum.errors import OutOfMemory
 
 
 @pytest.mark.slow  # a subprocess that loads the model and runs fixed and varied sweeps (~1 min)
@@ -43,6 +43,8 @@ def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
             "6",
             "--max-chunks",
             "1",
+            "--repeats",
+            "1",
             "--no-extend",
             "--baseline",
             "--baseline-chunk-sizes",
@@ -52,7 +54,7 @@ def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # a slow test: the shared 2-CPU box under load took over 300 s
         env={**__import__("os").environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,10 +90,10 @@ class _SmallCard:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, prompts, params, *, backend=None, new_tokens=None):
+    def generate(self, prompts, params, **options):
         if len(prompts) > self.limit:
             raise OutOfMemory(f"chunk of {len(prompts)} prompts did not fit: injected")
-        return self._engine.generate(prompts, params, backend=backend, new_tokens=new_tokens)
+        return self._engine.generate(prompts, params, **options)
 
 
 def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
@@ -113,7 +115,7 @@ def test_sweep_doubles_past_the_list_until_memory_runs_out(tiny_engine):
 
 def test_bench_builds_prompts_from_real_transcripts_like_the_worker(tiny_engine, tmp_path: Path):
     """--transcripts: each video's prompt is the worker's own (chat template, tags, instruction)."""
-    from tubesum.workers.gpu.bench_prompts import prompts_from_source
+    from tubesum.bench.prompts import prompts_from_source
     from tubesum.workers.summarise.plan import SummaryPlan
     from tubesum.workers.summarise.prompt import PromptBuilder
 
@@ -164,7 +166,7 @@ def test_varied_lengths_rows_stop_at_their_own_length_static_dropped_or_rolling(
         (r,) = results
         assert (r.lengths, r.decode, r.prompts, r.generated_tokens) == ("varied", decode, 6, sum(own))
     runner = tiny_engine.runner
-    assert runner.drop_finished_rows and not runner.rolling and runner.max_rows is None  # defaults restored
+    assert runner.drop_finished_rows  # the default restored
 
 
 def test_auto_chunks_take_what_the_token_budget_holds():
@@ -213,3 +215,106 @@ def test_plots_draw_for_any_sweep(tmp_path: Path, sizes, ooms):
     assert [p.name for p in paths] == ["throughput.png", "speedup.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- issue 19, item 3: prompts that fit, results kept, progress, readable table, noise ---------------
+
+
+def test_prompts_with_their_longest_output_fit_the_model() -> None:
+    from tubesum.bench.study import max_output_tokens, reference_span, varied_lengths
+    from tubesum.errors import BadInput
+
+    # dummy:tiny has 1024 positions; varied lengths at 150 new tokens reach 250.
+    out = max_output_tokens(150, "both")
+    assert out >= max(varied_lengths(1000, new_tokens=150)) and out == 250
+    low, high = reference_span(1024, out)
+    assert (high - 1) + out <= 1024 and 0 < low < high
+    assert max_output_tokens(150, "fixed") == 150
+    with pytest.raises(BadInput, match="no room for a prompt"):
+        reference_span(1024, 1020)
+
+
+def _timed(size: int, runs: list[float], **extra) -> SizeResult:
+    from tubesum.bench.study import spread
+
+    rate = sum(runs) / len(runs)
+    return SizeResult(
+        chunk_size=size,
+        engine="fast",
+        runs=runs,
+        spread=spread(runs),
+        summaries_per_s=rate,
+        generated_tokens_per_s=rate * 150,
+        ideal_speedup=float(size),
+        **extra,
+    )
+
+
+def test_runs_that_disagree_are_called_noise() -> None:
+    from tubesum.bench.study import fill_speedups, noise_warnings
+
+    steady, noisy = _timed(1, [3.0, 3.1, 2.9]), _timed(1, [0.52, 3.30, 6.85])
+    assert steady.spread == pytest.approx(0.2 / 3.0) and not noise_warnings([steady])
+    (line,) = noise_warnings([noisy])
+    assert "0.52-6.85 summaries/s over 3 runs" in line and "noise" in line
+    slow_one, fast_eight = _timed(1, [0.5, 0.5, 0.5]), _timed(8, [20.0, 20.0, 20.0])  # 40x on 8: impossible
+    fill_speedups([slow_one, fast_eight])
+    assert any("efficiency above 100%" in w for w in noise_warnings([slow_one, fast_eight]))
+
+
+def test_the_plain_table_keeps_every_cell_whole_and_aligned() -> None:
+    from tubesum.bench.table import COLUMNS, plain_table
+
+    rows = [_timed(1, [142.123456, 150.0, 149.0]), _timed(256, [24.04, 24.1, 23.9], note="auto: 256")]
+    rows.append(SizeResult(chunk_size=512, engine="fast", oom=True))
+    text = plain_table("tubesum engine", rows)
+    lines = text.splitlines()
+    assert "…" not in text and "│" not in text
+    assert lines[1].split() == " ".join(COLUMNS).split()
+    assert "256 (auto)" in lines[3] and "OOM: memory limit" in lines[4]
+    # Right-aligned: every row's summaries/s cell ends where the header's does.
+    end = lines[1].index("summaries/s") + len("summaries/s")
+    assert lines[2][:end].endswith(f"{rows[0].summaries_per_s:.2f}") and lines[3][:end].endswith("24.01")
+
+
+def test_bench_refuses_an_unwritable_output_before_loading_anything(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tubesum.cli", "bench", "--model", "dummy:tiny", "-o", str(tmp_path / "a-file")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write into"), proc.stderr
+    assert "loading" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow  # loads dummy:tiny and times a few sizes on the CPU
+def test_bench_json_holds_each_size_as_it_finishes(tmp_path: Path) -> None:
+    from tubesum.bench.study import run_bench
+
+    seen: list[list[int]] = []
+
+    def on_result(report, res) -> None:
+        on_disk = json.loads((tmp_path / "bench.json").read_text())
+        seen.append([r["chunk_size"] for r in on_disk["results"]])
+        assert on_disk["results"][-1]["runs"] == res.runs and len(res.runs) >= 2
+
+    run_bench(
+        model="dummy:tiny",
+        chunk_sizes=[1, 2],
+        prompts=2,
+        new_tokens=4,
+        transcripts=None,
+        job=None,
+        device="cpu",
+        baseline=False,
+        baseline_sizes=None,
+        max_chunks=1,
+        extend=False,
+        out_dir=tmp_path,
+        lengths="fixed",
+        repeats=2,
+        on_result=on_result,
+    )
+    assert seen == [[1], [1, 2]]

@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.factories import batch_row
 from tubesum.cli import COMMAND_ORDER
 from tubesum.models import Batch, Job, Summary, Video
 from tubesum.models.base import utcnow
@@ -68,28 +68,12 @@ def add_job(
     session.add(job)
     if ran is not None:
         session.add(
-            Batch(
+            batch_row(
                 id=f"b{time.monotonic_ns()}",
-                worker_host="gpu1",
                 devices="cuda:0:NVIDIA H100",
                 model=ran,
-                dtype="bfloat16",
-                attn_implementation="sdpa",
-                engine="fast",
-                chunk_size=32,
                 batch_size=max(1, videos),
-                prompt_tokens=1000,
-                padded_prompt_tokens=1000,
-                generated_tokens=500,
-                prefill_s=0.5,
-                decode_s=1.5,
-                wall_s=2.0,
-                generated_tokens_per_s=250.0,
-                peak_memory_bytes=2**30,
-                oom_split=False,
-                status="ok",
                 started_at=t0,
-                ended_at=t0 + timedelta(seconds=2),
             )
         )
         session.flush()
@@ -144,6 +128,16 @@ def test_a_missing_postgresql_database_is_named(env: dict[str, str], tmp_path: P
         "error: database 'tubesum_never_created' does not exist on 127.0.0.1: "
         "create it (createdb tubesum_never_created) and run `tubesum db upgrade`"
     )
+
+
+def test_a_wrong_postgresql_user_is_named_not_a_missing_database(env: dict[str, str], tmp_path: Path) -> None:
+    url = make_url(env["TUBESUM_DATABASE_URL"]).set(username="tubesum_no_such_user")
+    result = tubesum(
+        ["status"], env={**env, "TUBESUM_DATABASE_URL": url.render_as_string(hide_password=False)}, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: PostgreSQL has no user 'tubesum_no_such_user' on 127.0.0.1"), result.stderr
+    assert "database" not in result.stderr.split(":")[1]
 
 
 # --- 5: the model is checked before the job is accepted ------------------------------------------
@@ -288,11 +282,24 @@ def test_titles_and_ids_print_as_plain_text(env, db_session, tmp_path: Path) -> 
     assert "\x1b" not in out and "\\x1b[2Jclear" in out
 
 
+# Bidirectional controls: shown raw, U+202E makes the rest of the line read right to left.
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_bidi_controls_in_titles_are_escaped_in_status(env, db_session, tmp_path: Path) -> None:
+    job_id = add_job(db_session, failures=[("bidi0000001", "harmless\u202eexe.txt", "reason\u2066x")])
+    result = tubesum(["status", str(job_id)], env=env, cwd=tmp_path, columns=200)
+    assert result.returncode == 0, result.stderr
+    assert not set(BIDI_CONTROLS) & set(result.stdout)
+    assert "harmless\\u202eexe.txt" in result.stdout and "reason\\u2066x" in result.stdout
+
+
 # --- 10: report plots -------------------------------------------------------------------------------
 
 
 def test_report_of_a_one_batch_job(env, db_session, tmp_path: Path) -> None:
-    from tubesum.report import job_batches, latency_figure, stats_by_size, tokens_figure
+    from tubesum.read.queries import job_batches
+    from tubesum.read.report import latency_figure, stats_by_size, tokens_figure
 
     job_id = add_job(db_session, ran="org/model-x", videos=20)
     result = tubesum(["report", str(job_id), "-o", "r"], env=env, cwd=tmp_path)
@@ -312,7 +319,7 @@ def test_report_of_a_one_batch_job(env, db_session, tmp_path: Path) -> None:
 
 
 def test_chunk_line_reads_like_vllms() -> None:
-    from tubesum.workers.gpu.batching import chunk_line
+    from tubesum.workers.gpu.records import chunk_line
 
     assert chunk_line(
         12,
@@ -370,6 +377,8 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
             "4",
             "--max-chunks",
             "1",
+            "--repeats",
+            "1",
             "--no-extend",
             "-o",
             "out",
@@ -388,7 +397,7 @@ def test_bench_without_cuda_picks_the_cpu_or_says_so(tmp_path: Path) -> None:
 def test_progress_shows_the_loading_phase_rate_and_eta(settings, db_session) -> None:
     from rich.console import Console
 
-    from tubesum.producer.progress import wait_for_job
+    from tubesum.read.progress import wait_for_job
 
     job_id = add_job(db_session, ran="m", videos=2, failures=[("fail0000001", "t", "r")])
     waiting = Video(job_id=job_id, video_id="wait0000001", position=9, status="queued", queued_at=utcnow())

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, select
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tubesum.db import make_engine, session_scope, upgrade
-from tubesum.models import Batch, Job, Summary, Transcript, Video, VideoStatus
+from tests.factories import batch_row
+from tubesum.db import alembic_config, make_engine, session_scope, upgrade
+from tubesum.models import Base, Job, Summary, Transcript, Video, VideoStatus
 
 EXPECTED_TABLES = {"jobs", "videos", "transcripts", "batches", "summaries", "alembic_version"}
 
@@ -48,8 +53,63 @@ def test_upgrade_twice_is_harmless(tmp_path: Path) -> None:
     upgrade(url)
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head_revision()
     engine.dispose()
+
+
+def head_revision() -> str:
+    """The one head of the migrations (branches that each added one must be chained on merge)."""
+    heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
+    assert len(heads) == 1, f"the migrations have {len(heads)} heads: {heads}; chain their down_revision"
+    return heads[0]
+
+
+def test_the_migrations_build_what_the_models_describe(any_db_url: str) -> None:
+    engine = create_engine(any_db_url)
+    with engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert differences == []
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_0004_moves_the_queried_options_to_columns_and_back(dialect: str, request, tmp_path: Path) -> None:
+    """Jobs recorded before 0004 keep their send record, prompt and CSV hash; a downgrade puts them back."""
+    if dialect == "postgresql":
+        url = request.getfixturevalue("db_url")  # the session's database: at head again at the end
+        downgrade(url, "0003")
+    else:
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+        upgrade(url, "0003")
+    at = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    send = {"total": 5, "sent": 2, "through": 1, "at": at.isoformat(), "stopped": True}
+    options = {"prompt": "Summarise.", "csv_sha256": "ab" * 32, "send": send, "max_new_tokens": 9}
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO jobs (created_at, sources, model, options) VALUES (:t, '[]', 'm', :o)"),
+                {"t": at, "o": json.dumps(options)},
+            )
+        upgrade(url)
+        with Session(engine) as session:
+            job = session.scalars(select(Job)).one()
+            assert (job.prompt, job.csv_sha256, job.options) == ("Summarise.", "ab" * 32, {"max_new_tokens": 9})
+            assert (job.send_total, job.send_sent, job.send_through, job.send_stopped) == (5, 2, 1, True)
+            assert job.send_at is not None and job.send_at.replace(tzinfo=UTC) == at
+        downgrade(url, "0003")
+        with engine.connect() as conn:
+            restored = conn.scalar(text("SELECT options FROM jobs"))
+        assert (json.loads(restored) if isinstance(restored, str) else restored) == options
+    finally:
+        engine.dispose()
+        upgrade(url)
 
 
 def test_models_round_trip(any_db_url: str) -> None:
@@ -68,24 +128,7 @@ def test_models_round_trip(any_db_url: str) -> None:
                 source="csv",
             )
         )
-        batch = Batch(
-            id="b" * 32,
-            worker_host="gpu@host",
-            devices="cuda:0",
-            model="m",
-            dtype="bfloat16",
-            attn_implementation="sdpa",
-            engine="static",
-            chunk_size=8,
-            batch_size=1,
-            prompt_tokens=40,
-            padded_prompt_tokens=48,
-            generated_tokens=20,
-            wall_s=2.0,
-            generated_tokens_per_s=10.0,
-            started_at=now,
-            ended_at=now,
-        )
+        batch = batch_row(id="b" * 32, generated_tokens_per_s=10.0, started_at=now)
         session.add(
             Summary(
                 video=video,
@@ -163,3 +206,29 @@ def test_deleting_a_job_cascades(db_url: str) -> None:
         session.execute(Job.__table__.delete())
     with session_scope(db_url) as session:
         assert session.scalars(select(Transcript)).all() == []
+
+
+def test_the_stale_send_query_agrees_with_the_send_state(any_db_url: str) -> None:
+    """``stale_sends`` (SQL, over the partial index) picks exactly the jobs ``SendState.resumable`` would."""
+    from datetime import timedelta
+
+    from tubesum.producer.submit import SEND_STALE_S, SendState, stale_sends
+
+    now = datetime.now(UTC)
+    silent = now - timedelta(seconds=SEND_STALE_S + 1)
+    fresh = now - timedelta(seconds=1)
+    states = [
+        None,  # still being read
+        SendState(10, 10, 9, silent),  # complete
+        SendState(10, 4, 3, fresh),  # sending now
+        SendState(10, 4, 3, fresh, stopped=True),  # interrupted: resumable at once
+        SendState(10, 4, 3, silent),  # silent too long: its submit died
+        SendState(0, 0, -1, silent),  # nothing to send
+    ]
+    with Session(make_engine(any_db_url)) as session:
+        jobs = [Job(sources=[], **(state.columns() if state else {})) for state in states]
+        session.add_all(jobs)
+        session.commit()
+        expected = [j.id for j in jobs if (s := SendState.of(j)) is not None and s.resumable(now)]
+        assert expected == [jobs[3].id, jobs[4].id]
+        assert stale_sends(session, now=now) == expected

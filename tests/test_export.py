@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.factories import batch_row
 from tubesum.cli import app
 from tubesum.db import session_scope
 from tubesum.errors import BadInput
-from tubesum.jobs import EXPORT_COLUMNS, UnknownJob, export_job, export_rows, job_status, latest_job_id
-from tubesum.models import Batch, Job, Summary, Transcript, Video
+from tubesum.models import Job, Summary, Transcript, Video
+from tubesum.read.export import export_job
+from tubesum.read.queries import UnknownJob, export_rows, job_status, latest_job_id
 
 REQUIRED_COLUMNS = (
     "video_id",
@@ -55,24 +57,7 @@ def make_job(url: str) -> int:
         s.add_all([job, done, fetched, failed, queued])
         s.add(Transcript(video=done, text="x" * 1234, language="English", language_code="en"))
         s.add(Transcript(video=fetched, text="y" * 10, language="German", language_code="de"))
-        batch = Batch(
-            id="batch-1",
-            worker_host="gpu@box",
-            devices="cuda:0",
-            model="tiny/model",
-            dtype="bf16",
-            attn_implementation="sdpa",
-            engine="static",
-            chunk_size=8,
-            batch_size=3,
-            prompt_tokens=900,
-            padded_prompt_tokens=960,
-            generated_tokens=300,
-            wall_s=1.5,
-            generated_tokens_per_s=200.0,
-            started_at=now,
-            ended_at=now,
-        )
+        batch = batch_row(id="batch-1", batch_size=3, wall_s=1.5, generated_tokens_per_s=200.0, started_at=now)
         s.add(
             Summary(
                 video=done,
@@ -116,9 +101,13 @@ def test_export_csv_round_trips(db_url: str, tmp_path: Path) -> None:
     out = tmp_path / "sub" / "job.csv"
     with session_scope(db_url) as s:
         assert export_job(s, job_id, out) == 4
+        export_job(s, job_id, tmp_path / "job.jsonl")
     with out.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == EXPORT_COLUMNS
+    # The CSV's header is the JSON Lines' keys, in the same order, with the columns a user relies on.
+    jsonl = json.loads((tmp_path / "job.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert list(rows[0]) == list(jsonl) and set(REQUIRED_COLUMNS) <= set(rows[0])
+    assert list(rows[0])[:2] == ["position", "video_id"]
     assert rows[0]["title"] == 'Frogs, "quoted"\nand lines'
     assert rows[0]["generated_tokens_per_s"] == "200.0"
     assert rows[1]["summary"] == "" and rows[1]["batch_size"] == ""  # not summarised: empty
@@ -218,24 +207,7 @@ def make_formula_job(url: str) -> int:
             job=job, video_id="vidTab00001", title="\t=1+2", position=1, status="failed", error=FORMULAS["error"]
         )
         s.add_all([job, done, failed])
-        batch = Batch(
-            id="batch-f",
-            worker_host="gpu@box",
-            devices="cpu",
-            model="tiny/model",
-            dtype="fp32",
-            attn_implementation="sdpa",
-            engine="hf",
-            chunk_size=2,
-            batch_size=1,
-            prompt_tokens=9,
-            padded_prompt_tokens=9,
-            generated_tokens=3,
-            wall_s=0.5,
-            generated_tokens_per_s=6.0,
-            started_at=now,
-            ended_at=now,
-        )
+        batch = batch_row(id="batch-f", started_at=now)
         s.add(
             Summary(
                 video=done,

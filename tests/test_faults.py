@@ -320,7 +320,16 @@ def test_a_killed_gpu_worker_mid_chunk_loses_nothing(fault_env, db, start_worker
     job_id = submit_ids(ids, env, transcripts=True)
     # The worker holds two chunks of messages (CHUNKS_IN_HAND): a chunk of 4 runs, the other 2 wait.
     wait_until(lambda: len(in_state(db, job_id, "summarising")) == 6, message="a chunk of 4 running, 2 waiting")
-    time.sleep(3.5)  # past stuck_after_s (3 s) since the claim: only the heartbeat keeps them fresh
+    # Past the lease and stuck_after_s since the last claim, by the claims' own stamps (a late
+    # claim moves the wait with it): only the heartbeat keeps them fresh now.
+    stale_after = timedelta(seconds=max(float(env["TUBESUM_STUCK_AFTER_S"]), float(env["TUBESUM_LEASE_S"])))
+
+    def past_every_claim() -> bool:
+        with db.connect() as conn:
+            last = conn.scalar(select(func.max(Video.leased_at)).where(Video.job_id == job_id))
+        return last is not None and utcnow() - last > stale_after
+
+    wait_until(past_every_claim, message="every claim older than the lease and stuck_after_s")
     settings = Settings(
         **{k[len("TUBESUM_") :].lower(): v for k, v in env.items() if k.startswith("TUBESUM_") and k != REPLAY_ENV}
     )

@@ -143,8 +143,8 @@ def test_runner_fp8_close_to_full_precision_and_bf16_untouched():
     fp8.quantize_model_(model)
     assert model.model.layers[0].self_attn.q_proj.weight.numel() == 0  # the bf16 matrix is gone
     runner = LlamaRunner(model)
-    assert isinstance(runner.layers[0].wqkv, fp8.Fp8Weight) and runner.layers[0].wqkv.shape[0] == 512
-    assert isinstance(ref.layers[0].wqkv, torch.Tensor)  # bf16 path: plain matrices, as before
+    assert isinstance(runner.llama.layers[0].wqkv, fp8.Fp8Weight) and runner.llama.layers[0].wqkv.shape[0] == 512
+    assert isinstance(ref.llama.layers[0].wqkv, torch.Tensor)  # bf16 path: plain matrices, as before
     want, want_step = probe_logits(ref, PROMPTS)
     got, got_step = probe_logits(runner, PROMPTS)
     assert bool((_cos(got, want) > 0.97).all()) and bool((_cos(got_step, want_step) > 0.97).all())
@@ -160,8 +160,8 @@ def test_mixtral_experts_in_fp8():
     ref = LlamaRunner(ref_model)
     fp8.quantize_model_(model)
     runner = LlamaRunner(model)
-    assert isinstance(runner.layers[0].moe.w13, fp8.Fp8Weight)
-    assert runner.layers[0].moe.w13.weight.shape == (4, 384, 128)
+    assert isinstance(runner.llama.layers[0].moe.w13, fp8.Fp8Weight)
+    assert runner.llama.layers[0].moe.w13.weight.shape == (4, 384, 128)
     want, _ = probe_logits(ref, PROMPTS)
     got, _ = probe_logits(runner, PROMPTS)
     # Looser than the dense model: a token whose top-2 experts flip takes a different path.

@@ -257,7 +257,7 @@ def test_two_gpu_hosts_share_the_job_and_one_survives_the_other(
     transcripts_csv(tmp_path / "t.csv")
     submit_env = {**env, "TUBESUM_DATABASE_URL": db_url}
     result = subprocess.run(
-        [sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", "t.csv"],
+        [sys.executable, "-m", "tubesum.cli", "submit", "--quiet", "--transcripts", "t.csv"],
         env=submit_env,
         cwd=tmp_path,
         capture_output=True,

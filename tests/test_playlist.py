@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import kombu.pools
 import pytest
@@ -138,13 +139,23 @@ def test_cli_submit_bad_input_is_one_line_exit_2(env) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_producer_and_fetch_worker_never_import_torch() -> None:
-    code = "import producer.submit, producer.progress, workers.fetch_tasks, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+def imports_torch(modules: str, cwd: Path) -> bool:
+    """Whether importing ``modules`` (installed names, comma-separated) loads torch, in a fresh
+    interpreter that sees only the installed package (-P: not the checkout's folders)."""
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"
+
+
+def test_producer_and_fetch_worker_never_import_torch(tmp_path: Path) -> None:
+    producer = "tubesum.producer.submit, tubesum.producer.sources, tubesum.workers.fetch_tasks, tubesum.workers.fetch"
+    assert not imports_torch(producer, tmp_path)
+    assert imports_torch("tubesum.workers.gpu.engine", tmp_path)  # the check sees torch where it is
 
 
 def test_wait_for_job_counts_until_every_video_is_terminal(settings, db_session) -> None:
-    from tubesum.producer.progress import wait_for_job
+    from tubesum.read.progress import wait_for_job
 
     job = Job(sources=["x"])
     db_session.add_all(

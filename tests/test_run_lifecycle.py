@@ -218,6 +218,9 @@ def test_youtube_offline_fails_fast_with_the_cause(embedded_env, tmp_path: Path)
     assert result.returncode == 1 and "2 failed of 2" in result.stdout, result.stdout + result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert all(r["error"].startswith("cannot resolve YouTube's host name (offline, or no DNS)") for r in rows), rows
+    # The run names each failed video's reason, and the way to a job without the network.
+    assert "failed: okVideo0001: cannot resolve YouTube's host name" in result.stderr, result.stderr
+    assert "--transcripts examples/nature_transcripts.csv" in result.stderr
     assert "retrying in" not in (tmp_path / ".tubesum" / "logs" / "fetch.log").read_text()
 
 

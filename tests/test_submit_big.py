@@ -17,16 +17,19 @@ import json
 import subprocess
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
 import redis
 from sqlalchemy import func, select
 
+from tests.factories import batch_row
 from tubesum.db import session_scope
-from tubesum.models import Batch, Job, Summary, Transcript, Video
+from tubesum.models import Job, Summary, Transcript, Video
 from tubesum.producer.submit import SEND_BATCH, SendState, submit
-from tubesum.workers.summarise.store import claim_video
+from tubesum.workers.summarise.tasks import refusal
+from tubesum.workers.video_state import Step, claim
 
 # Each test runs the real command as a subprocess, several times: seconds each.
 pytestmark = pytest.mark.slow
@@ -79,7 +82,7 @@ def job_count(url: str) -> int:
 def test_latin1_csv_is_refused_naming_its_encoding_and_read_exactly_with_encoding(env, db_url, tmp_path) -> None:
     rows = "video_id,transcript,title\n" + "".join(f'fr{i:03d},"{FRENCH} {i}",Café {i}\n' for i in range(40))
     (tmp_path / "latin.csv").write_bytes(rows.encode("cp1252"))
-    refused = tubesum(env, "submit", "--transcripts", "latin.csv", cwd=tmp_path)
+    refused = tubesum(env, "submit", "--quiet", "--transcripts", "latin.csv", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stdout == "", refused.stderr
     message = refused.stderr.strip()
     assert message.count("\n") == 0 and "Traceback" not in message
@@ -87,7 +90,7 @@ def test_latin1_csv_is_refused_naming_its_encoding_and_read_exactly_with_encodin
     assert "it looks like cp1252" in message and "--encoding cp1252" in message
     assert job_count(db_url) == 0
 
-    accepted = tubesum(env, "submit", "--transcripts", "latin.csv", "--encoding", "cp1252", cwd=tmp_path)
+    accepted = tubesum(env, "submit", "--quiet", "--transcripts", "latin.csv", "--encoding", "cp1252", cwd=tmp_path)
     assert accepted.returncode == 0, accepted.stderr
     job_id = int(accepted.stdout)
     with session_scope(db_url) as s:
@@ -99,7 +102,7 @@ def test_latin1_csv_is_refused_naming_its_encoding_and_read_exactly_with_encodin
 
 def test_utf16_csv_is_read(env, db_url, tmp_path) -> None:
     (tmp_path / "u16.csv").write_text(f'video_id,transcript\nu16,"{FRENCH} ✓"\n', encoding="utf-16")
-    done = tubesum(env, "submit", "--transcripts", "u16.csv", cwd=tmp_path)
+    done = tubesum(env, "submit", "--quiet", "--transcripts", "u16.csv", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with session_scope(db_url) as s:
         assert s.scalar(select(Transcript.text)) == f"{FRENCH} ✓"
@@ -110,7 +113,7 @@ def test_zero_width_transcripts_fail_as_empty(env, db_url, tmp_path) -> None:
     (tmp_path / "zw.csv").write_text(
         "video_id,transcript\nzw,\u200b\u200b\u200c \u2060\ufeff\nok,Owls.\n", encoding="utf-8"
     )
-    done = tubesum(env, "submit", "--transcripts", "zw.csv", cwd=tmp_path)
+    done = tubesum(env, "submit", "--quiet", "--transcripts", "zw.csv", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with session_scope(db_url) as s:
         statuses = dict(s.execute(select(Video.video_id, Video.error)).all())
@@ -120,7 +123,7 @@ def test_zero_width_transcripts_fail_as_empty(env, db_url, tmp_path) -> None:
         s.add_all([video, Transcript(video=video, text="\u200b" * 50, source="youtube")])
         s.flush()
         pk = video.id
-    assert claim_video(pk, database_url=db_url) is None
+    assert claim(pk, step=Step.summarise, database_url=db_url, refuse=partial(refusal, max_chars=10**6)) is None
     with session_scope(db_url) as s:
         video = s.get(Video, pk)
         assert (video.status, video.error) == ("failed", "empty transcript")
@@ -150,8 +153,8 @@ def test_submit_streams_a_big_csv_in_bounded_memory(env, db_url, tmp_path) -> No
     large = write_rows(tmp_path / "large.csv", LARGE_ROWS, prefix="l")
     growth_mb = (large.stat().st_size - small.stat().st_size) / 2**20
     assert growth_mb > 2 * MAX_RSS_GROWTH_MB
-    small_mb, _ = peak_rss_mb(env, "submit", "--transcripts", str(small), cwd=tmp_path)
-    large_mb, done = peak_rss_mb(env, "submit", "--transcripts", str(large), cwd=tmp_path)
+    small_mb, _ = peak_rss_mb(env, "submit", "--quiet", "--transcripts", str(small), cwd=tmp_path)
+    large_mb, done = peak_rss_mb(env, "submit", "--quiet", "--transcripts", str(large), cwd=tmp_path)
     assert large_mb - small_mb < MAX_RSS_GROWTH_MB, (small_mb, large_mb, growth_mb)
     job_id = int(done.stdout.split()[0])
     with session_scope(db_url) as s:
@@ -189,7 +192,7 @@ def test_interrupted_submit_is_finished_by_a_resubmit_or_by_reconcile(settings, 
         state = SendState.of(s.get(Job, job_a))
     assert (state.sent, state.total, state.stopped) == (SEND_BATCH, rows, True)
 
-    again = tubesum(env, "submit", "--transcripts", str(first))  # the same CSV: finish job A
+    again = tubesum(env, "submit", "--quiet", "--transcripts", str(first))  # the same CSV: finish job A
     assert again.returncode == 0, again.stderr
     assert int(again.stdout) == job_a and job_count(db_url) == 1
     assert f"job {job_a} was submitted from the same CSV and its submit stopped" in again.stderr
@@ -218,7 +221,7 @@ def test_ctrl_c_while_sending_says_what_is_left_and_a_resubmit_finishes(env, db_
 
     path = write_rows(tmp_path / "t.csv", 8 * SEND_BATCH, prefix="i", text="Short.")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tubesum.cli", "submit", "--transcripts", str(path)],
+        [sys.executable, "-m", "tubesum.cli", "submit", "--quiet", "--transcripts", str(path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -232,7 +235,7 @@ def test_ctrl_c_while_sending_says_what_is_left_and_a_resubmit_finishes(env, db_
     with session_scope(db_url) as s:
         state = SendState.of(s.get(Job, job_id))
     assert state.stopped and state.sent < state.total == 8 * SEND_BATCH
-    again = tubesum(env, "submit", "--transcripts", str(path))
+    again = tubesum(env, "submit", "--quiet", "--transcripts", str(path))
     assert again.returncode == 0 and int(again.stdout) == job_id, again.stderr
     pks = [m["args"][0] for m in queued(env)]
     with session_scope(db_url) as s:
@@ -248,24 +251,7 @@ def finish_with_summaries(db_url: str, job_id: int, *, model: str) -> dict[str, 
     now = datetime.now(UTC)
     texts = {}
     with session_scope(db_url) as s:
-        batch = Batch(
-            id=f"batch-of-job-{job_id}",
-            worker_host="gpu@test",
-            devices="cpu",
-            model=model,
-            dtype="fp32",
-            attn_implementation="sdpa",
-            engine="hf",
-            chunk_size=8,
-            batch_size=3,
-            prompt_tokens=30,
-            padded_prompt_tokens=30,
-            generated_tokens=9,
-            wall_s=1.25,
-            generated_tokens_per_s=7.2,
-            started_at=now,
-            ended_at=now,
-        )
+        batch = batch_row(id=f"batch-of-job-{job_id}", model=model, batch_size=3, started_at=now)
         s.add(batch)
         for video in s.scalars(select(Video).where(Video.job_id == job_id)):
             texts[video.video_id] = f"Summary of {video.video_id}."
@@ -288,12 +274,12 @@ def test_same_csv_twice_warns_and_reuse_takes_over_existing_summaries(env, setti
     rows = {"same00000001": "Owls hunt at night.", "same00000002": "Bees make honey.", "same00000003": "Frogs sing."}
     first = tmp_path / "t.csv"
     first.write_text("video_id,transcript\n" + "".join(f"{k},{v}\n" for k, v in rows.items()))
-    done = tubesum(env, "submit", "--transcripts", str(first))
+    done = tubesum(env, "submit", "--quiet", "--transcripts", str(first))
     assert done.returncode == 0, done.stderr
     job_a = int(done.stdout)
     texts = finish_with_summaries(db_url, job_a, model=settings.model)
 
-    twice = tubesum(env, "submit", "--transcripts", str(first))
+    twice = tubesum(env, "submit", "--quiet", "--transcripts", str(first))
     assert twice.returncode == 0
     assert f"was already submitted as job {job_a} (finished" in twice.stderr
     assert "summarises every video again; --reuse takes over" in twice.stderr
@@ -301,7 +287,7 @@ def test_same_csv_twice_warns_and_reuse_takes_over_existing_summaries(env, setti
 
     changed = tmp_path / "changed.csv"  # another file: the same two rows, one transcript edited
     changed.write_text(first.read_text().replace("Frogs sing.", "Frogs sing at dawn."))
-    reused = tubesum(env, "submit", "--transcripts", str(changed), "--reuse")
+    reused = tubesum(env, "submit", "--quiet", "--transcripts", str(changed), "--reuse")
     assert reused.returncode == 0, reused.stderr
     job_c = int(reused.stdout)
     assert "2 video(s) took over an existing summary of the same video, model and prompt" in reused.stderr
@@ -315,7 +301,7 @@ def test_same_csv_twice_warns_and_reuse_takes_over_existing_summaries(env, setti
     assert len(queued(env)) == before + 1  # only the edited row goes to the GPU
 
     other_prompt = tubesum(
-        {**env, "TUBESUM_PROMPT": "Summarise in French."}, "submit", "--transcripts", str(first), "--reuse"
+        {**env, "TUBESUM_PROMPT": "Summarise in French."}, "submit", "--quiet", "--transcripts", str(first), "--reuse"
     )
     assert other_prompt.returncode == 0 and "took over" not in other_prompt.stderr
 
@@ -327,7 +313,7 @@ def test_a_second_submit_while_the_first_is_being_read_is_warned(settings, env, 
 
     def progress(phase: str, done: int, total: int | None) -> None:
         if phase == "reading" and not second:
-            second["run"] = tubesum(env, "submit", "--transcripts", str(path))
+            second["run"] = tubesum(env, "submit", "--quiet", "--transcripts", str(path))
 
     first = submit([], transcripts_csv=str(path), settings=settings, progress=progress)
     run = second["run"]

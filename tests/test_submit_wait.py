@@ -4,6 +4,7 @@ exit 0 when all were summarised, 1 when any failed. Real summarise worker, Redis
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_submit_wait_exits_0_when_all_done_and_1_when_any_failed(env, tmp_path, 
     )
     done = submit_wait(good, env, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[0].strip().isdigit()  # the job id comes first
+    assert re.match(r"job \d+: 2 videos queued$", done.stdout.splitlines()[0])  # the job first
     assert "summarised 2" in done.stdout and "failed 0" in done.stdout
 
     mixed = write_csv(

@@ -6,18 +6,22 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from functools import partial
 
 import pytest
 import torch
 from sqlalchemy import select
 
+from tests.factories import batch_row
 from tests.tiny_model import summarise_worker_argv
 from tests.worker_fixtures import FUTURE_TIMEOUT_S, INSTRUCTION, MAX_NEW
 from tubesum.errors import OutOfMemory
 from tubesum.models import Batch, Job, Summary, Transcript, Video
 from tubesum.models.base import utcnow
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome, claim_video, store_batch
+from tubesum.workers.summarise.store import VideoInput, VideoOutcome, store_batch
+from tubesum.workers.summarise.tasks import refusal
+from tubesum.workers.video_state import Step, claim, release
 
 SENTENCES = [
     "Octopuses have three hearts and blue blood.",
@@ -124,10 +128,10 @@ def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batche
     """torch's OutOfMemoryError inside the real engine (one unlucky chunk): the failed attempt's
     tensors are freed before the halves run, the halves succeed, and after enough chunks at the
     lowered cap it doubles back to the configured size."""
-    from tubesum.workers.gpu.batching import REGROW_AFTER_SUCCESSES
+    from tubesum.workers.gpu.scheduler import REGROW_AFTER_SUCCESSES
 
     runner = tiny_engine.runner
-    real_prefill, capacity = runner.prefill_logits, runner.token_capacity
+    real_prefill, capacity = runner.llama.prefill_logits, runner.token_capacity
     failed_attempt: list = []
 
     def prefill_once_oom(prompts, starts, cache):
@@ -138,7 +142,7 @@ def test_a_real_oom_gives_memory_back_splits_and_the_size_grows_back(make_batche
         assert not failed_attempt or failed_attempt[0]() is None  # freed before any retry ran
         return real_prefill(prompts, starts, cache)
 
-    monkeypatch.setattr(runner, "prefill_logits", prefill_once_oom)
+    monkeypatch.setattr(runner.llama, "prefill_logits", prefill_once_oom)
     try:
         batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=30.0)
         outcomes = summarise_all(batcher, {pk: transcript(pk) for pk in range(8)})
@@ -280,7 +284,7 @@ class SlowEngine:
 
 @pytest.mark.parametrize("grace_s", [30.0, 0.2])
 def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_the_grace(
-    make_batcher, tiny_engine, grace_s
+    make_batcher, tiny_engine, wait_until, grace_s
 ):
     """hand_back: videos not in the running chunk fail with WorkerStopping at once (their tasks
     requeue them); the running chunk is stored if it finishes within the grace, else handed back."""
@@ -307,7 +311,10 @@ def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_th
         for future in running:
             with pytest.raises(WorkerStopping):
                 future.result(timeout=1)
-        time.sleep(2.0)  # the abandoned chunk ends: its videos are not stored here
+        # The abandoned chunk still ends and its batch row is stored (the last thing a chunk does),
+        # without its videos: they were handed back.
+        wait_until(lambda: sink.batches, timeout=FUTURE_TIMEOUT_S, message="the abandoned chunk's batch row")
+        assert [b.batch_size for b in sink.batches] == [2]
         assert not sink.outcomes
 
 
@@ -347,34 +354,14 @@ def add_videos(session, texts: list[str], *, status: str = "fetched") -> list[in
     return [v.id for v in videos]
 
 
-def record(batch_id: str = "b" * 32, **overrides) -> BatchRecord:
-    now = utcnow()
-    values = dict(
-        id=batch_id,
-        worker_host="h",
-        devices="cpu",
-        model="tiny",
-        dtype="float32",
-        attn_implementation="sdpa",
-        engine="fast",
-        chunk_size=8,
-        batch_size=1,
-        prompt_tokens=10,
-        padded_prompt_tokens=10,
-        generated_tokens=5,
-        prefill_s=0.1,
-        decode_s=0.2,
-        wall_s=0.3,
-        generated_tokens_per_s=16.7,
-        peak_memory_bytes=None,
-        oom_split=False,
-        status="ok",
-        note=None,
-        started_at=now,
-        ended_at=now,
-    )
-    values.update(overrides)
-    return BatchRecord(**values)
+def record(batch_id: str = "b" * 32, **overrides) -> Batch:
+    return batch_row(id=batch_id, model="tiny", **overrides)
+
+
+def claim_video(pk: int, **kwargs) -> VideoInput | None:  # type: ignore[no-untyped-def]
+    """The summarise task's claim: ``claim(step=summarise)`` with its readable-transcript check."""
+    claimed = claim(pk, step=Step.summarise, refuse=partial(refusal, max_chars=10**6), **kwargs)
+    return None if claimed is None else VideoInput(pk, claimed.transcript or "")
 
 
 def test_claim_moves_a_fetched_video_to_summarising(db_url, db_session):
@@ -396,7 +383,7 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     """A claim holds the video under its worker's lease; another worker's delivery is dropped while
     the lease runs (unless it takes over: RabbitMQ's redelivery); the heartbeat renews only the
     holder's lease; a hand-back releases it without counting the claim."""
-    from tubesum.workers.summarise.store import release_video, touch_videos
+    from tubesum.workers.summarise.store import touch_videos
 
     (pk,) = add_videos(db_session, ["Bees dance."])
     assert claim_video(pk, database_url=db_url, owner="gpu@a", lease_s=60) is not None
@@ -412,8 +399,8 @@ def test_a_claim_takes_a_lease_that_only_its_worker_renews_and_releases(db_url, 
     touch_videos([pk], database_url=db_url, owner="gpu@a", lease_s=600)
     db_session.expire_all()
     assert db_session.get(Video, pk).lease_expires_at > first_expiry
-    assert not release_video(pk, database_url=db_url, owner="gpu@b")
-    assert release_video(pk, database_url=db_url, owner="gpu@a")
+    assert not release(pk, step=Step.summarise, database_url=db_url, owner="gpu@b")
+    assert release(pk, step=Step.summarise, database_url=db_url, owner="gpu@a")
     db_session.expire_all()
     video = db_session.get(Video, pk)
     assert (video.status, video.lease_owner, video.lease_expires_at, video.summarise_attempts) == (
@@ -523,3 +510,20 @@ def test_summarise_worker_process(env, settings, db_session, start_worker, wait_
     db_session.expire_all()
     assert [b.batch_size for b in db_session.scalars(select(Batch).order_by(Batch.started_at))][-1] == 1
     assert len(db_session.scalars(select(Summary)).all()) == 11
+
+
+def test_a_long_transcript_shares_its_chunks_with_the_videos_behind_it(make_batcher, tiny_engine):
+    """Issue 18, item 5: the pieces of a long transcript take at most half of each chunk while
+    other videos wait, so videos sent after it finish long before it (they used to wait for all
+    its pieces)."""
+    batcher, sink = make_batcher(chunk_size=8, chunk_wait_s=0.2)
+    long_text = " ".join(SENTENCES) * 120
+    long_future = batcher.submit(VideoInput(1, long_text))
+    small = {pk: batcher.submit(VideoInput(pk, transcript(pk))) for pk in range(10, 14)}
+    small_outcomes = {pk: f.result(timeout=FUTURE_TIMEOUT_S) for pk, f in small.items()}
+    long_outcome = long_future.result(timeout=FUTURE_TIMEOUT_S * 3)
+    assert long_outcome.status == "done" and long_outcome.pieces >= 16
+    batch_index = {b.id: i for i, b in enumerate(sink.batches)}
+    assert max(batch_index[o.batch_id] for o in small_outcomes.values()) <= 1
+    assert batch_index[long_outcome.batch_id] >= 3
+    print(f"{long_outcome.pieces} pieces; small videos done by chunk 2 of {len(sink.batches)}")

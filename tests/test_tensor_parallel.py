@@ -20,8 +20,9 @@ from tubesum.errors import ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu import tp as tp_module
 from tubesum.workers.gpu.engine import Engine, SamplingParams, load_engine
+from tubesum.workers.gpu.llama import silu_mul
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
-from tubesum.workers.gpu.runner import LlamaRunner, silu_mul
+from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import ShardSource, build_shard, probe_logits, shard_config, shard_rule, shard_tensor
 
 
@@ -123,7 +124,7 @@ def mixtral_engine() -> Engine:
 def test_mixtral_runs_on_the_fast_backend_and_matches_transformers_forward(mixtral_engine):
     assert mixtral_engine.backend == "fast"
     r: LlamaRunner = mixtral_engine.runner
-    assert all(layer.moe is not None for layer in r.layers)
+    assert all(layer.moe is not None for layer in r.llama.layers)
     prompts = mixed_prompts(3, seed=3, low=10)
     ours, step = probe_logits(r, prompts)  # prefill logits, then one decode step on the ragged cache
     tokens = ours.argmax(-1)
@@ -169,13 +170,11 @@ def _compare_two_ranks_with_one(spec: str, monkeypatch) -> None:
         again, _ = tp.generate(prompts[:2], params)
         assert [g.token_ids for g in again] == [g.token_ids for g in alone[:2]]
         # Rolling, two rows at a time: every rank gets the setting and takes the same turns.
-        tp.runner.rolling, tp.runner.max_rows = True, 2
-        rolled, _ = tp.generate(prompts, params)
-        tp.runner.rolling, tp.runner.max_rows = False, None
+        rolled, _ = tp.generate(prompts, params, rolling=True, max_rows=2)
         assert [g.token_ids for g in rolled] == [g.token_ids for g in alone]
         # Out of memory on ONE rank (here rank 0; the other would have room): every rank gives
         # the chunk up together, nobody waits in an all-reduce, and the group goes on.
-        monkeypatch.setattr(tp_module, "kv_cache_fits", lambda *a: False)
+        monkeypatch.setattr(tp_module, "kv_cache_fits", lambda *a, **k: False)
         with pytest.raises(OutOfMemory, match="chunk of 6 prompts did not fit"):
             tp.generate(prompts, params)
         monkeypatch.undo()

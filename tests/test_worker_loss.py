@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,15 @@ def start_gpu(
         name=name,
         argv=gpu_worker_argv(name, model_dir, chunk_size=chunk_size),
     )
+
+
+# Celery's log line of a task that ended (it returned, or raised).
+TASK_ENDED = re.compile(r"Task \S+\[[0-9a-f-]+\] (succeeded in|raised)")
+
+
+def tasks_ended(worker) -> int:
+    """Tasks the worker has finished so far, from its log."""
+    return len(TASK_ENDED.findall(worker.log()))
 
 
 def queue_depth(broker_url: str, queue: str = SUMMARISE_QUEUE) -> int:
@@ -270,7 +280,10 @@ def test_a_worker_stalled_past_its_lease_stores_no_second_summary(
             return bool(conn.scalar(select(func.count()).select_from(Batch).where(Batch.worker_host == "gpu-a")))
 
     wait_until(late_batch, message="the stalled worker's late chunk")
-    time.sleep(1.0)  # its store transaction has committed; nothing else may follow
+    # Its batch row and any summary are one transaction; its four tasks ending is the last it does.
+    wait_until(
+        lambda: tasks_ended(stalled) >= 4, message=lambda: f"the stalled worker's four tasks to end:\n{stalled.log()}"
+    )
     assert_nothing_lost(db, job_id, done=4)
     assert set(summaries_by_host(db, job_id).values()) == {"gpu-b"}
     # Returned by gpu-b's reconcile pass (1), or claimed straight from a redelivered message once

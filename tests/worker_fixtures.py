@@ -17,8 +17,9 @@ import pytest
 
 from tests.slow_gpu_worker import SLOW_CHUNK_ENV
 from tests.youtube_replay import REPLAY_ENV
+from tubesum.models import Batch
 from tubesum.workers.gpu.batcher import Batcher
-from tubesum.workers.summarise.store import BatchRecord, VideoOutcome
+from tubesum.workers.summarise.store import VideoOutcome
 
 MAX_NEW = 24  # short summaries keep the CPU tests fast
 INSTRUCTION = "Summarise the transcript."
@@ -53,17 +54,17 @@ FAST_DELIVERY = {
 class Recorder:
     """A sink keeping what the Batcher would commit."""
 
-    batches: list[BatchRecord] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
     outcomes: dict[int, VideoOutcome] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __call__(self, batch: BatchRecord, outcomes) -> None:
+    def __call__(self, batch: Batch, outcomes) -> None:
         with self.lock:
             self.batches.append(batch)
             for o in outcomes:
                 self.outcomes[o.video_pk] = o
 
-    def ok(self) -> list[BatchRecord]:
+    def ok(self) -> list[Batch]:
         return [b for b in self.batches if b.status == "ok"]
 
 

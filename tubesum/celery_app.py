@@ -8,6 +8,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from tubesum.defaults import MAX_RESTORE_INTERVAL_S, PUBLISH_RETRY_POLICY, WORKER_LOST_RETRY_DELAY_S
+from tubesum.events import LoopFlushedEvents
 from tubesum.settings import Settings, get_settings
 
 TRANSCRIPTS_QUEUE = "transcripts"
@@ -45,6 +46,10 @@ def is_amqp(broker_url: str | None) -> bool:
     return (broker_url or "").startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
+def is_redis(broker_url: str | None) -> bool:
+    return (broker_url or "").startswith("redis://")
+
+
 def declared_queues(settings: Settings) -> list[Queue]:
     """One queue per role. On RabbitMQ, quorum queues: replicated, durable, and they hand a dead
     consumer's unacknowledged messages to another consumer as soon as its connection drops."""
@@ -72,7 +77,12 @@ def celery_config(settings: Settings) -> dict:
         # Publisher confirms: a send returns only once RabbitMQ has the message (a send that a
         # broker restart ate raises, and is retried, instead of vanishing).
         transport_options = {"confirm_publish": True}
-    return {
+    config: dict = {}
+    if not settings.embedded_broker and is_redis(settings.broker_url):
+        # kombu's Redis transport, except that a queue entry that is not a Celery message is set
+        # aside instead of stopping the worker (tubesum/broker_redis.py).
+        config["broker_transport"] = "tubesum.broker_redis:Transport"
+    return config | {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -118,7 +128,9 @@ def celery_config(settings: Settings) -> dict:
 def create_app(settings: Settings | None = None) -> Celery:
     """The app, configured lazily: settings are read (and the embedded broker's folders made) when
     a worker, a producer or a test first uses it, never by importing this module."""
-    app = Celery("tubesum", include=TASK_MODULES)
+    # events: task events are published by the worker's event loop only (tubesum/events.py: a
+    # worker on RabbitMQ hung when two threads read the event connection).
+    app = Celery("tubesum", include=TASK_MODULES, events=LoopFlushedEvents)
     app.add_defaults(lambda: celery_config(settings or get_settings()))
     return app
 

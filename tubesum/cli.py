@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import typer
+from typer._click import exceptions as click_exceptions  # typer's own copy of click raises these
 from typer.core import TyperCommand, TyperGroup
 
 from tubesum.display import clean
@@ -43,6 +44,16 @@ class Group(TyperGroup):
     def get_params(self, ctx: typer.Context) -> list:
         return _plain_flags(super().get_params(ctx))
 
+    def make_context(self, info_name: str | None, args: list[str], parent: object = None, **extra: object):  # type: ignore[no-untyped-def, override]
+        # `tubesum --bogus`: the top level's own options are parsed here, before any invoke.
+        with exit_codes():
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[arg-type]
+
+    def invoke(self, ctx: typer.Context) -> object:
+        # Every command (and its option parsing) runs in here: the one place errors become lines.
+        with exit_codes():
+            return super().invoke(ctx)
+
     def list_commands(self, ctx: typer.Context) -> list[str]:
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
@@ -54,7 +65,13 @@ def _typer(help_text: str) -> typer.Typer:
     return typer.Typer(help=help_text, no_args_is_help=True, cls=Group, rich_markup_mode="markdown")
 
 
-app = _typer("Summarise every video of a YouTube playlist on your GPUs.")
+# The exit codes every command shares (`tubesum --help`, README, docs/reference.md).
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 1 the work ran and any video failed (or a worker died); 2 nothing (more) "
+    "was done: bad input, a setting, or a model, database or broker that is not there (one line "
+    "says what to do); 130 Ctrl-C; 143 SIGTERM."
+)
+app = _typer("Summarise every video of a YouTube playlist on your GPUs.\n\n" + EXIT_CODES_HELP)
 worker_app = _typer("Start a worker: `fetch` (transcripts) or `summarise` (the GPU).")
 db_app = _typer("Database schema.")
 app.add_typer(worker_app, name="worker", rich_help_panel=PANEL_DISTRIBUTED)
@@ -79,28 +96,96 @@ def _main(
     """Summarise every video of a YouTube playlist on your GPUs."""
 
 
-def _error(exc: BaseException, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+def _error(exc: BaseException | str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """One line on stderr, data in it printed as plain text; the exit to raise."""
     text = "\n".join(clean(line) for line in str(exc).splitlines())  # a dead worker's log tail: lines
     typer.echo(f"error: {text}", err=True)
     return typer.Exit(code)
 
 
-@contextmanager
-def exit_codes() -> Iterator[None]:
-    """The one place errors become exit codes: bad input or configuration (a named BadInput, a
-    model that cannot load, a setting that fails validation) exits 2 with its message; any other
-    named tubesum error (a worker died) exits 1; a bug keeps its traceback."""
-    from pydantic import ValidationError
+# Settings a command line may override, by field: a refused value is named by the option given.
+SETTING_OPTIONS = {
+    "model": "--model",
+    "chunk_size": "--chunk-size",
+    "chunk_wait_s": "--chunk-wait",
+    "max_new_tokens": "--max-new-tokens",
+    "device_map": "--device-map",
+    "tensor_parallel": "--tensor-parallel",
+    "dtype": "--dtype",
+    "attn": "--attn",
+}
 
-    from tubesum.errors import BadInput, ModelLoadError, TubesumError
+
+@contextmanager
+def exit_codes(given: Iterable[str] = ()) -> Iterator[None]:
+    """The one place errors become exit codes and one line each, with what to do:
+
+    - exit 2, nothing (more) done: bad input (a named BadInput), a model that cannot load, a
+      setting that fails validation (named by its option when ``given`` on the command line, else
+      by its TUBESUM_ variable), a database or broker that cannot be reached, a usage error;
+    - exit 1: any other named tubesum error (a worker died);
+    - a bug keeps its traceback."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError as DatabaseError
+    from sqlalchemy.exc import ProgrammingError
+
+    from tubesum.errors import (
+        BadInput,
+        ModelLoadError,
+        ServiceUnavailable,
+        TubesumError,
+        broker_unavailable,
+        database_unavailable,
+        describe_validation,
+    )
 
     try:
         yield
-    except (BadInput, ModelLoadError, ValidationError) as exc:
+    except click_exceptions.NoArgsIsHelpError:
+        raise  # `tubesum worker` alone: the help page
+    except click_exceptions.UsageError as exc:
+        where = f" (`{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        raise _error(exc.format_message().rstrip(".") + where, EXIT_BAD_INPUT) from None
+    except ValidationError as exc:
+        options = {field: SETTING_OPTIONS[field] for field in given if field in SETTING_OPTIONS}
+        raise _error(describe_validation(exc, options=options), EXIT_BAD_INPUT) from None
+    except (BadInput, ModelLoadError, ServiceUnavailable) as exc:
         raise _error(exc, EXIT_BAD_INPUT) from None
     except TubesumError as exc:
         raise _error(exc, EXIT_FAILED) from None
+    except DatabaseError as exc:
+        raise _error(database_unavailable(exc, _database_url()), EXIT_BAD_INPUT) from None
+    except ProgrammingError as exc:
+        if "does not exist" not in str(exc.orig):  # a table or column missing: an old schema
+            raise
+        raise _error(
+            f"the database {_database_url(masked=True)} lacks tubesum's tables or columns "
+            f"({first_line_of(exc)}): run `tubesum db upgrade`",
+            EXIT_BAD_INPUT,
+        ) from None
+    except BrokerError as exc:
+        raise _error(broker_unavailable(exc, _broker_url()), EXIT_BAD_INPUT) from None
+
+
+def first_line_of(exc: BaseException) -> str:
+    from tubesum.errors import first_line
+
+    return first_line(getattr(exc, "orig", None) or exc)
+
+
+def _database_url(*, masked: bool = False) -> str:
+    from tubesum.errors import mask_url
+    from tubesum.settings import get_settings
+
+    url = get_settings().database_url
+    return mask_url(url) if masked else url
+
+
+def _broker_url() -> str:
+    from tubesum.settings import get_settings
+
+    return get_settings().effective_broker_url
 
 
 @db_app.command("upgrade", cls=Command)
@@ -130,21 +215,31 @@ def submit_cmd(
         False, "--reuse", help="take over existing summaries of the same video, model and prompt"
     ),
     wait: bool = typer.Option(False, "--wait", help="show progress until every video is done or failed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the job id (for scripts)"),
 ) -> None:
-    """Record a job and enqueue its videos; prints the job id (before the messages are sent)."""
+    """Record a job and enqueue its videos; prints `job N: M videos queued` once they are recorded,
+    before the messages are sent (`--quiet`: just N).
+
+    Exit codes: 0 sent (with `--wait`: every video summarised); 1 with `--wait`, any video failed;
+    2 bad input, a setting, or a database or broker that cannot be reached; 130 Ctrl-C."""
+    from kombu.exceptions import OperationalError as BrokerError
+
     from tubesum.celery_app import app as celery_app
-    from tubesum.producer.progress import missing_worker_hint, submit_progress, wait_for_job
-    from tubesum.producer.submit import submit
+    from tubesum.db import require_database
+    from tubesum.errors import broker_unavailable
+    from tubesum.producer.submit import queued_line, submit
+    from tubesum.read.progress import job_counts, missing_worker_hint, submit_progress, wait_for_job
     from tubesum.settings import get_settings
 
     recorded: list[int] = []
 
     def on_job(job: int) -> None:  # the id first, before any message is sent
         recorded.append(job)
-        typer.echo(job)
+        typer.echo(job if quiet else queued_line(job, job_counts(job)))
 
+    require_database()  # before reading the input: a missing SQLite file would be created
     try:
-        with exit_codes(), submit_progress() as progress:
+        with submit_progress() as progress:
             job_id = submit(
                 sources or [],
                 from_file=from_file,
@@ -154,6 +249,11 @@ def submit_cmd(
                 on_job=on_job,
                 progress=progress,
             )
+    except BrokerError as exc:  # gone between the check and the send: the job waits for reconcile
+        after = (
+            f" (job {recorded[0]} is recorded; `tubesum reconcile` sends the rest once it is back)" if recorded else ""
+        )
+        raise broker_unavailable(exc, celery_app.conf.broker_url or "", after=after) from None
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: job {recorded[0]} is recorded but not every message was sent; submitting the same "
@@ -180,28 +280,34 @@ def submit_cmd(
 @worker_app.command("fetch", cls=Command)
 def worker_fetch(
     concurrency: int = typer.Option(4, "--concurrency", "-c", help="parallel fetches (processes)"),
+    name: str = typer.Option("fetch@%h", "--name", "-n", help="Celery node name (two on one host need two names)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
     """Fetch transcripts: a Celery worker on the transcripts queue only."""
     from tubesum.celery_app import TRANSCRIPTS_QUEUE
     from tubesum.celery_app import app as celery_app
+    from tubesum.db import require_database
+    from tubesum.workers.exit_codes import run_celery_worker
 
+    require_database()  # at start, not a traceback every reconcile pass once "ready"
     # No mingle/gossip: workers share nothing through them (state is in the database), and on the
     # filesystem broker each start would leave a stale broadcast file. Flower uses events only.
-    celery_app.worker_main(
+    code = run_celery_worker(
+        celery_app,
         [
             "worker",
             "-Q",
             TRANSCRIPTS_QUEUE,
             "-n",
-            "fetch@%h",
+            name,
             "-E",
             "--without-mingle",
             "--without-gossip",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
-        ]
+        ],
     )
+    raise typer.Exit(code)
 
 
 @app.command("reconcile", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
@@ -221,10 +327,12 @@ def reconcile_cmd(
     import threading
 
     from tubesum.celery_app import app as celery_app
+    from tubesum.db import require_database
     from tubesum.settings import get_settings
     from tubesum.workers.reconcile import reconcile, run_periodically
 
     settings = get_settings()
+    require_database()
     if every is None:
         typer.echo(reconcile(settings=settings, celery_app=celery_app, stuck_after_s=stuck_after).summary())
         return
@@ -260,11 +368,12 @@ def retry_cmd(
     """Send a job's failed videos through again (to summarise if their transcript is stored, else
     to fetch), with fresh attempt counters: for videos failed by an outage, say."""
     from tubesum.celery_app import app as celery_app
+    from tubesum.db import require_database
     from tubesum.producer.retry import retry_failed
     from tubesum.settings import get_settings
 
-    with exit_codes():
-        report = retry_failed(job, settings=get_settings(), celery_app=celery_app, failed_reason=failed_reason)
+    require_database()
+    report = retry_failed(job, settings=get_settings(), celery_app=celery_app, failed_reason=failed_reason)
     typer.echo(report.summary())
 
 
@@ -321,10 +430,18 @@ def worker_summarise(
         ).items()
         if value is not None
     }
+    from tubesum.db import require_database
+    from tubesum.preflight import check_generation
+
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
-    with exit_codes():
+    with exit_codes(given=overrides):
         settings = Settings(**overrides)
-        run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+        require_database(settings.database_url)  # before a model loads for minutes
+        note = check_generation(settings)
+        if note:
+            logging.getLogger("tubesum.worker").warning(note)
+        code = run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+    raise typer.Exit(code)
 
 
 @app.command("report", cls=Command, rich_help_panel=PANEL_RESULTS)
@@ -336,8 +453,8 @@ def report_cmd(
     from pathlib import Path
 
     from tubesum.db import require_database, session_scope
-    from tubesum.jobs import check_writable
-    from tubesum.report import print_report, write_report
+    from tubesum.read.export import check_writable
+    from tubesum.read.report import print_report, write_report
 
     with exit_codes():
         check_writable(Path(output), what="directory")
@@ -359,7 +476,8 @@ def status_cmd(
     from rich.console import Console
 
     from tubesum.db import NoJobsYet, require_database, session_scope
-    from tubesum.jobs import NoJobs, all_job_statuses, all_jobs_table, job_status, status_tables
+    from tubesum.read.queries import NoJobs, all_job_statuses, job_status
+    from tubesum.read.status import all_jobs_table, status_tables
 
     console = Console()
     with exit_codes():
@@ -391,7 +509,7 @@ def export_cmd(
 ) -> None:
     """Write one row per video (transcript facts, summary, batch timings) to CSV or JSON Lines."""
     from tubesum.db import require_database, session_scope
-    from tubesum.jobs import check_export_path, export_job
+    from tubesum.read.export import check_export_path, export_job
 
     with exit_codes():
         path = check_export_path(output, job)  # before any query: no work for an unwritable path
@@ -431,25 +549,49 @@ def run_cmd(
         None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
     ),
     fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", help="parallel transcript fetches"),
+    gpu_workers: int = typer.Option(
+        1,
+        "--gpu-workers",
+        help="summarise workers on one queue, one per GPU (per TUBESUM_TENSOR_PARALLEL GPUs); on the CPU they share the cores",
+    ),
     fetch_only: bool = typer.Option(
         False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"
     ),
     timeout: float = typer.Option(None, "--timeout", help="give up waiting after this many seconds"),
+    reuse: bool = typer.Option(
+        False, "--reuse", help="take over existing summaries of the same video, model and prompt"
+    ),
 ) -> None:
     """Do a whole job on this machine: start local workers, submit, show progress, export, stop.
 
     Needs no service by default (SQLite file and a filesystem broker in the working directory);
-    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead. The model and the
-    output path are checked before anything starts.
+    with TUBESUM_BROKER_URL / TUBESUM_DATABASE_URL set it uses those instead. The input, every
+    option, the model, the broker and the output path are checked before anything is recorded.
 
-    Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once."""
+    Ctrl-C (or SIGTERM) stops the workers; a second Ctrl-C kills them at once.
+
+    Exit codes: 0 every video summarised; 1 any video failed (its reason is printed) or a worker
+    died; 2 bad input, a setting, or a database or broker that cannot be reached (nothing
+    recorded); 130 Ctrl-C; 143 SIGTERM."""
     from tubesum.embedded import Terminated, run_job, run_settings
 
     def say(text: str) -> None:
         typer.echo(clean(text), err=True)
 
+    given = {
+        k
+        for k, v in dict(
+            model=model,
+            chunk_size=chunk_size,
+            max_new_tokens=max_new_tokens,
+            device_map=device_map,
+            dtype=dtype,
+            attn=attn,
+        ).items()
+        if v is not None
+    }
     try:
-        with exit_codes():
+        with exit_codes(given=given):
             settings = run_settings(
                 model=model,
                 chunk_size=chunk_size,
@@ -469,10 +611,12 @@ def run_cmd(
                 from_file=from_file,
                 transcripts_csv=transcripts,
                 encoding=encoding,
+                reuse=reuse,
                 settings=settings,
                 export_to=output,
                 fetch_only=fetch_only,
                 fetch_concurrency=fetch_concurrency,
+                gpu_workers=gpu_workers,
                 timeout_s=timeout,
                 say=say,
             )
@@ -489,7 +633,26 @@ def run_cmd(
         f"job {result.job_id}: {c.summarised} summarised, {c.fetched} awaiting summary, "
         f"{c.failed} failed of {c.total}; exported to {clean(result.export_path)}"
     )
+    if c.failed:
+        _say_failures(result.job_id, database_url=settings.database_url)
     raise typer.Exit(EXIT_FAILED if c.failed or not (c.finished or fetch_only) else 0)
+
+
+# Failed videos whose reason `tubesum run` prints at its end, at most (the rest: `tubesum status`).
+FAILURES_SHOWN = 5
+
+
+def _say_failures(job_id: int, *, database_url: str) -> None:
+    """The reasons of a few failed videos on stderr, then how many more; the offline hint."""
+    from tubesum.db import session_scope
+    from tubesum.read.queries import job_status
+
+    with session_scope(database_url) as session:
+        failures = job_status(session, job_id).failures
+    for video in failures[:FAILURES_SHOWN]:
+        typer.echo(f"failed: {clean(video.video_id)}: {clean(video.error or 'no reason recorded')}", err=True)
+    if len(failures) > FAILURES_SHOWN:
+        typer.echo(f"... and {len(failures) - FAILURES_SHOWN} more (`tubesum status {job_id}`)", err=True)
 
 
 # --- benchmark ----------------------------------------------------------------------------------
@@ -534,7 +697,10 @@ def bench_cmd(
     ),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
-    max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most"),
+    max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most (at least --repeats)"),
+    repeats: int = typer.Option(
+        3, "--repeats", min=1, help="timed runs per size at least: their spread says whether the numbers are noise"
+    ),
     extend: bool = typer.Option(
         True, "--extend/--no-extend", help="after the list, double the size until memory runs out"
     ),
@@ -548,21 +714,34 @@ def bench_cmd(
         help="output lengths: fixed (every prompt --new-tokens), varied (each its own, seeded, mean ~0.8x --new-tokens), or both",
     ),
 ) -> None:
-    """The batching study: throughput and speedup against chunk size, on the worker's engine."""
+    """The batching study: throughput and speedup against chunk size, on the worker's engine.
+
+    Prompts are sized to the model (each with its longest output fits its context). bench.json is
+    written after every size, so a crash or Ctrl-C keeps what was measured; a line per size shows
+    progress. Each size runs at least --repeats times: the table shows the spread, and a warning
+    says when it is noise."""
     if lengths not in ("fixed", "varied", "both"):
         raise typer.BadParameter(f"--lengths must be fixed, varied or both, not {lengths!r}")
     from pathlib import Path
 
     from rich.console import Console
 
-    from tubesum.workers.gpu.bench import resolve_bench_device
-    from tubesum.workers.gpu.bench_table import quantize_comparison
+    from tubesum.errors import BadInput
+    from tubesum.read.export import check_writable
+
+    sizes, base_sizes = _int_list(chunk_sizes), _int_list(baseline_sizes)
+    varied = _int_list(varied_sizes) if varied_sizes else None
+    out_dir = Path(output)
+    check_writable(out_dir, what="directory")  # before torch loads, and minutes of sweeping
+
+    from tubesum.bench.study import BenchReport, SizeResult, resolve_bench_device, run_bench
+    from tubesum.bench.table import print_report, quantize_comparison
 
     console = Console()
     try:
         device, note = resolve_bench_device(device)
     except ValueError as exc:
-        raise _error(exc) from None
+        raise BadInput(str(exc)) from None
     if note:
         console.print(note, markup=False, highlight=False)
     modes = [q.strip() for q in quantize.split(",") if q.strip()]
@@ -571,59 +750,54 @@ def bench_cmd(
         from tubesum.workers.gpu.engine import check_quantize
 
         if not modes:
-            raise typer.BadParameter("--quantize needs at least one of none, fp8")
+            raise BadInput("--quantize needs at least one of none, fp8")
         for mode in modes:
             check_quantize(mode, device_map=device_map)
+
+    def say(text: str) -> None:  # progress on stderr: the table on stdout stays clean
+        typer.echo(clean(text), err=True)
+
     reports = []
     for mode in modes:
-        out_dir = Path(output) / mode if len(modes) > 1 else Path(output)
-        reports.append(_bench_one(console, mode, out_dir, **locals_for_bench(locals())))
+        mode_dir = out_dir / mode if len(modes) > 1 else out_dir
+
+        def on_result(report: BenchReport, res: SizeResult, mode_dir: Path = mode_dir) -> None:
+            what = "OOM: the memory limit" if res.oom else f"{res.summaries_per_s:.2f} summaries/s"
+            runs = f", spread {res.spread:.0%} over {len(res.runs)} runs" if res.spread is not None else ""
+            kind = f"{res.lengths}{', ' + res.decode if res.lengths == 'varied' else ''}"
+            say(
+                f"chunk {res.chunk_size} ({res.engine}, {kind}): {what}{runs}; {clean(mode_dir / 'bench.json')} updated"
+            )
+
+        say(f"loading {model} on {device}" + (f" (projections {mode})" if len(modes) > 1 else ""))
+        report = run_bench(
+            model=model,
+            chunk_sizes=sizes,
+            prompts=prompts,
+            new_tokens=new_tokens,
+            transcripts=transcripts,
+            job=job,
+            device=device,
+            baseline=baseline,
+            baseline_sizes=base_sizes,
+            max_chunks=max_chunks,
+            extend=extend,
+            out_dir=mode_dir,
+            dtype=dtype,
+            lengths=lengths,
+            tensor_parallel=tensor_parallel,
+            varied_sizes=varied,
+            repeats=repeats,
+            quantize=mode,
+            progress=lambda text: say(f"running {text}"),
+            on_result=on_result,
+        )
+        print_report(report, console)
+        console.print(f"wrote {clean(mode_dir / 'bench.json')}, throughput.png, speedup.png", markup=False)
+        reports.append(report)
     if len(reports) > 1:
         for line in quantize_comparison(reports):
             console.print(line, markup=False, highlight=False)
-
-
-def locals_for_bench(scope: dict) -> dict:
-    keys = (
-        "model chunk_sizes prompts new_tokens transcripts job device baseline baseline_sizes max_chunks extend "
-        "dtype lengths tensor_parallel varied_sizes"
-    ).split()
-    return {k: scope[k] for k in keys}
-
-
-def _bench_one(console, quantize: str, out_dir, **opts):
-    """One `tubesum bench` sweep with projections in `quantize`; prints its table, returns its report."""
-    from rich.progress import Progress
-
-    from tubesum.workers.gpu.bench import run_bench
-    from tubesum.workers.gpu.bench_table import print_report
-
-    model, varied_sizes = opts["model"], opts["varied_sizes"]
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"loading model ({quantize})", total=None)
-        report = run_bench(
-            model=model,
-            chunk_sizes=_int_list(opts["chunk_sizes"]),
-            prompts=opts["prompts"],
-            new_tokens=opts["new_tokens"],
-            transcripts=opts["transcripts"],
-            job=opts["job"],
-            device=opts["device"],
-            baseline=opts["baseline"],
-            baseline_sizes=_int_list(opts["baseline_sizes"]),
-            max_chunks=opts["max_chunks"],
-            extend=opts["extend"],
-            out_dir=out_dir,
-            dtype=opts["dtype"],
-            lengths=opts["lengths"],
-            tensor_parallel=opts["tensor_parallel"],
-            varied_sizes=_int_list(varied_sizes) if varied_sizes else None,
-            quantize=quantize,
-            progress=lambda text: bar.update(task, description=text),
-        )
-    print_report(report, console)
-    console.print(f"wrote {clean(out_dir / 'bench.json')}, throughput.png, speedup.png", markup=False)
-    return report
 
 
 class _PlainFormatter(logging.Formatter):

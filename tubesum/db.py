@@ -132,7 +132,13 @@ def require_database(url: str | None = None) -> None:
         with get_engine(url).connect() as conn:
             has_jobs = inspect(conn).has_table(JOBS_TABLE)
     except OperationalError as exc:
-        if "does not exist" in str(exc.orig):
+        message = str(exc.orig)
+        if 'role "' in message and "does not exist" in message:  # the user, not the database
+            raise NoDatabase(
+                f"PostgreSQL has no user {parsed.username!r} on {parsed.host}: check the user name in "
+                f"the database URL ({shown})"
+            ) from None
+        if f'database "{parsed.database}" does not exist' in message:
             raise NoDatabase(
                 f"database {parsed.database!r} does not exist on {parsed.host}: create it "
                 f"(createdb {parsed.database}) and run `tubesum db upgrade`"

@@ -13,12 +13,7 @@ import random
 STORE_MAX_RETRIES = 5
 # Pause before such a redelivery.
 STORE_RETRY_DELAY_S = 10.0
-# Pause before retrying a claim whose database connection dropped.
-CLAIM_RETRY_DELAY_S = 2.0
-# Inside the GPU thread: tries of committing a finished chunk when the connection drops, first
-# pause (doubling): a chunk is minutes of GPU time, not to be thrown away for a reconnect.
-STORE_ATTEMPTS = 4
-STORE_RETRY_BASE_S = 1.0
+# A claim or a chunk's commit waits out a database outage instead: workers/db_outage.py.
 
 # --- the fetch task ---------------------------------------------------------------------------------
 # Retries of a task whose database write failed transiently (connection dropped, server restart);

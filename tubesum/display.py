@@ -8,13 +8,21 @@ import re
 
 from rich.text import Text
 
-# C0 controls, DEL and C1 controls: a terminal acts on them. Shown as visible \\xNN escapes.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 controls, DEL and C1 controls (a terminal acts on them), and the bidirectional controls
+# (U+202E turns the rest of a line right to left: "harmless\u202eexe.txt" shows as
+# "harmlesstxt.exe"). Shown as visible \\xNN or \\uNNNN escapes.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def clean(value: object) -> str:
-    """``value`` as one printable line: control characters become visible ``\\xNN`` escapes."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", "" if value is None else str(value))
+    """``value`` as one printable line: control characters become visible ``\\xNN`` (or
+    ``\\uNNNN``) escapes."""
+    return _CONTROL.sub(_escape, "" if value is None else str(value))
 
 
 def plain(value: object, *, style: str = "") -> Text:

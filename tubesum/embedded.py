@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,11 +29,13 @@ from sqlalchemy.engine import make_url
 from tubesum.celery_app import create_app
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
-from tubesum.errors import Terminated, WorkerDied
-from tubesum.jobs import check_export_path, check_writable, default_export_name, export_job, export_path
+from tubesum.errors import BadInput, Terminated, WorkerDied
 from tubesum.models import Video, VideoStatus
-from tubesum.producer.progress import JobCounts, job_counts, wait_for_job
+from tubesum.preflight import check_broker, check_generation
 from tubesum.producer.submit import check_input, submit
+from tubesum.read.export import check_export_path, check_writable, default_export_name, export_job, export_path
+from tubesum.read.progress import wait_for_job
+from tubesum.read.queries import JobCounts, job_counts
 from tubesum.settings import Settings, get_settings
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.reconcile import run_periodically
@@ -64,6 +67,7 @@ class LocalWorker:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # this worker's own variables (its GPUs, its host name)
     proc: subprocess.Popen | None = None
     _log_file: object = field(default=None, repr=False)
     _ready: bool = field(default=False, repr=False)
@@ -73,7 +77,7 @@ class LocalWorker:
         self._log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv,
-            env=env,
+            env={**env, **self.env},
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -265,7 +269,7 @@ def run_settings(
     if model is not None:
         update["model"] = model
     if chunk_size is not None:
-        update["chunk_size"] = "auto" if str(chunk_size).lower() == "auto" else int(chunk_size)
+        update["chunk_size"] = chunk_size  # "abc" is refused by the settings' own check
     if max_new_tokens is not None:
         update["max_new_tokens"] = max_new_tokens
     for key, value in (("device_map", device_map), ("dtype", dtype), ("attn", attn), ("quantize", quantize)):
@@ -277,10 +281,8 @@ def run_settings(
             hide_password=False
         )
     update["embedded_dir"] = Path(base.embedded_dir).resolve()
-    settings = base.model_copy(update=update)
-    # model_copy skips validation: validate the overrides the same way the environment is.
-    Settings.model_validate(settings.model_dump())
-    return settings
+    # Validated like the environment: a refused override names its option (tubesum.cli.exit_codes).
+    return Settings.model_validate({**base.model_dump(), **update})
 
 
 def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> dict[str, str]:
@@ -302,33 +304,74 @@ def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> di
     return env
 
 
-def local_workers(settings: Settings, *, summarise: bool, fetch_concurrency: int) -> list[LocalWorker]:
-    """The ``tubesum worker`` commands of distributed mode, run as children of this process."""
+def gpu_groups(*, workers: int, per_worker: int, visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES of each of ``workers`` summarise workers, ``per_worker`` GPUs each
+    (the tensor-parallel degree), taken in order from the visible ones (``visible``: the parent's
+    CUDA_VISIBLE_DEVICES, None for all of the host's)."""
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    need = workers * per_worker
+    if ids is not None and len(ids) < need:
+        raise BadInput(
+            f"{workers} GPU workers of {per_worker} GPU(s) each need {need} GPUs, "
+            f"but CUDA_VISIBLE_DEVICES={visible} names {len(ids)}: lower --gpu-workers"
+        )
+    ids = ids or [str(i) for i in range(need)]
+    return [",".join(ids[i * per_worker : (i + 1) * per_worker]) for i in range(workers)]
+
+
+def summarise_argv(cli: list[str], settings: Settings) -> list[str]:
+    return [
+        *cli,
+        "summarise",
+        "--model",
+        settings.model,
+        "--chunk-size",
+        str(settings.chunk_size),
+        "--max-new-tokens",
+        str(settings.max_new_tokens),
+        "--device-map",
+        settings.device_map,
+        "--dtype",
+        settings.dtype,
+        "--attn",
+        settings.attn,
+        "--quantize",
+        settings.quantize,
+    ]
+
+
+def local_workers(
+    settings: Settings, *, summarise: bool, fetch_concurrency: int, gpu_workers: int = 1
+) -> list[LocalWorker]:
+    """The ``tubesum worker`` commands of distributed mode, run as children of this process.
+
+    ``gpu_workers`` > 1 starts that many summarise workers on one queue, one per GPU (or per group
+    of ``tensor_parallel`` GPUs), exactly as one would start them on separate machines; on the CPU
+    they share the cores. Each has its own node name and batch-row host, so leases, Flower and
+    `tubesum report` tell them apart."""
     # -P: the working directory is not on sys.path, so nothing in it (a models.py, a workers/)
     # can shadow a module the worker imports.
     cli = [sys.executable, "-P", "-m", "tubesum.cli", "worker"]
     logs = Path(settings.embedded_dir) / "logs"
     workers = [LocalWorker("fetch", [*cli, "fetch", "--concurrency", str(fetch_concurrency)], logs / "fetch.log")]
-    if summarise:
-        argv = [
-            *cli,
-            "summarise",
-            "--model",
-            settings.model,
-            "--chunk-size",
-            str(settings.chunk_size),
-            "--max-new-tokens",
-            str(settings.max_new_tokens),
-            "--device-map",
-            settings.device_map,
-            "--dtype",
-            settings.dtype,
-            "--attn",
-            settings.attn,
-            "--quantize",
-            settings.quantize,
-        ]
-        workers.append(LocalWorker("summarise", argv, logs / "summarise.log"))
+    if not summarise:
+        return workers
+    if gpu_workers == 1:
+        workers.append(LocalWorker("summarise", summarise_argv(cli, settings), logs / "summarise.log"))
+        return workers
+    on_gpu = settings.device_map != "cpu"
+    groups = gpu_groups(
+        workers=gpu_workers,
+        per_worker=settings.tensor_parallel,
+        visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+    host = settings.worker_host or socket.gethostname()
+    for i, group in enumerate(groups):
+        env = {"TUBESUM_WORKER_HOST": f"{host}/gpu{i}"}
+        if on_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = group
+        argv = [*summarise_argv(cli, settings), "--name", f"gpu{i}@%h"]
+        workers.append(LocalWorker(f"summarise-{i}", argv, logs / f"summarise-{i}.log", env=env))
     return workers
 
 
@@ -349,10 +392,12 @@ def run_job(
     from_file: str | Path | None = None,
     transcripts_csv: str | Path | None = None,
     encoding: str | None = None,
+    reuse: bool = False,
     settings: Settings | None = None,
     export_to: str | Path | None = None,  # a file, or a directory ("dir/" or existing) for the default name
     fetch_only: bool = False,
     fetch_concurrency: int = 2,
+    gpu_workers: int = 1,
     timeout_s: float | None = None,
     show_progress: bool = True,
     console: Console | None = None,
@@ -375,14 +420,22 @@ def run_job(
     # Bad input is named before the model is looked for: both in seconds, input first.
     check_input(sources, from_file=from_file, transcripts_csv=transcripts_csv, encoding=encoding)
     if not fetch_only:
+        note = check_generation(settings)  # a dummy that exists, CUDA if named: before any job
         check_model(settings.model)  # seconds, not a minute of retries inside the worker
+        if note and say is not None:
+            say(note)
+    celery_app = create_app(settings)
+    check_broker(celery_app)  # a broker that is down: one line, and no job recorded
+    if gpu_workers < 1:
+        raise BadInput(f"--gpu-workers must be 1 or more, got {gpu_workers}")
+    workers = local_workers(
+        settings, summarise=not fetch_only, fetch_concurrency=fetch_concurrency, gpu_workers=gpu_workers
+    )
     upgrade(settings.database_url)  # idempotent; the SQLite file is created on first use
     note = leftovers_note(unfinished_elsewhere(settings.database_url), model=None if fetch_only else settings.model)
     if note and say is not None:
         say(note)
-    workers = local_workers(settings, summarise=not fetch_only, fetch_concurrency=fetch_concurrency)
     env = worker_env(settings)
-    celery_app = create_app(settings)
     # The reconciler of this run (`tubesum reconcile --every` in distributed mode): videos whose
     # message was lost, e.g. a worker restarted by hand, are sent again.
     stop_reconciler = threading.Event()
@@ -392,11 +445,13 @@ def run_job(
         daemon=True,
         kwargs=dict(settings=settings, celery_app=celery_app, every_s=settings.reconcile_every_s, stop=stop_reconciler),
     )
-    summariser = next((w for w in workers if w.name == "summarise"), None)
+    summarisers = [w for w in workers if w.name.startswith("summarise")]
 
     def phase() -> str | None:
-        if summariser is not None and not summariser.ready():
-            return f"loading model {clean(settings.model)}"
+        loading = sum(1 for w in summarisers if not w.ready())
+        if loading:
+            where = f" ({loading} of {len(summarisers)} workers)" if len(summarisers) > 1 else ""
+            return f"loading model {clean(settings.model)}{where}"
         return None
 
     check = lambda: check_workers(workers)  # noqa: E731
@@ -410,6 +465,7 @@ def run_job(
                 from_file=from_file,
                 transcripts_csv=transcripts_csv,
                 encoding=encoding,
+                reuse=reuse,
                 settings=settings,
                 celery_app=celery_app,
             )

@@ -35,7 +35,9 @@ def check_basic_auth(value: str | None) -> list[str]:
     for number, pair in enumerate(pairs, start=1):
         user, colon, password = pair.partition(":")
         where = f"{FLOWER_AUTH_ENV} entry {number}" if len(pairs) > 1 else FLOWER_AUTH_ENV
-        if not colon or not user.strip():
+        if not colon:  # "adminnopw": a password alone is as likely as a user name alone; name neither
+            raise BadInput(f"{where} must be user:password, with a colon between them (got no colon)")
+        if not user.strip():
             raise BadInput(f"{where} must be user:password (got no user name)")
         if not password.strip():
             raise BadInput(

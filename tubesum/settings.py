@@ -7,6 +7,7 @@ directory, so ``tubesum run`` needs no external service. Point ``TUBESUM_DATABAS
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -30,6 +31,10 @@ EMBEDDED_DIR = ".tubesum"
 FETCH_REQUESTS = 3
 # A lease runs out only after this many heartbeats in a row were missed.
 HEARTBEATS_PER_LEASE = 3
+# Longest summary a job may ask for, tokens (past this, a prompt no longer fits most models).
+MAX_NEW_TOKENS_LIMIT = 32768
+# Where the model goes: accelerate's placements, the CPU, or one CUDA device (cuda, cuda:N).
+DEVICE_MAP_RE = re.compile(r"auto|balanced|balanced_low_0|sequential|cpu|mps|cuda(:\d+)?")
 
 
 class Settings(BaseSettings):
@@ -47,7 +52,7 @@ class Settings(BaseSettings):
     prompt: str = DEFAULT_PROMPT
     chunk_size: int | Literal["auto"] = 32  # prompts per batched generation
     chunk_wait_s: float = 2.0  # how long a partial chunk waits for more work, seconds
-    max_new_tokens: int = 200  # ~100 words plus slack
+    max_new_tokens: int = Field(default=200, ge=1, le=MAX_NEW_TOKENS_LIMIT)  # ~100 words plus slack
     device_map: str = "auto"  # "auto", "cuda:0", "cpu", ...
     # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
     # ones); 1 = one device, as device_map says.
@@ -67,6 +72,10 @@ class Settings(BaseSettings):
     # chunk's task threads claim videos and tokenize, each wait could last the whole interval, and
     # a prefill of short kernels ran 0.5-1.1 s (of ~8.5 s) slower than in the bench (H100).
     gil_switch_interval_s: float = Field(default=0.0002, gt=0, le=0.1)
+    # Longest transcript the GPU worker summarises, characters; a longer one fails with that reason
+    # (map-reduce time and memory grow with it: a 5 MB transcript held a worker over 15 min).
+    # About 15 hours of speech at 1,000,000.
+    max_transcript_chars: int = Field(default=1_000_000, ge=1)
     # The host name written on this worker's batch rows; unset = the machine's hostname. For hosts
     # that share a hostname (network namespaces, some container setups).
     worker_host: str | None = None
@@ -121,10 +130,49 @@ class Settings(BaseSettings):
     def _chunk_size(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        if isinstance(value, str):
-            value = int(value)
-        if isinstance(value, int) and value < 1:
-            raise ValueError("chunk_size must be >= 1 or 'auto'")
+        try:
+            number = int(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or number < 1:
+            raise ValueError("must be a whole number of prompts >= 1, or 'auto'")
+        return number
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value: str) -> str:
+        if not DEVICE_MAP_RE.fullmatch(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (one GPU), balanced or sequential")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url  # the parser create_engine uses
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        example = "e.g. postgresql+psycopg://user:password@host:5432/tubesum or sqlite:///tubesum.db"
+        try:
+            make_url(value).get_dialect()
+        except ArgumentError:
+            raise ValueError(f"not a database URL ({example})") from None
+        except NoSuchModuleError:
+            raise ValueError(f"unknown database kind {value.split(':', 1)[0]!r} ({example})") from None
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # empty: the embedded broker, as when unset
+        from kombu.transport import TRANSPORT_ALIASES
+
+        scheme, sep, _ = value.partition("://")
+        if not sep or scheme.partition("+")[0] not in TRANSPORT_ALIASES:
+            raise ValueError(
+                "not a broker URL kombu knows (e.g. redis://host:6379/0, amqp://user:password@host:5672//; "
+                "unset for the embedded broker)"
+            )
         return value
 
     @field_validator("transcript_languages")

@@ -33,23 +33,16 @@ from youtube_transcript_api.proxies import GenericProxyConfig, ProxyConfig, Webs
 
 from tubesum.db import session_scope
 from tubesum.errors import PermanentFetchError, TransientFetchError
-from tubesum.models import Transcript, Video, VideoStatus
+from tubesum.models import Transcript, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.settings import Settings
 from tubesum.workers import video_state
-from tubesum.workers.video_state import (
-    FETCH_CLAIMABLE,
-    clear_lease,
-    clip_reason,
-    held_elsewhere,
-    lock_video,
-    take_lease,
-)
+from tubesum.workers.video_state import FETCH_CLAIMABLE, Step, clear_lease, clip_reason, lock_video
 
 log = logging.getLogger(__name__)
 
-# A video in one of these states is (re)claimed by a fetch task; any other state means a previous
-# delivery already finished the work, and a redelivered message is ignored.
+# Offline, a CSV of transcripts still makes a job (the example ships with the repository).
+OFFLINE_HINT = "offline? summarise a CSV instead: --transcripts examples/nature_transcripts.csv"
 TRANSIENT_ERRORS = (RequestBlocked, YouTubeRequestFailed, requests.ConnectionError, requests.Timeout)
 
 
@@ -140,7 +133,7 @@ def download_transcript(video_id: str, *, api: YouTubeTranscriptApi, languages: 
     except TRANSIENT_ERRORS as exc:
         if unresolvable_host(exc):  # offline or no DNS: retrying for minutes would only hide it
             raise PermanentFetchError(
-                f"cannot resolve YouTube's host name (offline, or no DNS): {describe(exc)}"
+                f"cannot resolve YouTube's host name (offline, or no DNS): {describe(exc)}; {OFFLINE_HINT}"
             ) from exc
         raise TransientFetchError(describe(exc)) from exc
     except CouldNotRetrieveTranscript as exc:
@@ -186,47 +179,6 @@ def describe(exc: BaseException) -> str:
 # --- database ------------------------------------------------------------------------------------
 
 
-def claim(
-    video_pk: int,
-    *,
-    database_url: str,
-    max_attempts: int | None = None,
-    owner: str | None = None,
-    lease_s: float | None = None,
-    takeover: bool = False,
-) -> str | None:
-    """queued/fetching → fetching, count the attempt, and hold the video under ``owner``'s lease for
-    ``lease_s``; the YouTube id, or None if there is nothing to do.
-
-    ``fetching`` is claimable because it is what a dead worker leaves behind, but not while another
-    worker's lease on it runs (unless ``takeover``: the broker redelivered because that worker's
-    connection died). ``store`` keeps only the first transcript. A video already claimed
-    ``max_attempts`` times (its workers keep dying, or its messages keep coming back) fails here
-    instead, so no message loops forever."""
-    with session_scope(database_url) as session:
-        video = lock_video(session, video_pk)
-        if video is None or video.status not in FETCH_CLAIMABLE:
-            return None
-        now = utcnow()
-        if not takeover and held_elsewhere(video, owner=owner, now=now):
-            log.info(
-                "video %s is held by %s until %s: message dropped", video_pk, video.lease_owner, video.lease_expires_at
-            )
-            return None
-        if max_attempts is not None and video.attempts >= max_attempts:
-            video.status, video.failed_at = VideoStatus.failed.value, now
-            video.error = f"gave up after {video.attempts} fetch attempts that never finished (worker died?)"
-            clear_lease(video)
-            log.warning("video %s: %s", video_pk, video.error)
-            return None
-        video.status = VideoStatus.fetching.value
-        video.fetching_at = video.fetching_at or now
-        video.attempts += 1
-        if lease_s is not None:
-            take_lease(video, owner=owner, lease_s=lease_s, now=now)
-        return video.video_id
-
-
 def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
     """fetching → fetched with the transcript, once. False if another delivery got there first."""
     try:
@@ -242,20 +194,6 @@ def store(video_pk: int, fetched: FetchedText, *, database_url: str) -> bool:
     return True
 
 
-def note_retry(video_pk: int, reason: str, *, database_url: str) -> None:
-    """Record why a fetch is being retried on the still-fetching video, so progress shows it
-    (``store`` clears it on success, ``mark_failed`` replaces it)."""
-    with session_scope(database_url) as session:
-        video = session.get(Video, video_pk)
-        if video is not None and video.status in FETCH_CLAIMABLE:
-            video.error = clip_reason(f"retrying: {reason}")
-
-
-def mark_failed(video_pk: int, reason: str, *, database_url: str) -> None:
-    """Record a permanent fetch failure, unless the video already reached a later state."""
-    video_state.mark_failed(video_pk, reason, database_url=database_url, only_from=FETCH_CLAIMABLE)
-
-
 def fetch_video(
     video_pk: int,
     *,
@@ -266,23 +204,25 @@ def fetch_video(
 ) -> Outcome:
     """Claim (as worker ``owner``), download, store. Transient errors propagate as
     TransientFetchError (the caller retries); permanent ones are recorded and return Outcome.failed."""
-    video_id = claim(
+    claimed = video_state.claim(
         video_pk,
+        step=Step.fetch,
         database_url=settings.database_url,
         max_attempts=max_fetch_attempts(settings),
         owner=owner,
         lease_s=settings.fetch_lease_s,
         takeover=takeover,
     )
-    if video_id is None:
+    if claimed is None:
         return Outcome.skipped
+    video_id = claimed.video_id
     try:
         fetched = download_transcript(
             video_id, api=api or thread_api(settings), languages=settings.transcript_languages
         )
     except PermanentFetchError as exc:
         log.info("video %s (%s) failed: %s", video_pk, video_id, exc)
-        mark_failed(video_pk, str(exc), database_url=settings.database_url)
+        video_state.mark_failed(video_pk, str(exc), database_url=settings.database_url, step=Step.fetch)
         return Outcome.failed
     if not store(video_pk, fetched, database_url=settings.database_url):
         return Outcome.skipped

@@ -1,6 +1,6 @@
 """The fetch task: parse the id, call tubesum.workers.fetch, decide retry. Runs on the ``transcripts`` queue.
 
-What Flower shows (workers/task_report.py): arguments ``job=N video=ID``, kept on retries and
+What Flower shows (tubesum/read/task_labels.py): arguments ``job=N video=ID``, kept on retries and
 passed on to the summarise message; a result such as ``fetched 12,345 chars (en)``; a permanently
 failed video ends its task as FAILURE with the reason (``VideoFailed``, no retry)."""
 
@@ -15,10 +15,10 @@ from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
 from tubesum.db import is_transient_db_error
 from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, WORKER_LOST_RETRY_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError, VideoFailed
+from tubesum.read.task_labels import fetch_result, label_of, now, video_report
 from tubesum.settings import get_settings
-from tubesum.workers.fetch import Outcome, fetch_video, mark_failed, note_retry
-from tubesum.workers.task_report import fetch_result, label_of, now, video_report
-from tubesum.workers.video_state import hold_for_retry, takes_over
+from tubesum.workers.fetch import Outcome, fetch_video
+from tubesum.workers.video_state import Step, hold_for_retry, mark_failed, note_retry, takes_over
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
         if attempt > settings.fetch_max_retries:
             reason = f"gave up after {attempt} attempts: {exc}"
             log.warning("video %s: %s", video_pk, reason)
-            mark_failed(video_pk, reason, database_url=settings.database_url)
+            mark_failed(video_pk, reason, database_url=settings.database_url, step=Step.fetch)
             outcome = Outcome.failed
         else:
             delay = backoff_delay(
@@ -57,7 +57,7 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
             )
             log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
             try:  # only for the progress line: a database hiccup here must not stop the retry
-                note_retry(video_pk, str(exc), database_url=settings.database_url)
+                note_retry(video_pk, str(exc), step=Step.fetch, database_url=settings.database_url)
             except Exception:  # noqa: BLE001
                 log.warning("video %s: could not record the retry reason", video_pk, exc_info=True)
             # Whichever worker gets the retry may claim it; nobody resends it before it is due.
@@ -76,7 +76,12 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
                 exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES, argsrepr=getattr(self.request, "argsrepr", None)
             ) from None
         log.exception("video %s: unexpected error", video_pk)
-        mark_failed(video_pk, f"unexpected error: {type(exc).__name__}: {exc}", database_url=settings.database_url)
+        mark_failed(
+            video_pk,
+            f"unexpected error: {type(exc).__name__}: {exc}",
+            database_url=settings.database_url,
+            step=Step.fetch,
+        )
         outcome = Outcome.failed
     report = video_report(video_pk, database_url=settings.database_url)
     if report is not None and report.failed_since(started):
@@ -94,7 +99,7 @@ def _fail_video_of_lost_worker(sender=None, exception=None, args=None, **_kwargs
         return
     reason = f"the fetch worker process died on every attempt ({type(exception).__name__}: {exception})"
     log.warning("video %s: %s", args[0], reason)
-    mark_failed(int(args[0]), reason, database_url=get_settings().database_url)
+    mark_failed(int(args[0]), reason, database_url=get_settings().database_url, step=Step.fetch)
 
 
 @task_retry.connect(sender=fetch_transcript)

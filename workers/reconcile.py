@@ -41,8 +41,8 @@ from tubesum.db import session_scope
 from tubesum.models import Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.producer.submit import resume_stale_sends
+from tubesum.read.task_labels import video_label
 from tubesum.settings import Settings, get_settings
-from tubesum.workers.task_report import video_label
 from tubesum.workers.video_state import clear_lease
 
 log = logging.getLogger(__name__)

@@ -33,24 +33,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from tubesum.db import is_transient_db_error
-from tubesum.defaults import STORE_ATTEMPTS, STORE_RETRY_BASE_S, backoff_delay
 from tubesum.errors import KVCacheTooSmall, OutOfMemory, WorkerStopping
+from tubesum.models import Batch
 from tubesum.models.base import utcnow
+from tubesum.workers.db_outage import OUTAGE_MAX_WAIT_S, wait_out
 from tubesum.workers.gpu import records
-from tubesum.workers.gpu.batching import (
+from tubesum.workers.gpu.params import Generation, SamplingParams
+from tubesum.workers.gpu.scheduler import (
     ChunkSizer,
     Pending,
-    chunk_line,
     halves,
     plan_chunk,
     plan_token_chunk,
     seconds_until_ready,
 )
-from tubesum.workers.gpu.params import Generation, SamplingParams
 from tubesum.workers.summarise.plan import SummaryPlan
 from tubesum.workers.summarise.prompt import PromptBuilder
-from tubesum.workers.summarise.store import BatchRecord, VideoInput, VideoOutcome
+from tubesum.workers.summarise.store import VideoInput, VideoOutcome
 
 if TYPE_CHECKING:  # the engine imports torch; the batcher itself does not
     from tubesum.workers.gpu.engine import Engine
@@ -70,7 +69,7 @@ STORES_IN_FLIGHT = 2
 # While handing back: how often the grace period checks for the end of the running chunk, seconds.
 HAND_BACK_POLL_S = 0.1
 
-Sink = Callable[[BatchRecord, Sequence[VideoOutcome]], None]
+Sink = Callable[[Batch, Sequence[VideoOutcome]], None]
 
 
 def rolling_waves(engine: Engine, rolling: bool) -> int:
@@ -80,6 +79,7 @@ def rolling_waves(engine: Engine, rolling: bool) -> int:
 
 
 Heartbeat = Callable[[list[int]], None]  # video pks this worker holds → renew their leases
+Progress = Callable[[int, str], None]  # video pk, where its map-reduce stands → noted for `status`
 
 
 @dataclass(eq=False)
@@ -117,8 +117,12 @@ class Batcher:
         heartbeat: Heartbeat | None = None,
         heartbeat_s: float = 60.0,
         rolling: bool = False,
+        store_wait_s: float = OUTAGE_MAX_WAIT_S,
+        progress: Progress | None = None,
     ) -> None:
         self.engine = engine
+        self.store_wait_s = store_wait_s
+        self.progress = progress
         self.waves = rolling_waves(engine, rolling)
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
@@ -142,11 +146,12 @@ class Batcher:
         self._handing_back = False
         self._abandon = threading.Event()  # a second hand_back: do not wait for the running chunk
         self._handed_back = threading.Event()
+        self._chunk_abandoned = False  # hand_back gave up videos of the running chunk
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
         # Finished chunks are committed by their own thread, so the GPU starts the next chunk at
         # once instead of waiting for the database (~0.4 s a chunk of 256 measured on an H100,
         # 3% of the chunk). FIFO, one writer: batch rows and summaries land in chunk order.
-        self._stores: queue.Queue[tuple[BatchRecord, list[VideoOutcome]] | None] = queue.Queue(STORES_IN_FLIGHT)
+        self._stores: queue.Queue[tuple[Batch, list[VideoOutcome]] | None] = queue.Queue(STORES_IN_FLIGHT)
         self._store_thread = threading.Thread(target=self._store_loop, name="gpu-store", daemon=True)
         # While a chunk runs for minutes, this thread renews the leases of the videos this worker
         # holds, so the reconcile pass tells them from the videos of a dead worker.
@@ -200,6 +205,7 @@ class Batcher:
             self._stopping = self._handing_back = True
             waiting = [w for w in self._in_flight.values() if again or w not in self._running]
             running = len(self._running)
+            self._chunk_abandoned |= again and running > 0
             self._cond.notify_all()
         log.warning(
             "shutting down: handing back %d videos now, %s",
@@ -214,6 +220,10 @@ class Batcher:
         else:
             threading.Thread(target=self._give_back_after, args=(grace_s,), name="gpu-hand-back", daemon=True).start()
 
+    def abandoned(self) -> bool:
+        """The running chunk was handed back unfinished (grace over, or a second hand_back)."""
+        return self._chunk_abandoned
+
     def wait_handed_back(self, timeout: float | None = None) -> bool:
         """True once ``hand_back`` has stored or given back every video this worker held."""
         return self._handed_back.wait(timeout)
@@ -226,6 +236,7 @@ class Batcher:
             rest = list(self._in_flight.values())
         if rest:
             log.warning("handing back the %d videos of the unfinished chunk", len(rest))
+            self._chunk_abandoned = True
         self._give_back(rest)
         self._handed_back.set()
 
@@ -259,7 +270,19 @@ class Batcher:
             self._enqueue(work, continuation=False)
         if plan.pieces > 1:
             log.info("video %s: long transcript cut into %d pieces", video.video_pk, plan.pieces)
+            self._note(work)
         return future
+
+    def _note(self, work: _Work) -> None:
+        """Say where a long video's map-reduce stands (``status`` lists such videos)."""
+        if self.progress is None:
+            return
+        plan = work.plan
+        where = "map" if plan.levels == 0 else f"reduce level {plan.levels}"
+        try:
+            self.progress(work.video.video_pk, f"{plan.pieces} pieces, {where}: {len(plan.step)} prompts")
+        except Exception:  # noqa: BLE001 - only a progress note: the summary goes on
+            log.warning("video %s: could not note its map-reduce progress", work.video.video_pk, exc_info=True)
 
     def _enqueue(self, work: _Work, *, continuation: bool) -> None:
         # Caller holds self._cond.
@@ -273,7 +296,9 @@ class Batcher:
         now = self.clock()
         work.outputs = {}
         for index, ids in enumerate(work.plan.step):
-            self._pending.append(_Prompt(work, index, ids, Pending(now, len(ids), continuation)))
+            self._pending.append(
+                _Prompt(work, index, ids, Pending(now, len(ids), continuation, video=work.video.video_pk))
+            )
         self._cond.notify_all()
 
     # ------------------------------------------------------------------ the GPU thread
@@ -349,7 +374,7 @@ class Batcher:
         self.sizer.on_success(len(chunk))
         self._chunks_run += 1
         log.info(
-            chunk_line(
+            records.chunk_line(
                 self._chunks_run,
                 videos=len({id(p.work) for p in chunk}),
                 prompt_tokens=timings.prompt_tokens,
@@ -375,6 +400,7 @@ class Batcher:
             else:
                 with self._cond:
                     self._enqueue(work, continuation=True)
+                self._note(work)
         record = records.batch_record(self._facts(), timings, oom_split=oom_split)
         self._stores.put((record, [self._outcome(w, record) for w in finished]))  # committed by the store thread
 
@@ -429,7 +455,7 @@ class Batcher:
                     self._run(alive, oom_split=True)
 
     # ------------------------------------------------------------------ outcomes
-    def _outcome(self, work: _Work, record: BatchRecord) -> VideoOutcome:
+    def _outcome(self, work: _Work, record: Batch) -> VideoOutcome:
         work.finished = True
         plan = work.plan
         if plan.error is not None:
@@ -482,7 +508,7 @@ class Batcher:
         self._stores.put(None)
         self._store_thread.join(timeout)
 
-    def _commit(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
+    def _commit(self, record: Batch, outcomes: list[VideoOutcome]) -> None:
         """Store the batch and its finished videos, then wake their tasks (which ack their messages)."""
         try:
             self._store(record, outcomes)
@@ -498,23 +524,11 @@ class Batcher:
             for future in work.futures if work else []:
                 future.set_result(outcome)
 
-    def _store(self, record: BatchRecord, outcomes: list[VideoOutcome]) -> None:
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                return self.sink(record, outcomes)
-            except Exception as exc:
-                if attempt == STORE_ATTEMPTS or not is_transient_db_error(exc):
-                    raise
-                pause = backoff_delay(attempt - 1, base_s=STORE_RETRY_BASE_S, max_s=30.0, jitter=False)
-                log.warning(
-                    "storing batch %s failed (%s); try %d of %d in %.0fs",
-                    record.id,
-                    exc,
-                    attempt + 1,
-                    STORE_ATTEMPTS,
-                    pause,
-                )
-                time.sleep(pause)
+    def _store(self, record: Batch, outcomes: list[VideoOutcome]) -> None:
+        """Commit, waiting out a database outage (workers/db_outage.py): a chunk is minutes of GPU
+        time, not to be thrown away for a reconnect; meanwhile the GPU thread stops after
+        STORES_IN_FLIGHT chunks (back-pressure). Past ``store_wait_s`` the tasks retry."""
+        wait_out(lambda: self.sink(record, outcomes), limit_s=self.store_wait_s)
 
     def _fail_tasks(self, works: set[_Work], exc: BaseException) -> None:
         with self._cond:

@@ -24,9 +24,11 @@ import torch
 
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy, fp8, fp8_load
+from tubesum.workers.gpu.kv_cache import CacheTooSmall
+from tubesum.workers.gpu.llama import SUPPORTED_MODEL_TYPES
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
-from tubesum.workers.gpu.runner import SUPPORTED_MODEL_TYPES, CacheTooSmall, LlamaRunner
+from tubesum.workers.gpu.runner import LlamaRunner, Runner
 from tubesum.workers.gpu.tp import RankGroup, ShardSource, check_divisible, full_config
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class Engine:
     tokenizer: object
     model_name: str
     backend: str  # "fast" | "hf"
-    runner: LlamaRunner | RankGroup | None = None
+    runner: Runner | None = None  # a LlamaRunner, or the RankGroup of a tensor-parallel group
     stop_ids: set[int] = field(default_factory=set)
     group: RankGroup | None = None  # tensor parallel: rank 0's handle on the other ranks
     quantize: str = "none"  # "fp8": decoder projections in FP8 (workers/gpu/fp8.py)
@@ -129,12 +131,13 @@ class Engine:
         backend: str | None = None,
         new_tokens: list[int] | None = None,
         rolling: bool = False,
+        max_rows: int | None = None,
     ) -> tuple[list[Generation], BatchTimings]:
         """One batched generation over the whole chunk. Results come back in input order.
         Raises OutOfMemory when the chunk does not fit, with every tensor of the failed attempt
         already freed. `new_tokens`: each prompt's own length (fast backend; the bench).
         `rolling` (fast backend): the chunk may need more KV cache than exists at once; as many
-        rows as fit decode together, and the rest join as rows finish."""
+        rows as fit decode together (at most `max_rows`), and the rest join as rows finish."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use = backend or self.backend
@@ -146,19 +149,15 @@ class Engine:
         try:
             if use == "fast":
                 assert self.runner is not None, "fast backend needs a Llama-family model"
-                runner, saved = self.runner, (self.runner.rolling, self.runner.max_rows)
-                if rolling:
-                    runner.rolling, runner.max_rows = True, None
-                try:
-                    rows, stats = runner.generate(
-                        prompts,
-                        max_new_tokens=params.max_new_tokens,
-                        stop_ids=self.stop_ids,
-                        ignore_eos=params.ignore_eos,
-                        new_tokens=new_tokens,
-                    )
-                finally:
-                    runner.rolling, runner.max_rows = saved
+                rows, stats = self.runner.generate(
+                    prompts,
+                    max_new_tokens=params.max_new_tokens,
+                    stop_ids=self.stop_ids,
+                    ignore_eos=params.ignore_eos,
+                    new_tokens=new_tokens,
+                    rolling=rolling,
+                    max_rows=max_rows,
+                )
                 prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
             else:
                 rows, prefill_s, decode_s, padded = self._hf_generate(prompts, params)

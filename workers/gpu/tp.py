@@ -46,7 +46,8 @@ import torch.multiprocessing as mp
 
 from tubesum.errors import ModelLoadError
 from tubesum.workers.gpu import dummy, fp8
-from tubesum.workers.gpu.runner import KVCache, LlamaRunner, RunStats, row_starts
+from tubesum.workers.gpu.kv_cache import KVCache, kv_cache_fits, row_starts
+from tubesum.workers.gpu.runner import LlamaRunner, RunStats
 
 log = logging.getLogger(__name__)
 
@@ -289,35 +290,24 @@ def build_shard(source: ShardSource, rank: int, world: int) -> torch.nn.Module:
 def probe_logits(runner: LlamaRunner, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill logits at each prompt's last token [n, V] and one decode step's logits [n, V]
     (tests and GPU checks compare these across tensor-parallel sizes)."""
+    model = runner.llama
     regions = [len(p) + 1 for p in prompts]  # each row: its prompt and one new token
     starts = row_starts(regions)
     cache = KVCache(
-        layers=len(runner.layers),
+        layers=len(model.layers),
         capacity=sum(regions),
-        kv_heads=runner.n_kv,
-        head_dim=runner.head_dim,
-        dtype=runner.dtype,
-        device=runner.device,
+        kv_heads=model.n_kv,
+        head_dim=model.head_dim,
+        dtype=model.dtype,
+        device=model.device,
     )
     with torch.inference_mode():
-        first = runner.prefill_logits(prompts, starts, cache)
+        first = model.prefill_logits(prompts, starts, cache)
         tokens = first.argmax(-1)
-        pos = torch.tensor([len(p) for p in prompts], device=runner.device)
-        cu_k = torch.tensor([*starts, sum(regions)], dtype=torch.int32, device=runner.device)
-        step = runner.decode_logits(tokens, pos, cu_k, cache, max(regions))
+        pos = torch.tensor([len(p) for p in prompts], device=model.device)
+        cu_k = torch.tensor([*starts, sum(regions)], dtype=torch.int32, device=model.device)
+        step = model.decode_logits(tokens, pos, cu_k, cache, max(regions))
     return first.float().cpu(), step.float().cpu()
-
-
-def kv_cache_fits(
-    runner: LlamaRunner, prompts: list[list[int]], max_new_tokens: int, new_tokens: list[int] | None
-) -> bool:
-    """Whether the chunk's KV regions (each row: its prompt + its new tokens) fit this rank's
-    ragged cache: all together, or with `rolling` each on its own (they take turns). The ranks
-    agreed on one capacity, so they answer alike; the vote still guards a rank whose capacity
-    shrank alone."""
-    limits = new_tokens if new_tokens is not None else [max_new_tokens] * len(prompts)
-    regions = [len(p) + m for p, m in zip(prompts, limits)]
-    return (max(regions) if runner.rolling else sum(regions)) <= runner.token_capacity
 
 
 def agree_capacity(runner: LlamaRunner, commands: dist.ProcessGroup) -> int:
@@ -336,14 +326,22 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
         prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode = args
         # Rank 0's decode settings (drop finished rows, rolling, max rows), so every rank makes
         # the same decisions at the same steps.
-        runner.drop_finished_rows, runner.rolling, runner.max_rows = decode
+        runner.drop_finished_rows, rolling, max_rows = decode
         # Every rank must fail a chunk together: a rank that ran out of memory alone would leave
         # the others waiting in an all-reduce for ever. The KV cache is the big allocation, so
-        # the ranks agree on it before any of them allocates.
-        if not _agree(kv_cache_fits(runner, prompts, max_new_tokens, new_tokens), commands):
+        # the ranks agree on it before any of them allocates. (The ranks agreed on one capacity,
+        # so they answer alike; the vote still guards a rank whose capacity shrank alone.)
+        fits = kv_cache_fits(prompts, max_new_tokens, new_tokens, rolling=rolling, capacity=runner.token_capacity)
+        if not _agree(fits, commands):
             raise torch.OutOfMemoryError("the chunk's KV cache does not fit on every rank")
         return runner.generate(
-            prompts, max_new_tokens=max_new_tokens, stop_ids=set(stop_ids), ignore_eos=ignore_eos, new_tokens=new_tokens
+            prompts,
+            max_new_tokens=max_new_tokens,
+            stop_ids=set(stop_ids),
+            ignore_eos=ignore_eos,
+            new_tokens=new_tokens,
+            rolling=rolling,
+            max_rows=max_rows,
         )
     if kind == "probe":
         return probe_logits(runner, args[0])
@@ -424,7 +422,7 @@ def _free_port() -> int:
 
 
 class RankGroup:
-    """Rank 0's handle on the tensor-parallel group: the same `generate`/`release` as a
+    """Rank 0's handle on the tensor-parallel group: a Runner (workers/gpu/runner.py) like a
     LlamaRunner, each call first sent to the other ranks, which run it in lockstep."""
 
     def __init__(self, source: ShardSource, world: int) -> None:
@@ -433,9 +431,8 @@ class RankGroup:
         if source.device_type == "cuda" and torch.cuda.device_count() < world:
             raise ModelLoadError(f"--tensor-parallel {world} needs {world} GPUs; {torch.cuda.device_count()} visible")
         self.source, self.world = source, world
-        # The runner's decode settings (LlamaRunner's), sent to every rank with each generate.
-        self.drop_finished_rows, self.rolling = True, False
-        self.max_rows: int | None = None
+        # The runner's decode setting (LlamaRunner's), sent to every rank with each generate.
+        self.drop_finished_rows = True
         ctx = mp.get_context("spawn")
         self._ready: mp.Queue = ctx.Queue()
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -506,6 +503,8 @@ class RankGroup:
         stop_ids: set[int],
         ignore_eos: bool = False,
         new_tokens: list[int] | None = None,
+        rolling: bool = False,
+        max_rows: int | None = None,
     ) -> tuple[list[list[int]], RunStats]:
         command = (
             "generate",
@@ -514,7 +513,7 @@ class RankGroup:
             sorted(stop_ids),
             ignore_eos,
             None if new_tokens is None else list(new_tokens),
-            (self.drop_finished_rows, self.rolling, self.max_rows),
+            (self.drop_finished_rows, rolling, max_rows),
         )
         self._send(command)
         error: Exception | None = None

@@ -24,10 +24,12 @@ from kombu.common import ignore_errors
 
 from tubesum.celery_app import SUMMARISE_QUEUE, app
 from tubesum.settings import Settings
+from tubesum.workers.exit_codes import EXIT_CHUNK_ABANDONED, exit_now, run_celery_worker
 from tubesum.workers.gpu.batcher import Batcher, rolling_waves
 from tubesum.workers.gpu.engine import Engine, load_engine
 from tubesum.workers.summarise.store import store_batch, touch_videos
 from tubesum.workers.summarise.tasks import attach_batcher
+from tubesum.workers.video_state import note_map_reduce
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
         ),
         heartbeat_s=settings.heartbeat_s,
         rolling=settings.rolling,
+        progress=partial(note_map_reduce, owner=lease_owner, database_url=settings.database_url),
     )
 
 
@@ -140,9 +143,11 @@ def install_hand_back(batcher: Batcher, grace_s: float):  # -> the connected rec
 
 def run_summarise_worker(
     settings: Settings, *, name: str = "gpu@%h", loglevel: str = "INFO", backend: str = "auto"
-) -> None:
+) -> int:
     """`tubesum worker summarise`: load the model, then consume the summarise queue with
-    CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork)."""
+    CHUNKS_IN_HAND task threads per chunk slot, in this process (CUDA does not survive a fork).
+    Returns the exit code (workers/exit_codes.py); a worker that abandoned its running chunk ends
+    the process here with EXIT_CHUNK_ABANDONED instead of returning."""
     nodename = host_format(default_nodename(name))  # what the tasks see as request.hostname
     sys.setswitchinterval(settings.gil_switch_interval_s)  # kernel launches wait less for the GIL
     batcher = build_batcher(load_warm_engine(settings, backend=backend), settings, lease_owner=nodename)
@@ -157,7 +162,8 @@ def run_summarise_worker(
         settings.chunk_wait_s,
     )
     try:
-        app.worker_main(
+        code = run_celery_worker(
+            app,
             [
                 "worker",
                 "-Q",
@@ -174,10 +180,16 @@ def run_summarise_worker(
                 "--without-mingle",
                 "--without-gossip",
                 f"--loglevel={loglevel}",
-            ]
+            ],
         )
     finally:
         worker_ready.disconnect(receiver)
         batcher.stop()
         attach_batcher(app, None)
+        if batcher.abandoned():
+            # The GPU thread is still inside the generation it gave up: leave without tearing
+            # down torch's threads under it (no SIGABRT), its videos already handed back.
+            log.warning("exiting with the abandoned chunk's generation still running (exit %d)", EXIT_CHUNK_ABANDONED)
+            exit_now(EXIT_CHUNK_ABANDONED)
         batcher.engine.close()  # tensor parallel: stop the rank processes
+    return code

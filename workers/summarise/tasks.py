@@ -5,7 +5,7 @@ two threads per chunk slot). This module is imported by every process that build
 (producer, fetch workers), so it must not import torch or load a model at import time: the GPU
 worker puts its Batcher on the Celery app (``attach_batcher``) before it consumes a message.
 
-What Flower shows (workers/task_report.py): arguments ``job=N video=ID``; a result such as
+What Flower shows (tubesum/read/task_labels.py): arguments ``job=N video=ID``; a result such as
 ``summary 412 chars, batch 3f2a9c01 of 32, generate 3.21 s``; a video that failed ends its task as
 FAILURE with the reason (``VideoFailed``, no retry).
 """
@@ -13,19 +13,22 @@ FAILURE with the reason (``VideoFailed``, no retry).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.exceptions import Reject
 
 from tubesum.celery_app import SUMMARISE_TASK, app
-from tubesum.db import is_transient_db_error
-from tubesum.defaults import CLAIM_RETRY_DELAY_S, STORE_MAX_RETRIES, STORE_RETRY_DELAY_S
+from tubesum.defaults import STORE_MAX_RETRIES, STORE_RETRY_DELAY_S
 from tubesum.errors import PromptError, VideoFailed, WorkerStopping
+from tubesum.read.task_labels import now, summarise_result, summary_line, video_report
 from tubesum.settings import Settings, get_settings
-from tubesum.workers.summarise.store import claim_video, release_video
-from tubesum.workers.task_report import now, summarise_result, summary_line, video_report
-from tubesum.workers.video_state import hold_for_retry, mark_failed, takes_over
+from tubesum.text import is_blank
+from tubesum.workers.db_outage import DatabaseUnavailable, max_wait_s, wait_out
+from tubesum.workers.summarise.prompt import sanitize
+from tubesum.workers.summarise.store import VideoInput
+from tubesum.workers.video_state import Step, claim, hold_for_retry, mark_failed, release, takes_over
 
 if TYPE_CHECKING:  # the batcher's engine imports torch
     from tubesum.workers.gpu.batcher import Batcher
@@ -64,19 +67,23 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     owner = self.request.hostname
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        video = claim_video(
-            video_pk,
-            database_url=settings.database_url,
-            max_attempts=max_summarise_attempts(settings),
-            owner=owner,
-            lease_s=settings.lease_s,
-            takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered),
+        claimed = wait_out(
+            lambda: claim(
+                video_pk,
+                step=Step.summarise,
+                database_url=settings.database_url,
+                max_attempts=max_summarise_attempts(settings),
+                owner=owner,
+                lease_s=settings.lease_s,
+                takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered),
+                refuse=partial(refusal, max_chars=settings.max_transcript_chars),
+            ),
+            limit_s=max_wait_s(settings.visibility_timeout_s),
         )
-    except Exception as exc:
-        if not is_transient_db_error(exc):
-            raise
-        log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, CLAIM_RETRY_DELAY_S)
-        raise self.retry(exc=exc, countdown=CLAIM_RETRY_DELAY_S, argsrepr=_argsrepr(self.request)) from None
+    except DatabaseUnavailable as exc:  # an outage past what the message may wait: back to the queue
+        log.info("video %s handed back: %s", video_pk, exc)
+        raise Reject(str(exc), requeue=True) from None
+    video = None if claimed is None else VideoInput(video_pk=video_pk, transcript=claimed.transcript or "")
     if video is not None:  # None: already done or failed (a redelivery), not ours to do, or failed by the claim
         try:
             outcome = batcher.submit(video).result()
@@ -87,9 +94,11 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
                 return summary_line(len(outcome.text), outcome.batch_id, outcome.batch_size, outcome.generate_s)
         except PromptError as exc:  # the transcript cannot make a prompt for this model
             log.warning("video %s failed: %s", video_pk, exc)
-            mark_failed(video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url)
+            mark_failed(
+                video_pk, f"cannot build a prompt: {exc}", database_url=settings.database_url, step=Step.summarise
+            )
         except WorkerStopping as exc:  # SIGTERM: hand the message back now, for another worker to take
-            release_video(video_pk, database_url=settings.database_url, owner=owner)
+            release(video_pk, step=Step.summarise, database_url=settings.database_url, owner=owner)
             log.info("video %s handed back: %s", video_pk, exc)
             raise Reject(str(exc), requeue=True) from None
         except Exception as exc:  # storing the chunk failed: redeliver later
@@ -105,6 +114,16 @@ def summarise(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     if report is not None and report.failed_since(started):
         raise VideoFailed(f"{report.label}: {report.error}")
     return summarise_result(report, summarised=video is not None)
+
+
+def refusal(transcript: str, *, max_chars: int) -> str | None:
+    """Why this transcript is not summarised (the video's failure reason), or None: longer than
+    TUBESUM_MAX_TRANSCRIPT_CHARS, or nothing left once control and zero-width characters are gone."""
+    if len(transcript) > max_chars:
+        return f"transcript of {len(transcript):,} characters is over TUBESUM_MAX_TRANSCRIPT_CHARS ({max_chars:,})"
+    if is_blank(sanitize(transcript)):
+        return "empty transcript"
+    return None
 
 
 def _argsrepr(request) -> str | None:  # type: ignore[no-untyped-def]

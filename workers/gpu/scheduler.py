@@ -1,12 +1,14 @@
-"""The pure core of the GPU worker's batching: plain Python on plain numbers, no torch, no Celery.
+"""The scheduler: the pure core of the GPU worker's batching, plain Python on plain numbers (no
+torch, no Celery).
 
 * when a partial chunk has waited long enough (``seconds_until_ready``);
 * which pending prompts go into the next chunk (``plan_chunk``; ``plan_token_chunk`` when the
   KV cache is planned in tokens: as many prompts as the token budget holds);
 * how a chunk that ran out of memory is split (``halves``) and how big later chunks may be
   (``ChunkSizer``: halves after an OOM, grows back after chunks succeed);
-* where a rolling generation puts each prompt's KV region (``FreeRegions``: first fit over the
-  free intervals, neighbours coalesced).
+* which pieces one chunk's prefill is computed in (``prefill_groups``);
+* which waiting prompts join a rolling generation now (``admit``; their KV regions come from
+  workers/gpu/kv_regions.py).
 
 Cutting long transcripts into pieces is the summarise step's business: workers/summarise/split.py.
 """
@@ -18,7 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from tubesum.workers.gpu.kv_regions import FreeRegions
+
 T = TypeVar("T")
+
+# While prompts of other videos wait, one video's prompts take at most this share of a chunk's
+# prompt cap (at least one prompt): the pieces of a long transcript no longer hold the GPU alone (a
+# 1 MB transcript kept 5 small videos waiting 146 s, a 5 MB one over 15 min). Fraction.
+MAX_VIDEO_SHARE = 0.5
 
 # Consecutive chunks that must succeed at the lowered size limit before it doubles again
 # (towards the configured size) after an out-of-memory error. Chunks.
@@ -32,6 +41,7 @@ class Pending:
     arrived: float  # monotonic seconds when it was queued
     prompt_tokens: int
     continuation: bool = False  # a later step (reduce) of a video already in progress
+    video: int | None = None  # the video the prompt belongs to (None: a video of its own)
 
 
 def seconds_until_ready(*, pending: int, limit: int, oldest_arrival: float, now: float, wait_s: float) -> float:
@@ -44,33 +54,60 @@ def seconds_until_ready(*, pending: int, limit: int, oldest_arrival: float, now:
     return max(0.0, oldest_arrival + wait_s - now)
 
 
-def plan_chunk(pending: Sequence[Pending], limit: int) -> list[int]:
-    """Indices of the prompts for the next chunk, at most ``limit``: continuations of videos
-    already in progress first (they finish a video; their video's task is waiting), then the
-    rest in arrival order (first come, first served)."""
+def priority_order(pending: Sequence[Pending], *, limit: int, max_share: float = MAX_VIDEO_SHARE) -> list[int]:
+    """Indices of all pending prompts in the order the next chunk takes them: continuations of
+    videos already in progress first (they finish a video; its task is waiting), then arrival
+    order (first come, first served); but one video's prompts take at most
+    ``ceil(limit * max_share)`` places ahead of other videos' prompts, the rest of them going last
+    (they still fill places that nobody else wants). So a long transcript's pieces share every
+    chunk with new videos instead of filling it."""
     order = sorted(range(len(pending)), key=lambda i: (not pending[i].continuation, pending[i].arrived, i))
-    return sorted(order[: max(1, limit)])
+    cap = max(1, math.ceil(max(1, limit) * max_share))
+    ahead: list[int] = []
+    behind: list[int] = []
+    taken: dict[object, int] = {}
+    for i in order:
+        video: object = pending[i].video if pending[i].video is not None else ("prompt", i)
+        if taken.get(video, 0) < cap:
+            taken[video] = taken.get(video, 0) + 1
+            ahead.append(i)
+        else:
+            behind.append(i)
+    return ahead + behind
+
+
+def plan_chunk(pending: Sequence[Pending], limit: int) -> list[int]:
+    """Indices of the prompts for the next chunk, at most ``limit``, in ``priority_order``."""
+    return sorted(priority_order(pending, limit=limit)[: max(1, limit)])
 
 
 def plan_token_chunk(
     pending: Sequence[Pending], *, max_new_tokens: int, token_capacity: int, max_prompts: int
 ) -> list[int]:
     """Indices of the prompts for the next chunk when KV memory is planned in tokens: in
-    ``plan_chunk``'s order (continuations, then arrival), as many as fit both ``max_prompts`` and
-    the token budget (each prompt needs its tokens + ``max_new_tokens`` of KV cache). Stops at
-    the first prompt that does not fit (first come, first served: no long prompt waits forever
-    behind shorter ones). Never empty: a first prompt beyond the budget goes alone, and the
-    engine fails it with the numbers."""
-    order = sorted(range(len(pending)), key=lambda i: (not pending[i].continuation, pending[i].arrived, i))
+    ``priority_order`` (continuations, then arrival, one video's share capped), as many as fit
+    both ``max_prompts`` and the token budget (each prompt needs its tokens + ``max_new_tokens``
+    of KV cache). One video's share is of the chunk the budget holds, not of ``max_prompts``.
+    Stops at the first prompt that does not fit (first come, first served: no long prompt waits
+    forever behind shorter ones). Never empty: a first prompt beyond the budget goes alone, and
+    the engine fails it with the numbers."""
+    arrival = priority_order(pending, limit=max_prompts, max_share=1.0)
+    fits = len(_fitting(arrival, pending, max_new_tokens=max_new_tokens, budget=token_capacity, cap=max_prompts))
+    order = priority_order(pending, limit=fits)
+    return sorted(_fitting(order, pending, max_new_tokens=max_new_tokens, budget=token_capacity, cap=max_prompts))
+
+
+def _fitting(order: list[int], pending: Sequence[Pending], *, max_new_tokens: int, budget: int, cap: int) -> list[int]:
+    """The longest prefix of ``order`` (at most ``cap``, at least one) within ``budget`` tokens."""
     chosen: list[int] = []
     used = 0
-    for i in order[: max(1, max_prompts)]:
+    for i in order[: max(1, cap)]:
         need = pending[i].prompt_tokens + max_new_tokens
-        if chosen and used + need > token_capacity:
+        if chosen and used + need > budget:
             break
         chosen.append(i)
         used += need
-    return sorted(chosen)
+    return chosen
 
 
 def halves(items: Sequence[T]) -> tuple[list[T], list[T]]:
@@ -108,46 +145,6 @@ class ChunkSizer:
         self.limit, self.streak = max(1, min(self.limit, n // 2)), 0
 
 
-# --- the per-chunk log line ---------------------------------------------------------------------
-BYTES_PER_GB = 10**9  # peak memory in the log line is in decimal GB, as nvidia-smi's cards are sold
-
-
-def short_count(n: int) -> str:
-    """812, 31k, 310k, 1.2M: token counts at a glance."""
-    if n < 1000:
-        return str(n)
-    if n < 10**6:
-        return f"{n / 1000:.0f}k" if n >= 10_000 else f"{n / 1000:.1f}k"
-    return f"{n / 10**6:.1f}M"
-
-
-def chunk_line(
-    number: int,
-    *,
-    videos: int,
-    prompt_tokens: int,
-    generated_tokens: int,
-    prefill_s: float | None,
-    decode_s: float | None,
-    wall_s: float,
-    peak_memory_bytes: int | None,
-) -> str:
-    """One log line per chunk, like vLLM's: ``chunk 12: 256 videos, 310k prompt tok, prefill 6.6 s,
-    decode 4.1 s, 3,600 gen tok/s, peak 72 GB``. The hf backend has no prefill/decode split (wall
-    time instead); the CPU has no peak memory figure."""
-    times = (
-        f"prefill {prefill_s:.1f} s, decode {decode_s:.1f} s"
-        if prefill_s is not None and decode_s is not None
-        else f"wall {wall_s:.1f} s"
-    )
-    rate = generated_tokens / wall_s if wall_s > 0 else 0.0
-    peak = "" if peak_memory_bytes is None else f", peak {peak_memory_bytes / BYTES_PER_GB:.0f} GB"
-    return (
-        f"chunk {number}: {videos} video{'s' if videos != 1 else ''}, {short_count(prompt_tokens)} prompt tok, "
-        f"{times}, {rate:,.0f} gen tok/s{peak}"
-    )
-
-
 def prefill_groups(lengths: Sequence[int], *, token_budget: int) -> list[tuple[int, int]]:
     """[start, end) runs of whole prompts, in input order, each at most ``token_budget`` tokens
     (a longer prompt gets a run of its own): the pieces one chunk's prefill is computed in, so its
@@ -162,55 +159,6 @@ def prefill_groups(lengths: Sequence[int], *, token_budget: int) -> list[tuple[i
         groups.append((start, end))
         start = end
     return groups
-
-
-class FreeRegions:
-    """First-fit allocator of token regions in ``[0, capacity)``: the KV cache of a rolling
-    generation, where finished rows give their region back and waiting prompts take one.
-
-    Free space is kept as sorted, disjoint, non-touching ``(start, end)`` intervals: a region
-    given back merges with its free neighbours, so space two finished rows leave side by side
-    can hold one longer prompt."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError("capacity must be >= 0")
-        self.capacity = capacity
-        self.free: list[tuple[int, int]] = [(0, capacity)] if capacity else []
-
-    def take(self, size: int) -> int | None:
-        """The start of a region of ``size`` tokens at the lowest free offset that holds it,
-        or None when no free interval is long enough."""
-        if size < 1:
-            raise ValueError("a region needs at least one token")
-        for i, (start, end) in enumerate(self.free):
-            if end - start >= size:
-                if end - start == size:
-                    del self.free[i]
-                else:
-                    self.free[i] = (start + size, end)
-                return start
-        return None
-
-    def give(self, start: int, size: int) -> None:
-        """Give back ``[start, start + size)``, which must be taken (not free, inside capacity)."""
-        end = start + size
-        if size < 1 or start < 0 or end > self.capacity:
-            raise ValueError(f"region [{start}, {end}) is not inside [0, {self.capacity})")
-        i = 0
-        while i < len(self.free) and self.free[i][1] <= start:
-            i += 1
-        if i < len(self.free) and self.free[i][0] < end:
-            raise ValueError(f"region [{start}, {end}) overlaps free space {self.free[i]}")
-        if i > 0 and self.free[i - 1][1] == start:  # touches the free interval before: merge
-            i -= 1
-            start = self.free.pop(i)[0]
-        if i < len(self.free) and self.free[i][0] == end:  # and the one after
-            end = self.free.pop(i)[1]
-        self.free.insert(i, (start, end))
-
-    def free_tokens(self) -> int:
-        return sum(end - start for start, end in self.free)
 
 
 def admit(waiting: list[int], sizes: Sequence[int], regions: FreeRegions, *, slots: int) -> list[tuple[int, int]]:

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from tubesum.errors import OutOfMemory
-from tubesum.workers.gpu.batching import Pending, plan_token_chunk
 from tubesum.workers.gpu.engine import Engine, SamplingParams
+from tubesum.workers.gpu.scheduler import Pending, plan_token_chunk
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ VARIED_AT_NEW_TOKENS = 150
 VARIED_SEED = 4321
 LENGTHS = ("fixed", "varied")
 HF_WARMUP_TOKENS = 2  # new tokens of the baseline's untimed warm-up chunk
+# Timed chunks per size at least: their rates give the spread of the measurement.
+DEFAULT_REPEATS = 3
+# Runs of one size whose rates differ by more than this share of their median are noise (a busy
+# machine, CPU frequency scaling): the bench says so, and speedups built on them mean little.
+NOISE_SPREAD = 0.25
+# Fewest prompt tokens a synthetic prompt may have once the model's context is shared out.
+MIN_PROMPT_TOKENS = 8
 
 
 @dataclass
@@ -74,6 +81,8 @@ class SizeResult:
     token_match_rate: float | None = None
     oom: bool = False
     note: str = ""
+    runs: list[float] = field(default_factory=list)  # summaries/s of each timed chunk (call)
+    spread: float | None = None  # (max - min) / median of `runs`; above NOISE_SPREAD: noise
     lengths: str = "fixed"  # fixed: every prompt --new-tokens; varied: its own length
     # static: finished rows stay in the step; drop: they leave it; rolling: waiting prompts take
     # their place (two chunks per call, a chunk's size of rows at once)
@@ -141,8 +150,10 @@ def auto_chunks(
     return chunks
 
 
-def _chunks_for(size: int, prompts: list[list[int]], max_chunks: int, *, pairs: bool = False) -> list[list[list[int]]]:
-    count = max(1, min(math.ceil(len(prompts) / size), max_chunks))
+def _chunks_for(
+    size: int, prompts: list[list[int]], max_chunks: int, *, pairs: bool = False, repeats: int = 1
+) -> list[list[list[int]]]:
+    count = max(1, repeats, min(math.ceil(len(prompts) / size), max_chunks))
     if pairs:
         count += count % 2
     pool = prompts * math.ceil(size * count / len(prompts))  # reuse prompts for big sizes
@@ -160,6 +171,7 @@ def run_size(
     reference: dict[int, list[int]] | None = None,
     own_lengths: dict[int, int] | None = None,
     decode: str = "drop",
+    repeats: int = 1,
 ) -> SizeResult:
     """Warm up once, then time `max_chunks` chunks of `size` prompts. `own_lengths`: each
     prompt's output length by id(prompt) (varied lengths); the chunks then come in pairs (at
@@ -169,19 +181,22 @@ def run_size(
     pairs = own_lengths is not None
     if pairs:
         max_chunks = 2 * max(1, max_chunks // 2)
+        repeats *= 2 if decode == "rolling" else 1  # rolling times a pair per call
     if size == 0:  # auto: each chunk as many prompts as the token budget holds
         own = [own_lengths[id(p)] for p in prompts] if own_lengths else [params.max_new_tokens] * len(prompts)
         cap = engine.auto_chunk_cap(new_tokens=params.max_new_tokens)  # as the worker holds
-        chunks = auto_chunks(prompts, own, token_capacity=engine.token_capacity, cap=cap, max_chunks=max_chunks)
+        chunks = auto_chunks(
+            prompts, own, token_capacity=engine.token_capacity, cap=cap, max_chunks=max(max_chunks, repeats)
+        )
         res.chunk_size = round(sum(map(len, chunks)) / len(chunks))
         res.ideal_speedup = float(res.chunk_size)
         res.note = "auto: " + ", ".join(str(len(c)) for c in chunks)
     else:
-        chunks = _chunks_for(size, prompts, max_chunks, pairs=pairs)
-    runner = engine.runner
-    if decode == "rolling" and runner is not None:
+        chunks = _chunks_for(size, prompts, max_chunks, pairs=pairs, repeats=repeats)
+    rolling = decode == "rolling" and engine.runner is not None
+    max_rows = res.chunk_size if rolling else None  # a pair of chunks a call, a chunk's rows at once
+    if rolling:
         chunks = [a + b for a, b in zip(chunks[::2], chunks[1::2])]
-        runner.max_rows = res.chunk_size
 
     def lengths_of(chunk: list[list[int]]) -> list[int] | None:
         return None if own_lengths is None else [own_lengths[id(p)] for p in chunk]
@@ -195,11 +210,16 @@ def run_size(
                 chunks[0], SamplingParams(max_new_tokens=HF_WARMUP_TOKENS, ignore_eos=True), backend=backend
             )
         else:
-            engine.generate(chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]))
+            engine.generate(
+                chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]), rolling=rolling, max_rows=max_rows
+            )
         peaks = []
         for chunk in chunks:
-            gens, t = engine.generate(chunk, params, backend=backend, new_tokens=lengths_of(chunk))
+            gens, t = engine.generate(
+                chunk, params, backend=backend, new_tokens=lengths_of(chunk), rolling=rolling, max_rows=max_rows
+            )
             res.prompts += len(chunk)
+            res.runs.append(round(len(chunk) / t.wall_s, 4) if t.wall_s > 0 else 0.0)
             res.wall_s += t.wall_s
             res.prefill_s += t.prefill_s or 0.0
             res.decode_s += t.decode_s or 0.0
@@ -212,14 +232,65 @@ def run_size(
     except OutOfMemory as exc:
         res.oom, res.note = True, str(exc).split(":")[0]
         return res
-    finally:
-        if decode == "rolling" and runner is not None:
-            runner.max_rows = None
     res.peak_memory_gb = round(max(peaks) / 1e9, 2) if peaks else None
+    res.spread = spread(res.runs)
     res.summaries_per_s = res.prompts / res.wall_s
     res.generated_tokens_per_s = res.generated_tokens / res.wall_s
     res.total_tokens_per_s = (res.generated_tokens + res.prompt_tokens) / res.wall_s
     return res
+
+
+def spread(runs: list[float]) -> float | None:
+    """(max - min) / median of the runs' rates; None for fewer than two runs."""
+    if len(runs) < 2:
+        return None
+    ordered = sorted(runs)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return (ordered[-1] - ordered[0]) / median if median > 0 else None
+
+
+def noise_warnings(results: list[SizeResult]) -> list[str]:
+    """A line for each size whose runs disagree by more than NOISE_SPREAD, and one when a
+    speedup beats linear scaling (its chunk 1 was slowed by noise)."""
+    lines = []
+    for r in results:
+        if r.oom or r.spread is None or r.spread <= NOISE_SPREAD:
+            continue
+        lines.append(
+            f"warning: chunk {r.chunk_size} ({r.lengths}{', ' + r.decode if r.lengths == 'varied' else ''}) ran "
+            f"at {min(r.runs):.2f}-{max(r.runs):.2f} summaries/s over {len(r.runs)} runs (spread {r.spread:.0%}): "
+            "noise, not the engine (a busy machine?); compare sizes only when the spread is small"
+        )
+    if any(r.efficiency is not None and r.efficiency > 1 + NOISE_SPREAD for r in results):
+        lines.append(
+            "warning: an efficiency above 100% is not possible for batching: chunk 1's own time was "
+            "slowed by noise, so speedup and efficiency mean little here"
+        )
+    return lines
+
+
+def max_output_tokens(new_tokens: int, lengths: str) -> int:
+    """The longest output any prompt of this bench may get: `--new-tokens`, or for varied lengths
+    their longest draw (up to 250 at 150 new tokens)."""
+    if lengths == "fixed":
+        return new_tokens
+    return max(new_tokens, math.ceil(VARIED_MAX_TOKENS * new_tokens / VARIED_AT_NEW_TOKENS))
+
+
+def reference_span(max_context: int, out_tokens: int) -> tuple[int, int]:
+    """[low, high) prompt lengths of the reference workload that fit the model: a prompt plus its
+    longest output within the context. BadInput when no prompt fits."""
+    from tubesum.errors import BadInput
+
+    high = min(REF_MAX_TOKENS, max_context - out_tokens)
+    if high <= MIN_PROMPT_TOKENS:
+        raise BadInput(
+            f"--new-tokens leaves no room for a prompt: outputs of up to {out_tokens} tokens in the "
+            f"model's {max_context} positions; lower --new-tokens"
+        )
+    low = min(REF_MIN_TOKENS, max(MIN_PROMPT_TOKENS, high // 2), high - 1)
+    return low, high
 
 
 def _match_rate(chunk, gens, reference: dict[int, list[int]]) -> float | None:
@@ -263,6 +334,8 @@ def sweep(
     check_match: bool = True,
     own_lengths: list[int] | None = None,
     decode: str = "drop",
+    repeats: int = 1,
+    on_result=None,
 ) -> tuple[list[SizeResult], int | None]:
     """Every size in turn (then doubling, with `extend`) until one does not fit. With
     `own_lengths` (one per prompt), rows stop at their own length; `decode` "static" keeps
@@ -277,7 +350,6 @@ def sweep(
     runner = engine.runner
     if runner is not None:
         runner.drop_finished_rows = decode != "static"
-        runner.rolling = decode == "rolling"
     results: list[SizeResult] = []
     limit = None
     for size in sizes:
@@ -295,25 +367,36 @@ def sweep(
             reference=reference,
             own_lengths=by_id,
             decode=decode,
+            repeats=repeats,
         )
         res.lengths = "fixed" if own_lengths is None else "varied"
         res.decode = decode
         results.append(res)
+        fill_speedups(results)
+        if on_result:
+            on_result(res)  # written out at once: a crash later keeps what was measured
         log.info("chunk %d: %s", size, res)
         if res.oom and size:
             limit = size
     if runner is not None:
-        runner.drop_finished_rows, runner.rolling = True, False
+        runner.drop_finished_rows = True
     engine.release()
     fill_speedups(results)
     return results, limit
 
 
-def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
+def write_json(report: BenchReport, out_dir: Path) -> Path:
+    """bench.json as it stands (after every size): written aside, then renamed into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
-    path.write_text(json.dumps(asdict(report), indent=2))
-    return [path, *plot(report, out_dir)]
+    part = path.with_suffix(".json.part")
+    part.write_text(json.dumps(asdict(report), indent=2))
+    part.replace(path)
+    return path
+
+
+def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
+    return [write_json(report, out_dir), *plot(report, out_dir)]
 
 
 def _series(results: list[SizeResult]) -> dict[str, list[SizeResult]]:
@@ -433,26 +516,30 @@ def run_bench(
     progress=None,
     lengths: str = "both",
     varied_sizes: list[int] | None = None,
+    repeats: int = DEFAULT_REPEATS,
+    on_result=None,
     quantize: str = "none",
 ) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
-    baseline), write bench.json and plots."""
+    baseline), write bench.json after every size and the plots at the end. ``on_result(report,
+    result)`` is told of each size as it finishes."""
     import transformers
 
     from tubesum.workers.gpu.engine import load_engine
 
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
+    # Prompts are sized so that each, with the longest output it may get, fits the model.
+    out_tokens = max_output_tokens(new_tokens, lengths)
     engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel, quantize=quantize)
     if engine.device.type == "cuda":
         engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
-        from tubesum.workers.gpu.bench_prompts import prompts_from_source
+        from tubesum.bench.prompts import prompts_from_source
 
-        prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts, new_tokens=new_tokens)
+        prompt_ids = prompts_from_source(engine, transcripts=transcripts, job=job, limit=prompts, new_tokens=out_tokens)
         source = transcripts or f"job {job}"
     else:
-        high = min(REF_MAX_TOKENS, engine.max_context - new_tokens)
-        low = min(REF_MIN_TOKENS, high - 1)
+        low, high = reference_span(engine.max_context, out_tokens)
         prompt_ids = reference_prompts(prompts, vocab_size=engine.model.config.vocab_size, low=low, high=high)
         source = f"synthetic reference: {prompts} prompts of {low}-{high - 1} tokens, seed {REF_SEED}"
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -469,17 +556,32 @@ def run_bench(
         tensor_parallel=tensor_parallel,
         quantize=engine.quantize,
     )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def keep(res: SizeResult, into: list[SizeResult]) -> None:
+        into.append(res)
+        write_json(report, out_dir)
+        if on_result:
+            on_result(report, res)
+
     if lengths in ("fixed", "both"):
-        fixed, report.memory_limit_chunk = sweep(
-            engine, prompt_ids, params, chunk_sizes=chunk_sizes, extend=extend, max_chunks=max_chunks, progress=progress
+        _, report.memory_limit_chunk = sweep(
+            engine,
+            prompt_ids,
+            params,
+            chunk_sizes=chunk_sizes,
+            extend=extend,
+            max_chunks=max_chunks,
+            progress=progress,
+            repeats=repeats,
+            on_result=lambda res: keep(res, report.results),
         )
-        report.results += fixed
     if lengths in ("varied", "both"):
         own = varied_lengths(len(prompt_ids), new_tokens=new_tokens)
         varied_params = SamplingParams(max_new_tokens=max(own), ignore_eos=True)
         fit = [c for c in varied_sizes or chunk_sizes if not report.memory_limit_chunk or c < report.memory_limit_chunk]
         for decode in ("static", "drop", "rolling"):
-            rows, _ = sweep(
+            sweep(
                 engine,
                 prompt_ids,
                 varied_params,
@@ -490,8 +592,9 @@ def run_bench(
                 check_match=False,
                 own_lengths=own,
                 decode=decode,
+                repeats=repeats,
+                on_result=lambda res: keep(res, report.results),
             )
-            report.results += rows
     auto = [r for r in report.results if r.note.startswith("auto") and not r.oom]
     report.auto_chunk_size = (
         auto[0].chunk_size
@@ -512,7 +615,7 @@ def run_bench(
             report.baseline_device = engine.devices
     if baseline:
         numbered = [c for c in chunk_sizes if c]
-        report.baseline, _ = sweep(
+        sweep(
             engine,
             prompt_ids,
             params,
@@ -522,6 +625,7 @@ def run_bench(
             progress=progress,
             backend="hf",
             check_match=False,
+            on_result=lambda res: keep(res, report.baseline),
         )
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
-
 from tubesum.db import session_scope
-from tubesum.models import Batch, Summary, Transcript, Video
+from tubesum.models import Video
 from tubesum.models.base import utcnow
+from tubesum.read.queries import video_rows
 
 # Characters of a batch id shown in a result (a uuid4 hex; 8 are unique within any real job).
 BATCH_ID_SHOWN = 8
@@ -56,27 +55,28 @@ class VideoReport:
 
 
 def video_report(video_pk: int, *, database_url: str) -> VideoReport | None:
+    """The video's export row (the same query as ``tubesum export``) and what a task's result needs besides."""
     with session_scope(database_url) as session:
-        row = session.execute(
-            select(
-                Video.job_id,
-                Video.video_id,
-                Video.status,
-                Video.error,
-                Video.failed_at,
-                func.length(Transcript.text),
-                Transcript.language_code,
-                func.length(Summary.text),
-                Summary.batch_id,
-                Batch.batch_size,
-                Batch.wall_s,
-            )
-            .outerjoin(Transcript, Transcript.video_pk == Video.id)
-            .outerjoin(Summary, Summary.video_pk == Video.id)
-            .outerjoin(Batch, Batch.id == Summary.batch_id)
-            .where(Video.id == video_pk)
-        ).one_or_none()
-    return None if row is None else VideoReport(*row)
+        row = (
+            session.execute(video_rows(Video.job_id, Video.failed_at).where(Video.id == video_pk))
+            .mappings()
+            .one_or_none()
+        )
+    if row is None:
+        return None
+    return VideoReport(
+        job_id=row["job_id"],
+        video_id=row["video_id"],
+        status=row["status"],
+        error=row["error"],
+        failed_at=row["failed_at"],
+        transcript_chars=row["transcript_chars"],
+        language_code=row["language_code"],
+        summary_chars=None if row["summary"] is None else len(row["summary"]),
+        batch_id=row["batch_id"],
+        batch_size=row["batch_size"],
+        generate_s=row["batch_seconds"],
+    )
 
 
 def label_of(video_pk: int, *, database_url: str) -> str:

@@ -2,12 +2,8 @@
 
 Writes ``batches.csv`` (one row per batched generation, out-of-memory attempts included) and two
 plots: generated tokens/s by batch size, and the distribution of per-video latency (submitted →
-summary stored). ``print_report`` shows the same numbers as a table by batch size.
-
-Which batches belong to a job: those its summaries point at, plus every other batch the same
-workers ran inside that window (out-of-memory attempts and the map steps of long transcripts,
-which no summary points at). With several jobs summarised at the same time on the same workers the
-window also holds the other jobs' batches.
+summary stored). ``print_report`` shows the same numbers as a table by batch size. The rows come
+from ``queries.job_batches``.
 """
 
 from __future__ import annotations
@@ -26,38 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from tubesum.display import clean, plain  # noqa: E402
-from tubesum.jobs import get_job  # noqa: E402
-from tubesum.models import Batch, Summary, Video  # noqa: E402
+from tubesum.read.queries import BATCH_COLUMNS, job_batches, job_latencies  # noqa: E402
 
-BATCH_COLUMNS: tuple[str, ...] = (
-    "id",
-    "started_at",
-    "ended_at",
-    "worker_host",
-    "devices",
-    "model",
-    "dtype",
-    "attn_implementation",
-    "engine",
-    "chunk_size",
-    "batch_size",
-    "videos_finished",
-    "prompt_tokens",
-    "padded_prompt_tokens",
-    "generated_tokens",
-    "prefill_s",
-    "decode_s",
-    "wall_s",
-    "generated_tokens_per_s",
-    "peak_memory_bytes",
-    "oom_split",
-    "status",
-    "note",
-)
 BATCHES_CSV = "batches.csv"
 TOKENS_PLOT = "tokens_per_s_by_batch_size.png"
 LATENCY_PLOT = "latency_histogram.png"
@@ -100,47 +69,6 @@ class JobReport:
     @property
     def oom_batches(self) -> int:
         return sum(1 for r in self.rows if r["status"] == "oom")
-
-
-def job_batches(session: Session, job_id: int) -> list[dict[str, object]]:
-    """The job's batch rows (see the module doc), oldest first, keys BATCH_COLUMNS."""
-    job = get_job(session, job_id)
-    finished = dict(
-        session.execute(
-            select(Summary.batch_id, func.count())
-            .join(Video, Video.id == Summary.video_pk)
-            .where(Video.job_id == job_id, Summary.batch_id.is_not(None))
-            .group_by(Summary.batch_id)
-        ).all()
-    )
-    if not finished:
-        return []
-    linked = session.scalars(select(Batch).where(Batch.id.in_(finished))).all()
-    hosts = {b.worker_host for b in linked}
-    last_end = max(b.ended_at for b in linked)
-    batches = session.scalars(
-        select(Batch)
-        .where(Batch.worker_host.in_(hosts), Batch.started_at >= job.created_at, Batch.ended_at <= last_end)
-        .order_by(Batch.started_at, Batch.id)
-    ).all()
-    rows = []
-    for b in {b.id: b for b in [*batches, *linked]}.values():
-        row = {column: getattr(b, column, None) for column in BATCH_COLUMNS}
-        row["videos_finished"] = finished.get(b.id, 0)
-        rows.append(row)
-    return sorted(rows, key=lambda r: (r["started_at"], r["id"]))
-
-
-def job_latencies(session: Session, job_id: int) -> list[float]:
-    return [
-        s
-        for (s,) in session.execute(
-            select(Summary.latency_s)
-            .join(Video, Video.id == Summary.video_pk)
-            .where(Video.job_id == job_id, Summary.latency_s.is_not(None))
-            .order_by(Summary.latency_s)
-        )
-    ]
 
 
 def stats_by_size(rows: list[dict[str, object]]) -> list[SizeStats]:

@@ -1,4 +1,5 @@
-"""Printing a bench report as the tutorial's table (rich)."""
+"""Printing a bench report as the tutorial's table: rich on a wide terminal, plain aligned text
+otherwise (80 columns, a pipe, a file), so no number is ever cut to "142…"."""
 
 from __future__ import annotations
 
@@ -6,50 +7,78 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tubesum.bench.study import BenchReport, SizeResult, best, noise_warnings
 from tubesum.display import clean, plain
-from tubesum.workers.gpu.bench import BenchReport, SizeResult, best
+
+# A terminal at least this wide gets the rich table (its 12 columns fit without cutting a number).
+WIDE_TABLE_COLUMNS = 140
+COLUMNS = (
+    "chunk",
+    "lengths",
+    "decode",
+    "summaries/s",
+    "spread (runs)",
+    "gen tok/s",
+    "total tok/s",
+    "speedup",
+    "ideal",
+    "efficiency",
+    "peak GB",
+    "match vs bs1",
+)
 
 
 def _fmt(x: float | None, spec: str = ",.1f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def size_row(r: SizeResult) -> list[str]:
+    """One size's cells, in COLUMNS order."""
+    chunk = f"{r.chunk_size} (auto)" if r.note.startswith("auto") else str(r.chunk_size)
+    decode = r.decode if r.lengths == "varied" else ""
+    if r.oom:
+        return [chunk, r.lengths, decode, "OOM: memory limit", *[""] * (len(COLUMNS) - 4)]
+    runs = f"{r.spread:.0%} ({len(r.runs)})" if r.spread is not None else f"– ({len(r.runs)})"
+    return [
+        chunk,
+        r.lengths,
+        decode,
+        _fmt(r.summaries_per_s, ".2f"),
+        runs,
+        _fmt(r.generated_tokens_per_s),
+        _fmt(r.total_tokens_per_s, ",.0f"),
+        _fmt(r.speedup),
+        _fmt(r.ideal_speedup, ".0f"),
+        _fmt(r.efficiency, ".0%") if r.efficiency is not None else "–",
+        _fmt(r.peak_memory_gb, ".1f"),
+        _fmt(r.token_match_rate, ".1%") if r.token_match_rate is not None else "–",
+    ]
+
+
 def size_table(title: str, rows: list[SizeResult]) -> Table:
     table = Table(title=title)
-    for col in (
-        "chunk",
-        "lengths",
-        "decode",
-        "summaries/s",
-        "gen tok/s",
-        "total tok/s",
-        "speedup",
-        "ideal",
-        "efficiency",
-        "peak GB",
-        "match vs bs1",
-    ):
+    for col in COLUMNS:
         table.add_column(col, justify="right")
     for r in rows:
-        chunk = f"{r.chunk_size} (auto)" if r.note.startswith("auto") else str(r.chunk_size)
-        decode = r.decode if r.lengths == "varied" else ""
-        if r.oom:
-            table.add_row(chunk, r.lengths, decode, "OOM: memory limit", *[""] * 7)
-            continue
-        table.add_row(
-            chunk,
-            r.lengths,
-            decode,
-            _fmt(r.summaries_per_s, ".2f"),
-            _fmt(r.generated_tokens_per_s),
-            _fmt(r.total_tokens_per_s, ",.0f"),
-            _fmt(r.speedup),
-            _fmt(r.ideal_speedup, ".0f"),
-            _fmt(r.efficiency, ".0%") if r.efficiency is not None else "–",
-            _fmt(r.peak_memory_gb, ".1f"),
-            _fmt(r.token_match_rate, ".1%") if r.token_match_rate is not None else "–",
-        )
+        table.add_row(*size_row(r))
     return table
+
+
+def plain_table(title: str, rows: list[SizeResult]) -> str:
+    """The same table as aligned plain text: every cell whole, numbers right-aligned."""
+    cells = [list(COLUMNS), *(size_row(r) for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = [title]
+    for row in cells:
+        lines.append("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def print_table(console: Console, title: str, rows: list[SizeResult]) -> None:
+    if console.is_terminal and console.width >= WIDE_TABLE_COLUMNS:
+        console.print(size_table(title, rows))
+    else:
+        console.print(plain_table(title, rows), markup=False, highlight=False, soft_wrap=True)
 
 
 # What each decode mode other than static does, in the comparison lines.
@@ -110,10 +139,11 @@ def print_report(report: BenchReport, console: Console) -> None:
             ),
         )
     )
-    console.print(size_table("tubesum engine", report.results))
+    print_table(console, "tubesum engine", report.results)
     if report.baseline:
         where = f" with device_map over {report.baseline_device}" if report.baseline_device else ""
-        console.print(size_table(f"plain model.generate(){where} (same prompts, same process)", report.baseline))
+        print_table(console, f"plain model.generate(){where} (same prompts, same process)", report.baseline)
+    console.print("spread: (max - min) / median of the timed runs' summaries/s, and how many runs")
     top = best(report.results)
     if top:
         console.print(f"best: chunk {top.chunk_size} at {top.summaries_per_s:.2f} summaries/s")
@@ -132,6 +162,8 @@ def print_report(report: BenchReport, console: Console) -> None:
     )
     for line in varied_comparison(report.results):
         console.print(line)
+    for line in noise_warnings(report.results + report.baseline):
+        console.print(line, markup=False, highlight=False)
     for r in report.baseline:
         ours = next((x for x in report.results if x.chunk_size == r.chunk_size and not x.oom), None)
         if ours and not r.oom and r.summaries_per_s:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.progress import (
@@ -20,11 +19,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
-from sqlalchemy import func, select
 
-from tubesum.db import session_scope
 from tubesum.display import clean
-from tubesum.models import Video, VideoStatus
+from tubesum.read.queries import JobCounts, job_counts, latest_problem
 
 # How often the database is polled for the job's counts, seconds.
 DEFAULT_POLL_S = 1.0
@@ -38,38 +35,6 @@ WORKER_COMMANDS = {"transcripts": "tubesum worker fetch", "summarise": "tubesum 
 BAR_WIDTH = 24
 # Longest problem text shown in the progress line, characters.
 PROBLEM_CHARS = 160
-
-
-@dataclass(frozen=True)
-class JobCounts:
-    by_status: dict[str, int] = field(default_factory=dict)
-
-    def __getitem__(self, status: str) -> int:
-        return self.by_status.get(status, 0)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_status.values())
-
-    @property
-    def queued(self) -> int:  # waiting for, or being given, a transcript
-        return self[VideoStatus.queued.value] + self[VideoStatus.fetching.value]
-
-    @property
-    def fetched(self) -> int:  # transcript stored, summary not yet
-        return self[VideoStatus.fetched.value] + self[VideoStatus.summarising.value]
-
-    @property
-    def summarised(self) -> int:
-        return self[VideoStatus.done.value]
-
-    @property
-    def failed(self) -> int:
-        return self[VideoStatus.failed.value]
-
-    @property
-    def finished(self) -> bool:
-        return self.total > 0 and self.summarised + self.failed == self.total
 
 
 class JobProgress(Progress):
@@ -91,22 +56,6 @@ class RateColumn(ProgressColumn):
         if speed is None and task.completed and task.elapsed:  # too few samples yet: the mean so far
             speed = task.completed / task.elapsed
         return Text("" if speed is None else f"{speed:.2f} videos/s", style="progress.data.speed")
-
-
-def latest_problem(job_id: int, *, database_url: str | None = None) -> str | None:
-    """The newest reason recorded on a video of the job that is still being worked on (a fetch
-    being retried), so the progress line names the cause at the first failure."""
-    with session_scope(database_url) as session:
-        return session.scalar(
-            select(Video.error)
-            .where(
-                Video.job_id == job_id,
-                Video.error.is_not(None),
-                Video.status.in_((VideoStatus.queued.value, VideoStatus.fetching.value)),
-            )
-            .order_by(Video.updated_at.desc())
-            .limit(1)
-        )
 
 
 def missing_worker_hint(celery_app, *, timeout_s: float = INSPECT_TIMEOUT_S) -> Callable[[JobCounts], str | None]:  # type: ignore[no-untyped-def]
@@ -161,14 +110,6 @@ def submit_progress(console: Console | None = None) -> Iterator[Callable[[str, i
             bar.update(task, completed=done, total=total, amount=amount, rate=f"{done / scale / elapsed:,.0f} {unit}/s")
 
         yield report
-
-
-def job_counts(job_id: int, *, database_url: str | None = None) -> JobCounts:
-    with session_scope(database_url) as session:
-        rows = session.execute(
-            select(Video.status, func.count()).where(Video.job_id == job_id).group_by(Video.status)
-        ).all()
-    return JobCounts({status: n for status, n in rows})
 
 
 def wait_for_job(

@@ -1,0 +1,134 @@
+"""The KV cache: one flat buffer of keys and values, its size in tokens, and whether a chunk fits.
+
+Memory is planned in tokens, not in rows × (longest prompt + max new): each row owns exactly its
+prompt + its new tokens at its own offset (a region) and reads only its own length. The buffer
+is allocated once at the runner's token capacity: on CUDA the free memory after the weights, a
+measured activation reserve and a headroom (`measure_capacity`); every chunk reuses it. Where a
+rolling generation puts each row's region is the pure allocator's business
+(workers/gpu/kv_regions.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from tubesum.workers.gpu.llama import Llama
+
+log = logging.getLogger(__name__)
+
+# Memory left unplanned beside weights, KV cache and the measured activation peak: cuBLAS
+# workspaces, CUDA-graph pools, allocator fragmentation. Bytes.
+MEMORY_HEADROOM_BYTES = int(1.5 * 2**30)
+# Share of the remaining free memory the KV cache may take (the rest is slack for fragmentation).
+KV_MEMORY_SHARE = 0.97
+# The most rows a decode step is planned for when reserving its logits ([rows, vocab]). Rows.
+MAX_PLANNED_ROWS = 512
+# KV-cache tokens on the CPU (tests): enough for any chunk of the tiny models; the buffer is
+# `empty`, so untouched pages cost nothing. Tokens.
+CPU_TOKEN_CAPACITY = 1 << 16
+
+
+class KVCache:
+    """Keys and values of every row in one flat buffer per layer: [layers, capacity + 1, kv_heads,
+    head_dim]. A row owns `[start, start + prompt + new tokens)`; the last slot is scratch that
+    dummy rows of a padded decode graph write to and read from."""
+
+    def __init__(
+        self, *, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (layers, capacity + 1, kv_heads, head_dim)
+        # Empty, not zeroed: every reader is limited to slots its row has written (seqused_k on
+        # CUDA, per-row slices on the CPU). Only the scratch slot is zeroed (no NaN in dummy rows).
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, capacity].zero_()
+        self.v[:, capacity].zero_()
+        self.capacity = capacity
+        self.scratch = capacity  # the dummy rows' slot
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # [capacity + 1, kv_heads, head_dim]: token t of the row starting at s is at s + t
+        return self.k[layer], self.v[layer]
+
+
+def kv_token_capacity(
+    *, free_bytes: int, reserve_bytes: int, bytes_per_token: int, share: float = KV_MEMORY_SHARE
+) -> int:
+    """KV-cache tokens that fit in `free_bytes` once `reserve_bytes` (activations, logits,
+    headroom) are set aside, using `share` of what is left (slack for fragmentation)."""
+    return int(max(0, free_bytes - reserve_bytes) * share) // bytes_per_token
+
+
+def row_starts(lengths: list[int]) -> list[int]:
+    """Rows packed back to back: each row's offset in the flat cache ([n]), given its length."""
+    starts, at = [], 0
+    for n in lengths:
+        starts.append(at)
+        at += n
+    return starts
+
+
+def kv_cache_fits(
+    prompts: list[list[int]], max_new_tokens: int, new_tokens: list[int] | None, *, rolling: bool, capacity: int
+) -> bool:
+    """Whether the chunk's KV regions (each row: its prompt + its new tokens) fit a ragged cache
+    of `capacity` tokens: all together, or with `rolling` each on its own (they take turns)."""
+    limits = new_tokens if new_tokens is not None else [max_new_tokens] * len(prompts)
+    regions = [len(p) + m for p, m in zip(prompts, limits)]
+    return (max(regions) if rolling else sum(regions)) <= capacity
+
+
+class CacheTooSmall(Exception):
+    """A chunk needs more KV-cache tokens than the runner holds (nothing was allocated)."""
+
+    def __init__(self, *, needed: int, capacity: int, prompts: int) -> None:
+        self.needed, self.capacity, self.prompts = needed, capacity, prompts
+        what = "a single prompt" if prompts == 1 else f"a chunk of {prompts} prompts"
+        super().__init__(f"{what} needs {needed:,} KV-cache tokens (prompt + new tokens); the cache holds {capacity:,}")
+
+
+@torch.inference_mode()
+def measure_capacity(model: Llama, *, prefill_tokens: int) -> int:
+    """Free memory minus the activation peak of one full prefill piece of `prefill_tokens`
+    (measured, not guessed), the decode logits of MAX_PLANNED_ROWS rows and a headroom, in KV
+    tokens. CUDA only; the caller has released its own cache and graphs."""
+    dev = model.device
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    probe = KVCache(
+        layers=len(model.layers),
+        capacity=prefill_tokens,
+        kv_heads=model.n_kv,
+        head_dim=model.head_dim,
+        dtype=model.dtype,
+        device=dev,
+    )
+    probe_bytes = probe.k.numel() * probe.k.element_size() * 2
+    rows = 8  # several prompts: the varlen path the chunks take
+    length = prefill_tokens // rows
+    model.prefill_logits([[1] * length] * rows, row_starts([length] * rows), probe)
+    torch.cuda.synchronize(dev)
+    activations = torch.cuda.max_memory_allocated(dev) - base - probe_bytes
+    del probe
+    torch.cuda.empty_cache()
+    logits = MAX_PLANNED_ROWS * model.lm_head.shape[0] * model.lm_head.element_size()
+    free, _total = torch.cuda.mem_get_info(dev)
+    capacity = kv_token_capacity(
+        free_bytes=free,
+        reserve_bytes=activations + logits + MEMORY_HEADROOM_BYTES,
+        bytes_per_token=model.kv_bytes_per_token,
+    )
+    log.info(
+        "KV cache: %d tokens (%.1f GiB) = free %.1f GiB - activations %.2f GiB - logits %.2f GiB - headroom %.1f GiB",
+        capacity,
+        capacity * model.kv_bytes_per_token / 2**30,
+        free / 2**30,
+        activations / 2**30,
+        logits / 2**30,
+        MEMORY_HEADROOM_BYTES / 2**30,
+    )
+    return capacity
