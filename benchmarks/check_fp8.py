@@ -99,12 +99,11 @@ def main() -> None:
 
 
 def quality(model: str) -> dict:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fp8_quality import load
+    import runpy
 
     from tubesum.workers.gpu.fp8_quality import bf16_vs_fp8
+
+    load = runpy.run_path(str(Path(__file__).parent / "fp8_quality.py"))["load"]  # the sibling script's loader
 
     m, prompts = load(model, "cuda:0", torch.bfloat16)
     report = bf16_vs_fp8(m, prompts).as_dict()

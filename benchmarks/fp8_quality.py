@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,10 +30,11 @@ SEED = 17
 
 
 def real_prompts(tokenizer, n: int) -> list[list[int]]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from make_transcripts import SENTENCES as LINES
+    import runpy
 
     from tubesum.settings import DEFAULT_PROMPT
+
+    LINES = runpy.run_path(str(Path(__file__).parent / "make_transcripts.py"))["SENTENCES"]  # the sibling script's
 
     rng = random.Random(SEED)
     prompts = []
