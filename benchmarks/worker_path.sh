@@ -6,6 +6,8 @@
 #   VIDEOS=1024 (videos per job), BENCH=1 (0: skip the bench on the same prompts),
 #   BENCH_PROMPTS=512 (prompts the bench uses: the job's first ones)
 #   BENCH_DEVICE=cuda (cpu for a smoke run with dummy:tiny), BENCH_MAX_CHUNKS=2 (timed chunks a size)
+#   QUANTIZE=none (fp8: the worker and the bench run FP8 projections; none,fp8: each chunk size
+#   runs the worker path once per mode, and the bench sweeps both)
 # Runs in embedded mode (SQLite + filesystem broker), so it needs no service on the GPU box.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: worker_path.sh OUT_DIR [MODEL] [CHUNK...]}"); shift
@@ -18,18 +20,22 @@ py=${PYTHON:-python3}
 # tubesum must be installed (pip install -e .): its card folders map into the tubesum namespace.
 "$py" "$repo/benchmarks/make_transcripts.py" --videos "$videos" -o "$out/transcripts.csv"
 
+IFS=, read -r -a modes <<< "${QUANTIZE:-none}"
+for q in "${modes[@]}"; do
 for c in "${sizes[@]}"; do
+    tag=$c; [ "${#modes[@]}" -gt 1 ] && tag="${c}_$q"
     work=$(mktemp -d)
     cp "$out/transcripts.csv" "$work/"
     (cd "$work" && "$py" -m tubesum.cli run \
-        --transcripts transcripts.csv --model "$model" --chunk-size "$c" --max-new-tokens 150 \
+        --transcripts transcripts.csv --model "$model" --chunk-size "$c" --max-new-tokens 150 --quantize "$q" \
         -o "export.csv" && "$py" -m tubesum.cli report 1 -o report) \
-        > "$out/run_chunk$c.log" 2>&1 || { echo "chunk $c failed"; tail -40 "$out/run_chunk$c.log"; }
-    tail -80 "$work"/.tubesum/logs/summarise.log > "$out/summarise_chunk$c.log" 2>/dev/null || true
-    cp "$work/report/batches.csv" "$out/batches_chunk$c.csv" 2>/dev/null || true
-    "$py" "$repo/benchmarks/job_throughput.py" "sqlite:///$work/tubesum.db" > "$out/job_chunk$c.json" || true
-    echo "== worker path, chunk $c ($videos videos): $(cat "$out/job_chunk$c.json")"
+        > "$out/run_chunk$tag.log" 2>&1 || { echo "chunk $c ($q) failed"; tail -40 "$out/run_chunk$tag.log"; }
+    tail -80 "$work"/.tubesum/logs/summarise.log > "$out/summarise_chunk$tag.log" 2>/dev/null || true
+    cp "$work/report/batches.csv" "$out/batches_chunk$tag.csv" 2>/dev/null || true
+    "$py" "$repo/benchmarks/job_throughput.py" "sqlite:///$work/tubesum.db" > "$out/job_chunk$tag.json" || true
+    echo "== worker path, chunk $c, quantize $q ($videos videos): $(cat "$out/job_chunk$tag.json")"
     rm -rf "$work"
+done
 done
 
 if [ "${BENCH:-1}" = 1 ]; then
@@ -39,6 +45,7 @@ if [ "${BENCH:-1}" = 1 ]; then
     (cd "$out" && COLUMNS=200 "$py" -m tubesum.cli bench --model "$model" --transcripts transcripts.csv \
         --prompts "${BENCH_PROMPTS:-512}" --chunk-sizes "${numbered:+$numbered,}auto" --lengths fixed \
         --no-extend --max-chunks "${BENCH_MAX_CHUNKS:-2}" --new-tokens 150 --device "${BENCH_DEVICE:-cuda}" \
+        --quantize "${QUANTIZE:-none}" \
         -o bench > bench.log 2>&1) \
         || echo "bench failed"
     tail -30 "$out/bench.log"

@@ -441,6 +441,11 @@ def worker_summarise(
     ),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager"),
+    quantize: str = typer.Option(
+        None,
+        "--quantize",
+        help="none or fp8 (FP8 projections; a card of compute capability >= 8.9; default TUBESUM_QUANTIZE, none)",
+    ),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
     name: str = typer.Option("gpu@%h", "--name", "-n", help="Celery node name"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
@@ -464,6 +469,7 @@ def worker_summarise(
             tensor_parallel=tensor_parallel,
             dtype=dtype,
             attn=attn,
+            quantize=quantize,
         ).items()
         if value is not None
     }
@@ -624,6 +630,11 @@ def run_cmd(
     ),
     dtype: str = typer.Option(None, "--dtype", help="auto, bfloat16, float16, float32 (default TUBESUM_DTYPE, auto)"),
     attn: str = typer.Option(None, "--attn", help="auto, flash_attention_2, sdpa, eager (default TUBESUM_ATTN, auto)"),
+    quantize: str = typer.Option(
+        None,
+        "--quantize",
+        help="none or fp8: FP8 projections on a card of compute capability >= 8.9 (default TUBESUM_QUANTIZE, none)",
+    ),
     output: str = typer.Option(
         None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
     ),
@@ -678,7 +689,13 @@ def run_cmd(
                 device_map=device_map,
                 dtype=dtype,
                 attn=attn,
+                quantize=quantize,
             )
+            if settings.quantize != "none" and not fetch_only:
+                # Before anything is submitted: only then is torch imported here (to ask the card).
+                from tubesum.workers.gpu.engine import check_quantize
+
+                check_quantize(settings.quantize, device_map=settings.device_map)
             result = run_job(
                 sources or [],
                 from_file=from_file,
@@ -763,6 +780,11 @@ def bench_cmd(
         help="run the model over N GPUs with tensor parallelism; --baseline then times device_map over the same GPUs",
     ),
     dtype: str = typer.Option("auto", "--dtype"),
+    quantize: str = typer.Option(
+        "none",
+        "--quantize",
+        help="comma-separated: none, fp8, or none,fp8 (a bf16 and an FP8 sweep in one call, compared)",
+    ),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
     max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most (at least --repeats)"),
@@ -803,7 +825,7 @@ def bench_cmd(
     check_writable(out_dir, what="directory")  # before torch loads, and minutes of sweeping
 
     from tubesum.bench.study import BenchReport, SizeResult, resolve_bench_device, run_bench
-    from tubesum.bench.table import print_report
+    from tubesum.bench.table import print_report, quantize_comparison
 
     console = Console()
     try:
@@ -812,40 +834,60 @@ def bench_cmd(
         raise BadInput(str(exc)) from None
     if note:
         console.print(note, markup=False, highlight=False)
+    modes = [q.strip() for q in quantize.split(",") if q.strip()]
+    device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
+    with exit_codes():  # every mode is checked before anything is loaded or written
+        from tubesum.workers.gpu.engine import check_quantize
+
+        if not modes:
+            raise BadInput("--quantize needs at least one of none, fp8")
+        for mode in modes:
+            check_quantize(mode, device_map=device_map)
 
     def say(text: str) -> None:  # progress on stderr: the table on stdout stays clean
         typer.echo(clean(text), err=True)
 
-    def on_result(report: BenchReport, res: SizeResult) -> None:
-        what = "OOM: the memory limit" if res.oom else f"{res.summaries_per_s:.2f} summaries/s"
-        runs = f", spread {res.spread:.0%} over {len(res.runs)} runs" if res.spread is not None else ""
-        mode = f"{res.lengths}{', ' + res.decode if res.lengths == 'varied' else ''}"
-        say(f"chunk {res.chunk_size} ({res.engine}, {mode}): {what}{runs}; {clean(out_dir / 'bench.json')} updated")
+    reports = []
+    for mode in modes:
+        mode_dir = out_dir / mode if len(modes) > 1 else out_dir
 
-    say(f"loading {model} on {device}")
-    report = run_bench(
-        model=model,
-        chunk_sizes=sizes,
-        prompts=prompts,
-        new_tokens=new_tokens,
-        transcripts=transcripts,
-        job=job,
-        device=device,
-        baseline=baseline,
-        baseline_sizes=base_sizes,
-        max_chunks=max_chunks,
-        extend=extend,
-        out_dir=out_dir,
-        dtype=dtype,
-        lengths=lengths,
-        tensor_parallel=tensor_parallel,
-        varied_sizes=varied,
-        repeats=repeats,
-        progress=lambda text: say(f"running {text}"),
-        on_result=on_result,
-    )
-    print_report(report, console)
-    console.print(f"wrote {clean(out_dir / 'bench.json')}, throughput.png, speedup.png", markup=False)
+        def on_result(report: BenchReport, res: SizeResult, mode_dir: Path = mode_dir) -> None:
+            what = "OOM: the memory limit" if res.oom else f"{res.summaries_per_s:.2f} summaries/s"
+            runs = f", spread {res.spread:.0%} over {len(res.runs)} runs" if res.spread is not None else ""
+            kind = f"{res.lengths}{', ' + res.decode if res.lengths == 'varied' else ''}"
+            say(
+                f"chunk {res.chunk_size} ({res.engine}, {kind}): {what}{runs}; {clean(mode_dir / 'bench.json')} updated"
+            )
+
+        say(f"loading {model} on {device}" + (f" (projections {mode})" if len(modes) > 1 else ""))
+        report = run_bench(
+            model=model,
+            chunk_sizes=sizes,
+            prompts=prompts,
+            new_tokens=new_tokens,
+            transcripts=transcripts,
+            job=job,
+            device=device,
+            baseline=baseline,
+            baseline_sizes=base_sizes,
+            max_chunks=max_chunks,
+            extend=extend,
+            out_dir=mode_dir,
+            dtype=dtype,
+            lengths=lengths,
+            tensor_parallel=tensor_parallel,
+            varied_sizes=varied,
+            repeats=repeats,
+            quantize=mode,
+            progress=lambda text: say(f"running {text}"),
+            on_result=on_result,
+        )
+        print_report(report, console)
+        console.print(f"wrote {clean(mode_dir / 'bench.json')}, throughput.png, speedup.png", markup=False)
+        reports.append(report)
+    if len(reports) > 1:
+        for line in quantize_comparison(reports):
+            console.print(line, markup=False, highlight=False)
 
 
 class _PlainFormatter(logging.Formatter):

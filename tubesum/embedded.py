@@ -260,6 +260,7 @@ def run_settings(
     device_map: str | None = None,
     dtype: str | None = None,
     attn: str | None = None,
+    quantize: str | None = None,
 ) -> Settings:
     """The settings of this run: the environment's, with the command line's overrides, and with
     relative SQLite and broker paths made absolute so every worker process sees the same files."""
@@ -271,7 +272,7 @@ def run_settings(
         update["chunk_size"] = chunk_size  # "abc" is refused by the settings' own check
     if max_new_tokens is not None:
         update["max_new_tokens"] = max_new_tokens
-    for key, value in (("device_map", device_map), ("dtype", dtype), ("attn", attn)):
+    for key, value in (("device_map", device_map), ("dtype", dtype), ("attn", attn), ("quantize", quantize)):
         if value is not None:
             update[key] = value
     url = make_url(base.database_url)
@@ -293,6 +294,7 @@ def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> di
         TUBESUM_MODEL=settings.model,
         TUBESUM_CHUNK_SIZE=str(settings.chunk_size),
         TUBESUM_MAX_NEW_TOKENS=str(settings.max_new_tokens),
+        TUBESUM_QUANTIZE=settings.quantize,
         PYTHONUNBUFFERED="1",
     )
     if settings.broker_url:
@@ -333,6 +335,8 @@ def summarise_argv(cli: list[str], settings: Settings) -> list[str]:
         settings.dtype,
         "--attn",
         settings.attn,
+        "--quantize",
+        settings.quantize,
     ]
 
 

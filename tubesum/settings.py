@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # GPUs one worker runs the model over with tensor parallelism (cuda:0..N-1 of the visible
     # ones); 1 = one device, as device_map says.
     tensor_parallel: int = Field(default=1, ge=1)
+    # Decoder projections in FP8 (e4m3 weights, per-channel scales, per-token activations;
+    # workers/gpu/fp8.py): needs a card of compute capability >= 8.9. Opt-in until the quality
+    # gate (docs/benchmarks.md) is met; a ready FP8 checkpoint runs in FP8 whatever this says.
+    quantize: Literal["none", "fp8"] = "none"
     # Rolling chunks (fast engine): a chunk may need up to twice the KV cache; as many of its
     # prompts as fit decode together, and rows that end early hand their place to the chunk's
     # next prompts, so the decode step stays full. `auto` then holds twice the prompts.

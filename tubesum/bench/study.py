@@ -21,6 +21,7 @@ tensor-parallel group has stopped and freed them.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -108,6 +109,7 @@ class BenchReport:
     token_capacity: int | None = None  # KV-cache tokens the engine planned
     tensor_parallel: int = 1
     baseline_device: str | None = None  # where the baseline ran, when not on the engine's device
+    quantize: str = "none"  # "fp8": the engine's projections in FP8 (baseline rows stay bf16)
 
 
 def reference_prompts(
@@ -516,6 +518,7 @@ def run_bench(
     varied_sizes: list[int] | None = None,
     repeats: int = DEFAULT_REPEATS,
     on_result=None,
+    quantize: str = "none",
 ) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
     baseline), write bench.json after every size and the plots at the end. ``on_result(report,
@@ -527,7 +530,7 @@ def run_bench(
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
     # Prompts are sized so that each, with the longest output it may get, fits the model.
     out_tokens = max_output_tokens(new_tokens, lengths)
-    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel)
+    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel, quantize=quantize)
     if engine.device.type == "cuda":
         engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
@@ -551,6 +554,7 @@ def run_bench(
         transformers_version=transformers.__version__,
         token_capacity=engine.token_capacity,
         tensor_parallel=tensor_parallel,
+        quantize=engine.quantize,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -625,6 +629,13 @@ def run_bench(
         )
         fill_speedups(report.baseline)
     write_outputs(report, out_dir)
+    if engine.model is not None:  # (a tensor-parallel group is closed already)
+        engine.release()
+    engine.close()
+    del engine
+    gc.collect()  # the next --quantize mode loads its own copy of the model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return report
 
 

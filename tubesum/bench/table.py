@@ -104,13 +104,36 @@ def varied_comparison(results: list[SizeResult]) -> list[str]:
     return lines
 
 
+def quantize_comparison(reports: list[BenchReport]) -> list[str]:
+    """`--quantize none,fp8`: each mode's best fixed-length chunk against the first mode's."""
+    first = best(reports[0].results)
+    lines = []
+    for rep in reports[1:]:
+        top = best(rep.results)
+        if first and top and first.summaries_per_s:
+            lines.append(
+                f"{rep.quantize} vs {reports[0].quantize}, best against best: "
+                f"{top.summaries_per_s / first.summaries_per_s:.2f}x (chunk {top.chunk_size}: "
+                f"{top.summaries_per_s:.2f} vs chunk {first.chunk_size}: {first.summaries_per_s:.2f} summaries/s)"
+            )
+        same = {r.chunk_size: r for r in rep.results if r.lengths == "fixed" and not r.oom}
+        for r in reports[0].results:
+            other = same.get(r.chunk_size)
+            if r.lengths == "fixed" and not r.oom and other and r.summaries_per_s:
+                lines.append(
+                    f"chunk {r.chunk_size}: {rep.quantize} {other.summaries_per_s / r.summaries_per_s:.2f}x "
+                    f"{reports[0].quantize} ({other.summaries_per_s:.2f} vs {r.summaries_per_s:.2f} summaries/s)"
+                )
+    return lines
+
+
 def print_report(report: BenchReport, console: Console) -> None:
     # The model name and prompt source are the user's text: plain, never markup.
     console.print(
         Text.assemble(
             (clean(report.model), "bold"),
             plain(
-                f" on {report.device}, {report.dtype}, attention {report.attention}, engine {report.engine}; torch "
+                f" on {report.device}, {report.dtype}, projections {report.quantize}, attention {report.attention}, engine {report.engine}; torch "
                 f"{report.torch_version}, transformers {report.transformers_version}; {report.prompt_source}; "
                 f"{report.new_tokens} new tokens each"
             ),

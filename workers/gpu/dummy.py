@@ -226,6 +226,17 @@ def build_dummy(spec: str, *, device: str | torch.device, dtype: torch.dtype, se
     return model.eval(), tokenizer
 
 
+def build_dummy_fp8(spec: str, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """(model, tokenizer) of `dummy:<arch>` with every decoder projection drawn directly in FP8
+    (workers/gpu/fp8_load.py): the bf16 model is never materialised, so 70B fits one card."""
+    from tubesum.workers.gpu.fp8_load import random_fp8_model
+
+    config, tokenizer = dummy_config_with_tokens(spec)
+    model = random_fp8_model(config, device=torch.device(device), dtype=dtype, seed=seed)
+    model.generation_config = dummy_generation_config(config)
+    return model, tokenizer
+
+
 def build_dummy_device_map(spec: str, *, gpus: int, dtype: torch.dtype, seed: int = 0):
     """(model, tokenizer) of `dummy:<arch>` spread over `gpus` GPUs by accelerate's device_map,
     layer by layer and balanced (the tutorial's multi-GPU setup, the baseline of tensor

@@ -17,12 +17,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
-from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu import dummy, fp8, fp8_load
 from tubesum.workers.gpu.gguf_model import resolve_model
 from tubesum.workers.gpu.kv_cache import CacheTooSmall
 from tubesum.workers.gpu.llama import SUPPORTED_MODEL_TYPES
@@ -54,6 +55,7 @@ class Engine:
     runner: Runner | None = None  # a LlamaRunner, or the RankGroup of a tensor-parallel group
     stop_ids: set[int] = field(default_factory=set)
     group: RankGroup | None = None  # tensor parallel: rank 0's handle on the other ranks
+    quantize: str = "none"  # "fp8": decoder projections in FP8 (workers/gpu/fp8.py)
 
     # ------------------------------------------------------------------ facts for batch rows
     @property
@@ -360,6 +362,29 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def check_quantize(quantize: str, *, device_map: str, backend: str = "auto", fp8_card: bool = True) -> None:
+    """Validate `--quantize` before any model is loaded: a known mode, the fast backend, and (for
+    fp8, unless `fp8_card` is False: the CPU tests) a card with FP8 tensor cores. One-line
+    ModelLoadError otherwise."""
+    if quantize not in fp8.QUANTIZE_CHOICES:
+        raise ModelLoadError(f"--quantize must be one of {', '.join(fp8.QUANTIZE_CHOICES)}, not {quantize!r}")
+    if quantize == "none":
+        return
+    if backend == "hf":
+        raise ModelLoadError("--quantize fp8 runs on the fast backend only, not --backend hf")
+    if fp8_card:
+        dm = resolve_device_map(device_map)
+        try:
+            fp8.check_fp8_device("cuda:0" if dm == "auto" else dm)
+        except fp8.Fp8Unavailable as exc:
+            raise ModelLoadError(str(exc)) from None
+
+
+def _fp8_checkpoint(model: str) -> bool:
+    """Whether `model` is a local directory holding a ready FP8 checkpoint."""
+    return Path(model).is_dir() and fp8_load.checkpoint_format(fp8_load.quantization_config(model)) is not None
+
+
 def load_engine(
     model: str,
     *,
@@ -368,14 +393,25 @@ def load_engine(
     attn: str = "auto",
     backend: Backend = "auto",
     tensor_parallel: int = 1,
+    quantize: str = "none",
+    fp8_card: bool = True,
 ) -> Engine:
     """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend.
     `tensor_parallel` N > 1: the fast backend over N GPUs (cuda:0..N-1 of the visible ones; on
-    `device_map="cpu"`, N CPU ranks over gloo, for tests)."""
+    `device_map="cpu"`, N CPU ranks over gloo, for tests). `quantize="fp8"`: the decoder
+    projections in FP8 (a dummy model is drawn in FP8 directly, a bf16 checkpoint is quantised
+    after loading); a local FP8 checkpoint always runs in FP8. `fp8_card=False` lets FP8 run
+    where the card check would refuse it (the CPU tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
     source = resolve_model(model)  # a GGUF: its converted copy (converted now if not cached)
+    ready_fp8 = _fp8_checkpoint(source)
+    if ready_fp8:
+        quantize = "fp8"
+    check_quantize(quantize, device_map=dm, backend=backend, fp8_card=fp8_card)
     if tensor_parallel > 1:
+        if ready_fp8:
+            raise ModelLoadError("tensor parallelism over a ready FP8 checkpoint is not supported; use one GPU")
         return load_tp_engine(
             source,
             world=tensor_parallel,
@@ -383,12 +419,30 @@ def load_engine(
             dtype=torch_dtype,
             allow_flash=attn not in ("sdpa", "eager"),
             backend=backend,
+            quantize=quantize,
         )
     attn_impl = resolve_attn(attn, dm)
     if dummy.is_dummy(model):
         device = "cuda:0" if dm == "auto" else dm
-        hf_model, tokenizer = dummy.build_dummy(model, device=device, dtype=torch_dtype)
+        if quantize == "fp8":  # drawn in FP8 one matrix at a time: no bf16 copy (70B on one card)
+            hf_model, tokenizer = dummy.build_dummy_fp8(model, device=device, dtype=torch_dtype)
+        else:
+            hf_model, tokenizer = dummy.build_dummy(model, device=device, dtype=torch_dtype)
         hf_model.config._attn_implementation = attn_impl if attn_impl != "flash_attention_2" else "sdpa"
+    elif ready_fp8:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        device = torch.device("cuda:0" if dm == "auto" else dm)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            hf_model = fp8_load.load_fp8_checkpoint(model, device=device, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load FP8 checkpoint {model!r}: {exc}") from exc
+        try:
+            hf_model.generation_config = GenerationConfig.from_pretrained(model)
+        except OSError:
+            pass
+        hf_model.config._attn_implementation = "sdpa"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -401,12 +455,16 @@ def load_engine(
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
         hf_model.eval()
+        if quantize == "fp8":
+            log.info("quantised %.1f GB of projections to FP8", fp8.quantize_model_(hf_model) / 1e9)
     # Batched decoder-only generation continues from the right edge: pad on the left.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     sharded = len(set(getattr(hf_model, "hf_device_map", {}).values() or [0])) > 1
     fast_ok = hf_model.config.model_type in SUPPORTED_MODEL_TYPES and not sharded
+    if quantize == "fp8" and not fast_ok:
+        raise ModelLoadError(f"--quantize fp8 runs on the fast backend, which cannot run {model!r}")
     chosen = backend
     if backend == "auto":
         chosen = "fast" if fast_ok else "hf"
@@ -424,12 +482,14 @@ def load_engine(
         backend=chosen,
         runner=runner,
         stop_ids=stop_token_ids(hf_model, tokenizer),
+        quantize=quantize,
     )
     log.info(
-        "loaded %s on %s (%s, attention %s, backend %s)",
+        "loaded %s on %s (%s, projections %s, attention %s, backend %s)",
         model,
         engine.devices,
         engine.dtype,
+        quantize,
         engine.attn_implementation,
         chosen,
     )
@@ -452,7 +512,14 @@ def _tokenizer_and_generation_config(model: str, config):
 
 
 def load_tp_engine(
-    model: str, *, world: int, device_type: str, dtype: torch.dtype, allow_flash: bool = True, backend: Backend = "auto"
+    model: str,
+    *,
+    world: int,
+    device_type: str,
+    dtype: torch.dtype,
+    allow_flash: bool = True,
+    backend: Backend = "auto",
+    quantize: str = "none",
 ) -> Engine:
     """The fast backend over a tensor-parallel group of `world` ranks; this process is rank 0."""
     if backend == "hf":
@@ -467,6 +534,7 @@ def load_tp_engine(
         device_type=device_type,
         allow_flash=allow_flash,
         cuda_graphs=os.environ.get("TUBESUM_TP_CUDA_GRAPHS", "1") != "0",
+        quantize=quantize,
     )
     try:
         config = full_config(source)
@@ -491,6 +559,7 @@ def load_tp_engine(
         runner=group,
         stop_ids=stop_token_ids(group.model, tokenizer),
         group=group,
+        quantize=quantize,
     )
     log.info(
         "loaded %s tensor-parallel over %s (%s, attention %s)",

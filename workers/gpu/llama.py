@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tubesum.workers.gpu import fp8
 from tubesum.workers.gpu.kv_cache import KVCache
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
 
@@ -49,13 +50,17 @@ def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool, seqused
     return out[0]
 
 
+# A projection's weight: a plain matrix, or its FP8 form (workers/gpu/fp8.py, `--quantize fp8`).
+Weight = torch.Tensor | fp8.Fp8Weight
+
+
 @dataclass
 class _Layer:
-    wqkv: torch.Tensor  # [(H + 2·KVH)·D, hidden]
+    wqkv: Weight  # [(H + 2·KVH)·D, hidden]
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [hidden, H·D]
-    w13: torch.Tensor | None  # [2·inter, hidden]; None for a mixture of experts
-    w2: torch.Tensor | None  # [hidden, inter]
+    wo: Weight  # [hidden, H·D]
+    w13: Weight | None  # [2·inter, hidden]; None for a mixture of experts
+    w2: Weight | None  # [hidden, inter]
     ln1: torch.Tensor
     ln2: torch.Tensor
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head
@@ -63,8 +68,20 @@ class _Layer:
     moe: MoEWeights | None = None  # Mixtral: routed experts instead of w13/w2
 
 
-def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate weights into one matrix and make each Linear a view into it (no extra memory)."""
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[Weight, torch.Tensor | None]:
+    """Concatenate weights into one matrix and make each Linear a view into it (no extra memory).
+    FP8 projections fuse by concatenating their rows and per-row scales (their modules keep no
+    bf16 weight to view)."""
+    weights = [fp8.weight_of(lin) for lin in linears]
+    if any(isinstance(w, fp8.Fp8Weight) for w in weights):
+        bias = torch.cat([lin.bias.data for lin in linears]) if linears[0].bias is not None else None
+        fused = fp8.concat(weights)  # type: ignore[arg-type]
+        row = 0
+        for lin, w in zip(linears, weights):  # each piece becomes a view into the fused copy
+            n = w.shape[0]
+            setattr(lin, fp8.FP8_ATTR, fp8.rows_of(fused, row, row + n))
+            row += n
+        return fused, bias
     weight = torch.cat([lin.weight.data for lin in linears], dim=0)
     bias = None
     if linears[0].bias is not None:
@@ -140,6 +157,7 @@ class _Ops:
         self.add_rms_norm = wrap(add_rms_norm)
         self.qkv_rope = wrap(qkv_rope)
         self.silu_mul = wrap(silu_mul)
+        self.quant_rows = wrap(fp8.quantize_rows)  # FP8 activations: one kernel per projection
 
 
 class Llama:
@@ -183,12 +201,12 @@ class Llama:
                     moe = MoEWeights.from_hf(mlp, cfg.num_experts_per_tok)
                 else:
                     w13, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-                    w2 = mlp.down_proj.weight
+                    w2 = fp8.weight_of(mlp.down_proj)
                 self.layers.append(
                     _Layer(
                         wqkv=wqkv,
                         bqkv=bqkv,
-                        wo=att.o_proj.weight,
+                        wo=fp8.weight_of(att.o_proj),
                         w13=w13,
                         w2=w2,
                         moe=moe,
@@ -198,6 +216,11 @@ class Llama:
                         k_norm=getattr(getattr(att, "k_norm", None), "weight", None),
                     )
                 )
+            if any(isinstance(w, fp8.Fp8Weight) for lyr in self.layers for w in (lyr.wqkv, lyr.moe and lyr.moe.w13)):
+                # Probe the FP8 kernels now: the probes read a result on the host, which a decode
+                # graph being captured must never do.
+                fp8.scaled_mm_ok(self.device)
+                fp8.scaled_grouped_mm_ok(self.device)
             # cos/sin for every position once, with the model's own rotary code (rope scaling incl.)
             positions = torch.arange(self.max_positions, device=self.device)[None]
             probe = torch.zeros(1, dtype=torch.float32, device=self.device)
@@ -217,10 +240,15 @@ class Llama:
             dist.all_reduce(partial, group=self.tp_group)
         return partial
 
+    def _linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # F.linear for bf16 weights (unchanged), the FP8 GEMM for quantised ones.
+        return fp8.linear(x, w, bias, quant=self.ops.quant_rows)
+
     def _mlp(self, lyr: _Layer, h: torch.Tensor) -> torch.Tensor:
         if lyr.moe is not None:
-            return moe_mlp(h, lyr.moe, self.ops.silu_mul)
-        return F.linear(self.ops.silu_mul(F.linear(h, lyr.w13)), lyr.w2)
+            return moe_mlp(h, lyr.moe, self.ops.silu_mul, quant=self.ops.quant_rows)
+        assert lyr.w13 is not None and lyr.w2 is not None
+        return self._linear(self.ops.silu_mul(self._linear(h, lyr.w13)), lyr.w2)
 
     def _forward(
         self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor, attend
@@ -232,7 +260,7 @@ class Llama:
         h = ops.rms_norm(x, self.layers[0].ln1, eps)
         for i, lyr in enumerate(self.layers):
             q, k, v = ops.qkv_rope(
-                F.linear(h, lyr.wqkv, lyr.bqkv),
+                self._linear(h, lyr.wqkv, lyr.bqkv),
                 self.cos,
                 self.sin,
                 pos,
@@ -247,7 +275,7 @@ class Llama:
             k_flat.index_copy_(0, dest, k)
             v_flat.index_copy_(0, dest, v)
             attn = attend(i, q, k, v)  # [T, H, D]
-            x, h = ops.add_rms_norm(x, self._all_reduce(F.linear(attn.flatten(1), lyr.wo)), lyr.ln2, eps)
+            x, h = ops.add_rms_norm(x, self._all_reduce(self._linear(attn.flatten(1), lyr.wo)), lyr.ln2, eps)
             mlp = self._all_reduce(self._mlp(lyr, h))
             after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             x, h = ops.add_rms_norm(x, mlp, after, eps)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tubesum.workers.gpu import fp8
+
 
 def grouped_mm_available(weight: torch.Tensor) -> bool:
     """The fused kernel: CUDA, bf16, and a PyTorch that has it (2.10+ as F.grouped_mm)."""
@@ -33,8 +35,14 @@ def grouped_mm_available(weight: torch.Tensor) -> bool:
     )
 
 
-def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, fused: bool) -> torch.Tensor:
+def _grouped(
+    x: torch.Tensor, w: torch.Tensor | fp8.Fp8Weight, offs: torch.Tensor, fused: bool, quant: fp8.QuantFn
+) -> torch.Tensor:
     # x: [S, in] sorted by expert; w: [E, out, in]; offs: [E] int32 end row of each expert → [S, out]
+    if isinstance(w, fp8.Fp8Weight):  # FP8 experts: one grouped FP8 GEMM, or one per expert
+        if fused:
+            return fp8.grouped_fp8(x, w, offs, quant=quant)
+        return fp8.per_expert_fp8(x, w, offs, quant=quant)
     if fused:
         mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         return mm(x, w.transpose(-2, -1), offs=offs)
@@ -50,8 +58,8 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, fused: bool) 
 @dataclass
 class MoEWeights:
     router: torch.Tensor  # [E, hidden], replicated over ranks
-    w13: torch.Tensor  # [E, 2·inter, hidden]: gate rows, then up rows (this rank's slice of each)
-    w2: torch.Tensor  # [E, hidden, inter]
+    w13: torch.Tensor | fp8.Fp8Weight  # [E, 2·inter, hidden]: gate rows, then up rows (this rank's slice of each)
+    w2: torch.Tensor | fp8.Fp8Weight  # [E, hidden, inter]
     top_k: int
 
     @property
@@ -64,6 +72,8 @@ class MoEWeights:
         experts = block.experts
         if not hasattr(experts, "gate_up_proj"):
             raise ValueError("fast runner needs transformers 5's fused Mixtral experts (gate_up_proj)")
+        if getattr(experts, "fp8_gate_up", None) is not None:  # --quantize fp8
+            return cls(router=block.gate.weight.data, w13=experts.fp8_gate_up, w2=experts.fp8_down, top_k=top_k)
         return cls(router=block.gate.weight.data, w13=experts.gate_up_proj.data, w2=experts.down_proj.data, top_k=top_k)
 
 
@@ -75,7 +85,12 @@ def route(h: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
-def moe_mlp(h: torch.Tensor, w: MoEWeights, silu_mul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def moe_mlp(
+    h: torch.Tensor,
+    w: MoEWeights,
+    silu_mul: Callable[[torch.Tensor], torch.Tensor],
+    quant: fp8.QuantFn = fp8.quantize_rows,
+) -> torch.Tensor:
     """h: [T, hidden] → [T, hidden] (this rank's partial sum under tensor parallelism).
     No host sync on the fused path, so it runs inside a captured decode step."""
     weights, experts = route(h, w.router, w.top_k)  # [T, k]
@@ -85,8 +100,11 @@ def moe_mlp(h: torch.Tensor, w: MoEWeights, silu_mul: Callable[[torch.Tensor], t
     counts = torch.zeros(w.experts, dtype=torch.int32, device=h.device)
     counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # fixed shape [E]
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
-    fused = grouped_mm_available(w.w13)
-    act = silu_mul(_grouped(h[token], w.w13, offs, fused))  # [S, inter]
-    out = _grouped(act, w.w2, offs, fused) * weights.reshape(-1)[order, None]  # [S, hidden] float32
+    if isinstance(w.w13, fp8.Fp8Weight):
+        fused = fp8.scaled_grouped_mm_ok(h.device)
+    else:
+        fused = grouped_mm_available(w.w13)
+    act = silu_mul(_grouped(h[token], w.w13, offs, fused, quant))  # [S, inter]
+    out = _grouped(act, w.w2, offs, fused, quant) * weights.reshape(-1)[order, None]  # [S, hidden] float32
     # Each token's k contributions are added in expert order, as transformers adds them.
     return torch.zeros_like(h).index_add_(0, token, out.to(h.dtype))

@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tubesum.errors import ModelLoadError
-from tubesum.workers.gpu import dummy
+from tubesum.workers.gpu import dummy, fp8
 from tubesum.workers.gpu.kv_cache import KVCache, kv_cache_fits, row_starts
 from tubesum.workers.gpu.runner import LlamaRunner, RunStats
 
@@ -158,6 +158,7 @@ class ShardSource:
     allow_flash: bool = True
     seed: int = 0  # dummy weights
     cuda_graphs: bool = True  # False: eager decode steps (a fallback should capture ever fail)
+    quantize: str = "none"  # "fp8": each rank quantises its own shard (per-channel scales per shard)
 
 
 def rank_device(source: ShardSource, rank: int) -> torch.device:
@@ -278,6 +279,8 @@ def build_shard(source: ShardSource, rank: int, world: int) -> torch.nn.Module:
         _load_shard_weights(model, config, source, rank, world)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if source.quantize == "fp8":  # shard first, then quantise: each rank's scales fit its slice
+        fp8.quantize_model_(model)
     return model
 
 

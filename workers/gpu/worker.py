@@ -69,6 +69,7 @@ def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
         attn=settings.attn,
         backend=backend,  # type: ignore[arg-type]
         tensor_parallel=settings.tensor_parallel,
+        quantize=settings.quantize,
     )
     log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
     return engine
