@@ -81,11 +81,7 @@ def test_batched_static_equals_generate(smollm2_engine, prompts, reference):
 
 def test_rolling_equals_generate(smollm2_engine, prompts, reference):
     """Three rows decode at a time; the others join as rows end (at their end token or the limit)."""
-    runner = smollm2_engine.runner
-    saved = runner.rolling, runner.max_rows
-    runner.rolling, runner.max_rows = True, 3
-    try:
-        rows, _ = runner.generate(prompts, max_new_tokens=COMPARED_TOKENS, stop_ids=smollm2_engine.stop_ids)
-    finally:
-        runner.rolling, runner.max_rows = saved
+    rows, _ = smollm2_engine.runner.generate(
+        prompts, max_new_tokens=COMPARED_TOKENS, stop_ids=smollm2_engine.stop_ids, rolling=True, max_rows=3
+    )
     assert rows == reference
