@@ -114,12 +114,13 @@ def real_model_check(eng, transcripts: str, new_tokens: int, out: str | None) ->
     hf = [eng.generate([p], sp, backend="hf")[0][0].token_ids for p in prompts]
     eng.release()
     fast = [g.token_ids for g in eng.generate(prompts, sp)[0]]
-    r = eng.runner
-    r.rolling, r.max_rows = True, 2
-    try:
-        rolled = [g.token_ids for g in eng.generate(prompts, sp)[0]]
-    finally:
-        r.rolling, r.max_rows = False, None
+    rolled = [g.token_ids for g in eng.generate(prompts, sp, rolling=True, max_rows=2)[0]]
+    # The product's default: transformers' no-repeat 3-gram rule, in both engines.
+    rule = SamplingParams(max_new_tokens=new_tokens, no_repeat_ngram_size=3)
+    eng.release()
+    hf_rule = [eng.generate([p], rule, backend="hf")[0][0].token_ids for p in prompts]
+    eng.release()
+    fast_rule = [g.token_ids for g in eng.generate(prompts, rule)[0]]
     result = {
         "model": eng.model_name,
         "dtype": eng.dtype,
@@ -128,6 +129,8 @@ def real_model_check(eng, transcripts: str, new_tokens: int, out: str | None) ->
         "new_tokens": new_tokens,
         "fast_vs_generate": agree(fast, hf),
         "rolling_vs_generate": agree(rolled, hf),
+        "no_repeat_3_fast_vs_generate": agree(fast_rule, hf_rule),
+        "no_repeat_3_identical_rows": sum(a == b for a, b in zip(fast_rule, hf_rule)),
         "first_divergence": first_diverge(fast, hf),
         "identical_rows": sum(a == b for a, b in zip(fast, hf)),
         "lengths_fast": [len(x) for x in fast],

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The real model (SmolLM2-135M-Instruct) on a GPU, in one call (docs/benchmarks.md, issue 21/17):
+#   benchmarks/real_model_gpu.sh OUT MODEL [STEPS]
+# MODEL: a .gguf or a converted directory. STEPS (default all): any of
+#   engine   fast engine = generate() in bf16 on real chat prompts (benchmarks/check_engine.py)
+#   fp8      FP8 quality gate against bf16, same weights (benchmarks/fp8_quality.py)
+#   quality  the example sets summarised in bf16 and FP8, scored (benchmarks/summary_quality.py)
+#   repeat   the no-repeat rule's cost on the reference workload (benchmarks/repetition_cost.py)
+# Every step writes under OUT as it goes and a failing step does not stop the next.
+set -uo pipefail
+out=$1 model=$2 steps=${3:-"engine fp8 quality repeat"}
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$out"
+if [[ $model == *.gguf ]]; then model=$(tubesum model convert "$model" | tail -1); fi
+run() { local name=$1; shift; echo "== $name: $*"; "$@" > "$out/$name.log" 2>&1; echo "== $name rc=$?"; tail -4 "$out/$name.log"; }
+for step in $steps; do
+  case $step in
+    engine) run check_engine python "$repo/benchmarks/check_engine.py" --model "$model" \
+              --transcripts "$repo/examples/nature_transcripts.csv" --new-tokens 64 --out "$out" ;;
+    fp8) run fp8_quality python "$repo/benchmarks/fp8_quality.py" --model "$model" --out "$out" ;;
+    quality) run summary_quality python "$repo/benchmarks/summary_quality.py" --model "$model" \
+               --set "$repo/examples/nature_transcripts.csv" --set "$repo/examples/holdout_transcripts.csv" \
+               --quantize none --quantize fp8 --out "$out/summaries" ;;
+    repeat) run repetition_cost python "$repo/benchmarks/repetition_cost.py" --rows 64,256 --reps 2 --out "$out" ;;
+    *) echo "unknown step $step" >&2 ;;
+  esac
+done
