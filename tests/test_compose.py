@@ -95,8 +95,8 @@ def test_worker_commands_name_themselves_and_send_events() -> None:
     # The fetch command's --name defaults to fetch@%h and it sets -E itself; the GPU worker gets
     # --name gpu@%h above.
     cli = (ROOT / "tubesum" / "cli.py").read_text()
-    assert re.search(r'typer.Option\("fetch@%h", "--name"', cli)
-    assert re.search(r'"-n",\s*name,\s*"-E"', cli)
+    assert re.search(r'typer.Option\(\s*"fetch@%h", "--name"', cli)
+    assert re.search(r'"-n",\s*node_name\(name\),\s*"-E"', cli)
     from tubesum.celery_app import celery_config
     from tubesum.settings import Settings
 

@@ -1,7 +1,9 @@
-"""Several summarise workers on one queue: `tubesum run --gpu-workers N` (issue 20).
+"""Several summarise workers on one queue: `tubesum run --gpu-workers N` (issue 20), and two
+started by hand on one host (issue 18).
 
-The GPU split is a pure function; the run itself is two real CPU workers of the tiny model taking
-chunks from one embedded queue, each writing batch rows under its own host name.
+The GPU split is a pure function; the runs are two real CPU workers of the tiny model taking
+chunks from one queue (embedded, or Redis and PostgreSQL), each writing batch rows under its own
+node name (`gpu0@host`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from tests.conftest import HOSTNAME
+from tests.slow_gpu_worker import SLOW_CHUNK_ENV
+from tests.test_faults import REPO, submit_ids, wait_statuses
 from tubesum.embedded import gpu_groups
 from tubesum.errors import BadInput
 from tubesum.models import Batch, Video
@@ -22,6 +27,9 @@ from tubesum.models import Batch, Video
 RUN_TIMEOUT_S = 300
 VIDEOS = 24
 CHUNK = 4
+# Each chunk of the hand-started workers takes this much longer, seconds: neither drains the queue
+# alone (each holds at most 2 x CHUNK messages), so both write batch rows.
+SLOW_CHUNK_S = 1.0
 
 
 def test_gpu_groups_split_the_visible_gpus_in_order() -> None:
@@ -83,5 +91,28 @@ def test_two_workers_share_one_queue(env, tmp_path, tiny_model_dir) -> None:
         leased_by = {v.status for v in session.scalars(select(Video))}
     engine.dispose()
     assert leased_by == {"done"}
-    # Both workers took chunks, each under its own name (leases, Flower and reports tell them apart).
-    assert {h.rsplit("/", 1)[-1] for h in hosts} == {"gpu0", "gpu1"}, hosts
+    # Both workers took chunks, each under its own node name (as in leases, Flower and reports).
+    assert set(hosts) == {f"gpu0@{HOSTNAME}", f"gpu1@{HOSTNAME}"}, hosts
+
+
+@pytest.mark.slow
+def test_hand_started_workers_of_one_host_name_their_own_batches(
+    env, db_url, start_worker, wait_until, tiny_model_dir
+) -> None:
+    """`tubesum worker summarise --name gpu0` and `-n gpu1@%h` on one host, one Redis queue: each
+    batch row names the worker that ran it (both rows read the host's name before)."""
+    common = ["--model", str(tiny_model_dir), "--device-map", "cpu", "--chunk-size", str(CHUNK)]
+    common += ["--chunk-wait", "0.3", "--max-new-tokens", "8"]
+    worker_env = {**env, SLOW_CHUNK_ENV: str(SLOW_CHUNK_S)}
+    for name, option in (("gpu0", ["--name", "gpu0"]), ("gpu1", ["-n", "gpu1@%h"])):
+        argv = [sys.executable, "-m", "tests.slow_gpu_worker", *common, *option]
+        start_worker(env=worker_env, cwd=REPO, name=name, argv=argv)
+    engine = create_engine(db_url)
+    try:
+        job_id = submit_ids([f"hand{i:07d}" for i in range(VIDEOS)], env, transcripts=True)
+        wait_statuses(wait_until, engine, job_id, ("done",), timeout=RUN_TIMEOUT_S)
+        with Session(engine) as session:
+            hosts = session.scalars(select(Batch.worker_host)).all()
+    finally:
+        engine.dispose()
+    assert set(hosts) == {f"gpu0@{HOSTNAME}", f"gpu1@{HOSTNAME}"}, hosts

@@ -320,10 +320,18 @@ def submit_cmd(
 # --- fetch workers -------------------------------------------------------------------------------
 
 
+def node_name(name: str) -> str:
+    """A bare ``--name`` is a worker of this host: ``gpu0`` is ``gpu0@%h`` (Celery's ``-n`` alone
+    reads it as a host name, ``celery@gpu0``). Leases and batch rows carry the node name."""
+    return name if "@" in name else f"{name}@%h"
+
+
 @worker_app.command("fetch", cls=Command)
 def worker_fetch(
     concurrency: int = typer.Option(4, "--concurrency", "-c", help="parallel fetches (processes)"),
-    name: str = typer.Option("fetch@%h", "--name", "-n", help="Celery node name (two on one host need two names)"),
+    name: str = typer.Option(
+        "fetch@%h", "--name", "-n", help="Celery node name; NAME alone is NAME@%h (two on one host need two names)"
+    ),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
     """Fetch transcripts: a Celery worker on the transcripts queue only."""
@@ -342,7 +350,7 @@ def worker_fetch(
             "-Q",
             TRANSCRIPTS_QUEUE,
             "-n",
-            name,
+            node_name(name),
             "-E",
             "--without-mingle",
             "--without-gossip",
@@ -447,7 +455,9 @@ def worker_summarise(
         help="none or fp8 (FP8 projections; a card of compute capability >= 8.9; default TUBESUM_QUANTIZE, none)",
     ),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
-    name: str = typer.Option("gpu@%h", "--name", "-n", help="Celery node name"),
+    name: str = typer.Option(
+        "gpu@%h", "--name", "-n", help="Celery node name, on leases and batch rows; NAME alone is NAME@%h"
+    ),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
     """Summarise on this machine's GPU: load the model once, then run one batched generation per chunk.
@@ -483,7 +493,7 @@ def worker_summarise(
         note = check_generation(settings)
         if note:
             logging.getLogger("tubesum.worker").warning(note)
-        code = run_summarise_worker(settings, name=name, loglevel=loglevel, backend=backend)
+        code = run_summarise_worker(settings, name=node_name(name), loglevel=loglevel, backend=backend)
     raise typer.Exit(code)
 
 

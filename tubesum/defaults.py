@@ -16,11 +16,8 @@ STORE_RETRY_DELAY_S = 10.0
 # A claim or a chunk's commit waits out a database outage instead: workers/db_outage.py.
 
 # --- the fetch task ---------------------------------------------------------------------------------
-# Retries of a task whose database write failed transiently (connection dropped, server restart);
-# past them the task fails and `tubesum reconcile` picks the video up later.
-DB_MAX_RETRIES = 12
-# Longest pause before such a retry (1, 2, 4, … capped here).
-DB_RETRY_MAX_DELAY_S = 30.0
+# Its claims and writes wait out a database outage too (workers/db_outage.py); transient YouTube
+# errors are retried per TUBESUM_FETCH_MAX_RETRIES / TUBESUM_FETCH_BACKOFF_*_S.
 
 # --- the broker -------------------------------------------------------------------------------------
 # Delay before a task whose worker process died runs again (every other retry passes its own).

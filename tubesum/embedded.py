@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -367,9 +366,9 @@ def local_workers(
         if on_gpu
         else [""] * gpu_workers  # CPU workers share the cores
     )
-    host = settings.worker_host or socket.gethostname()
     for i, group in enumerate(groups):
-        env = {"TUBESUM_WORKER_HOST": f"{host}/gpu{i}"}
+        # Batch rows name each worker by its node name (gpu0@host), or by TUBESUM_WORKER_HOST/gpu0.
+        env = {"TUBESUM_WORKER_HOST": f"{settings.worker_host}/gpu{i}"} if settings.worker_host else {}
         if on_gpu:
             env["CUDA_VISIBLE_DEVICES"] = group
         argv = [*summarise_argv(cli, settings), "--name", f"gpu{i}@%h"]

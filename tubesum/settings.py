@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     # (map-reduce time and memory grow with it: a 5 MB transcript held a worker over 15 min).
     # About 15 hours of speech at 1,000,000.
     max_transcript_chars: int = Field(default=3_000_000, ge=1)  # ~500k words, ~2 days of speech
-    # The host name written on this worker's batch rows; unset = the machine's hostname. For hosts
-    # that share a hostname (network namespaces, some container setups).
+    # The name written on this GPU worker's batch rows; unset = its Celery node name (`gpu0@host`,
+    # from --name). For hosts that share a hostname (network namespaces, some container setups).
     worker_host: str | None = None
 
     # --- fetching ------------------------------------------------------------------------------

@@ -4,15 +4,17 @@ A claim or a chunk's commit that meets a dropped connection or a stopped server 
 capped, jittered backoff for as long as the message may stay unacknowledged (``wait_out``); past
 that its message is handed back to the queue unacknowledged (the caller's choice), never failed.
 The log says once that the database is unreachable and once that it is back, however many task
-threads wait (a 60 s outage used to log 3,589 retry lines and fail 604 of 604 queued videos).
+threads (or prefork children: a fetch worker's) wait (a 60 s outage used to log 3,589 retry lines
+and fail 604 of 604 queued videos).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from tubesum.db import is_transient_db_error
@@ -29,6 +31,9 @@ OUTAGE_RETRY_MAX_S = 10.0
 # Longest a task thread holds its message while waiting (RabbitMQ's default consumer timeout is
 # 30 min; Redis' visibility timeout bounds it too: see max_wait_s), seconds.
 OUTAGE_MAX_WAIT_S = 600.0
+# Longest wait for the outage state's lock, seconds: a prefork child killed while holding it must
+# not stop the others (past it they go on without the lock; at worst a second line).
+SHARED_LOCK_TIMEOUT_S = 1.0
 
 
 class DatabaseUnavailable(Exception):
@@ -36,28 +41,40 @@ class DatabaseUnavailable(Exception):
 
 
 class OutageLog:
-    """One line when the database becomes unreachable and one when it is back, per process."""
+    """One line when the database becomes unreachable and one when it is back, per worker: the
+    state is in shared memory made at import, before a prefork worker forks its children, so they
+    and the main process (its reconcile pass) log one outage once."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._since: float | None = None
-        self._failures = 0
+        self._lock = multiprocessing.Lock()
+        self._since = multiprocessing.RawValue("d", 0.0)  # time.monotonic() it went down; 0.0: up
+        self._failures = multiprocessing.RawValue("q", 0)
+
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        got = self._lock.acquire(timeout=SHARED_LOCK_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            if got:
+                self._lock.release()
 
     def down(self, exc: BaseException) -> None:
-        with self._lock:
-            self._failures += 1
-            if self._since is not None:
+        with self._held():
+            self._failures.value += 1
+            if self._since.value:
                 return
-            self._since = time.monotonic()
+            self._since.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
         log.warning("database unreachable (%s): work waits for it, retrying", first_line(exc))
 
     def up(self) -> None:
-        if self._since is None:  # the usual case: no lock taken
+        if not self._since.value:  # the usual case: no lock taken
             return
-        with self._lock:
-            if self._since is None:
+        with self._held():
+            if not self._since.value:
                 return
-            lasted, failures, self._since, self._failures = time.monotonic() - self._since, self._failures, None, 0
+            lasted, failures = time.monotonic() - self._since.value, self._failures.value
+            self._since.value, self._failures.value = 0.0, 0
         log.warning("database reachable again after %.1fs (%d tries waited)", lasted, failures)
 
 

@@ -37,6 +37,7 @@ from tubesum.models import Transcript, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.settings import Settings
 from tubesum.workers import video_state
+from tubesum.workers.db_outage import wait_out
 from tubesum.workers.video_state import FETCH_CLAIMABLE, Step, clear_lease, clip_reason, lock_video
 
 log = logging.getLogger(__name__)
@@ -201,17 +202,23 @@ def fetch_video(
     api: YouTubeTranscriptApi | None = None,
     owner: str | None = None,
     takeover: bool = False,
+    outage_wait_s: float = 0.0,
 ) -> Outcome:
     """Claim (as worker ``owner``), download, store. Transient errors propagate as
-    TransientFetchError (the caller retries); permanent ones are recorded and return Outcome.failed."""
-    claimed = video_state.claim(
-        video_pk,
-        step=Step.fetch,
-        database_url=settings.database_url,
-        max_attempts=max_fetch_attempts(settings),
-        owner=owner,
-        lease_s=settings.fetch_lease_s,
-        takeover=takeover,
+    TransientFetchError (the caller retries); permanent ones are recorded and return Outcome.failed.
+    Each database call waits out an outage for up to ``outage_wait_s`` seconds, then raises
+    DatabaseUnavailable (workers/db_outage.py): a downloaded transcript is not thrown away for it."""
+    claimed = wait_out(
+        lambda: video_state.claim(
+            video_pk,
+            step=Step.fetch,
+            database_url=settings.database_url,
+            max_attempts=max_fetch_attempts(settings),
+            owner=owner,
+            lease_s=settings.fetch_lease_s,
+            takeover=takeover,
+        ),
+        limit_s=outage_wait_s,
     )
     if claimed is None:
         return Outcome.skipped
@@ -221,10 +228,14 @@ def fetch_video(
             video_id, api=api or thread_api(settings), languages=settings.transcript_languages
         )
     except PermanentFetchError as exc:
-        log.info("video %s (%s) failed: %s", video_pk, video_id, exc)
-        video_state.mark_failed(video_pk, str(exc), database_url=settings.database_url, step=Step.fetch)
+        reason = str(exc)
+        log.info("video %s (%s) failed: %s", video_pk, video_id, reason)
+        wait_out(
+            lambda: video_state.mark_failed(video_pk, reason, database_url=settings.database_url, step=Step.fetch),
+            limit_s=outage_wait_s,
+        )
         return Outcome.failed
-    if not store(video_pk, fetched, database_url=settings.database_url):
+    if not wait_out(lambda: store(video_pk, fetched, database_url=settings.database_url), limit_s=outage_wait_s):
         return Outcome.skipped
     return Outcome.fetched
 

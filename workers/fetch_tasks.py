@@ -2,21 +2,28 @@
 
 What Flower shows (tubesum/read/task_labels.py): arguments ``job=N video=ID``, kept on retries and
 passed on to the summarise message; a result such as ``fetched 12,345 chars (en)``; a permanently
-failed video ends its task as FAILURE with the reason (``VideoFailed``, no retry)."""
+failed video ends its task as FAILURE with the reason (``VideoFailed``, no retry).
+
+A database outage delays a fetch, never fails it: every claim and write waits it out
+(workers/db_outage.py, one log line per outage), and past what the message may wait it goes back
+to the queue unacknowledged."""
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from billiard.exceptions import WorkerLostError
+from celery import Task
+from celery.exceptions import Reject
 from celery.signals import task_failure, task_retry
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_TASK, app
-from tubesum.db import is_transient_db_error
-from tubesum.defaults import DB_MAX_RETRIES, DB_RETRY_MAX_DELAY_S, WORKER_LOST_RETRY_DELAY_S, backoff_delay
+from tubesum.defaults import WORKER_LOST_RETRY_DELAY_S, backoff_delay
 from tubesum.errors import TransientFetchError, VideoFailed
 from tubesum.read.task_labels import fetch_result, label_of, now, video_report
-from tubesum.settings import get_settings
+from tubesum.settings import Settings, get_settings
+from tubesum.workers.db_outage import DatabaseUnavailable, max_wait_s, wait_out
 from tubesum.workers.fetch import Outcome, fetch_video
 from tubesum.workers.video_state import Step, hold_for_retry, mark_failed, note_retry, takes_over
 
@@ -35,25 +42,38 @@ def shown_args(request, video_pk: int, *, database_url: str) -> str:  # type: ig
 def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def]
     settings = get_settings()
     video_pk = int(video_pk)
+    try:
+        return fetch_and_report(
+            self, video_pk, settings=settings, outage_wait_s=max_wait_s(settings.visibility_timeout_s)
+        )
+    except DatabaseUnavailable as exc:  # an outage past what the message may wait: back to the queue
+        log.info("video %s handed back: %s", video_pk, exc)
+        raise Reject(str(exc), requeue=True) from None
+
+
+def fetch_and_report(task: Task, video_pk: int, *, settings: Settings, outage_wait_s: float) -> str:
+    """Fetch, retry or fail the video; then send its summarise message and say what happened."""
+    waiting = partial(wait_out, limit_s=outage_wait_s)
     started = now()
     try:
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
         outcome = fetch_video(
             video_pk,
             settings=settings,
-            owner=self.request.hostname,
+            owner=task.request.hostname,
             takeover=takes_over(broker_url=settings.broker_url, redelivered=redelivered),
+            outage_wait_s=outage_wait_s,
         )
     except TransientFetchError as exc:
-        attempt = self.request.retries + 1
+        attempt = task.request.retries + 1
         if attempt > settings.fetch_max_retries:
             reason = f"gave up after {attempt} attempts: {exc}"
             log.warning("video %s: %s", video_pk, reason)
-            mark_failed(video_pk, reason, database_url=settings.database_url, step=Step.fetch)
+            waiting(lambda: mark_failed(video_pk, reason, database_url=settings.database_url, step=Step.fetch))
             outcome = Outcome.failed
         else:
             delay = backoff_delay(
-                self.request.retries, base_s=settings.fetch_backoff_base_s, max_s=settings.fetch_backoff_max_s
+                task.request.retries, base_s=settings.fetch_backoff_base_s, max_s=settings.fetch_backoff_max_s
             )
             log.info("video %s: attempt %d failed (%s); retrying in %.1fs", video_pk, attempt, exc, delay)
             try:  # only for the progress line: a database hiccup here must not stop the retry
@@ -61,29 +81,21 @@ def fetch_transcript(self, video_pk: int) -> str:  # type: ignore[no-untyped-def
             except Exception:  # noqa: BLE001
                 log.warning("video %s: could not record the retry reason", video_pk, exc_info=True)
             # Whichever worker gets the retry may claim it; nobody resends it before it is due.
-            hold_for_retry(video_pk, until_s=delay + settings.fetch_lease_s, database_url=settings.database_url)
-            raise self.retry(
-                exc=exc,
-                countdown=delay,
-                argsrepr=shown_args(self.request, video_pk, database_url=settings.database_url),
-            ) from None
+            waiting(
+                lambda: hold_for_retry(
+                    video_pk, until_s=delay + settings.fetch_lease_s, database_url=settings.database_url
+                )
+            )
+            shown = waiting(lambda: shown_args(task.request, video_pk, database_url=settings.database_url))
+            raise task.retry(exc=exc, countdown=delay, argsrepr=shown) from None
+    except DatabaseUnavailable:
+        raise
     except Exception as exc:  # outermost: a bug is recorded on its video, the worker goes on
-        if is_transient_db_error(exc) and self.request.retries < DB_MAX_RETRIES:
-            delay = backoff_delay(self.request.retries, base_s=1.0, max_s=DB_RETRY_MAX_DELAY_S, jitter=False)
-            log.warning("video %s: database error (%s); retrying in %.0fs", video_pk, exc, delay)
-            # The message's own argsrepr: the database may be the thing that is down.
-            raise self.retry(
-                exc=exc, countdown=delay, max_retries=DB_MAX_RETRIES, argsrepr=getattr(self.request, "argsrepr", None)
-            ) from None
         log.exception("video %s: unexpected error", video_pk)
-        mark_failed(
-            video_pk,
-            f"unexpected error: {type(exc).__name__}: {exc}",
-            database_url=settings.database_url,
-            step=Step.fetch,
-        )
+        reason = f"unexpected error: {type(exc).__name__}: {exc}"
+        waiting(lambda: mark_failed(video_pk, reason, database_url=settings.database_url, step=Step.fetch))
         outcome = Outcome.failed
-    report = video_report(video_pk, database_url=settings.database_url)
+    report = waiting(lambda: video_report(video_pk, database_url=settings.database_url))
     if report is not None and report.failed_since(started):
         raise VideoFailed(f"{report.label}: {report.error}")
     if outcome is Outcome.fetched:

@@ -37,12 +37,13 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from tubesum.celery_app import FETCH_TASK, SUMMARISE_QUEUE, SUMMARISE_TASK, TRANSCRIPTS_QUEUE
-from tubesum.db import session_scope
+from tubesum.db import is_transient_db_error, session_scope
 from tubesum.models import Video, VideoStatus
 from tubesum.models.base import utcnow
 from tubesum.producer.submit import resume_stale_sends
 from tubesum.read.task_labels import video_label
 from tubesum.settings import Settings, get_settings
+from tubesum.workers.db_outage import OUTAGE
 from tubesum.workers.video_state import clear_lease
 
 log = logging.getLogger(__name__)
@@ -197,12 +198,17 @@ def run_periodically(
     *, settings: Settings, celery_app: Celery, every_s: float, stop: threading.Event, stuck_after_s: float | None = None
 ) -> None:
     """A pass every ``every_s`` seconds until ``stop`` is set; a failed pass (database or broker
-    down) is logged and the next one tried on time."""
+    down) is logged and the next one tried on time. A database outage is the worker's one outage
+    line (workers/db_outage.py), not a traceback every pass."""
     while True:
         try:
             reconcile(settings=settings, celery_app=celery_app, stuck_after_s=stuck_after_s)
-        except Exception:  # noqa: BLE001 - outermost loop of a long-running thread
-            log.exception("reconcile pass failed; next one in %.1fs", every_s)
+            OUTAGE.up()
+        except Exception as exc:  # noqa: BLE001 - outermost loop of a long-running thread
+            if is_transient_db_error(exc):
+                OUTAGE.down(exc)
+            else:
+                log.exception("reconcile pass failed; next one in %.1fs", every_s)
         if stop.wait(every_s):
             return
 

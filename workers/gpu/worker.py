@@ -77,7 +77,8 @@ def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
 
 def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None = None) -> Batcher:
     """The Batcher over a loaded engine, storing into settings.database_url; its heartbeat renews
-    the leases ``lease_owner`` (this worker's node name) holds."""
+    the leases ``lease_owner`` (this worker's node name) holds, and its batch rows name it too
+    (two workers of one host, `--name gpu0` and `--name gpu1`), unless TUBESUM_WORKER_HOST is set."""
     return Batcher(
         engine,
         sink=partial(store_batch, database_url=settings.database_url),
@@ -85,7 +86,7 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
         chunk_wait_s=settings.chunk_wait_s,
         max_new_tokens=settings.max_new_tokens,
         instruction=settings.prompt,
-        worker_host=settings.worker_host,
+        worker_host=settings.worker_host or lease_owner,
         heartbeat=partial(
             touch_videos, database_url=settings.database_url, owner=lease_owner, lease_s=settings.lease_s
         ),
