@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tubesum.workers.gpu import dummy
-from tubesum.workers.gpu.fp8_quality import GATE_TOKENS, bf16_vs_fp8
+from tubesum.workers.gpu.fp8_quality import GATE_TOKENS, bf16_vs_fp8, precision_ladder
 
 # Prompts per model, and the transcript sentences each real-model prompt holds (min, max).
 PROMPTS = 16
@@ -70,6 +70,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", type=int, default=GATE_TOKENS)
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="real models: load in float32 and report bf16 vs fp32, fp8 vs fp32 and fp8 vs bf16 (the gate's floor)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,8 +82,12 @@ def main() -> None:
     for model in args.model:
         t0 = time.perf_counter()
         try:
-            m, prompts = load(model, args.device, getattr(torch, args.dtype))
-            report = bf16_vs_fp8(m, prompts, tokens=args.tokens).as_dict()
+            if args.floor and not dummy.is_dummy(model):
+                m, prompts = load(model, args.device, torch.float32)
+                report = precision_ladder(m, prompts, tokens=args.tokens)
+            else:
+                m, prompts = load(model, args.device, getattr(torch, args.dtype))
+                report = bf16_vs_fp8(m, prompts, tokens=args.tokens).as_dict()
             report["seconds"] = round(time.perf_counter() - t0, 1)
             report["prompt_tokens"] = [len(p) for p in prompts]
             del m

@@ -17,7 +17,7 @@ for step in $steps; do
   case $step in
     engine) run check_engine python "$repo/benchmarks/check_engine.py" --model "$model" \
               --transcripts "$repo/examples/nature_transcripts.csv" --new-tokens 64 --out "$out" ;;
-    fp8) run fp8_quality python "$repo/benchmarks/fp8_quality.py" --model "$model" --out "$out" ;;
+    fp8) run fp8_quality python "$repo/benchmarks/fp8_quality.py" --model "$model" --floor --out "$out" ;;
     quality) run summary_quality python "$repo/benchmarks/summary_quality.py" --model "$model" \
                --set "$repo/examples/nature_transcripts.csv" --set "$repo/examples/holdout_transcripts.csv" \
                --quantize none --quantize fp8 --out "$out/summaries" ;;

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from tubesum.errors import ModelLoadError
 from tubesum.workers.gpu import dummy, fp8, fp8_load
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
-from tubesum.workers.gpu.fp8_quality import agreement, bf16_vs_fp8
+from tubesum.workers.gpu.fp8_quality import agreement, bf16_vs_fp8, precision_ladder
 from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import probe_logits
 
@@ -286,6 +286,16 @@ def test_quality_gate_compares_the_same_weights():
     assert not fp8.is_quantized(model)  # in_place=False quantised a copy
     same = bf16_vs_fp8(_model(std=0.02), PROMPTS, tokens=8)
     assert same.logit_cosine_mean == pytest.approx(report.logit_cosine_mean)
+
+
+def test_precision_ladder_compares_fp32_bf16_and_fp8_pairwise():
+    model = _model(std=0.02).float()
+    ladder = precision_ladder(model, PROMPTS, tokens=8)
+    assert set(ladder) == {"bf16_vs_fp32", "fp8_vs_fp32", "fp8_vs_bf16"}
+    assert all(r["prompts"] == 3 and r["logit_cosine_min"] > 0.95 for r in ladder.values())
+    assert fp8.is_quantized(model)  # each rung in place: fp32, then bf16, then FP8
+    # bf16 stands closer to float32 than FP8 does (the same weights, the same prompts).
+    assert ladder["bf16_vs_fp32"]["logit_cosine_mean"] > ladder["fp8_vs_fp32"]["logit_cosine_mean"]
 
 
 # ---------------------------------------------------------------------- commands

@@ -93,3 +93,19 @@ def bf16_vs_fp8(
     fp8.quantize_model_(target)
     rows, logits = run_side(target, prompts, tokens)
     return compare(ref_rows, ref_logits, rows, logits, tokens=tokens)
+
+
+def precision_ladder(model: torch.nn.Module, prompts: list[list[int]], *, tokens: int = GATE_TOKENS) -> dict[str, dict]:
+    """The gate beside its floor: `model` (float32) run as it is, then cast to bf16, then its
+    projections in FP8 (each in place), compared pairwise. On a small model, bf16 alone already
+    changes some greedy continuations of float32 at near-ties; FP8 against bf16 can hardly agree
+    better than bf16 against the float32 it stands for."""
+    sides = {"fp32": run_side(model, prompts, tokens)}
+    model.to(torch.bfloat16)
+    gc.collect()
+    sides["bf16"] = run_side(model, prompts, tokens)
+    fp8.quantize_model_(model)
+    gc.collect()
+    sides["fp8"] = run_side(model, prompts, tokens)
+    pairs = (("bf16", "fp32"), ("fp8", "fp32"), ("fp8", "bf16"))
+    return {f"{a}_vs_{b}": compare(*sides[b], *sides[a], tokens=tokens).as_dict() for a, b in pairs}
