@@ -132,9 +132,7 @@ def test_passwords_in_service_urls_never_appear_in_logs_output_or_exports(
         outputs.append(result.stdout + result.stderr)
     assert "1 summarised" in outputs[0] and "out.csv" in outputs[2], outputs
     logs = [p.read_text(errors="replace") for p in (tmp_path / ".tubesum" / "logs").glob("*.log")]
-    assert len(logs) >= 2 and any("Transport://:**@127.0.0.1" in log for log in logs), (
-        logs
-    )  # banners (tubesum.broker_redis), masked
+    assert len(logs) >= 2 and any("Transport://:**@127.0.0.1" in log for log in logs), logs  # banners (tubesum.broker_redis), masked
     exports = [(tmp_path / name).read_text() for name in ("out.jsonl", "out.csv")]
     engine = create_engine(db_url)
     with engine.connect() as conn:  # everything the job wrote, as text
