@@ -161,3 +161,41 @@ def test_split_count_depends_on_shapes_only():
     assert da.num_splits(rows=256, kv_heads=8, max_k=2048) == 1  # enough programs already
     assert da.num_splits(rows=1, kv_heads=8, max_k=4096) == 4096 // da.MIN_SPLIT_TOKENS
     assert da.num_splits(rows=1, kv_heads=8, max_k=100) == 1
+
+
+# ---------------------------------------------------------------------- options
+
+
+def test_fp8_kv_is_refused_on_the_cpu_in_one_line_and_runs_when_the_card_check_is_off():
+    from tubesum.errors import ModelLoadError
+    from tubesum.workers.gpu.engine import load_engine
+
+    with pytest.raises(ModelLoadError, match="--kv-cache-dtype fp8 needs an FP8 GPU") as info:
+        load_engine("dummy:tiny", device_map="cpu", kv_cache_dtype="fp8")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelLoadError, match="--kv-cache-dtype must be one of"):
+        load_engine("dummy:tiny", device_map="cpu", kv_cache_dtype="int8")
+    engine = load_engine("dummy:tiny", device_map="cpu", kv_cache_dtype="fp8", fp8_card=False)
+    assert engine.kv_cache_dtype == "fp8" and engine.runner.kv_cache_dtype == "fp8"
+    assert engine.kv_bytes_per_token() * 4 == load_engine("dummy:tiny", device_map="cpu").kv_bytes_per_token()
+
+
+def test_bench_refuses_fp8_kv_on_the_cpu_before_writing_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from tubesum.cli import app
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", "dummy:tiny", "--device", "cpu", "--kv-cache-dtype", "auto,fp8", "-o", str(out)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2
+    assert "--kv-cache-dtype fp8 needs an FP8 GPU" in result.output and not out.exists()
+
+
+def test_kv_cache_dtype_reaches_the_summarise_worker():
+    from tubesum.embedded import local_workers, run_settings, worker_env
+
+    settings = run_settings(model="dummy:tiny", kv_cache_dtype="fp8")
+    assert worker_env(settings, base_env={})["TUBESUM_KV_CACHE_DTYPE"] == "fp8"
+    summarise = local_workers(settings, summarise=True, fetch_concurrency=1)[-1]
+    assert summarise.argv[summarise.argv.index("--kv-cache-dtype") + 1] == "fp8"
