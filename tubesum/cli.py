@@ -454,6 +454,11 @@ def worker_summarise(
         "--quantize",
         help="none or fp8 (FP8 projections; a card of compute capability >= 8.9; default TUBESUM_QUANTIZE, none)",
     ),
+    kv_cache_dtype: str = typer.Option(
+        None,
+        "--kv-cache-dtype",
+        help="auto or fp8 (the KV cache in FP8; a card of compute capability >= 8.9; default TUBESUM_KV_CACHE_DTYPE, auto)",
+    ),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto, fast or hf"),
     name: str = typer.Option(
         "gpu@%h", "--name", "-n", help="Celery node name, on leases and batch rows; NAME alone is NAME@%h"
@@ -480,6 +485,7 @@ def worker_summarise(
             dtype=dtype,
             attn=attn,
             quantize=quantize,
+            kv_cache_dtype=kv_cache_dtype,
         ).items()
         if value is not None
     }
@@ -645,6 +651,11 @@ def run_cmd(
         "--quantize",
         help="none or fp8: FP8 projections on a card of compute capability >= 8.9 (default TUBESUM_QUANTIZE, none)",
     ),
+    kv_cache_dtype: str = typer.Option(
+        None,
+        "--kv-cache-dtype",
+        help="auto or fp8: the KV cache in FP8 on a card of compute capability >= 8.9 (default TUBESUM_KV_CACHE_DTYPE, auto)",
+    ),
     output: str = typer.Option(
         None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
     ),
@@ -700,12 +711,16 @@ def run_cmd(
                 dtype=dtype,
                 attn=attn,
                 quantize=quantize,
+                kv_cache_dtype=kv_cache_dtype,
             )
-            if settings.quantize != "none" and not fetch_only:
+            if (settings.quantize != "none" or settings.kv_cache_dtype != "auto") and not fetch_only:
                 # Before anything is submitted: only then is torch imported here (to ask the card).
-                from tubesum.workers.gpu.engine import check_quantize
+                from tubesum.workers.gpu.engine import check_kv_cache_dtype, check_quantize
 
                 check_quantize(settings.quantize, device_map=settings.device_map)
+                check_kv_cache_dtype(
+                    settings.kv_cache_dtype, device_map=settings.device_map, tensor_parallel=settings.tensor_parallel
+                )
             result = run_job(
                 sources or [],
                 from_file=from_file,
@@ -795,6 +810,11 @@ def bench_cmd(
         "--quantize",
         help="comma-separated: none, fp8, or none,fp8 (a bf16 and an FP8 sweep in one call, compared)",
     ),
+    kv_cache_dtype: str = typer.Option(
+        "auto",
+        "--kv-cache-dtype",
+        help="comma-separated: auto (the model's dtype), fp8, or auto,fp8; each with every --quantize mode",
+    ),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
     max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most (at least --repeats)"),
@@ -844,22 +864,29 @@ def bench_cmd(
         raise BadInput(str(exc)) from None
     if note:
         console.print(note, markup=False, highlight=False)
-    modes = [q.strip() for q in quantize.split(",") if q.strip()]
+    quant_modes = [q.strip() for q in quantize.split(",") if q.strip()]
+    kv_modes = [k.strip() for k in kv_cache_dtype.split(",") if k.strip()]
+    modes = [(q, k) for q in quant_modes for k in kv_modes]
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
     with exit_codes():  # every mode is checked before anything is loaded or written
-        from tubesum.workers.gpu.engine import check_quantize
+        from tubesum.workers.gpu.engine import check_kv_cache_dtype, check_quantize
 
-        if not modes:
+        if not quant_modes:
             raise BadInput("--quantize needs at least one of none, fp8")
-        for mode in modes:
+        if not kv_modes:
+            raise BadInput("--kv-cache-dtype needs at least one of auto, fp8")
+        for mode in quant_modes:
             check_quantize(mode, device_map=device_map)
+        for kv in kv_modes:
+            check_kv_cache_dtype(kv, device_map=device_map, tensor_parallel=tensor_parallel)
 
     def say(text: str) -> None:  # progress on stderr: the table on stdout stays clean
         typer.echo(clean(text), err=True)
 
     reports = []
-    for mode in modes:
-        mode_dir = out_dir / mode if len(modes) > 1 else out_dir
+    for mode, kv in modes:
+        label = mode if kv == "auto" else f"{mode}+kv-{kv}"
+        mode_dir = out_dir / label if len(modes) > 1 else out_dir
 
         def on_result(report: BenchReport, res: SizeResult, mode_dir: Path = mode_dir) -> None:
             what = "OOM: the memory limit" if res.oom else f"{res.summaries_per_s:.2f} summaries/s"
@@ -869,7 +896,7 @@ def bench_cmd(
                 f"chunk {res.chunk_size} ({res.engine}, {kind}): {what}{runs}; {clean(mode_dir / 'bench.json')} updated"
             )
 
-        say(f"loading {model} on {device}" + (f" (projections {mode})" if len(modes) > 1 else ""))
+        say(f"loading {model} on {device}" + (f" (projections {mode}, KV cache {kv})" if len(modes) > 1 else ""))
         report = run_bench(
             model=model,
             chunk_sizes=sizes,
@@ -889,6 +916,7 @@ def bench_cmd(
             varied_sizes=varied,
             repeats=repeats,
             quantize=mode,
+            kv_cache_dtype=kv,
             progress=lambda text: say(f"running {text}"),
             on_result=on_result,
         )

@@ -260,6 +260,7 @@ def run_settings(
     dtype: str | None = None,
     attn: str | None = None,
     quantize: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> Settings:
     """The settings of this run: the environment's, with the command line's overrides, and with
     relative SQLite and broker paths made absolute so every worker process sees the same files."""
@@ -271,7 +272,13 @@ def run_settings(
         update["chunk_size"] = chunk_size  # "abc" is refused by the settings' own check
     if max_new_tokens is not None:
         update["max_new_tokens"] = max_new_tokens
-    for key, value in (("device_map", device_map), ("dtype", dtype), ("attn", attn), ("quantize", quantize)):
+    for key, value in (
+        ("device_map", device_map),
+        ("dtype", dtype),
+        ("attn", attn),
+        ("quantize", quantize),
+        ("kv_cache_dtype", kv_cache_dtype),
+    ):
         if value is not None:
             update[key] = value
     url = make_url(base.database_url)
@@ -294,6 +301,7 @@ def worker_env(settings: Settings, base_env: dict[str, str] | None = None) -> di
         TUBESUM_CHUNK_SIZE=str(settings.chunk_size),
         TUBESUM_MAX_NEW_TOKENS=str(settings.max_new_tokens),
         TUBESUM_QUANTIZE=settings.quantize,
+        TUBESUM_KV_CACHE_DTYPE=settings.kv_cache_dtype,
         PYTHONUNBUFFERED="1",
     )
     if settings.broker_url:
@@ -336,6 +344,8 @@ def summarise_argv(cli: list[str], settings: Settings) -> list[str]:
         settings.attn,
         "--quantize",
         settings.quantize,
+        "--kv-cache-dtype",
+        settings.kv_cache_dtype,
     ]
 
 

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     # workers/gpu/fp8.py): needs a card of compute capability >= 8.9. Opt-in until the quality
     # gate (docs/benchmarks.md) is met; a ready FP8 checkpoint runs in FP8 whatever this says.
     quantize: Literal["none", "fp8"] = "none"
+    # The KV cache in FP8 (e4m3, a scale per layer and KV head; workers/gpu/kv_cache.py): half the
+    # bytes a decode step reads, twice the prompts a chunk holds. "auto": the model's dtype.
+    # Needs a card of compute capability >= 8.9 and Triton; opt-in until its quality gate is met.
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # Rolling chunks (fast engine): a chunk may need up to twice the KV cache; as many of its
     # prompts as fit decode together, and rows that end early hand their place to the chunk's
     # next prompts, so the decode step stays full. `auto` then holds twice the prompts.

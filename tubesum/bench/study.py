@@ -110,6 +110,12 @@ class BenchReport:
     tensor_parallel: int = 1
     baseline_device: str | None = None  # where the baseline ran, when not on the engine's device
     quantize: str = "none"  # "fp8": the engine's projections in FP8 (baseline rows stay bf16)
+    kv_cache_dtype: str = "auto"  # "fp8": the engine's KV cache in FP8
+
+    @property
+    def mode(self) -> str:
+        """Projections and KV cache as one label: "none", "fp8", "fp8+kv-fp8"."""
+        return self.quantize if self.kv_cache_dtype == "auto" else f"{self.quantize}+kv-{self.kv_cache_dtype}"
 
 
 def reference_prompts(
@@ -519,6 +525,7 @@ def run_bench(
     repeats: int = DEFAULT_REPEATS,
     on_result=None,
     quantize: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> BenchReport:
     """Load the model once, sweep chunk sizes (fixed and/or varied output lengths; the
     baseline), write bench.json after every size and the plots at the end. ``on_result(report,
@@ -530,7 +537,14 @@ def run_bench(
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
     # Prompts are sized so that each, with the longest output it may get, fits the model.
     out_tokens = max_output_tokens(new_tokens, lengths)
-    engine = load_engine(model, device_map=device_map, dtype=dtype, tensor_parallel=tensor_parallel, quantize=quantize)
+    engine = load_engine(
+        model,
+        device_map=device_map,
+        dtype=dtype,
+        tensor_parallel=tensor_parallel,
+        quantize=quantize,
+        kv_cache_dtype=kv_cache_dtype,
+    )
     if engine.device.type == "cuda":
         engine.warmup()  # compile and plan the KV cache before anything is timed
     if transcripts or job is not None:
@@ -555,6 +569,7 @@ def run_bench(
         token_capacity=engine.token_capacity,
         tensor_parallel=tensor_parallel,
         quantize=engine.quantize,
+        kv_cache_dtype=engine.kv_cache_dtype,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
 

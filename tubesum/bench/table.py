@@ -105,14 +105,15 @@ def varied_comparison(results: list[SizeResult]) -> list[str]:
 
 
 def quantize_comparison(reports: list[BenchReport]) -> list[str]:
-    """`--quantize none,fp8`: each mode's best fixed-length chunk against the first mode's."""
+    """`--quantize none,fp8` (and/or `--kv-cache-dtype auto,fp8`): each mode's best fixed-length
+    chunk against the first mode's."""
     first = best(reports[0].results)
     lines = []
     for rep in reports[1:]:
         top = best(rep.results)
         if first and top and first.summaries_per_s:
             lines.append(
-                f"{rep.quantize} vs {reports[0].quantize}, best against best: "
+                f"{rep.mode} vs {reports[0].mode}, best against best: "
                 f"{top.summaries_per_s / first.summaries_per_s:.2f}x (chunk {top.chunk_size}: "
                 f"{top.summaries_per_s:.2f} vs chunk {first.chunk_size}: {first.summaries_per_s:.2f} summaries/s)"
             )
@@ -121,8 +122,8 @@ def quantize_comparison(reports: list[BenchReport]) -> list[str]:
             other = same.get(r.chunk_size)
             if r.lengths == "fixed" and not r.oom and other and r.summaries_per_s:
                 lines.append(
-                    f"chunk {r.chunk_size}: {rep.quantize} {other.summaries_per_s / r.summaries_per_s:.2f}x "
-                    f"{reports[0].quantize} ({other.summaries_per_s:.2f} vs {r.summaries_per_s:.2f} summaries/s)"
+                    f"chunk {r.chunk_size}: {rep.mode} {other.summaries_per_s / r.summaries_per_s:.2f}x "
+                    f"{reports[0].mode} ({other.summaries_per_s:.2f} vs {r.summaries_per_s:.2f} summaries/s)"
                 )
     return lines
 
@@ -133,7 +134,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         Text.assemble(
             (clean(report.model), "bold"),
             plain(
-                f" on {report.device}, {report.dtype}, projections {report.quantize}, attention {report.attention}, engine {report.engine}; torch "
+                f" on {report.device}, {report.dtype}, projections {report.quantize}, KV cache {report.kv_cache_dtype}, attention {report.attention}, engine {report.engine}; torch "
                 f"{report.torch_version}, transformers {report.transformers_version}; {report.prompt_source}; "
                 f"{report.new_tokens} new tokens each"
             ),

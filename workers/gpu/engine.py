@@ -10,6 +10,7 @@ architecture, for models spread by `device_map`, and as the bench's baseline.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ import torch
 from tubesum.errors import KVCacheTooSmall, ModelLoadError, OutOfMemory
 from tubesum.workers.gpu import dummy, fp8, fp8_load
 from tubesum.workers.gpu.gguf_model import resolve_model
-from tubesum.workers.gpu.kv_cache import CacheTooSmall
+from tubesum.workers.gpu.kv_cache import KV_CACHE_DTYPES, CacheTooSmall
 from tubesum.workers.gpu.llama import SUPPORTED_MODEL_TYPES
 from tubesum.workers.gpu.model_check import check_model
 from tubesum.workers.gpu.params import BatchTimings, Generation, SamplingParams
@@ -56,6 +57,7 @@ class Engine:
     stop_ids: set[int] = field(default_factory=set)
     group: RankGroup | None = None  # tensor parallel: rank 0's handle on the other ranks
     quantize: str = "none"  # "fp8": decoder projections in FP8 (workers/gpu/fp8.py)
+    kv_cache_dtype: str = "auto"  # "fp8": the KV cache in e4m3 (workers/gpu/kv_cache.py)
 
     # ------------------------------------------------------------------ facts for batch rows
     @property
@@ -100,7 +102,7 @@ class Engine:
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        elem = next(self.model.parameters()).element_size()
+        elem = 1 if self.kv_cache_dtype == "fp8" else next(self.model.parameters()).element_size()
         return 2 * cfg.num_hidden_layers * kv * head_dim * elem
 
     # ------------------------------------------------------------------ chunk sizing
@@ -380,6 +382,30 @@ def check_quantize(quantize: str, *, device_map: str, backend: str = "auto", fp8
             raise ModelLoadError(str(exc)) from None
 
 
+def check_kv_cache_dtype(
+    kv_cache_dtype: str, *, device_map: str, backend: str = "auto", tensor_parallel: int = 1, fp8_card: bool = True
+) -> None:
+    """Validate `--kv-cache-dtype` before any model is loaded: a known name, and for fp8 the fast
+    backend on one device, Triton (its decode kernel) and, unless `fp8_card` is False (the CPU
+    tests, which decode through dequantised SDPA), a card with FP8. One-line ModelLoadError."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ModelLoadError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
+    if kv_cache_dtype == "auto":
+        return
+    if backend == "hf":
+        raise ModelLoadError("--kv-cache-dtype fp8 runs on the fast backend only, not --backend hf")
+    if tensor_parallel > 1:
+        raise ModelLoadError("--kv-cache-dtype fp8 runs on one GPU; tensor parallelism keeps the model's dtype")
+    if fp8_card:
+        dm = resolve_device_map(device_map)
+        try:
+            fp8.check_fp8_device("cuda:0" if dm == "auto" else dm, what="--kv-cache-dtype fp8")
+        except fp8.Fp8Unavailable as exc:
+            raise ModelLoadError(str(exc)) from None
+        if importlib.util.find_spec("triton") is None:
+            raise ModelLoadError("--kv-cache-dtype fp8 decodes with a Triton kernel: pip install triton")
+
+
 def _fp8_checkpoint(model: str) -> bool:
     """Whether `model` is a local directory holding a ready FP8 checkpoint."""
     return Path(model).is_dir() and fp8_load.checkpoint_format(fp8_load.quantization_config(model)) is not None
@@ -395,13 +421,15 @@ def load_engine(
     tensor_parallel: int = 1,
     quantize: str = "none",
     fp8_card: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> Engine:
     """Load a hub id, a local directory or `dummy:<arch>` once, and pick the backend.
     `tensor_parallel` N > 1: the fast backend over N GPUs (cuda:0..N-1 of the visible ones; on
     `device_map="cpu"`, N CPU ranks over gloo, for tests). `quantize="fp8"`: the decoder
     projections in FP8 (a dummy model is drawn in FP8 directly, a bf16 checkpoint is quantised
-    after loading); a local FP8 checkpoint always runs in FP8. `fp8_card=False` lets FP8 run
-    where the card check would refuse it (the CPU tests)."""
+    after loading); a local FP8 checkpoint always runs in FP8. `kv_cache_dtype="fp8"`: the KV
+    cache in e4m3 (workers/gpu/kv_cache.py). `fp8_card=False` lets FP8 run where the card check
+    would refuse it (the CPU tests)."""
     dm = resolve_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, dm)
     source = resolve_model(model)  # a GGUF: its converted copy (converted now if not cached)
@@ -409,6 +437,9 @@ def load_engine(
     if ready_fp8:
         quantize = "fp8"
     check_quantize(quantize, device_map=dm, backend=backend, fp8_card=fp8_card)
+    check_kv_cache_dtype(
+        kv_cache_dtype, device_map=dm, backend=backend, tensor_parallel=tensor_parallel, fp8_card=fp8_card
+    )
     if tensor_parallel > 1:
         if ready_fp8:
             raise ModelLoadError("tensor parallelism over a ready FP8 checkpoint is not supported; use one GPU")
@@ -465,6 +496,8 @@ def load_engine(
     fast_ok = hf_model.config.model_type in SUPPORTED_MODEL_TYPES and not sharded
     if quantize == "fp8" and not fast_ok:
         raise ModelLoadError(f"--quantize fp8 runs on the fast backend, which cannot run {model!r}")
+    if kv_cache_dtype == "fp8" and not fast_ok:
+        raise ModelLoadError(f"--kv-cache-dtype fp8 runs on the fast backend, which cannot run {model!r}")
     chosen = backend
     if backend == "auto":
         chosen = "fast" if fast_ok else "hf"
@@ -474,7 +507,11 @@ def load_engine(
             f"{hf_model.config.model_type!r}{' sharded' if sharded else ''}"
         )
     # attn="sdpa"/"eager" asks for PyTorch attention in the fast runner too (no FlashAttention).
-    runner = LlamaRunner(hf_model, allow_flash=attn not in ("sdpa", "eager")) if fast_ok else None
+    runner = (
+        LlamaRunner(hf_model, allow_flash=attn not in ("sdpa", "eager"), kv_cache_dtype=kv_cache_dtype)
+        if fast_ok
+        else None
+    )
     engine = Engine(
         model=hf_model,
         tokenizer=tokenizer,
@@ -483,13 +520,15 @@ def load_engine(
         runner=runner,
         stop_ids=stop_token_ids(hf_model, tokenizer),
         quantize=quantize,
+        kv_cache_dtype=kv_cache_dtype,
     )
     log.info(
-        "loaded %s on %s (%s, projections %s, attention %s, backend %s)",
+        "loaded %s on %s (%s, projections %s, KV cache %s, attention %s, backend %s)",
         model,
         engine.devices,
         engine.dtype,
         quantize,
+        kv_cache_dtype,
         engine.attn_implementation,
         chosen,
     )

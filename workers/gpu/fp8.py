@@ -252,16 +252,17 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
 
 
-def check_fp8_device(device: torch.device | str) -> None:
-    """Raise Fp8Unavailable with one line saying why, unless `device` has FP8 tensor cores."""
+def check_fp8_device(device: torch.device | str, *, what: str = "--quantize fp8") -> None:
+    """Raise Fp8Unavailable with one line saying why, unless `device` has FP8 tensor cores;
+    `what` names the option that asked for FP8."""
     dev = torch.device(device)
     if dev.type != "cuda":
-        raise Fp8Unavailable(f"--quantize fp8 needs an FP8 GPU (compute capability >= 8.9); the model is on {dev}")
+        raise Fp8Unavailable(f"{what} needs an FP8 GPU (compute capability >= 8.9); the model is on {dev}")
     cap = torch.cuda.get_device_capability(dev)
     if cap < FP8_MIN_CAPABILITY:
         name = torch.cuda.get_device_name(dev)
         raise Fp8Unavailable(
-            f"--quantize fp8 needs compute capability >= 8.9 (Ada, Hopper or newer); {name} has {cap[0]}.{cap[1]}"
+            f"{what} needs compute capability >= 8.9 (Ada, Hopper or newer); {name} has {cap[0]}.{cap[1]}"
         )
 
 

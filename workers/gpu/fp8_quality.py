@@ -49,14 +49,17 @@ def agreement(a: list[int], b: list[int], tokens: int) -> tuple[float, int]:
     return same / tokens, first
 
 
-def run_side(model: torch.nn.Module, prompts: list[list[int]], tokens: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy tokens (end tokens suppressed: always `tokens` of them) and last-position logits,
-    from a runner whose KV cache holds just these prompts (released before returning)."""
-    runner = LlamaRunner(model, token_capacity=sum(len(p) + tokens for p in prompts))
+def run_side(
+    model: torch.nn.Module, prompts: list[list[int]], tokens: int, *, kv_cache_dtype: str = "auto", step: bool = False
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens (end tokens suppressed: always `tokens` of them) and last-position logits
+    (with `step`: the first decode step's, which an FP8 KV cache changes; the prefill's it does
+    not), from a runner whose KV cache holds just these prompts (released before returning)."""
+    runner = LlamaRunner(model, token_capacity=sum(len(p) + tokens for p in prompts), kv_cache_dtype=kv_cache_dtype)
     rows, _ = runner.generate(prompts, max_new_tokens=tokens, stop_ids=set(), ignore_eos=True)
-    logits, _ = probe_logits(runner, prompts)
+    prefill, decode = probe_logits(runner, prompts)
     runner.release()
-    return rows, logits
+    return rows, decode if step else prefill
 
 
 def compare(
@@ -109,3 +112,11 @@ def precision_ladder(model: torch.nn.Module, prompts: list[list[int]], *, tokens
     sides["fp8"] = run_side(model, prompts, tokens)
     pairs = (("bf16", "fp32"), ("fp8", "fp32"), ("fp8", "bf16"))
     return {f"{a}_vs_{b}": compare(*sides[b], *sides[a], tokens=tokens).as_dict() for a, b in pairs}
+
+
+def bf16_kv_vs_fp8_kv(model: torch.nn.Module, prompts: list[list[int]], *, tokens: int = GATE_TOKENS) -> QualityReport:
+    """The same model with its KV cache in the model's dtype, then in FP8 (`--kv-cache-dtype
+    fp8`); the logit cosine is the first decode step's (the prefill does not read the cache)."""
+    ref_rows, ref_logits = run_side(model, prompts, tokens, step=True)
+    rows, logits = run_side(model, prompts, tokens, kv_cache_dtype="fp8", step=True)
+    return compare(ref_rows, ref_logits, rows, logits, tokens=tokens)

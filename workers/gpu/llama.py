@@ -6,8 +6,11 @@ the HF modules keep working as views), so the HF model can still run `generate()
 FlashAttention on CUDA) and computes logits only at each prompt's last position;
 `decode_logits` runs one step for every row, each reading only its own region of the cache
 (FlashAttention varlen through `cu_seqlens_k` offsets and `seqused_k`, GQA handled by the
-kernel), and is capturable in a CUDA graph (workers/gpu/cuda_graph.py).
-On CPU (tests) the same code runs with PyTorch SDPA per prompt.
+kernel), and is capturable in a CUDA graph (workers/gpu/cuda_graph.py). With an FP8 KV cache
+(`kv_cache_dtype="fp8"`) the cache write is quantised and decode reads it with the Triton
+split-KV kernel (workers/gpu/decode_attention.py); the prefill still attends with the keys it
+just computed.
+On CPU (tests) the same code runs with PyTorch SDPA per prompt (an FP8 cache dequantised per row).
 
 Tensor parallel: the model is one rank's shard (workers/gpu/tp.py) and `tp_group` its process
 group; the attention output and the MLP output are then summed over the ranks (one all-reduce
@@ -23,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tubesum.workers.gpu import fp8
-from tubesum.workers.gpu.kv_cache import KVCache
+from tubesum.workers.gpu.kv_cache import KVCache, dequantise_kv, kv_element_bytes
 from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
 
 # From this many rows on, decode attention packs each KV head's query heads together (reads the
@@ -171,6 +174,7 @@ class Llama:
         allow_flash: bool = True,
         compile_ops: bool = True,
         tp_group: dist.ProcessGroup | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -184,6 +188,15 @@ class Llama:
         self.eps = cfg.rms_norm_eps
         self.max_positions = cfg.max_position_embeddings
         self.use_flash = allow_flash and flash_varlen_available(self.device, self.dtype)
+        kv_element_bytes(self.dtype, kv_cache_dtype)  # validates the name
+        self.kv_cache_dtype = kv_cache_dtype
+        # FP8 KV on CUDA: decode through the Triton kernel (imported here, not at the top: triton
+        # is only needed, and only installed, where a CUDA card runs an FP8 cache).
+        self._fp8_decode = None
+        if kv_cache_dtype == "fp8" and self.device.type == "cuda":
+            from tubesum.workers.gpu.decode_attention import decode_attention
+
+            self._fp8_decode = decode_attention
         self.attn_implementation = "flash_varlen" if self.use_flash else "sdpa"
         self.ops = _Ops(compiled=self.device.type == "cuda" and compile_ops)
 
@@ -230,7 +243,7 @@ class Llama:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        elem = torch.finfo(self.dtype).bits // 8
+        elem = kv_element_bytes(self.dtype, self.kv_cache_dtype)  # 1 in FP8: twice the tokens
         return 2 * len(self.layers) * self.n_kv * self.head_dim * elem
 
     # ------------------------------------------------------------------ all layers
@@ -271,9 +284,7 @@ class Llama:
                 lyr.k_norm,
                 eps,
             )
-            k_flat, v_flat = cache.flat(i)
-            k_flat.index_copy_(0, dest, k)
-            v_flat.index_copy_(0, dest, v)
+            cache.write(i, dest, k, v)
             attn = attend(i, q, k, v)  # [T, H, D]
             x, h = ops.add_rms_norm(x, self._all_reduce(self._linear(attn.flatten(1), lyr.wo)), lyr.ln2, eps)
             mlp = self._all_reduce(self._mlp(lyr, h))
@@ -316,6 +327,7 @@ class Llama:
             return self._sdpa_prefill(q, k, v, offsets)
 
         h = self._forward(ids, pos, cache, dest, attend)[last]  # [n, hidden]
+        cache.calibrated = True  # an FP8 cache took its scales from this first prefill
         return F.linear(h, self.lm_head).float()
 
     def _sdpa_prefill(self, q, k, v, offsets: list[int]) -> torch.Tensor:
@@ -344,7 +356,20 @@ class Llama:
         pack = group > 1 and rows >= GQA_PACK_MIN_ROWS
 
         def attend(layer: int, q, _k, _v):
-            if not self.use_flash:
+            if cache.fp8 and self._fp8_decode is not None:
+                k_flat, v_flat = cache.flat(layer)
+                assert cache.k_scale is not None and cache.v_scale is not None
+                return self._fp8_decode(
+                    q,
+                    k_flat.view(torch.uint8),
+                    v_flat.view(torch.uint8),
+                    cache.k_scale[layer],
+                    cache.v_scale[layer],
+                    cu_k[:-1],
+                    used,
+                    max_k=max_k,
+                )
+            if not self.use_flash or cache.fp8:
                 return self._sdpa_decode(q, layer, cache, cu_k, used)
             k_flat, v_flat = cache.flat(layer)
             if not pack:
@@ -369,7 +394,12 @@ class Llama:
         group = self.n_heads // self.n_kv
         out = torch.empty_like(q)
         for i, (start, n) in enumerate(zip(cu_k[:-1].tolist(), used.tolist())):
-            keys = k_flat[start : start + n].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, n, D]
-            vals = v_flat[start : start + n].transpose(0, 1).repeat_interleave(group, dim=0)
+            keys, vals = k_flat[start : start + n], v_flat[start : start + n]  # [n, KVH, D]
+            if cache.fp8:
+                assert cache.k_scale is not None and cache.v_scale is not None
+                keys = dequantise_kv(keys, cache.k_scale[layer], q.dtype)
+                vals = dequantise_kv(vals, cache.v_scale[layer], q.dtype)
+            keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, n, D]
+            vals = vals.transpose(0, 1).repeat_interleave(group, dim=0)
             out[i] = F.scaled_dot_product_attention(q[i][:, None], keys, vals)[:, 0]
         return out  # [B, H, D]

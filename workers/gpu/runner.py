@@ -104,13 +104,16 @@ class LlamaRunner:
         compile_ops: bool = True,
         token_capacity: int | None = None,
         tp_group: dist.ProcessGroup | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         if self.device.type == "cuda":
             # Graph capture and the side stream use the current device: make it the model's.
             torch.cuda.set_device(self.device)
-        self.llama = Llama(model, allow_flash=allow_flash, compile_ops=compile_ops, tp_group=tp_group)
+        self.llama = Llama(
+            model, allow_flash=allow_flash, compile_ops=compile_ops, tp_group=tp_group, kv_cache_dtype=kv_cache_dtype
+        )
         self.use_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self._capacity: int | None = token_capacity  # KV tokens; measured on first use when None
         self._kv: KVCache | None = None
@@ -122,6 +125,10 @@ class LlamaRunner:
     @property
     def attn_implementation(self) -> str:
         return self.llama.attn_implementation
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return self.llama.kv_cache_dtype
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -155,6 +162,7 @@ class LlamaRunner:
                 head_dim=m.head_dim,
                 dtype=m.dtype,
                 device=self.device,
+                kv_cache_dtype=m.kv_cache_dtype,
             )
         return self._kv
 

@@ -300,6 +300,7 @@ def probe_logits(runner: LlamaRunner, prompts: list[list[int]]) -> tuple[torch.T
         head_dim=model.head_dim,
         dtype=model.dtype,
         device=model.device,
+        kv_cache_dtype=model.kv_cache_dtype,
     )
     with torch.inference_mode():
         first = model.prefill_logits(prompts, starts, cache)

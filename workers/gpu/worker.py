@@ -70,6 +70,7 @@ def load_warm_engine(settings: Settings, *, backend: str = "auto") -> Engine:
         backend=backend,  # type: ignore[arg-type]
         tensor_parallel=settings.tensor_parallel,
         quantize=settings.quantize,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
     log.info("engine warm-up (kernel compilation) took %.1fs", engine.warmup())
     return engine
