@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--graph-model", default="dummy:llama-3-1b", help="the graph check's model (random weights)")
     ap.add_argument("--model", action="append", default=[], help="real models (paths) for the quality check")
+    ap.add_argument("--skip", action="append", default=[], choices=["kernel", "graph"], help="steps not to run")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +221,7 @@ def main() -> None:
         }
     }
     steps = [("kernel", lambda: kernel_check(device)), ("graph", lambda: graph_check(args.graph_model, device))]
+    steps = [(name, step) for name, step in steps if name not in args.skip]
     for model in args.model:
         steps.append((f"quality {model}", lambda model=model: quality(model)))
     for name, step in steps:

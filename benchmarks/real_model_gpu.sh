@@ -6,9 +6,10 @@
 #   fp8      FP8 quality gate against bf16, same weights (benchmarks/fp8_quality.py)
 #   quality  the example sets summarised in bf16 and FP8, scored (benchmarks/summary_quality.py)
 #   repeat   the no-repeat rule's cost on the reference workload (benchmarks/repetition_cost.py)
+#   kv       KV cache in FP8 against bf16 on the real model (benchmarks/check_kv_fp8.py)
 # Every step writes under OUT as it goes and a failing step does not stop the next.
 set -uo pipefail
-out=$1 model=$2 steps=${3:-"engine fp8 quality repeat"}
+out=$1 model=$2 steps=${3:-"engine fp8 quality repeat kv"}
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$out"
 if [[ $model == *.gguf ]]; then model=$(tubesum model convert "$model" | tail -1); fi
@@ -20,8 +21,9 @@ for step in $steps; do
     fp8) run fp8_quality python "$repo/benchmarks/fp8_quality.py" --model "$model" --floor --out "$out" ;;
     quality) run summary_quality python "$repo/benchmarks/summary_quality.py" --model "$model" \
                --set "$repo/examples/nature_transcripts.csv" --set "$repo/examples/holdout_transcripts.csv" \
-               --quantize none --quantize fp8 --out "$out/summaries" ;;
+               --quantize none --quantize fp8 --quantize none+kv-fp8 --quantize fp8+kv-fp8 --out "$out/summaries" ;;
     repeat) run repetition_cost python "$repo/benchmarks/repetition_cost.py" --rows 64,256 --reps 2 --out "$out" ;;
+    kv) run check_kv_fp8 python "$repo/benchmarks/check_kv_fp8.py" --skip kernel --skip graph --model "$model" --out "$out" ;;
     *) echo "unknown step $step" >&2 ;;
   esac
 done

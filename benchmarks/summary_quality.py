@@ -68,7 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="a real model directory or .gguf")
     ap.add_argument("--set", action="append", required=True, help="CSV of video_id,transcript,key_facts")
-    ap.add_argument("--quantize", action="append", default=[], help="none | fp8 (several: one run each)")
+    ap.add_argument(
+        "--quantize", action="append", default=[], help="none | fp8 | none+kv-fp8 | fp8+kv-fp8 (several: one run each)"
+    )
     ap.add_argument("--device-map", default="cuda:0")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", required=True)
@@ -91,7 +93,14 @@ def main() -> None:
     texts: dict[tuple[str, str], list[str]] = {}
     for quantize in args.quantize or ["none"]:
         try:
-            eng = load_engine(args.model, device_map=args.device_map, dtype=args.dtype, quantize=quantize)
+            weights, _, kv = quantize.partition("+kv-")  # e.g. "fp8+kv-fp8": FP8 projections and KV cache
+            eng = load_engine(
+                args.model,
+                device_map=args.device_map,
+                dtype=args.dtype,
+                quantize=weights,
+                kv_cache_dtype=kv or "auto",
+            )
         except Exception as exc:  # noqa: BLE001 - recorded, then the next precision
             report["runs"][quantize] = {
                 "error": f"{type(exc).__name__}: {exc}",
@@ -116,10 +125,10 @@ def main() -> None:
         del eng
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for set_path in map(Path, args.set):
-        base, fp8 = texts.get(("none", set_path.stem)), texts.get(("fp8", set_path.stem))
-        if base and fp8:
-            report[f"identical_fp8_vs_bf16-{set_path.stem}"] = f"{sum(a == b for a, b in zip(base, fp8))}/{len(base)}"
+    for (config, stem), other in texts.items():
+        base = texts.get(("none", stem))
+        if base and config != "none":
+            report[f"identical_{config}_vs_bf16-{stem}"] = f"{sum(a == b for a, b in zip(base, other))}/{len(base)}"
     (out / "summary_quality.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
