@@ -85,7 +85,7 @@ def test_first_prefill_sets_the_scales_and_later_writes_keep_them():
     assert cache.k.dtype == KV_FP8 and not cache.calibrated
     assert cache.k[:, cache.scratch].float().eq(0).all()  # dummy rows read zeros, never NaN
     k, v = torch.randn(5, 2, 4), torch.randn(5, 2, 4) * 3
-    cache.write(1, torch.arange(5), k, v)
+    cache.write(1, torch.arange(5), k, v, calibrate=True)
     assert torch.equal(cache.k_scale[1], kv_scales(k)) and torch.equal(cache.v_scale[1], kv_scales(v))
     assert torch.equal(cache.k_scale[0], torch.ones(2))  # per layer: layer 0 not written yet
     cache.calibrated = True
@@ -94,6 +94,32 @@ def test_first_prefill_sets_the_scales_and_later_writes_keep_them():
     assert cache.k[1, 7].float().abs().max() == KV_FP8_MAX
     back = dequantise_kv(cache.k[1, :5], cache.k_scale[1], torch.float32)
     assert torch.allclose(back, k, rtol=REL_STEP, atol=float(cache.k_scale[1].max()) * SUBNORMAL_STEP)
+
+
+def test_a_decode_step_never_recalibrates_the_scales():
+    """A decode graph is captured on a cache no prefill has calibrated yet; were its writes to
+    calibrate, every replay would take the scales from one token and read the stored keys back
+    wrong (on the H200: graph vs eager agreed on 3% of tokens, SmolLM2's summaries turned to noise)."""
+    llama = LlamaRunner(_model(), kv_cache_dtype="fp8").llama
+    cache = KVCache(
+        layers=len(llama.layers),
+        capacity=128,
+        kv_heads=llama.n_kv,
+        head_dim=llama.head_dim,
+        dtype=llama.dtype,
+        device=llama.device,
+        kv_cache_dtype="fp8",
+    )
+    cu_k = torch.tensor([0, 64, 128], dtype=torch.int32)
+    with torch.inference_mode():
+        llama.decode_logits(torch.tensor([5, 6]), torch.tensor([0, 0]), cu_k, cache, max_k=128)
+        assert not cache.calibrated and bool(cache.k_scale.eq(1).all()) and bool(cache.v_scale.eq(1).all())
+        llama.prefill_logits([PROMPTS[0], PROMPTS[1]], [0, 64], cache)
+        assert cache.calibrated and not bool(cache.k_scale.eq(1).all())
+        scales = cache.k_scale.clone(), cache.v_scale.clone()
+        pos = torch.tensor([len(PROMPTS[0]), len(PROMPTS[1])])
+        llama.decode_logits(torch.tensor([5, 6]), pos, cu_k, cache, max_k=128)
+    assert torch.equal(cache.k_scale, scales[0]) and torch.equal(cache.v_scale, scales[1])
 
 
 # ---------------------------------------------------------------------- the runner on an FP8 cache

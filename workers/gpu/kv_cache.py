@@ -114,17 +114,20 @@ class KVCache:
         # [capacity + 1, kv_heads, head_dim]: token t of the row starting at s is at s + t
         return self.k[layer], self.v[layer]
 
-    def write(self, layer: int, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store keys and values k, v [T, KVH, D] at slots dest [T]. In FP8, a cache not yet
-        `calibrated` first takes this layer's scales from these very values (the first prefill);
-        writes go through uint8 views (index_copy_ has no float8 kernels everywhere)."""
+    def write(
+        self, layer: int, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, calibrate: bool = False
+    ) -> None:
+        """Store keys and values k, v [T, KVH, D] at slots dest [T]. In FP8, with `calibrate`
+        (the first prefill into this cache) this layer's scales are first taken from these very
+        values, in place (a captured decode graph reads the same scale tensors); writes go
+        through uint8 views (index_copy_ has no float8 kernels everywhere)."""
         k_flat, v_flat = self.flat(layer)
         if not self.fp8:
             k_flat.index_copy_(0, dest, k)
             v_flat.index_copy_(0, dest, v)
             return
         assert self.k_scale is not None and self.v_scale is not None
-        if not self.calibrated:
+        if calibrate:
             self.k_scale[layer] = kv_scales(k)
             self.v_scale[layer] = kv_scales(v)
         k_flat.view(torch.uint8).index_copy_(0, dest, quantise_kv(k, self.k_scale[layer]).view(torch.uint8))

@@ -198,6 +198,9 @@ class Llama:
 
             self._fp8_decode = decode_attention
         self.attn_implementation = "flash_varlen" if self.use_flash else "sdpa"
+        # The SDPA decode reads each row's length on the host: no CUDA graph around it (a float32
+        # model on a card, where flash-attn takes only 16-bit inputs).
+        self.graph_capturable = self.device.type == "cuda" and (self.use_flash or self._fp8_decode is not None)
         self.ops = _Ops(compiled=self.device.type == "cuda" and compile_ops)
 
         inner = model.model
@@ -264,10 +267,20 @@ class Llama:
         return self._linear(self.ops.silu_mul(self._linear(h, lyr.w13)), lyr.w2)
 
     def _forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, dest: torch.Tensor, attend
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        cache: KVCache,
+        dest: torch.Tensor,
+        attend,
+        *,
+        calibrate: bool = False,
     ) -> torch.Tensor:
         """ids, pos, dest: [T] → final-normed hidden states [T, hidden]. Writes every token's
-        keys and values to its cache slot `dest`; `attend(layer, q, k, v)` does the attention."""
+        keys and values to its cache slot `dest`; `attend(layer, q, k, v)` does the attention.
+        `calibrate`: an FP8 cache takes its scales from these keys and values (a prefill only: a
+        decode step captured in a CUDA graph would otherwise recompute the scales from one token
+        at every replay, and every value stored before would be read back with the wrong scale)."""
         ops, eps = self.ops, self.eps
         x = F.embedding(ids, self.embed)  # [T, hidden]: the residual stream
         h = ops.rms_norm(x, self.layers[0].ln1, eps)
@@ -284,7 +297,7 @@ class Llama:
                 lyr.k_norm,
                 eps,
             )
-            cache.write(i, dest, k, v)
+            cache.write(i, dest, k, v, calibrate=calibrate)
             attn = attend(i, q, k, v)  # [T, H, D]
             x, h = ops.add_rms_norm(x, self._all_reduce(self._linear(attn.flatten(1), lyr.wo)), lyr.ln2, eps)
             mlp = self._all_reduce(self._mlp(lyr, h))
@@ -326,7 +339,7 @@ class Llama:
                 return _flash(q, k, v, cu, cu, longest, longest, causal=True)
             return self._sdpa_prefill(q, k, v, offsets)
 
-        h = self._forward(ids, pos, cache, dest, attend)[last]  # [n, hidden]
+        h = self._forward(ids, pos, cache, dest, attend, calibrate=not cache.calibrated)[last]  # [n, hidden]
         cache.calibrated = True  # an FP8 cache took its scales from this first prefill
         return F.linear(h, self.lm_head).float()
 

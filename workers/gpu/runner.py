@@ -114,7 +114,7 @@ class LlamaRunner:
         self.llama = Llama(
             model, allow_flash=allow_flash, compile_ops=compile_ops, tp_group=tp_group, kv_cache_dtype=kv_cache_dtype
         )
-        self.use_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.use_graphs = self.llama.graph_capturable if use_cuda_graphs is None else use_cuda_graphs
         self._capacity: int | None = token_capacity  # KV tokens; measured on first use when None
         self._kv: KVCache | None = None
         self._graphs: OrderedDict[tuple, DecodeGraph] = OrderedDict()  # LRU, by (bucket, max_k, ...)
