@@ -112,7 +112,7 @@ def main() -> None:
             t0 = time.perf_counter()
             rows = summarise_set(eng, set_path, params)
             seconds = time.perf_counter() - t0
-            name = f"{quantize}-{set_path.stem}"
+            name = f"{quantize.replace('+', '_')}-{set_path.stem}"  # plain file names
             with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()

@@ -886,7 +886,8 @@ def bench_cmd(
     reports = []
     for mode, kv in modes:
         label = mode if kv == "auto" else f"{mode}+kv-{kv}"
-        mode_dir = out_dir / label if len(modes) > 1 else out_dir
+        # "fp8+kv-fp8" → folder fp8_kv-fp8: a plain name every tool copies (the label stays in the tables).
+        mode_dir = out_dir / label.replace("+", "_") if len(modes) > 1 else out_dir
 
         def on_result(report: BenchReport, res: SizeResult, mode_dir: Path = mode_dir) -> None:
             what = "OOM: the memory limit" if res.oom else f"{res.summaries_per_s:.2f} summaries/s"
