@@ -187,21 +187,29 @@ def fp32_reference(eng, prompts: list[list[int]], hf: list[list[int]], fast: lis
     }
 
 
+def ragged_cache(r, prompts: list[list[int]], *, room: int):
+    """A KV cache with one region per prompt, each its prompt's length + `room` long, one after
+    another: (cache, region starts, total slots)."""
+    from tubesum.workers.gpu.kv_cache import KVCache
+
+    starts, at = [], 0
+    for p in prompts:
+        starts.append(at)
+        at += len(p) + room
+    cache = KVCache(
+        layers=len(r.layers), capacity=at, kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device
+    )
+    return cache, starts, at
+
+
 def teacher_forced_picks(eng, prompts: list[list[int]], conts: list[list[int]]) -> list[list[int]]:
     """Our engine's greedy pick at every step when fed `conts` (prefill, then one decode step per
     token, every row in one cache): the pick at step j follows prompt + conts[:j]."""
-    from tubesum.workers.gpu.kv_cache import KVCache
 
     r = eng.runner.llama
     eng.release()
     steps = max(len(c) for c in conts)
-    starts, at = [], 0
-    for p in prompts:
-        starts.append(at)
-        at += len(p) + steps + 1
-    cache = KVCache(
-        layers=len(r.layers), capacity=at, kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device
-    )
+    cache, starts, at = ragged_cache(r, prompts, room=steps + 1)
     cu_k = torch.tensor(starts + [at], dtype=torch.int32, device=r.device)
     pos = torch.tensor([len(p) for p in prompts], device=r.device)
     fed = torch.tensor([c + [c[-1]] * (steps - len(c)) for c in conts], device=r.device)  # [n, steps], padded
@@ -270,18 +278,11 @@ def profile_decode(eng, rows: int, steps: int = 5) -> None:
 def decode_check(eng, prompts, steps: int = 12) -> None:
     """Teacher-forced: our per-step decode logits (several rows of different lengths in one
     cache) against HF's forward over prompt + our tokens, position by position."""
-    from tubesum.workers.gpu.kv_cache import KVCache
 
     r = eng.runner.llama
     prompts = prompts[:3]
     # Ragged: each row at its own offset, with gaps of stale values between the rows.
-    starts, at = [], 0
-    for p in prompts:
-        starts.append(at)
-        at += len(p) + steps + 100
-    cache = KVCache(
-        layers=len(r.layers), capacity=at, kv_heads=r.n_kv, head_dim=r.head_dim, dtype=r.dtype, device=r.device
-    )
+    cache, starts, at = ragged_cache(r, prompts, room=steps + 100)
     cache.k.normal_()
     cache.v.normal_()
     cu_k = torch.tensor(starts + [at], dtype=torch.int32, device=r.device)

@@ -15,15 +15,14 @@ Writes DIR/check_fp8.json after every step (a failing step is recorded and the n
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tubesum.bench.checks import run_steps
 from tubesum.workers.gpu import dummy, fp8
 from tubesum.workers.gpu.runner import LlamaRunner
 
@@ -86,16 +85,7 @@ def main() -> None:
     ]
     for model in args.quality:
         steps.append((f"quality {model}", lambda model=model: quality(model)))
-    for name, step in steps:
-        t0 = time.perf_counter()
-        try:
-            results[name] = step()
-        except Exception as exc:  # noqa: BLE001 - recorded; the next step runs
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
-        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        (out / "check_fp8.json").write_text(json.dumps(results, indent=2))
-        print(f"== {name}: " + json.dumps({k: v for k, v in results[name].items() if k != "traceback"}), flush=True)
-        torch.cuda.empty_cache()
+    run_steps(steps, results, out / "check_fp8.json")
 
 
 def quality(model: str) -> dict:

@@ -19,16 +19,15 @@ Timing rows: `tubesum bench --model ... --kv-cache-dtype auto,fp8` on the same c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import runpy
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
+from tubesum.bench.checks import run_steps
 from tubesum.workers.gpu import dummy
 from tubesum.workers.gpu.kv_cache import dequantise_kv, kv_scales, quantise_kv
 from tubesum.workers.gpu.runner import LlamaRunner
@@ -224,16 +223,7 @@ def main() -> None:
     steps = [(name, step) for name, step in steps if name not in args.skip]
     for model in args.model:
         steps.append((f"quality {model}", lambda model=model: quality(model)))
-    for name, step in steps:
-        t0 = time.perf_counter()
-        try:
-            results[name] = step()
-        except Exception as exc:  # noqa: BLE001 - recorded; the next step runs
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
-        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        (out / "check_kv_fp8.json").write_text(json.dumps(results, indent=2))
-        print(f"== {name}: " + json.dumps({k: v for k, v in results[name].items() if k != "traceback"}), flush=True)
-        torch.cuda.empty_cache()
+    run_steps(steps, results, out / "check_kv_fp8.json")
 
 
 if __name__ == "__main__":
