@@ -225,3 +225,28 @@ def test_kv_cache_dtype_reaches_the_summarise_worker():
     assert worker_env(settings, base_env={})["TUBESUM_KV_CACHE_DTYPE"] == "fp8"
     summarise = local_workers(settings, summarise=True, fetch_concurrency=1)[-1]
     assert summarise.argv[summarise.argv.index("--kv-cache-dtype") + 1] == "fp8"
+
+
+@pytest.mark.slow  # two gloo rank processes (~1 min)
+def test_tensor_parallel_ranks_keep_their_own_heads_in_fp8():
+    """Each rank's cache holds its own KV heads with their own scales: a head's scale is the same
+    whichever rank holds it, so two ranks decode like one (float32, CPU; the card check off)."""
+    from tests.tiny_model import saved_tiny_model
+    from tubesum.workers.gpu.engine import SamplingParams, load_engine
+
+    path = str(saved_tiny_model("dummy:tiny"))
+    single = load_engine(path, device_map="cpu", dtype="float32", kv_cache_dtype="fp8", fp8_card=False)
+    tp = load_engine(path, device_map="cpu", dtype="float32", tensor_parallel=2, kv_cache_dtype="fp8", fp8_card=False)
+    try:
+        assert tp.kv_cache_dtype == "fp8"
+        one_prefill, one_step = probe_logits(single.runner, PROMPTS)
+        two_prefill, two_step = tp.group.probe(PROMPTS)
+        assert torch.allclose(two_prefill, one_prefill, atol=1e-4)  # the prefill reads no cache
+        cos = torch.nn.functional.cosine_similarity(two_step, one_step, dim=-1)
+        assert bool((cos > 0.9999).all())  # the same FP8 cache, only the all-reduce order differs
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        assert [g.token_ids for g in tp.generate(PROMPTS, params)[0]] == [
+            g.token_ids for g in single.generate(PROMPTS, params)[0]
+        ]
+    finally:
+        tp.close()

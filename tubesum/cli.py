@@ -718,9 +718,7 @@ def run_cmd(
                 from tubesum.workers.gpu.engine import check_kv_cache_dtype, check_quantize
 
                 check_quantize(settings.quantize, device_map=settings.device_map)
-                check_kv_cache_dtype(
-                    settings.kv_cache_dtype, device_map=settings.device_map, tensor_parallel=settings.tensor_parallel
-                )
+                check_kv_cache_dtype(settings.kv_cache_dtype, device_map=settings.device_map)
             result = run_job(
                 sources or [],
                 from_file=from_file,
@@ -878,7 +876,7 @@ def bench_cmd(
         for mode in quant_modes:
             check_quantize(mode, device_map=device_map)
         for kv in kv_modes:
-            check_kv_cache_dtype(kv, device_map=device_map, tensor_parallel=tensor_parallel)
+            check_kv_cache_dtype(kv, device_map=device_map)
 
     def say(text: str) -> None:  # progress on stderr: the table on stdout stays clean
         typer.echo(clean(text), err=True)

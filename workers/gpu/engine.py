@@ -382,11 +382,9 @@ def check_quantize(quantize: str, *, device_map: str, backend: str = "auto", fp8
             raise ModelLoadError(str(exc)) from None
 
 
-def check_kv_cache_dtype(
-    kv_cache_dtype: str, *, device_map: str, backend: str = "auto", tensor_parallel: int = 1, fp8_card: bool = True
-) -> None:
+def check_kv_cache_dtype(kv_cache_dtype: str, *, device_map: str, backend: str = "auto", fp8_card: bool = True) -> None:
     """Validate `--kv-cache-dtype` before any model is loaded: a known name, and for fp8 the fast
-    backend on one device, Triton (its decode kernel) and, unless `fp8_card` is False (the CPU
+    backend (one GPU or a tensor-parallel group), Triton (its decode kernel) and, unless `fp8_card` is False (the CPU
     tests, which decode through dequantised SDPA), a card with FP8. One-line ModelLoadError."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ModelLoadError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
@@ -394,8 +392,6 @@ def check_kv_cache_dtype(
         return
     if backend == "hf":
         raise ModelLoadError("--kv-cache-dtype fp8 runs on the fast backend only, not --backend hf")
-    if tensor_parallel > 1:
-        raise ModelLoadError("--kv-cache-dtype fp8 runs on one GPU; tensor parallelism keeps the model's dtype")
     if fp8_card:
         dm = resolve_device_map(device_map)
         try:
@@ -437,9 +433,7 @@ def load_engine(
     if ready_fp8:
         quantize = "fp8"
     check_quantize(quantize, device_map=dm, backend=backend, fp8_card=fp8_card)
-    check_kv_cache_dtype(
-        kv_cache_dtype, device_map=dm, backend=backend, tensor_parallel=tensor_parallel, fp8_card=fp8_card
-    )
+    check_kv_cache_dtype(kv_cache_dtype, device_map=dm, backend=backend, fp8_card=fp8_card)
     if tensor_parallel > 1:
         if ready_fp8:
             raise ModelLoadError("tensor parallelism over a ready FP8 checkpoint is not supported; use one GPU")
@@ -451,6 +445,7 @@ def load_engine(
             allow_flash=attn not in ("sdpa", "eager"),
             backend=backend,
             quantize=quantize,
+            kv_cache_dtype=kv_cache_dtype,
         )
     attn_impl = resolve_attn(attn, dm)
     if dummy.is_dummy(model):
@@ -559,6 +554,7 @@ def load_tp_engine(
     allow_flash: bool = True,
     backend: Backend = "auto",
     quantize: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> Engine:
     """The fast backend over a tensor-parallel group of `world` ranks; this process is rank 0."""
     if backend == "hf":
@@ -574,6 +570,7 @@ def load_tp_engine(
         allow_flash=allow_flash,
         cuda_graphs=os.environ.get("TUBESUM_TP_CUDA_GRAPHS", "1") != "0",
         quantize=quantize,
+        kv_cache_dtype=kv_cache_dtype,
     )
     try:
         config = full_config(source)
@@ -599,6 +596,7 @@ def load_tp_engine(
         stop_ids=stop_token_ids(group.model, tokenizer),
         group=group,
         quantize=quantize,
+        kv_cache_dtype=kv_cache_dtype,
     )
     log.info(
         "loaded %s tensor-parallel over %s (%s, attention %s)",

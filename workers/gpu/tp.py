@@ -159,6 +159,8 @@ class ShardSource:
     seed: int = 0  # dummy weights
     cuda_graphs: bool = True  # False: eager decode steps (a fallback should capture ever fail)
     quantize: str = "none"  # "fp8": each rank quantises its own shard (per-channel scales per shard)
+    # "fp8": each rank's KV cache (its own KV heads) in e4m3; per-head scales need no exchange.
+    kv_cache_dtype: str = "auto"
 
 
 def rank_device(source: ShardSource, rank: int) -> torch.device:
@@ -377,7 +379,11 @@ def _init_group(source: ShardSource, rank: int, world: int, init_method: str):
 
 def _runner(model: torch.nn.Module, source: ShardSource, group: dist.ProcessGroup) -> LlamaRunner:
     return LlamaRunner(
-        model, allow_flash=source.allow_flash, tp_group=group, use_cuda_graphs=None if source.cuda_graphs else False
+        model,
+        allow_flash=source.allow_flash,
+        tp_group=group,
+        use_cuda_graphs=None if source.cuda_graphs else False,
+        kv_cache_dtype=source.kv_cache_dtype,
     )
 
 
