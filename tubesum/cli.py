@@ -715,7 +715,7 @@ def run_cmd(
             )
             if (settings.quantize != "none" or settings.kv_cache_dtype != "auto") and not fetch_only:
                 # Before anything is submitted: only then is torch imported here (to ask the card).
-                from tubesum.workers.gpu.engine import check_kv_cache_dtype, check_quantize
+                from tubesum.workers.gpu.options import check_kv_cache_dtype, check_quantize
 
                 check_quantize(settings.quantize, device_map=settings.device_map)
                 check_kv_cache_dtype(settings.kv_cache_dtype, device_map=settings.device_map)
@@ -867,7 +867,7 @@ def bench_cmd(
     modes = [(q, k) for q in quant_modes for k in kv_modes]
     device_map = "cpu" if device == "cpu" else ("cuda:0" if device == "cuda" else device)
     with exit_codes():  # every mode is checked before anything is loaded or written
-        from tubesum.workers.gpu.engine import check_kv_cache_dtype, check_quantize
+        from tubesum.workers.gpu.options import check_kv_cache_dtype, check_quantize
 
         if not quant_modes:
             raise BadInput("--quantize needs at least one of none, fp8")
