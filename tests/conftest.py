@@ -97,6 +97,14 @@ POLL_INTERVAL_S = 0.1
 TABLES = ("summaries", "batches", "transcripts", "videos", "jobs")
 
 HOSTNAME = socket.gethostname()
+
+# Ctrl-C tests send SIGINT to `tubesum` subprocesses. A shell that starts the suite in the
+# background without job control (`.ci/run &`, nohup) makes it ignore SIGINT, and an ignored
+# signal stays ignored across exec: every child would then shrug Ctrl-C off and those tests time
+# out. A handled signal is reset to its default on exec, so handling it here gives every child
+# Python's own KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # The checkout: on PYTHONPATH of every subprocess, so `-A tests.youtube_replay:worker_app` imports.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
