@@ -10,7 +10,10 @@ Writes DIR/check_kv_fp8.json after every step (a failing step is recorded and th
    shapes, for the default split count and a few fixed ones, with the bytes each reads;
 2. `graph`: the runner with an FP8 KV cache, its decode step captured in a CUDA graph, against
    the same runner without graphs, token for token (greedy, 32 tokens, 8 prompts);
-3. `quality PATH`: for every --model (a real one such as SmolLM2): greedy agreement over the
+3. `sweep`: the kernel's launch shape (keys per iteration, warps, pipeline stages; then split
+   counts) timed at 256 and 512 rows; writes DIR/kernel_best.json, the fastest shape at 512 rows,
+   which `benchmarks/with_kernel.py` applies to a bench run in the same call;
+4. `quality PATH`: for every --model (a real one such as SmolLM2): greedy agreement over the
    first 32 tokens and the first decode step's logit cosine, KV cache bf16 against FP8
    (workers/gpu/fp8_quality.py's `bf16_kv_vs_fp8_kv`); the gate is 90%.
 Timing rows: `tubesum bench --model ... --kv-cache-dtype auto,fp8` on the same card.
@@ -19,6 +22,7 @@ Timing rows: `tubesum bench --model ... --kv-cache-dtype auto,fp8` on the same c
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import runpy
@@ -41,16 +45,19 @@ TIMED_CALLS, WARMUP_CALLS = 50, 5
 # Fixed split counts timed beside the default (num_splits), to tune TARGET_PROGRAMS.
 SPLIT_VARIANTS = (1, 2, 4, 8)
 GRAPH_TOKENS = 32
+# The launch shapes `sweep` times, and the row counts (a chunk of 256 and of 512).
+SWEEP_BLOCKS, SWEEP_WARPS, SWEEP_STAGES = (32, 64, 128), (2, 4, 8), (2, 3, 4)
+SWEEP_ROWS = (256, 512)
 
 
-def _decode_shapes(device: torch.device) -> dict:
-    """Random keys/values of 256 rows at shuffled, gapped offsets in a flat cache (bf16 and its
+def _decode_shapes(device: torch.device, rows: int = ROWS) -> dict:
+    """Random keys/values of `rows` rows at shuffled, gapped offsets in a flat cache (bf16 and its
     FP8 form with per-head scales), and one step's queries."""
     rng = random.Random(SEED)
-    lengths = [rng.randrange(MIN_KEYS, MAX_KEYS + 1) for _ in range(ROWS)]
-    order = list(range(ROWS))
+    lengths = [rng.randrange(MIN_KEYS, MAX_KEYS + 1) for _ in range(rows)]
+    order = list(range(rows))
     rng.shuffle(order)  # rows out of order in the cache, as a rolling generation leaves them
-    starts, at = [0] * ROWS, 0
+    starts, at = [0] * rows, 0
     for i in order:
         starts[i], at = at, at + lengths[i] + 32
     torch.manual_seed(SEED)
@@ -71,7 +78,7 @@ def _decode_shapes(device: torch.device) -> dict:
         "v8": quantise_kv(v, v_scale).view(torch.uint8),
         "k_scale": k_scale,
         "v_scale": v_scale,
-        "q": torch.randn(ROWS, HEADS, HEAD_DIM, device=device).bfloat16(),
+        "q": torch.randn(rows, HEADS, HEAD_DIM, device=device).bfloat16(),
         "max_k": math.ceil(max(lengths) / 1024) * 1024,  # the runner's MAX_K_ROUNDING
     }
 
@@ -161,6 +168,43 @@ def kernel_check(device: torch.device) -> dict:
     return out
 
 
+def sweep(device: torch.device, out_dir: Path) -> dict:
+    """Every launch shape in SWEEP_* at 256 and 512 rows (default split count), then split counts
+    for the best one; ms per call and GB/s. Writes the best at 512 rows to kernel_best.json."""
+    from tubesum.workers.gpu.decode_attention import KERNEL, KernelConfig, decode_attention
+
+    out: dict = {"default": vars(KERNEL), "rows": {}}
+    best_at: dict[int, tuple[float, KernelConfig]] = {}
+    for rows in SWEEP_ROWS:
+        s = _decode_shapes(device, rows)
+        nbytes = sum(s["lengths"]) * KV_HEADS * HEAD_DIM * 2
+        args = (s["q"], s["k8"], s["v8"], s["k_scale"], s["v_scale"], s["starts"], s["used"])
+        ref = decode_attention(*args, max_k=s["max_k"]).float()
+        table = []
+        for block in SWEEP_BLOCKS:
+            for warps in SWEEP_WARPS:
+                for stages in SWEEP_STAGES:
+                    cfg = KernelConfig(block=block, warps=warps, stages=stages)
+                    try:
+                        got = decode_attention(*args, max_k=s["max_k"], config=cfg).float()
+                        ms = _time_ms(lambda cfg=cfg: decode_attention(*args, max_k=s["max_k"], config=cfg))
+                    except Exception as e:  # a shape this card's Triton cannot build: recorded
+                        table.append({**vars(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
+                        continue
+                    same = float((got - ref).abs().max())
+                    table.append({**vars(cfg), "ms": ms, "GBps": nbytes / ms / 1e6, "max_diff_vs_default": same})
+                    if same < 1e-2 and (rows not in best_at or ms < best_at[rows][0]):
+                        best_at[rows] = (ms, cfg)
+        ms, cfg = best_at[rows]
+        splits = {n: _time_ms(lambda n=n: decode_attention(*args, max_k=s["max_k"], config=cfg, splits=n)) for n in (1, 2, 4)}
+        out["rows"][rows] = {"table": table, "best": {**vars(cfg), "ms": ms, "GBps": nbytes / ms / 1e6}, "splits_ms": splits}
+    best = best_at[max(SWEEP_ROWS)][1]
+    (out_dir / "kernel_best.json").write_text(json.dumps(vars(best)))
+    out["chosen"] = vars(best)
+    out["ok"] = True
+    return out
+
+
 def graph_check(model: str, device: torch.device) -> dict:
     m, _ = dummy.build_dummy(model, device=device, dtype=torch.bfloat16)
     rng = random.Random(SEED)
@@ -204,7 +248,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--graph-model", default="dummy:llama-3-1b", help="the graph check's model (random weights)")
     ap.add_argument("--model", action="append", default=[], help="real models (paths) for the quality check")
-    ap.add_argument("--skip", action="append", default=[], choices=["kernel", "graph"], help="steps not to run")
+    ap.add_argument("--skip", action="append", default=[], choices=["kernel", "graph", "sweep"], help="steps not to run")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +263,11 @@ def main() -> None:
             "triton": triton.__version__,
         }
     }
-    steps = [("kernel", lambda: kernel_check(device)), ("graph", lambda: graph_check(args.graph_model, device))]
+    steps = [
+        ("kernel", lambda: kernel_check(device)),
+        ("graph", lambda: graph_check(args.graph_model, device)),
+        ("sweep", lambda: sweep(device, out)),
+    ]
     steps = [(name, step) for name, step in steps if name not in args.skip]
     for model in args.model:
         steps.append((f"quality {model}", lambda model=model: quality(model)))

@@ -23,7 +23,7 @@ for step in $steps; do
                --set "$repo/examples/nature_transcripts.csv" --set "$repo/examples/holdout_transcripts.csv" \
                --quantize none --quantize fp8 --quantize none+kv-fp8 --quantize fp8+kv-fp8 --out "$out/summaries" ;;
     repeat) run repetition_cost python "$repo/benchmarks/repetition_cost.py" --rows 64,256 --reps 2 --out "$out" ;;
-    kv) run check_kv_fp8 python "$repo/benchmarks/check_kv_fp8.py" --skip kernel --skip graph --model "$model" --out "$out" ;;
+    kv) run check_kv_fp8 python "$repo/benchmarks/check_kv_fp8.py" --skip kernel --skip graph --skip sweep --model "$model" --out "$out" ;;
     *) echo "unknown step $step" >&2 ;;
   esac
 done

@@ -15,15 +15,19 @@ import math
 
 import torch
 
-from tubesum.workers.gpu.decode_attention import decode_attention
+from tubesum.workers.gpu.decode_attention import KernelConfig, decode_attention
 from tubesum.workers.gpu.kv_cache import dequantise_kv, quantise_kv
 
-# (row lengths, KV heads, query heads per KV head, head dim, splits: None = num_splits)
+# (row lengths, KV heads, query heads per KV head, head dim, splits: None = num_splits[, launch
+# shape: None = the default KERNEL])
 CASES = {
     "gqa4_default_splits": ([1, 7, 300], 2, 4, 64, None),
     "no_gqa_empty_splits": ([300, 1, 65], 2, 1, 64, 4),
     "splits_not_dividing": ([5, 130], 1, 4, 128, 3),
     "head_dim_128_long": ([64, 129, 1000], 2, 4, 128, 2),
+    # the sweep's other shapes: a smaller and a larger key block (rows not multiples of either)
+    "block_32_two_warps": ([33, 1, 200], 2, 4, 128, 2, KernelConfig(block=32, warps=2, stages=2)),
+    "block_128_eight_warps": ([129, 300], 2, 4, 64, None, KernelConfig(block=128, warps=8, stages=4)),
 }
 # Blocks of stale bytes left between rows (a rolling generation's cache). Slots.
 GAP = 9
@@ -43,7 +47,16 @@ def reference(q, k_cache, v_cache, k_scale, v_scale, starts, used) -> torch.Tens
     return out
 
 
-def run_case(lengths: list[int], kv_heads: int, group: int, head_dim: int, splits: int | None, seed: int) -> dict:
+def run_case(
+    lengths: list[int],
+    kv_heads: int,
+    group: int,
+    head_dim: int,
+    splits: int | None,
+    config: KernelConfig | None = None,
+    *,
+    seed: int,
+) -> dict:
     torch.manual_seed(seed)
     heads = kv_heads * group
     # Rows in reverse order with stale bytes between them.
@@ -55,7 +68,7 @@ def run_case(lengths: list[int], kv_heads: int, group: int, head_dim: int, split
     v_cache = quantise_kv(torch.randn(at, kv_heads, head_dim), v_scale).view(torch.uint8)
     q = torch.randn(len(lengths), heads, head_dim).bfloat16()
     st, used = torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32)
-    got = decode_attention(q, k_cache, v_cache, k_scale, v_scale, st, used, max_k=max(lengths), splits=splits)
+    got = decode_attention(q, k_cache, v_cache, k_scale, v_scale, st, used, max_k=max(lengths), splits=splits, config=config)
     want = reference(q, k_cache, v_cache, k_scale, v_scale, st, used)
     err = (got.float() - want).abs()
     return {

@@ -22,13 +22,25 @@ indexing ops and the Triton interpreter (the CPU tests) both handle bytes, not e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# Keys one program of the first kernel reads per loop iteration. Tokens.
-BLOCK_N = 64
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The first kernel's launch shape: keys per loop iteration (tokens), warps per program, and
+    software-pipeline stages (loads of the next tiles in flight while one is computed)."""
+
+    block: int = 64
+    warps: int = 4
+    stages: int = 3  # Triton's own defaults: 4 warps, 3 stages
+
+
+# What every call uses unless given one (benchmarks/check_kv_fp8.py's `sweep` times the others).
+KERNEL = KernelConfig()
 # Query heads of one KV head are padded to this many tile rows (`tl.dot` wants at least 16).
 MIN_GROUP_TILE = 16
 # Programs the first kernel aims for: a few waves over a card's ~132 SMs, so short batches
@@ -58,7 +70,7 @@ def _split_kernel(
     l_ptr,  # [B, H, SPLITS] float32: its sum of exp2
     acc_ptr,  # [B, H, SPLITS, D] float32: its unnormalised output
     sm_scale_log2,  # softmax scale × log2(e)
-    split_len,  # keys per split (a multiple of BLOCK_N)
+    split_len,  # keys per split (a multiple of the block)
     stride_qb,
     stride_qh,
     stride_ks,
@@ -164,11 +176,14 @@ def decode_attention(
     *,
     max_k: int,
     splits: int | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """One decode step's attention: q [B, H, D] bf16 (or fp16); k_cache, v_cache [S, KVH, D] uint8 views
     of e4m3 values (`k ≈ k_cache · k_scale[head]`); k_scale, v_scale [KVH] float32; starts,
     used [B] int32 (row b reads slots starts[b] .. starts[b] + used[b] - 1, used[b] in
-    [1, max_k]) → [B, H, D] in q's dtype. `splits` (default `num_splits`) must not depend on data."""
+    [1, max_k]) → [B, H, D] in q's dtype. `splits` (default `num_splits`) must not depend on data;
+    `config` defaults to KERNEL."""
+    cfg = config or KERNEL
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -176,7 +191,7 @@ def decode_attention(
     assert k_cache.dtype == torch.uint8 and v_cache.dtype == torch.uint8
     if splits is None:
         splits = num_splits(rows=rows, kv_heads=kv_heads, max_k=max_k)
-    split_len = math.ceil(math.ceil(max_k / splits) / BLOCK_N) * BLOCK_N
+    split_len = math.ceil(math.ceil(max_k / splits) / cfg.block) * cfg.block
     dev = q.device
     m = torch.empty(rows, heads, splits, dtype=torch.float32, device=dev)
     l_sum = torch.empty_like(m)
@@ -210,8 +225,10 @@ def decode_attention(
         GROUP_TILE=max(MIN_GROUP_TILE, triton.next_power_of_2(group)),
         HEAD_DIM=dim,
         SPLITS=splits,
-        BLOCK=BLOCK_N,
+        BLOCK=cfg.block,
         DOT_F32=interpreted,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     _merge_kernel[(rows, heads)](
         m,

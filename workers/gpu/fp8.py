@@ -169,14 +169,21 @@ def fp8_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     xq, sx = quant(x2, w.act_scale_ub)
-    if aligned(w) and scaled_mm_ok(x.device):
-        out = torch._scaled_mm(xq, w.weight.t(), scale_a=sx, scale_b=w.scale, out_dtype=torch.bfloat16)
-    else:  # the same numbers without the FP8 GEMM (fp32 accumulation)
-        out = (xq.float() * sx) @ w.dequantize(torch.float32).t()
-    out = out.to(x.dtype)
+    out = scaled_matmul(xq, sx, w, x.dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*lead, out.shape[-1])
+
+
+def scaled_matmul(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Activations already quantised per token (xq [M, K] FP8, sx [M, 1]) times `w` → [M, N] in
+    `dtype`: the FP8 GEMM with both scales in its epilogue. For callers that quantise inside a
+    fused kernel of their own (the down projection's input, straight out of silu·up)."""
+    if aligned(w) and scaled_mm_ok(xq.device):
+        out = torch._scaled_mm(xq, w.weight.t(), scale_a=sx, scale_b=w.scale, out_dtype=torch.bfloat16)
+    else:  # the same numbers without the FP8 GEMM (fp32 accumulation)
+        out = (xq.float() * sx) @ w.dequantize(torch.float32).t()
+    return out.to(dtype)
 
 
 def linear(
