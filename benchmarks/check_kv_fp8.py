@@ -22,6 +22,7 @@ Timing rows: `tubesum bench --model ... --kv-cache-dtype auto,fp8` on the same c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -171,38 +172,47 @@ def kernel_check(device: torch.device) -> dict:
 def sweep(device: torch.device, out_dir: Path) -> dict:
     """Every launch shape in SWEEP_* at 256 and 512 rows (default split count), then split counts
     for the best one; ms per call and GB/s. Writes the best at 512 rows to kernel_best.json."""
-    from tubesum.workers.gpu.decode_attention import KERNEL, KernelConfig, decode_attention
+    from tubesum.workers.gpu.decode_attention import KERNEL
 
-    out: dict = {"default": vars(KERNEL), "rows": {}}
-    best_at: dict[int, tuple[float, KernelConfig]] = {}
-    for rows in SWEEP_ROWS:
-        s = _decode_shapes(device, rows)
-        nbytes = sum(s["lengths"]) * KV_HEADS * HEAD_DIM * 2
-        args = (s["q"], s["k8"], s["v8"], s["k_scale"], s["v_scale"], s["starts"], s["used"])
-        ref = decode_attention(*args, max_k=s["max_k"]).float()
-        table = []
-        for block in SWEEP_BLOCKS:
-            for warps in SWEEP_WARPS:
-                for stages in SWEEP_STAGES:
-                    cfg = KernelConfig(block=block, warps=warps, stages=stages)
-                    try:
-                        got = decode_attention(*args, max_k=s["max_k"], config=cfg).float()
-                        ms = _time_ms(lambda cfg=cfg: decode_attention(*args, max_k=s["max_k"], config=cfg))
-                    except Exception as e:  # a shape this card's Triton cannot build: recorded
-                        table.append({**vars(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
-                        continue
-                    same = float((got - ref).abs().max())
-                    table.append({**vars(cfg), "ms": ms, "GBps": nbytes / ms / 1e6, "max_diff_vs_default": same})
-                    if same < 1e-2 and (rows not in best_at or ms < best_at[rows][0]):
-                        best_at[rows] = (ms, cfg)
-        ms, cfg = best_at[rows]
-        splits = {n: _time_ms(lambda n=n: decode_attention(*args, max_k=s["max_k"], config=cfg, splits=n)) for n in (1, 2, 4)}
-        out["rows"][rows] = {"table": table, "best": {**vars(cfg), "ms": ms, "GBps": nbytes / ms / 1e6}, "splits_ms": splits}
-    best = best_at[max(SWEEP_ROWS)][1]
-    (out_dir / "kernel_best.json").write_text(json.dumps(vars(best)))
-    out["chosen"] = vars(best)
+    out: dict = {"default": vars(KERNEL), "rows": {rows: _sweep_rows(device, rows) for rows in SWEEP_ROWS}}
+    best = out["rows"][max(SWEEP_ROWS)]["best"]
+    chosen = {key: best[key] for key in ("block", "warps", "stages")}
+    (out_dir / "kernel_best.json").write_text(json.dumps(chosen))
+    out["chosen"] = chosen
     out["ok"] = True
     return out
+
+
+def _sweep_rows(device: torch.device, rows: int) -> dict:
+    from tubesum.workers.gpu.decode_attention import KernelConfig, decode_attention
+
+    s = _decode_shapes(device, rows)
+    nbytes = sum(s["lengths"]) * KV_HEADS * HEAD_DIM * 2
+    args = (s["q"], s["k8"], s["v8"], s["k_scale"], s["v_scale"], s["starts"], s["used"])
+
+    def call(cfg: KernelConfig | None = None, splits: int | None = None) -> torch.Tensor:
+        return decode_attention(*args, max_k=s["max_k"], config=cfg, splits=splits)
+
+    ref = call().float()
+    table: list[dict] = []
+    best: tuple[float, KernelConfig] | None = None
+    for block in SWEEP_BLOCKS:
+        for warps in SWEEP_WARPS:
+            for stages in SWEEP_STAGES:
+                cfg = KernelConfig(block=block, warps=warps, stages=stages)
+                try:
+                    diff = float((call(cfg).float() - ref).abs().max())
+                    ms = _time_ms(functools.partial(call, cfg))
+                except Exception as e:  # a shape this card's Triton cannot build: recorded, skipped
+                    table.append({**vars(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                table.append({**vars(cfg), "ms": ms, "GBps": nbytes / ms / 1e6, "max_diff_vs_default": diff})
+                if diff < 1e-2 and (best is None or ms < best[0]):
+                    best = (ms, cfg)
+    assert best is not None, "no launch shape ran"
+    ms, cfg = best
+    splits = {n: _time_ms(functools.partial(call, cfg, n)) for n in (1, 2, 4)}
+    return {"table": table, "best": {**vars(cfg), "ms": ms, "GBps": nbytes / ms / 1e6}, "splits_ms": splits}
 
 
 def graph_check(model: str, device: torch.device) -> dict:
@@ -248,7 +258,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--graph-model", default="dummy:llama-3-1b", help="the graph check's model (random weights)")
     ap.add_argument("--model", action="append", default=[], help="real models (paths) for the quality check")
-    ap.add_argument("--skip", action="append", default=[], choices=["kernel", "graph", "sweep"], help="steps not to run")
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=["kernel", "graph", "sweep"], help="steps not to run"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,9 @@ def run_case(
     v_cache = quantise_kv(torch.randn(at, kv_heads, head_dim), v_scale).view(torch.uint8)
     q = torch.randn(len(lengths), heads, head_dim).bfloat16()
     st, used = torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32)
-    got = decode_attention(q, k_cache, v_cache, k_scale, v_scale, st, used, max_k=max(lengths), splits=splits, config=config)
+    got = decode_attention(
+        q, k_cache, v_cache, k_scale, v_scale, st, used, max_k=max(lengths), splits=splits, config=config
+    )
     want = reference(q, k_cache, v_cache, k_scale, v_scale, st, used)
     err = (got.float() - want).abs()
     return {
