@@ -14,7 +14,14 @@ from transformers import AutoModelForCausalLM
 from tubesum.errors import ModelLoadError
 from tubesum.workers.gpu import dummy, fp8, fp8_load
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
-from tubesum.workers.gpu.fp8_quality import agreement, bf16_vs_fp8, precision_ladder
+from tubesum.workers.gpu.fp8_quality import (
+    agreement,
+    bf16_vs_fp8,
+    forced_agreement,
+    precision_ladder,
+    run_side,
+    teacher_forced_picks,
+)
 from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import probe_logits
 
@@ -296,6 +303,21 @@ def test_precision_ladder_compares_fp32_bf16_and_fp8_pairwise():
     assert fp8.is_quantized(model)  # each rung in place: fp32, then bf16, then FP8
     # bf16 stands closer to float32 than FP8 does (the same weights, the same prompts).
     assert ladder["bf16_vs_fp32"]["logit_cosine_mean"] > ladder["fp8_vs_fp32"]["logit_cosine_mean"]
+    assert all(0.0 <= r["teacher_forced_agreement"] <= 1.0 for r in ladder.values())
+
+
+def test_teacher_forced_picks_follow_the_given_tokens_not_their_own():
+    model = _model(std=0.02).float()
+    rows, _ = run_side(model, PROMPTS, 6)
+    # Fed its own greedy tokens, the model picks them again at every step (float32: no near-tie flips).
+    assert teacher_forced_picks(model, PROMPTS, rows) == rows
+    assert forced_agreement(rows, rows) == 1.0
+    # Fed other tokens, each step still answers its given prefix: the first pick is unchanged, and
+    # the picks are no longer the free-running row.
+    other = [[(t + 1) % 200 for t in r] for r in rows]
+    picks = teacher_forced_picks(model, PROMPTS, other)
+    assert [p[0] for p in picks] == [r[0] for r in rows]
+    assert forced_agreement(picks, rows) < 1.0
 
 
 # ---------------------------------------------------------------------- commands

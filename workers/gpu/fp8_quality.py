@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tubesum.workers.gpu import fp8
+from tubesum.workers.gpu.kv_cache import KVCache, row_starts
 from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import probe_logits
 
@@ -98,6 +99,38 @@ def bf16_vs_fp8(
     return compare(ref_rows, ref_logits, rows, logits, tokens=tokens)
 
 
+def teacher_forced_picks(model: torch.nn.Module, prompts: list[list[int]], conts: list[list[int]]) -> list[list[int]]:
+    """The fast runner's greedy pick at each step j of every row when fed prompt + conts[:j]
+    (one packed prefill per step: only the projections' precision differs between two models,
+    never the path taken). So one near-tie flipped early does not decide the rest of the row."""
+    llama = LlamaRunner(model, token_capacity=1).llama
+    steps = min(len(c) for c in conts)
+    picks: list[list[int]] = [[] for _ in prompts]
+    for j in range(steps):
+        seqs = [p + c[:j] for p, c in zip(prompts, conts)]
+        regions = [len(q) for q in seqs]
+        cache = KVCache(
+            layers=len(llama.layers),
+            capacity=sum(regions),
+            kv_heads=llama.n_kv,
+            head_dim=llama.head_dim,
+            dtype=llama.dtype,
+            device=llama.device,
+        )
+        with torch.inference_mode():
+            step = llama.prefill_logits(seqs, row_starts(regions), cache).argmax(-1).tolist()
+        for row, tok in zip(picks, step):
+            row.append(tok)
+        del cache
+    return picks
+
+
+def forced_agreement(picks: list[list[int]], conts: list[list[int]]) -> float:
+    """Share of steps where `picks` chose the token the reference row `conts` went on with."""
+    pairs = [(a, b) for p, c in zip(picks, conts) for a, b in zip(p, c)]
+    return sum(a == b for a, b in pairs) / max(1, len(pairs))
+
+
 def precision_ladder(model: torch.nn.Module, prompts: list[list[int]], *, tokens: int = GATE_TOKENS) -> dict[str, dict]:
     """The gate beside its floor: `model` (float32) run as it is, then cast to bf16, then its
     projections in FP8 (each in place), compared pairwise. On a small model, bf16 alone already
@@ -107,11 +140,23 @@ def precision_ladder(model: torch.nn.Module, prompts: list[list[int]], *, tokens
     model.to(torch.bfloat16)
     gc.collect()
     sides["bf16"] = run_side(model, prompts, tokens)
+    forced = {
+        "bf16_vs_fp32": forced_agreement(teacher_forced_picks(model, prompts, sides["fp32"][0]), sides["fp32"][0])
+    }
     fp8.quantize_model_(model)
     gc.collect()
     sides["fp8"] = run_side(model, prompts, tokens)
+    for ref in ("fp32", "bf16"):
+        conts = sides[ref][0]
+        forced[f"fp8_vs_{ref}"] = forced_agreement(teacher_forced_picks(model, prompts, conts), conts)
     pairs = (("bf16", "fp32"), ("fp8", "fp32"), ("fp8", "bf16"))
-    return {f"{a}_vs_{b}": compare(*sides[b], *sides[a], tokens=tokens).as_dict() for a, b in pairs}
+    report = {f"{a}_vs_{b}": compare(*sides[b], *sides[a], tokens=tokens).as_dict() for a, b in pairs}
+    # Teacher-forced: along the reference's own tokens, the share of steps where the other
+    # precision picks the same next token (free-running agreement stops meaning much after the
+    # first near-tie flips a row).
+    for key, share in forced.items():
+        report[key]["teacher_forced_agreement"] = share
+    return report
 
 
 def bf16_kv_vs_fp8_kv(model: torch.nn.Module, prompts: list[list[int]], *, tokens: int = GATE_TOKENS) -> QualityReport:
