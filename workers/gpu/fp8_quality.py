@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tubesum.workers.gpu import fp8
-from tubesum.workers.gpu.kv_cache import KVCache, row_starts
+from tubesum.workers.gpu.kv_cache import row_starts
 from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import probe_logits
 
@@ -109,14 +109,7 @@ def teacher_forced_picks(model: torch.nn.Module, prompts: list[list[int]], conts
     for j in range(steps):
         seqs = [p + c[:j] for p, c in zip(prompts, conts)]
         regions = [len(q) for q in seqs]
-        cache = KVCache(
-            layers=len(llama.layers),
-            capacity=sum(regions),
-            kv_heads=llama.n_kv,
-            head_dim=llama.head_dim,
-            dtype=llama.dtype,
-            device=llama.device,
-        )
+        cache = llama.new_cache(sum(regions))
         with torch.inference_mode():
             step = llama.prefill_logits(seqs, row_starts(regions), cache).argmax(-1).tolist()
         for row, tok in zip(picks, step):

@@ -251,6 +251,19 @@ class Llama:
             self.cos = cos[0].to(self.dtype)  # [max_positions, D]
             self.sin = sin[0].to(self.dtype)
 
+    def new_cache(self, capacity: int) -> KVCache:
+        """A KV cache of `capacity` tokens laid out for this model (its layers, KV heads, head dim
+        and cache dtype)."""
+        return KVCache(
+            layers=len(self.layers),
+            capacity=capacity,
+            kv_heads=self.n_kv,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+
     @property
     def kv_bytes_per_token(self) -> int:
         elem = kv_element_bytes(self.dtype, self.kv_cache_dtype)  # 1 in FP8: twice the tokens

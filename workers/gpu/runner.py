@@ -154,16 +154,7 @@ class LlamaRunner:
         """The one KV cache, allocated at token_capacity the first time (and again only after
         `release`): every chunk reuses it, so memory never fragments chunk by chunk."""
         if self._kv is None:
-            m = self.llama
-            self._kv = KVCache(
-                layers=len(m.layers),
-                capacity=self.token_capacity,
-                kv_heads=m.n_kv,
-                head_dim=m.head_dim,
-                dtype=m.dtype,
-                device=self.device,
-                kv_cache_dtype=m.kv_cache_dtype,
-            )
+            self._kv = self.llama.new_cache(self.token_capacity)
         return self._kv
 
     def _decoder_for(

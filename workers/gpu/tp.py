@@ -46,7 +46,7 @@ import torch.multiprocessing as mp
 
 from tubesum.errors import ModelLoadError
 from tubesum.workers.gpu import dummy, fp8
-from tubesum.workers.gpu.kv_cache import KVCache, kv_cache_fits, row_starts
+from tubesum.workers.gpu.kv_cache import kv_cache_fits, row_starts
 from tubesum.workers.gpu.runner import LlamaRunner, RunStats
 
 log = logging.getLogger(__name__)
@@ -295,15 +295,7 @@ def probe_logits(runner: LlamaRunner, prompts: list[list[int]]) -> tuple[torch.T
     model = runner.llama
     regions = [len(p) + 1 for p in prompts]  # each row: its prompt and one new token
     starts = row_starts(regions)
-    cache = KVCache(
-        layers=len(model.layers),
-        capacity=sum(regions),
-        kv_heads=model.n_kv,
-        head_dim=model.head_dim,
-        dtype=model.dtype,
-        device=model.device,
-        kv_cache_dtype=model.kv_cache_dtype,
-    )
+    cache = model.new_cache(sum(regions))
     with torch.inference_mode():
         first = model.prefill_logits(prompts, starts, cache)
         tokens = first.argmax(-1)
