@@ -187,6 +187,11 @@ def test_random_fp8_model_has_no_bf16_projections():
 def test_engine_quantize_fp8_on_cpu_when_the_card_check_is_off():
     engine = load_engine("dummy:tiny", device_map="cpu", quantize="fp8", fp8_card=False)
     assert engine.quantize == "fp8" and fp8.is_quantized(engine.model)
+    # Its batch rows say FP8 (they read "float32" before: the placeholder parameters' dtype).
+    from tubesum.workers.gpu.records import engine_facts
+    from tubesum.workers.gpu.scheduler import ChunkSizer
+
+    assert engine_facts(engine, worker_host="h", sizer=ChunkSizer(4))["dtype"] == "fp8"
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -203,7 +203,10 @@ def test_fp8_kv_is_refused_on_the_cpu_in_one_line_and_runs_when_the_card_check_i
         load_engine("dummy:tiny", device_map="cpu", kv_cache_dtype="int8")
     engine = load_engine("dummy:tiny", device_map="cpu", kv_cache_dtype="fp8", fp8_card=False)
     assert engine.kv_cache_dtype == "fp8" and engine.runner.kv_cache_dtype == "fp8"
-    assert engine.kv_bytes_per_token() * 4 == load_engine("dummy:tiny", device_map="cpu").kv_bytes_per_token()
+    plain = load_engine("dummy:tiny", device_map="cpu")
+    assert engine.kv_bytes_per_token() * 4 == plain.kv_bytes_per_token()
+    # Batch rows name the precision that ran, not only the model's dtype.
+    assert (engine.precision, plain.precision) == ("float32+kv-fp8", "float32")
 
 
 def test_bench_refuses_fp8_kv_on_the_cpu_before_writing_anything(tmp_path):

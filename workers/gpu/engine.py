@@ -90,6 +90,14 @@ class Engine:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     @property
+    def precision(self) -> str:
+        """What a batch row records as its dtype: the model's dtype, or what FP8 replaced in it
+        (`fp8`: FP8 projections, 16-bit activations; `+kv-fp8`: the KV cache in e4m3), so rows of
+        an FP8 job never read as bf16 ones."""
+        name = "fp8" if self.quantize == "fp8" else self.dtype
+        return name + ("+kv-fp8" if self.kv_cache_dtype == "fp8" else "")
+
+    @property
     def attn_implementation(self) -> str:
         if self.runner is not None:
             return self.runner.attn_implementation

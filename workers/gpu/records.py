@@ -18,7 +18,7 @@ EngineFacts = dict[str, Any]  # the Batch fields that describe the engine and th
 class EngineLike(Protocol):  # tubesum.workers.gpu.engine.Engine
     devices: str
     model_name: str
-    dtype: str
+    precision: str
     attn_implementation: str
     backend: str
 
@@ -32,7 +32,7 @@ def engine_facts(engine: EngineLike, *, worker_host: str, sizer: ChunkSizer) -> 
         worker_host=worker_host,
         devices=engine.devices,
         model=engine.model_name,
-        dtype=engine.dtype,
+        dtype=engine.precision,
         attn_implementation=engine.attn_implementation,
         engine=engine.backend,
         chunk_size=sizer.configured,
