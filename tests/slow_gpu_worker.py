@@ -9,6 +9,7 @@ import sys
 import time
 
 SLOW_CHUNK_ENV = "TUBESUM_TEST_SLOW_CHUNK_S"
+STARTED = "slow chunk started:"
 
 
 class SlowEngine:
@@ -21,6 +22,9 @@ class SlowEngine:
         return getattr(self.engine, name)
 
     def generate(self, prompts, params, **kwargs):  # type: ignore[no-untyped-def]
+        # What tests wait for before they signal: a chunk is on the "GPU" (the videos' database
+        # state says summarising a moment before the batcher has them).
+        print(f"{STARTED} {len(prompts)} prompts", file=sys.stderr, flush=True)
         time.sleep(self.delay_s)
         return self.engine.generate(prompts, params, **kwargs)
 

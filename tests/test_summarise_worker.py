@@ -318,6 +318,29 @@ def test_hand_back_returns_waiting_videos_at_once_and_the_running_chunk_after_th
         assert not sink.outcomes
 
 
+def test_a_video_tokenized_across_a_hand_back_goes_back_and_no_chunk_counts_as_abandoned(make_batcher, monkeypatch):
+    """A SIGTERM that lands while a video is being tokenized (its submit began before the hand-back
+    and ends after it): the video goes back at once, and since no chunk was running the worker
+    exits 0, not with the abandoned-chunk code (CI saw exit 75 with no chunk ever started)."""
+    from tubesum.errors import WorkerStopping
+    from tubesum.workers.gpu import batcher as batcher_module
+
+    batcher, sink = make_batcher(chunk_size=4, chunk_wait_s=0.3)
+    real_plan = batcher_module.SummaryPlan
+
+    def plan_then_sigterm(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        batcher.hand_back(30.0)
+        return plan
+
+    monkeypatch.setattr(batcher_module, "SummaryPlan", plan_then_sigterm)
+    with pytest.raises(WorkerStopping):
+        batcher.submit(VideoInput(1, transcript(1)))
+    assert batcher.wait_handed_back(FUTURE_TIMEOUT_S)
+    assert not batcher.abandoned()
+    assert not sink.batches and not sink.outcomes
+
+
 def test_a_failing_store_fails_the_tasks_and_the_batcher_goes_on(tiny_engine):
     calls = []
 

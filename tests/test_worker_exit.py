@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.test_faults import REPO, assert_nothing_lost, in_state, submit_ids, wait_statuses
-from tests.test_worker_loss import TERMINAL, start_gpu
+from tests.test_worker_loss import TERMINAL, chunk_started, start_gpu
 from tests.youtube_replay import fetch_worker_argv
 from tubesum.broker_redis import MALFORMED_SUFFIX
 from tubesum.celery_app import SUMMARISE_QUEUE, TRANSCRIPTS_QUEUE
@@ -100,7 +100,9 @@ def test_abandoning_the_running_chunk_exits_with_its_code_and_no_sigabrt(
     grace = {"TUBESUM_HANDBACK_GRACE_S": "2" if how == "grace-over" else "25"}
     worker = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=40, **grace)
     job_id = submit_ids([f"abnd{i:07d}" for i in range(4)], fault_env, transcripts=True)
-    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 4, message="a chunk running")
+    wait_until(
+        lambda: len(in_state(db, job_id, "summarising")) == 4 and chunk_started(worker, 4), message="a chunk running"
+    )
     worker.proc.send_signal(signal.SIGTERM)
     if how == "second-sigterm":
         wait_until(lambda: "handing back" in worker.log(), message="first SIGTERM seen")
@@ -116,7 +118,9 @@ def test_a_gpu_worker_that_finishes_its_chunk_after_sigterm_exits_zero(
 ):
     worker = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=3)
     job_id = submit_ids([f"fin{i:08d}" for i in range(4)], fault_env, transcripts=True)
-    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 4, message="a chunk running")
+    wait_until(
+        lambda: len(in_state(db, job_id, "summarising")) == 4 and chunk_started(worker, 4), message="a chunk running"
+    )
     worker.proc.send_signal(signal.SIGTERM)
     worker.proc.wait(timeout=60)
     assert worker.proc.returncode == EXIT_OK

@@ -28,7 +28,7 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import create_engine, func, select, text
 
 from tests.own_redis import OwnRedis
-from tests.slow_gpu_worker import SLOW_CHUNK_ENV
+from tests.slow_gpu_worker import SLOW_CHUNK_ENV, STARTED
 from tests.test_faults import (
     REPO,
     assert_nothing_lost,
@@ -109,6 +109,13 @@ def start_gpu(
         name=name,
         argv=gpu_worker_argv(name, model_dir, chunk_size=chunk_size),
     )
+
+
+def chunk_started(worker, prompts: int) -> bool:
+    """The slow worker has put at least `prompts` prompts on its "GPU" (its log line, written as
+    generate() begins): the videos' `summarising` state is set a moment before the batcher holds
+    them, so a signal sent on that state alone could land before any chunk runs."""
+    return sum(int(n) for n in re.findall(rf"{re.escape(STARTED)} (\d+) prompts", worker.log())) >= prompts
 
 
 # Celery's log line of a task that ended (it returned, or raised).
@@ -406,7 +413,10 @@ def test_sigterm_hands_back_held_messages_within_seconds(broker_env, db, start_w
     url = env["TUBESUM_BROKER_URL"]
     first = start_gpu(start_worker, env, "gpu-a", tiny_model_dir, slow_s=6)
     job_id = submit_ids([f"term{i:07d}" for i in range(8)], env, transcripts=True)
-    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 8, message="a chunk running, four waiting")
+    wait_until(
+        lambda: len(in_state(db, job_id, "summarising")) == 8 and chunk_started(first, 4),
+        message="a chunk running, four waiting",
+    )
     assert queue_depth(url) == 0
     first.proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
@@ -439,7 +449,10 @@ def test_the_running_chunk_is_handed_back_on_a_second_sigterm_or_when_the_grace_
     grace = {"TUBESUM_HANDBACK_GRACE_S": "2" if how == "grace-over" else "25"}
     first = start_gpu(start_worker, fault_env, "gpu-a", tiny_model_dir, slow_s=40, **grace)
     job_id = submit_ids([f"grace{i:06d}" for i in range(8)], fault_env, transcripts=True)
-    wait_until(lambda: len(in_state(db, job_id, "summarising")) == 8, message="a chunk running, four waiting")
+    wait_until(
+        lambda: len(in_state(db, job_id, "summarising")) == 8 and chunk_started(first, 4),
+        message="a chunk running, four waiting",
+    )
     first.proc.send_signal(signal.SIGTERM)
     wait_quick(lambda: queue_depth(redis_url) == 4, limit_s=HANDBACK_TARGET_S, message="four waiting messages back")
     if how == "second-sigterm":

@@ -240,9 +240,11 @@ class Batcher:
             time.sleep(HAND_BACK_POLL_S)
         with self._cond:
             rest = list(self._in_flight.values())
+            running = bool(self._running)
         if rest:
             log.warning("handing back the %d videos of the unfinished chunk", len(rest))
-            self._chunk_abandoned = True
+            # Abandoned only if a generation is still on the GPU: the exit code says so.
+            self._chunk_abandoned |= running
         self._give_back(rest)
         self._handed_back.set()
 
@@ -267,6 +269,10 @@ class Batcher:
                 return future
         plan = SummaryPlan(video.transcript, self.prompts)  # tokenizing: outside the queue's lock
         with self._cond:
+            # A hand-back that began while this video was being tokenized has given back what it
+            # found: this one must go back too, not wait in a queue no chunk will take.
+            if self._stopping:
+                raise WorkerStopping("worker is stopping")
             work = self._in_flight.get(video.video_pk)
             if work is not None:  # another delivery of the same video got in meanwhile
                 work.futures.append(future)
