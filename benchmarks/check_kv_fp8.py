@@ -11,8 +11,8 @@ Writes DIR/check_kv_fp8.json after every step (a failing step is recorded and th
 2. `graph`: the runner with an FP8 KV cache, its decode step captured in a CUDA graph, against
    the same runner without graphs, token for token (greedy, 32 tokens, 8 prompts);
 3. `sweep`: the kernel's launch shape (keys per iteration, warps, pipeline stages; then split
-   counts) timed at 256 and 512 rows; writes DIR/kernel_best.json, the fastest shape at 512 rows,
-   which `benchmarks/with_kernel.py` applies to a bench run in the same call;
+   counts) timed at 256 and 512 rows; writes DIR/kernel_best.json, the fastest shape at 512 rows
+   (on the H200 the default `KERNEL`: make it the default where a card says otherwise);
 4. `quality PATH`: for every --model (a real one such as SmolLM2): greedy agreement over the
    first 32 tokens and the first decode step's logit cosine, KV cache bf16 against FP8
    (workers/gpu/fp8_quality.py's `bf16_kv_vs_fp8_kv`); the gate is 90%.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tubesum.workers.gpu import fp8
 from tubesum.workers.gpu.kv_cache import row_starts
+from tubesum.workers.gpu.llama import Llama
 from tubesum.workers.gpu.runner import LlamaRunner
 from tubesum.workers.gpu.tp import probe_logits
 
@@ -103,7 +104,7 @@ def teacher_forced_picks(model: torch.nn.Module, prompts: list[list[int]], conts
     """The fast runner's greedy pick at each step j of every row when fed prompt + conts[:j]
     (one packed prefill per step: only the projections' precision differs between two models,
     never the path taken). So one near-tie flipped early does not decide the rest of the row."""
-    llama = LlamaRunner(model, token_capacity=1).llama
+    llama = Llama(model)
     steps = min(len(c) for c in conts)
     picks: list[list[int]] = [[] for _ in prompts]
     for j in range(steps):
@@ -114,7 +115,6 @@ def teacher_forced_picks(model: torch.nn.Module, prompts: list[list[int]], conts
             step = llama.prefill_logits(seqs, row_starts(regions), cache).argmax(-1).tolist()
         for row, tok in zip(picks, step):
             row.append(tok)
-        del cache
     return picks
 
 
