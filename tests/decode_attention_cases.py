@@ -19,7 +19,7 @@ from tubesum.workers.gpu.decode_attention import KernelConfig, decode_attention
 from tubesum.workers.gpu.kv_cache import dequantise_kv, quantise_kv
 
 # (row lengths, KV heads, query heads per KV head, head dim, splits: None = num_splits[, launch
-# shape: None = the default KERNEL])
+# shape: None = the default KERNEL[, cache: "fp8" (default) or "bf16"]])
 CASES = {
     "gqa4_default_splits": ([1, 7, 300], 2, 4, 64, None),
     "no_gqa_empty_splits": ([300, 1, 65], 2, 1, 64, 4),
@@ -28,6 +28,11 @@ CASES = {
     # the sweep's other shapes: a smaller and a larger key block (rows not multiples of either)
     "block_32_two_warps": ([33, 1, 200], 2, 4, 128, 2, KernelConfig(block=32, warps=2, stages=2)),
     "block_128_eight_warps": ([129, 300], 2, 4, 64, None, KernelConfig(block=128, warps=8, stages=4)),
+    # FlashAttention's launch order (every row of one KV head first)
+    "rows_first": ([7, 300, 65], 4, 4, 64, 2, KernelConfig(heads_first=False)),
+    # a bf16 cache (the bf16 decode path), both launch orders
+    "bf16_cache": ([1, 130, 300], 2, 4, 128, None, None, "bf16"),
+    "bf16_cache_rows_first": ([65, 1, 200], 2, 1, 64, 3, KernelConfig(heads_first=False), "bf16"),
 }
 # Blocks of stale bytes left between rows (a rolling generation's cache). Slots.
 GAP = 9
@@ -39,8 +44,10 @@ def reference(q, k_cache, v_cache, k_scale, v_scale, starts, used) -> torch.Tens
     group = heads // k_cache.shape[1]
     out = torch.empty(rows, heads, dim)
     for b, (s, n) in enumerate(zip(starts.tolist(), used.tolist())):
-        keys = dequantise_kv(k_cache[s : s + n], k_scale, torch.float32).transpose(0, 1)  # [KVH, n, D]
-        vals = dequantise_kv(v_cache[s : s + n], v_scale, torch.float32).transpose(0, 1)
+        keys, vals = k_cache[s : s + n], v_cache[s : s + n]
+        if k_cache.dtype == torch.uint8:  # e4m3 bytes (else a bf16 cache: the values themselves)
+            keys, vals = dequantise_kv(keys, k_scale, torch.float32), dequantise_kv(vals, v_scale, torch.float32)
+        keys, vals = keys.float().transpose(0, 1), vals.float().transpose(0, 1)  # [KVH, n, D]
         keys, vals = keys.repeat_interleave(group, 0), vals.repeat_interleave(group, 0)  # [H, n, D]
         scores = torch.einsum("hd,hnd->hn", q[b].float(), keys) / math.sqrt(dim)
         out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), vals)
@@ -54,6 +61,7 @@ def run_case(
     head_dim: int,
     splits: int | None,
     config: KernelConfig | None = None,
+    cache: str = "fp8",
     *,
     seed: int,
 ) -> dict:
@@ -68,9 +76,16 @@ def run_case(
     v_cache = quantise_kv(torch.randn(at, kv_heads, head_dim), v_scale).view(torch.uint8)
     q = torch.randn(len(lengths), heads, head_dim).bfloat16()
     st, used = torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32)
-    got = decode_attention(
-        q, k_cache, v_cache, k_scale, v_scale, st, used, max_k=max(lengths), splits=splits, config=config
-    )
+    if cache == "bf16":  # the same values, held dequantised in bf16 (unit scales in the reference)
+        k_cache = dequantise_kv(k_cache, k_scale, torch.bfloat16)
+        v_cache = dequantise_kv(v_cache, v_scale, torch.bfloat16)
+        got = decode_attention(
+            q, k_cache, v_cache, None, None, st, used, max_k=max(lengths), splits=splits, config=config
+        )
+    else:
+        got = decode_attention(
+            q, k_cache, v_cache, k_scale, v_scale, st, used, max_k=max(lengths), splits=splits, config=config
+        )
     want = reference(q, k_cache, v_cache, k_scale, v_scale, st, used)
     err = (got.float() - want).abs()
     return {

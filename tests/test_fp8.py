@@ -4,6 +4,10 @@ the float8 dtypes and a rowwise `_scaled_mm`, so the runner's FP8 path runs here
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from tests.fp8_fused_cases import CASES as FUSED_CASES
 from tubesum.errors import ModelLoadError
 from tubesum.workers.gpu import dummy, fp8, fp8_load
 from tubesum.workers.gpu.engine import SamplingParams, load_engine
@@ -386,3 +391,29 @@ def test_tensor_parallel_ranks_quantise_their_own_shards(spec):
         assert [len(g.token_ids) for g in rows] == [4, 4, 4]
     finally:
         tp.close()
+
+
+# ---------------------------------------------------------------------- one-pass quantisers
+
+
+@pytest.fixture(scope="module")
+def fused_results() -> dict:
+    """tests/fp8_fused_cases.py run once under TRITON_INTERPRET=1 (its own process: the
+    interpreter is chosen when triton.language is first imported)."""
+    script = Path(__file__).with_name("fp8_fused_cases.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [*FUSED_CASES, "quant_rows_bf16_input"])
+def test_one_pass_quantisers_match_the_torch_functions_they_replace(fused_results, case):
+    assert fused_results["interpreted"]
+    got = fused_results[case]
+    assert got["dtype"] == "torch.float8_e4m3fn"
+    # The same formulas: at most a rare value rounded the other way (float32 exp/rsqrt differ
+    # in the last bit), never more than one e4m3 step, and the same scales.
+    assert got["differing"] <= 0.01 and got["max_steps"] <= 1.0, got
+    assert got["scale_rel_err"] <= 1e-5, got
+    assert got.get("residual_equal", True), got

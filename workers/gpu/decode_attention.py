@@ -1,7 +1,9 @@
-"""Decode attention over an FP8 KV cache: one Triton split-KV (flash-decoding) kernel with GQA.
+"""Decode attention over the KV cache: one Triton split-KV (flash-decoding) kernel with GQA.
 
 Why its own kernel: FlashAttention reads bf16/fp16 keys only, and the FP8 cache
 (`--kv-cache-dtype fp8`, workers/gpu/kv_cache.py) exists to halve the bytes a decode step reads.
+The same kernel reads a bf16 cache too (where it beats FlashAttention's decode: see
+`heads_first` below and docs/benchmarks.md).
 The kernel reads each row's region of the flat cache (`starts[b]`, `used[b]` keys, the same
 layout FlashAttention's `cu_seqlens_k` + `seqused_k` read), and
 
@@ -37,6 +39,11 @@ class KernelConfig:
     block: int = 64
     warps: int = 4
     stages: int = 3  # Triton's own defaults: 4 warps, 3 stages
+    # Programs in launch order: the KV heads of one row next to each other (True), or every row of
+    # one KV head first (False, what FlashAttention's grid does). A cache slot holds all KV heads
+    # of a token side by side ([S, KVH, D]), so with heads first the programs running at one time
+    # read whole slots, not one 128-256-byte slice of each: fewer DRAM pages opened per byte.
+    heads_first: bool = True
 
 
 # What every call uses unless given one (benchmarks/check_kv_fp8.py's `sweep` times the others).
@@ -83,11 +90,18 @@ def _split_kernel(
     SPLITS: tl.constexpr,
     BLOCK: tl.constexpr,
     DOT_F32: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+        heads = tl.num_programs(0) * GROUP
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        heads = tl.num_programs(1) * GROUP
     split = tl.program_id(2)
-    heads = tl.num_programs(1) * GROUP
 
     g = tl.arange(0, GROUP_TILE)  # query head within the group (rows past GROUP are padding)
     d = tl.arange(0, HEAD_DIM)
@@ -102,8 +116,12 @@ def _split_kernel(
     used = tl.load(used_ptr + b)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, used)
-    k_scale = tl.load(k_scale_ptr + kvh)
-    v_scale = tl.load(v_scale_ptr + kvh)
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr + kvh)
+        v_scale = tl.load(v_scale_ptr + kvh)
+    else:  # a 16-bit cache holds the values themselves
+        k_scale = 1.0
+        v_scale = 1.0
     qk_scale = k_scale * sm_scale_log2  # scores in the log2 domain (exp2 is the fast one)
 
     m_i = tl.full([GROUP_TILE], float("-inf"), tl.float32)
@@ -117,8 +135,11 @@ def _split_kernel(
         v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=k_ok[:, None], other=0)
         # e4m3 → bf16/fp16 is exact (3 mantissa bits fit), so the dots run on 16-bit tensor cores
         # (float32 under the interpreter: see DOT_F32).
-        k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
-        v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+        if KV_FP8:
+            k = k.to(tl.float8e4nv, bitcast=True)
+            v = v.to(tl.float8e4nv, bitcast=True)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N] float32
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -169,8 +190,8 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
     starts: torch.Tensor,
     used: torch.Tensor,
     *,
@@ -178,17 +199,19 @@ def decode_attention(
     splits: int | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """One decode step's attention: q [B, H, D] bf16 (or fp16); k_cache, v_cache [S, KVH, D] uint8 views
-    of e4m3 values (`k ≈ k_cache · k_scale[head]`); k_scale, v_scale [KVH] float32; starts,
-    used [B] int32 (row b reads slots starts[b] .. starts[b] + used[b] - 1, used[b] in
-    [1, max_k]) → [B, H, D] in q's dtype. `splits` (default `num_splits`) must not depend on data;
-    `config` defaults to KERNEL."""
+    """One decode step's attention: q [B, H, D] bf16 (or fp16); k_cache, v_cache [S, KVH, D]:
+    uint8 views of e4m3 values (`k ≈ k_cache · k_scale[head]`, k_scale and v_scale [KVH]
+    float32), or a 16-bit cache in q's dtype (scales None); starts, used [B] int32 (row b reads
+    slots starts[b] .. starts[b] + used[b] - 1, used[b] in [1, max_k]) → [B, H, D] in q's dtype.
+    `splits` (default `num_splits`) must not depend on data; `config` defaults to KERNEL."""
     cfg = config or KERNEL
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
-    assert k_cache.dtype == torch.uint8 and v_cache.dtype == torch.uint8
+    kv_fp8 = k_cache.dtype == torch.uint8
+    assert v_cache.dtype == k_cache.dtype and (k_cache.dtype == q.dtype or kv_fp8)
+    assert (k_scale is not None and v_scale is not None) == kv_fp8
     if splits is None:
         splits = num_splits(rows=rows, kv_heads=kv_heads, max_k=max_k)
     split_len = math.ceil(math.ceil(max_k / splits) / cfg.block) * cfg.block
@@ -202,12 +225,13 @@ def decode_attention(
     # `tl.dot` multiplies bf16 tiles as their raw uint16 bits (triton 3.9): there the dots run
     # in float32 instead.
     interpreted = q.device.type == "cpu"
-    _split_kernel[(rows, kv_heads, splits)](
+    grid = (kv_heads, rows, splits) if cfg.heads_first else (rows, kv_heads, splits)
+    _split_kernel[grid](
         q,
         k_cache,
         v_cache,
-        k_scale,
-        v_scale,
+        k_scale if kv_fp8 else q,  # never read without FP8 (any pointer will do)
+        v_scale if kv_fp8 else q,
         starts,
         used,
         m,
@@ -227,6 +251,8 @@ def decode_attention(
         SPLITS=splits,
         BLOCK=cfg.block,
         DOT_F32=interpreted,
+        HEADS_FIRST=cfg.heads_first,
+        KV_FP8=kv_fp8,
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )

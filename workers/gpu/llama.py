@@ -32,6 +32,13 @@ from tubesum.workers.gpu.moe import MoEWeights, moe_mlp
 # From this many rows on, decode attention packs each KV head's query heads together (reads the
 # cache once instead of once per query head); below it, the two layout copies cost more.
 GQA_PACK_MIN_ROWS = 16
+# The decode attention for a bf16 cache on a card: "triton" (workers/gpu/decode_attention.py, its
+# programs launched KV heads first) or "flash" (FlashAttention's varlen kernel with GQA packing).
+# Measured on the H200 (docs/benchmarks.md, fourth session); benchmarks switch it to compare.
+DECODE_KERNEL = "triton"
+# FP8 activations on a card: quantised by the one-pass Triton kernels of workers/gpu/fp8_fused.py
+# (True) or by the compiled torch functions below (False: what the third session measured).
+FUSED_FP8 = True
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "mixtral"}
 
@@ -53,6 +60,8 @@ def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool, seqused
     return out[0]
 
 
+# A projection's input quantised per token: (FP8 [T, K], scale [T, 1]).
+Quantised = tuple[torch.Tensor, torch.Tensor]
 # A projection's weight: a plain matrix, or its FP8 form (workers/gpu/fp8.py, `--quantize fp8`).
 Weight = torch.Tensor | fp8.Fp8Weight
 
@@ -129,6 +138,12 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: flo
     return x, rms_norm(x, w, eps)
 
 
+def add_rms_norm_quant(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float, ub: float | None):
+    """add_rms_norm with the norm quantised per token for an FP8 projection: (x, (FP8, scale))."""
+    x, h = add_rms_norm(x, delta, w, eps)
+    return x, fp8.quantize_rows(h, ub)
+
+
 def qkv_rope(
     qkv: torch.Tensor,
     cos_table: torch.Tensor,
@@ -166,8 +181,16 @@ class _Ops:
         self.add_rms_norm = wrap(add_rms_norm)
         self.qkv_rope = wrap(qkv_rope)
         self.silu_mul = wrap(silu_mul)
-        self.quant_rows = wrap(fp8.quantize_rows)  # FP8 activations: one kernel per projection
+        # FP8 activations, quantised per token as they are made (one kernel per projection input)
+        self.quant_rows = wrap(fp8.quantize_rows)
         self.silu_mul_quant = wrap(silu_mul_quant)
+        self.add_rms_norm_quant = wrap(add_rms_norm_quant)
+        if compiled and FUSED_FP8:  # a card: the one-pass Triton kernels (workers/gpu/fp8_fused.py)
+            from tubesum.workers.gpu import fp8_fused
+
+            self.quant_rows = fp8_fused.quant_rows
+            self.silu_mul_quant = fp8_fused.silu_mul_quant
+            self.add_rms_norm_quant = fp8_fused.add_rms_norm_quant
 
 
 class Llama:
@@ -198,16 +221,21 @@ class Llama:
         kv_element_bytes(self.dtype, kv_cache_dtype)  # validates the name
         self.kv_cache_dtype = kv_cache_dtype
         # FP8 KV on CUDA: decode through the Triton kernel (imported here, not at the top: triton
-        # is only needed, and only installed, where a CUDA card runs an FP8 cache).
-        self._fp8_decode = None
-        if kv_cache_dtype == "fp8" and self.device.type == "cuda":
+        # is only needed, and only installed, where a CUDA card runs). A bf16 cache too, where
+        # DECODE_KERNEL says so and FlashAttention would otherwise read it.
+        self._triton_decode = None
+        if self.device.type == "cuda" and (
+            kv_cache_dtype == "fp8" or (self.use_flash and DECODE_KERNEL == "triton" and self._triton_shape())
+        ):
             from tubesum.workers.gpu.decode_attention import decode_attention
 
-            self._fp8_decode = decode_attention
-        self.attn_implementation = "flash_varlen" if self.use_flash else "sdpa"
+            self._triton_decode = decode_attention
+        self.attn_implementation = ("flash_varlen" if self.use_flash else "sdpa") + (
+            "+triton_decode" if self._triton_decode is not None else ""
+        )
         # The SDPA decode reads each row's length on the host: no CUDA graph around it (a float32
         # model on a card, where flash-attn takes only 16-bit inputs).
-        self.graph_capturable = self.device.type == "cuda" and (self.use_flash or self._fp8_decode is not None)
+        self.graph_capturable = self.device.type == "cuda" and (self.use_flash or self._triton_decode is not None)
         self.ops = _Ops(compiled=self.device.type == "cuda" and compile_ops)
 
         inner = model.model
@@ -251,6 +279,11 @@ class Llama:
             self.cos = cos[0].to(self.dtype)  # [max_positions, D]
             self.sin = sin[0].to(self.dtype)
 
+    def _triton_shape(self) -> bool:
+        # What the bf16 switch was measured on: GQA (the kernel's tile packs a KV head's query
+        # heads) and a power-of-two head dim (its `tl.arange`).
+        return self.n_kv < self.n_heads and self.head_dim & (self.head_dim - 1) == 0
+
     def new_cache(self, capacity: int) -> KVCache:
         """A KV cache of `capacity` tokens laid out for this model (its layers, KV heads, head dim
         and cache dtype)."""
@@ -276,18 +309,31 @@ class Llama:
             dist.all_reduce(partial, group=self.tp_group)
         return partial
 
-    def _linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # F.linear for bf16 weights (unchanged), the FP8 GEMM for quantised ones.
+    def _linear(self, x: torch.Tensor | Quantised, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # F.linear for bf16 weights (unchanged), the FP8 GEMM for quantised ones; `x` may come
+        # quantised already (by the norm before it, `_norm`).
+        if isinstance(x, tuple):
+            assert isinstance(w, fp8.Fp8Weight)
+            out = fp8.scaled_matmul(x[0], x[1], w, self.dtype)
+            return out if bias is None else out + bias
         return fp8.linear(x, w, bias, quant=self.ops.quant_rows)
 
-    def _mlp(self, lyr: _Layer, h: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, nxt: Weight | None):
+        """The residual add and the RMSNorm before projection `nxt`: (x, its input). For an FP8
+        projection the input comes quantised out of the same kernel (never written in bf16)."""
+        if isinstance(nxt, fp8.Fp8Weight):
+            return self.ops.add_rms_norm_quant(x, delta, w, self.eps, nxt.act_scale_ub)
+        return self.ops.add_rms_norm(x, delta, w, self.eps)
+
+    def _mlp(self, lyr: _Layer, h: torch.Tensor | Quantised) -> torch.Tensor:
         if lyr.moe is not None:
+            assert isinstance(h, torch.Tensor)
             return moe_mlp(h, lyr.moe, self.ops.silu_mul, quant=self.ops.quant_rows)
         assert lyr.w13 is not None and lyr.w2 is not None
         gu = self._linear(h, lyr.w13)
         if isinstance(lyr.w2, fp8.Fp8Weight):
             xq, sx = self.ops.silu_mul_quant(gu, lyr.w2.act_scale_ub)
-            return fp8.scaled_matmul(xq, sx, lyr.w2, h.dtype)
+            return fp8.scaled_matmul(xq, sx, lyr.w2, self.dtype)
         return self._linear(self.ops.silu_mul(gu), lyr.w2)
 
     def _forward(
@@ -307,7 +353,7 @@ class Llama:
         at every replay, and every value stored before would be read back with the wrong scale)."""
         ops, eps = self.ops, self.eps
         x = F.embedding(ids, self.embed)  # [T, hidden]: the residual stream
-        h = ops.rms_norm(x, self.layers[0].ln1, eps)
+        h: torch.Tensor | Quantised = ops.rms_norm(x, self.layers[0].ln1, eps)
         for i, lyr in enumerate(self.layers):
             q, k, v = ops.qkv_rope(
                 self._linear(h, lyr.wqkv, lyr.bqkv),
@@ -323,10 +369,13 @@ class Llama:
             )
             cache.write(i, dest, k, v, calibrate=calibrate)
             attn = attend(i, q, k, v)  # [T, H, D]
-            x, h = ops.add_rms_norm(x, self._all_reduce(self._linear(attn.flatten(1), lyr.wo)), lyr.ln2, eps)
+            x, h = self._norm(x, self._all_reduce(self._linear(attn.flatten(1), lyr.wo)), lyr.ln2, lyr.w13)
             mlp = self._all_reduce(self._mlp(lyr, h))
-            after = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
-            x, h = ops.add_rms_norm(x, mlp, after, eps)
+            if i + 1 < len(self.layers):
+                x, h = self._norm(x, mlp, self.layers[i + 1].ln1, self.layers[i + 1].wqkv)
+            else:
+                x, h = ops.add_rms_norm(x, mlp, self.norm, eps)
+        assert isinstance(h, torch.Tensor)
         return h
 
     # ------------------------------------------------------------------ prefill
@@ -393,10 +442,12 @@ class Llama:
         pack = group > 1 and rows >= GQA_PACK_MIN_ROWS
 
         def attend(layer: int, q, _k, _v):
-            if cache.fp8 and self._fp8_decode is not None:
+            if self._triton_decode is not None:  # the Triton kernel: an FP8 cache, or bf16 by choice
                 k_flat, v_flat = cache.flat(layer)
+                if not cache.fp8:
+                    return self._triton_decode(q, k_flat, v_flat, None, None, cu_k[:-1], used, max_k=max_k)
                 assert cache.k_scale is not None and cache.v_scale is not None
-                return self._fp8_decode(
+                return self._triton_decode(
                     q,
                     k_flat.view(torch.uint8),
                     v_flat.view(torch.uint8),
