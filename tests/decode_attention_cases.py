@@ -33,6 +33,8 @@ CASES = {
     # a bf16 cache (the bf16 decode path), both launch orders
     "bf16_cache": ([1, 130, 300], 2, 4, 128, None, None, "bf16"),
     "bf16_cache_rows_first": ([65, 1, 200], 2, 1, 64, 3, KernelConfig(heads_first=False), "bf16"),
+    # SmolLM2's shape: 3 KV heads of 3 query heads each, head dim 64
+    "bf16_cache_smollm2_shape": ([20, 257], 3, 3, 64, None, None, "bf16"),
 }
 # Blocks of stale bytes left between rows (a rolling generation's cache). Slots.
 GAP = 9
