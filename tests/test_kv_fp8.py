@@ -253,3 +253,20 @@ def test_tensor_parallel_ranks_keep_their_own_heads_in_fp8():
         ]
     finally:
         tp.close()
+
+
+def test_the_runner_decodes_through_the_triton_kernel_as_through_sdpa():
+    """`Llama.decode_logits` wired to the Triton kernel (a card's path for an FP8 cache, and for a
+    bf16 cache under DECODE_KERNEL="triton"), run under the interpreter on the CPU: the same
+    decode logits as the SDPA path to float32 rounding, the same greedy tokens, for both caches."""
+    script = Path(__file__).with_name("triton_decode_engine_case.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=REPO, timeout=KERNEL_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    for kv in ("auto", "fp8"):
+        r = got[kv]
+        assert r["prefill_equal"] and r["tokens_equal"] and r["tokens"] == 8, (kv, r)
+        assert r["step_max_abs_diff"] <= 1e-4 * r["step_logit_scale"], (kv, r)
