@@ -25,6 +25,7 @@ import torch
 
 from tubesum.eval import evaluate, read_references, summarise_evals
 from tubesum.settings import DEFAULT_PROMPT, Settings
+from tubesum.workers.gpu import llama
 from tubesum.workers.gpu.engine import load_engine
 from tubesum.workers.gpu.params import SamplingParams
 from tubesum.workers.summarise.plan import SummaryPlan
@@ -69,7 +70,11 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a real model directory or .gguf")
     ap.add_argument("--set", action="append", required=True, help="CSV of video_id,transcript,key_facts")
     ap.add_argument(
-        "--quantize", action="append", default=[], help="none | fp8 | none+kv-fp8 | fp8+kv-fp8 (several: one run each)"
+        "--quantize",
+        action="append",
+        default=[],
+        help="none | fp8 | none+kv-fp8 | fp8+kv-fp8 (several: one run each); a suffix @flash decodes "
+        "through FlashAttention instead of the Triton kernel (the bf16 decode before the fourth session)",
     )
     ap.add_argument("--device-map", default="cuda:0")
     ap.add_argument("--dtype", default="bfloat16")
@@ -93,7 +98,9 @@ def main() -> None:
     texts: dict[tuple[str, str], list[str]] = {}
     for quantize in args.quantize or ["none"]:
         try:
-            weights, _, kv = quantize.partition("+kv-")  # e.g. "fp8+kv-fp8": FP8 projections and KV cache
+            precision, _, kernel = quantize.partition("@")
+            llama.DECODE_KERNEL = kernel or "triton"  # read when the engine's Llama is built
+            weights, _, kv = precision.partition("+kv-")  # e.g. "fp8+kv-fp8": FP8 projections and KV cache
             eng = load_engine(
                 args.model,
                 device_map=args.device_map,
@@ -112,7 +119,7 @@ def main() -> None:
             t0 = time.perf_counter()
             rows = summarise_set(eng, set_path, params)
             seconds = time.perf_counter() - t0
-            name = f"{quantize.replace('+', '_')}-{set_path.stem}"  # plain file names
+            name = f"{quantize.replace('+', '_').replace('@', '_')}-{set_path.stem}"  # plain file names
             with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
