@@ -232,11 +232,13 @@ def model_fetch_smollm2(
 @model_app.command("convert", cls=Command)
 def model_convert(gguf: str = typer.Argument(..., help="a .gguf file, or a directory holding one")) -> None:
     """Convert a GGUF model once into the model cache (run, workers and bench also do this on
-    first use); prints the converted directory."""
+    first use); prints the converted directory (a saved model directory: checked, printed as it is)."""
     from tubesum.workers.gpu.gguf_model import resolve_model
+    from tubesum.workers.gpu.model_check import check_convert_source
 
     logging.basicConfig(level="INFO", format="%(message)s")
     with exit_codes():
+        check_convert_source(gguf)  # an empty folder or a CSV is refused, not printed back
         typer.echo(resolve_model(gguf))
 
 
