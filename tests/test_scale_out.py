@@ -67,7 +67,7 @@ def test_a_bad_gpu_worker_count_records_nothing(env, tmp_path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "--gpu-workers must be 1 or more" in result.stderr
+    assert "'--gpu-workers': Input should be greater than or equal to 1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "tubesum.db").exists()  # refused before anything was recorded
 

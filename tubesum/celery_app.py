@@ -9,6 +9,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from tubesum.defaults import MAX_RESTORE_INTERVAL_S, PUBLISH_RETRY_POLICY, WORKER_LOST_RETRY_DELAY_S
+from tubesum.errors import embedded_dir_unusable
 from tubesum.events import LoopFlushedEvents
 from tubesum.settings import Settings, get_settings
 
@@ -33,11 +34,21 @@ def declared_queue(name: str, arguments: dict | None = None) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments=arguments)
 
 
+def make_embedded_dirs(settings: Settings, *subdirs: str) -> Path:
+    """The folders ``subdirs`` of TUBESUM_EMBEDDED_DIR, made if missing; returns the (absolute)
+    embedded directory. BadInput naming the variable if one cannot be made (a read-only place)."""
+    root = Path(settings.embedded_dir).resolve()
+    for sub in subdirs:
+        try:
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise embedded_dir_unusable(settings.embedded_dir, exc) from None
+    return root
+
+
 def embedded_broker_options(settings: Settings) -> dict:
     """The filesystem transport: one folder shared by every process on this machine."""
-    root = Path(settings.embedded_dir).resolve() / "broker"
-    for sub in ("queue", "processed", "control"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    root = make_embedded_dirs(settings, "broker/queue", "broker/processed", "broker/control") / "broker"
     return {
         "data_folder_in": str(root / "queue"),
         "data_folder_out": str(root / "queue"),

@@ -119,6 +119,9 @@ def _error(exc: BaseException | str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
+# The highest TCP port number.
+MAX_PORT = 65535
+
 # Settings a command line may override, by field: a refused value is named by the option given.
 SETTING_OPTIONS = {
     "model": "--model",
@@ -129,7 +132,17 @@ SETTING_OPTIONS = {
     "tensor_parallel": "--tensor-parallel",
     "dtype": "--dtype",
     "attn": "--attn",
+    "quantize": "--quantize",
+    "kv_cache_dtype": "--kv-cache-dtype",
 }
+
+
+def _more_than_zero(value: float | None) -> float | None:
+    """An option callback for seconds that must be more than 0 (None: not given); typer's ``min``
+    cannot exclude its bound."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value:g} is not more than 0 seconds")
+    return value
 
 
 @contextmanager
@@ -330,7 +343,7 @@ def node_name(name: str) -> str:
 
 @worker_app.command("fetch", cls=Command)
 def worker_fetch(
-    concurrency: int = typer.Option(4, "--concurrency", "-c", help="parallel fetches (processes)"),
+    concurrency: int = typer.Option(4, "--concurrency", "-c", min=1, help="parallel fetches (processes)"),
     name: str = typer.Option(
         "fetch@%h", "--name", "-n", help="Celery node name; NAME alone is NAME@%h (two on one host need two names)"
     ),
@@ -368,9 +381,12 @@ def reconcile_cmd(
     stuck_after: float = typer.Option(
         None,
         "--stuck-after",
+        callback=_more_than_zero,
         help="seconds without progress before a video counts as stuck (default TUBESUM_STUCK_AFTER_S)",
     ),
-    every: float = typer.Option(None, "--every", help="run a pass every this many seconds, until stopped"),
+    every: float = typer.Option(
+        None, "--every", callback=_more_than_zero, help="run a pass every this many seconds, until stopped"
+    ),
 ) -> None:
     """Re-enqueue videos stuck in queued/fetching/fetched/summarising (a dead worker or producer);
     fail those whose leases ran out too often. Every worker runs such a pass every
@@ -400,7 +416,7 @@ def reconcile_cmd(
 
 @app.command("flower", cls=Command, rich_help_panel=PANEL_DISTRIBUTED)
 def flower_cmd(
-    port: int = typer.Option(5555, "--port", help="port of Flower's pages and REST API"),
+    port: int = typer.Option(5555, "--port", min=1, max=MAX_PORT, help="port of Flower's pages and REST API"),
     address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0: every one)"),
 ) -> None:
     """Flower (task monitor) with basic auth from FLOWER_BASIC_AUTH=user:password; refuses to start
@@ -661,16 +677,19 @@ def run_cmd(
     output: str = typer.Option(
         None, "--output", "-o", help="export file (.csv or .jsonl) or directory; default ./tubesum-job-N.csv for job N"
     ),
-    fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", help="parallel transcript fetches"),
+    fetch_concurrency: int = typer.Option(2, "--fetch-concurrency", min=1, help="parallel transcript fetches"),
     gpu_workers: int = typer.Option(
         1,
         "--gpu-workers",
+        min=1,
         help="summarise workers on one queue, one per GPU (per TUBESUM_TENSOR_PARALLEL GPUs); on the CPU they share the cores",
     ),
     fetch_only: bool = typer.Option(
         False, "--fetch-only", help="start no summarise worker; stop once transcripts are in"
     ),
-    timeout: float = typer.Option(None, "--timeout", help="give up waiting after this many seconds"),
+    timeout: float = typer.Option(
+        None, "--timeout", callback=_more_than_zero, help="give up waiting after this many seconds"
+    ),
     reuse: bool = typer.Option(
         False, "--reuse", help="take over existing summaries of the same video, model and prompt"
     ),
@@ -700,6 +719,8 @@ def run_cmd(
             device_map=device_map,
             dtype=dtype,
             attn=attn,
+            quantize=quantize,
+            kv_cache_dtype=kv_cache_dtype,
         ).items()
         if v is not None
     }
@@ -773,15 +794,19 @@ def _say_failures(job_id: int, *, database_url: str) -> None:
 # --- benchmark ----------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    """Comma-separated positive integers; 'auto' becomes 0 (resolved once the model is loaded)."""
-    try:
-        values = [0 if x.strip() == "auto" else int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise typer.BadParameter("chunk sizes must be positive integers or 'auto'")
-    return values
+# How the bench's sweep writes `auto` among the chunk sizes (resolved once the model is loaded).
+AUTO_CHUNK_SIZE = 0
+
+
+def _chunk_sizes(text: str, *, option: str) -> list[int]:
+    """Comma-separated chunk sizes, each a whole number >= 1 or 'auto' (AUTO_CHUNK_SIZE); BadInput
+    naming ``option`` otherwise (a literal 0 is not taken for 'auto')."""
+    from tubesum.errors import BadInput
+
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or any(part != "auto" and not (part.isdigit() and int(part) >= 1) for part in parts):
+        raise BadInput(f"{option}={text!r}: expected comma-separated whole numbers >= 1 or 'auto'")
+    return [AUTO_CHUNK_SIZE if part == "auto" else int(part) for part in parts]
 
 
 @app.command("bench", cls=Command, rich_help_panel=PANEL_BENCH)
@@ -792,8 +817,8 @@ def bench_cmd(
         "--chunk-sizes",
         help="comma-separated sizes to sweep; 'auto' adds the size --chunk-size auto picks",
     ),
-    prompts: int = typer.Option(64, "--prompts", help="prompts per chunk size (reused for larger chunks)"),
-    new_tokens: int = typer.Option(150, "--new-tokens", help="tokens generated per prompt (EOS suppressed)"),
+    prompts: int = typer.Option(64, "--prompts", min=1, help="prompts per chunk size (reused for larger chunks)"),
+    new_tokens: int = typer.Option(150, "--new-tokens", min=1, help="tokens generated per prompt (EOS suppressed)"),
     transcripts: str = typer.Option(None, "--transcripts", help="CSV of real transcripts to build prompts from"),
     job: int = typer.Option(None, "--job", help="build prompts from this job's stored transcripts"),
     device: str = typer.Option(
@@ -802,6 +827,7 @@ def bench_cmd(
     tensor_parallel: int = typer.Option(
         1,
         "--tensor-parallel",
+        min=1,
         help="run the model over N GPUs with tensor parallelism; --baseline then times device_map over the same GPUs",
     ),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -817,7 +843,7 @@ def bench_cmd(
     ),
     baseline: bool = typer.Option(False, "--baseline", help="also time plain model.generate() on the same prompts"),
     baseline_sizes: str = typer.Option("1,64", "--baseline-chunk-sizes", help="chunk sizes for the baseline"),
-    max_chunks: int = typer.Option(3, "--max-chunks", help="timed chunks per size at most (at least --repeats)"),
+    max_chunks: int = typer.Option(3, "--max-chunks", min=1, help="timed chunks per size at most (at least --repeats)"),
     repeats: int = typer.Option(
         3, "--repeats", min=1, help="timed runs per size at least: their spread says whether the numbers are noise"
     ),
@@ -840,8 +866,6 @@ def bench_cmd(
     written after every size, so a crash or Ctrl-C keeps what was measured; a line per size shows
     progress. Each size runs at least --repeats times: the table shows the spread, and a warning
     says when it is noise."""
-    if lengths not in ("fixed", "varied", "both"):
-        raise typer.BadParameter(f"--lengths must be fixed, varied or both, not {lengths!r}")
     from pathlib import Path
 
     from rich.console import Console
@@ -849,8 +873,11 @@ def bench_cmd(
     from tubesum.errors import BadInput
     from tubesum.read.export import check_writable
 
-    sizes, base_sizes = _int_list(chunk_sizes), _int_list(baseline_sizes)
-    varied = _int_list(varied_sizes) if varied_sizes else None
+    if lengths not in ("fixed", "varied", "both"):
+        raise BadInput(f"--lengths={lengths!r}: must be fixed, varied or both")
+    sizes = _chunk_sizes(chunk_sizes, option="--chunk-sizes")
+    base_sizes = _chunk_sizes(baseline_sizes, option="--baseline-chunk-sizes")
+    varied = _chunk_sizes(varied_sizes, option="--varied-chunk-sizes") if varied_sizes else None
     out_dir = Path(output)
     check_writable(out_dir, what="directory")  # before torch loads, and minutes of sweeping
 

@@ -25,7 +25,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from tubesum.celery_app import create_app
+from tubesum.celery_app import create_app, make_embedded_dirs
 from tubesum.db import session_scope, upgrade
 from tubesum.display import clean
 from tubesum.errors import BadInput, Terminated, WorkerDied
@@ -56,6 +56,8 @@ UNFINISHED = (
 LOG_TAIL_LINES = 40
 # How often `--fetch-only` polls the database, seconds.
 POLL_S = 1.0
+# The folder of TUBESUM_EMBEDDED_DIR that holds the logs of the workers a run starts.
+LOGS_DIR = "logs"
 
 
 @dataclass
@@ -361,7 +363,7 @@ def local_workers(
     # -P: the working directory is not on sys.path, so nothing in it (a models.py, a workers/)
     # can shadow a module the worker imports.
     cli = [sys.executable, "-P", "-m", "tubesum.cli", "worker"]
-    logs = Path(settings.embedded_dir) / "logs"
+    logs = Path(settings.embedded_dir) / LOGS_DIR
     workers = [LocalWorker("fetch", [*cli, "fetch", "--concurrency", str(fetch_concurrency)], logs / "fetch.log")]
     if not summarise:
         return workers
@@ -435,10 +437,11 @@ def run_job(
         check_model(settings.model)  # seconds, not a minute of retries inside the worker
         if note and say is not None:
             say(note)
+    if gpu_workers < 1:  # before the broker check, which makes the embedded broker's folders
+        raise BadInput(f"--gpu-workers must be 1 or more, got {gpu_workers}")
     celery_app = create_app(settings)
     check_broker(celery_app)  # a broker that is down: one line, and no job recorded
-    if gpu_workers < 1:
-        raise BadInput(f"--gpu-workers must be 1 or more, got {gpu_workers}")
+    make_embedded_dirs(settings, LOGS_DIR)  # the workers' logs, with any broker: before the schema
     workers = local_workers(
         settings, summarise=not fetch_only, fetch_concurrency=fetch_concurrency, gpu_workers=gpu_workers
     )

@@ -116,6 +116,14 @@ def broker_unavailable(exc: BaseException, url: str, *, after: str = "") -> Serv
     )
 
 
+def embedded_dir_unusable(path: object, exc: OSError) -> BadInput:
+    """A folder under TUBESUM_EMBEDDED_DIR that cannot be made, as one line naming the variable."""
+    return BadInput(
+        f"cannot create TUBESUM_EMBEDDED_DIR {str(path)!r}: {exc.strerror or exc}; point it at a folder "
+        "this user can write (the embedded broker's files and `tubesum run`'s worker logs go there)"
+    )
+
+
 def describe_validation(exc: object, *, options: dict[str, str] | None = None) -> str:
     """A pydantic ValidationError of the settings as one line: which setting (the command-line
     option when it came from one, else its TUBESUM_ variable), the value, and what it must be."""

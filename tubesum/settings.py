@@ -37,6 +37,10 @@ HEARTBEATS_PER_LEASE = 3
 MAX_NEW_TOKENS_LIMIT = 32768
 # Where the model goes: accelerate's placements, the CPU, or one CUDA device (cuda, cuda:N).
 DEVICE_MAP_RE = re.compile(r"auto|balanced|balanced_low_0|sequential|cpu|mps|cuda(:\d+)?")
+# The databases tubesum runs on, for the line that refuses another one's URL.
+SUPPORTED_DATABASES = "tubesum supports PostgreSQL (postgresql+psycopg://) and SQLite (sqlite:///tubesum.db)"
+# The brokers tubesum runs on, for the line that refuses a transport whose package is missing.
+SUPPORTED_BROKERS = "tubesum supports Redis (redis://) and RabbitMQ (amqp://); unset it for the embedded broker"
 
 
 class Settings(BaseSettings):
@@ -55,7 +59,7 @@ class Settings(BaseSettings):
     model_cache: Path = Path(DEFAULT_MODEL_CACHE)
     prompt: str = DEFAULT_PROMPT
     chunk_size: int | Literal["auto"] = 32  # prompts per batched generation
-    chunk_wait_s: float = 2.0  # how long a partial chunk waits for more work, seconds
+    chunk_wait_s: float = Field(default=2.0, ge=0)  # how long a partial chunk waits for more work, seconds
     # The summary's token limit: the ~100 words the prompt asks for (TARGET_WORDS, about 1.4
     # tokens a word) plus half again for a model that runs long; one that reaches it is cut back
     # to its last complete sentence and marked truncated.
@@ -99,11 +103,11 @@ class Settings(BaseSettings):
 
     # --- fetching ------------------------------------------------------------------------------
     transcript_languages: Annotated[list[str], NoDecode] = ["en"]
-    http_connect_timeout_s: float = 5.0
-    http_read_timeout_s: float = 20.0
-    fetch_max_retries: int = 6  # transient failures (429, blocked, timeouts) before giving up
-    fetch_backoff_base_s: float = 2.0  # first retry delay; doubles each time, plus jitter
-    fetch_backoff_max_s: float = 300.0
+    http_connect_timeout_s: float = Field(default=5.0, gt=0)
+    http_read_timeout_s: float = Field(default=20.0, gt=0)
+    fetch_max_retries: int = Field(default=6, ge=0)  # transient failures (429, blocked, timeouts) before giving up
+    fetch_backoff_base_s: float = Field(default=2.0, ge=0)  # first retry delay; doubles each time, plus jitter
+    fetch_backoff_max_s: float = Field(default=300.0, ge=0)
     proxy_http: str | None = None  # e.g. http://user:pass@proxy:8080 (GenericProxyConfig)
     proxy_https: str | None = None
     webshare_proxy_username: str | None = None  # rotating residential proxies (WebshareProxyConfig)
@@ -112,28 +116,28 @@ class Settings(BaseSettings):
     # --- delivery --------------------------------------------------------------------------------
     # Redis redelivers an unacknowledged message after this long; it must exceed the longest chunk.
     # Leases recover a dead worker's videos long before; this is the broker's own backstop.
-    visibility_timeout_s: int = 4 * 3600
+    visibility_timeout_s: int = Field(default=4 * 3600, gt=0)
     # A claimed video is held this long past its worker's last heartbeat; then the reconcile pass
     # inside the workers sends it back to its queue. What a dead worker costs, seconds.
-    lease_s: float = 60.0
+    lease_s: float = Field(default=60.0, gt=0)
     # How often the GPU worker renews the leases of the videos it holds, seconds; at most
     # lease_s / HEARTBEATS_PER_LEASE, so a live worker's lease never runs out between two beats.
-    heartbeat_s: float = 20.0
+    heartbeat_s: float = Field(default=20.0, gt=0)
     # A queued/fetched video with no message left in its queue and no lease, untouched this long,
     # lost its message (broker restarted without persistence, producer died mid-send): it is sent
     # again, seconds. Also the age of a claimed video with no lease at all (rows from before leases).
-    stuck_after_s: float = 60.0
+    stuck_after_s: float = Field(default=60.0, gt=0)
     # How many times a task whose worker process died is redelivered before the video fails.
-    max_worker_lost_retries: int = 3
+    max_worker_lost_retries: int = Field(default=3, ge=0)
     # Leases of one video that may run out (its worker died holding it) before the video fails, so
     # a video that kills every worker does not loop. Outages with no worker at all do not count.
-    max_reconciles: int = 3
+    max_reconciles: int = Field(default=3, ge=0)
     # How often each worker (and `tubesum run`) runs a reconcile pass, seconds; passes of several
     # workers take turns (a PostgreSQL advisory lock). 0: no pass inside the workers.
-    reconcile_every_s: float = 10.0
+    reconcile_every_s: float = Field(default=10.0, ge=0)
     # SIGTERM: how long the GPU worker may finish the chunk it is running before it hands that
     # chunk's messages back too, seconds (inside a typical 30 s preemption notice).
-    handback_grace_s: float = 25.0
+    handback_grace_s: float = Field(default=25.0, ge=0)
 
     @field_validator("transcript_languages", mode="before")
     @classmethod
@@ -170,11 +174,23 @@ class Settings(BaseSettings):
 
         example = "e.g. postgresql+psycopg://user:password@host:5432/tubesum or sqlite:///tubesum.db"
         try:
-            make_url(value).get_dialect()
+            url = make_url(value)
+            dialect = url.get_dialect()
         except ArgumentError:
             raise ValueError(f"not a database URL ({example})") from None
         except NoSuchModuleError:
             raise ValueError(f"unknown database kind {value.split(':', 1)[0]!r} ({example})") from None
+        # Here, not at the first connect: a missing driver would be a traceback in every command.
+        try:
+            dialect.import_dbapi()
+        except ImportError as exc:
+            raise ValueError(
+                f"uses the driver {url.get_driver_name()!r}, which is not installed ({exc}); {SUPPORTED_DATABASES}"
+            ) from None
+        if dialect.is_async:  # tubesum's engines and sessions are synchronous
+            raise ValueError(
+                f"uses the asyncio driver {url.get_driver_name()!r}, which tubesum cannot use; {SUPPORTED_DATABASES}"
+            )
         return value
 
     @field_validator("broker_url")
@@ -182,14 +198,24 @@ class Settings(BaseSettings):
     def _broker_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None  # empty: the embedded broker, as when unset
-        from kombu.transport import TRANSPORT_ALIASES
+        from kombu.transport import TRANSPORT_ALIASES, get_transport_cls
 
         scheme, sep, _ = value.partition("://")
-        if not sep or scheme.partition("+")[0] not in TRANSPORT_ALIASES:
+        transport = scheme.partition("+")[0]
+        if not sep or transport not in TRANSPORT_ALIASES:
             raise ValueError(
                 "not a broker URL kombu knows (e.g. redis://host:6379/0, amqp://user:password@host:5672//; "
                 "unset for the embedded broker)"
             )
+        # Importing the transport imports its client package (botocore for sqs://, ...): a missing
+        # one is named here, not a traceback at the first send. kombu's kafka transport raises
+        # NameError instead of ImportError when confluent_kafka is missing.
+        try:
+            get_transport_cls(transport)
+        except (ImportError, NameError) as exc:
+            raise ValueError(
+                f"the {transport!r} transport needs a package that is not installed ({exc}); {SUPPORTED_BROKERS}"
+            ) from None
         return value
 
     @field_validator("transcript_languages")
@@ -209,18 +235,16 @@ class Settings(BaseSettings):
         )
         if self.visibility_timeout_s <= fetch_unacked_s:
             raise ValueError(
-                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest "
-                f"unacknowledged fetch, {fetch_unacked_s:.0f}s (backoff max + request timeouts)"
+                f"TUBESUM_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed the longest "
+                f"unacknowledged fetch, {fetch_unacked_s:.0f}s (TUBESUM_FETCH_BACKOFF_MAX_S + "
+                f"{FETCH_REQUESTS} x (TUBESUM_HTTP_CONNECT_TIMEOUT_S + TUBESUM_HTTP_READ_TIMEOUT_S))"
             )
-        if self.heartbeat_s <= 0 or self.lease_s < HEARTBEATS_PER_LEASE * self.heartbeat_s:
+        if self.lease_s < HEARTBEATS_PER_LEASE * self.heartbeat_s:
             raise ValueError(
-                f"lease_s ({self.lease_s}) must be at least {HEARTBEATS_PER_LEASE} "
-                f"heartbeats (heartbeat_s={self.heartbeat_s})"
+                f"TUBESUM_LEASE_S ({self.lease_s:g}) must be at least {HEARTBEATS_PER_LEASE} heartbeats of "
+                f"TUBESUM_HEARTBEAT_S ({self.heartbeat_s:g}), {HEARTBEATS_PER_LEASE * self.heartbeat_s:g}: "
+                "raise TUBESUM_LEASE_S or lower TUBESUM_HEARTBEAT_S"
             )
-        if self.stuck_after_s <= 0 or self.reconcile_every_s < 0 or self.handback_grace_s < 0:
-            raise ValueError("stuck_after_s must be > 0; reconcile_every_s and handback_grace_s >= 0")
-        if self.max_worker_lost_retries < 0 or self.max_reconciles < 0:
-            raise ValueError("max_worker_lost_retries and max_reconciles must be >= 0")
         return self
 
     @property

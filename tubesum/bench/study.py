@@ -27,6 +27,7 @@ import logging
 import math
 import platform
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +60,8 @@ DEFAULT_REPEATS = 3
 NOISE_SPREAD = 0.25
 # Fewest prompt tokens a synthetic prompt may have once the model's context is shared out.
 MIN_PROMPT_TOKENS = 8
+# What --device may name: the bench runs on one device (tensor parallelism over cuda:0..N-1).
+BENCH_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -487,9 +490,10 @@ def plot(report: BenchReport, out_dir: Path) -> list[Path]:
 
 def resolve_bench_device(device: str) -> tuple[str, str | None]:
     """``--device auto`` is CUDA when there is a CUDA device, else the CPU with a note; an explicit
-    ``cuda`` on a machine without one is a one-line ValueError. Returns (device, note or None)."""
-    import torch
-
+    ``cuda`` on a machine without one, or a name that is no device, is a one-line ValueError.
+    Returns (device, note or None)."""
+    if not BENCH_DEVICE_RE.fullmatch(device):
+        raise ValueError(f"--device={device!r}: must be auto, cpu, cuda or cuda:N")
     has_cuda = torch.cuda.is_available()
     if device == "auto":
         if has_cuda:
