@@ -9,6 +9,9 @@ Decisions (the issue left these open):
   or UTF-16's NUL pattern decides, otherwise the file must be valid UTF-8. One that is not is
   refused with the encoding it looks like (``--encoding`` names it): replacing the bytes would lose
   every accent of a Latin-1 file without a word.
+- A CSV row with fewer fields than its header, or a header naming a column twice, is refused: an
+  empty field (``abc,``) is a video without a transcript (recorded as failed), a missing one is a
+  broken file. Unnamed header columns (a spreadsheet's trailing commas) may repeat.
 - NUL characters in a CSV are dropped (PostgreSQL text cannot store them); other control
   characters are kept here and removed when the prompt is built.
 """
@@ -21,7 +24,8 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,12 +339,26 @@ def iter_transcripts_csv(
             raise BadInput(
                 f"transcripts CSV {name!r} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})"
             )
+        repeated = _repeated_columns(columns)
+        if repeated:
+            # DictReader keeps the last of two same-named columns: the other's text would be lost unsaid.
+            raise BadInput(
+                f"transcripts CSV {name!r} line 1 (the header) names column(s) {', '.join(repeated)} more than "
+                f"once: keep one of each"
+            )
         count = 0
         for row in _rows(reader, name):
             if None in row:  # more fields than the header: an unquoted comma, most likely
                 raise BadInput(
                     f"transcripts CSV {name!r} line {reader.line_num} has {len(columns) + len(row[None])} "
                     f"fields, the header {len(columns)}: quote a field that contains a comma"
+                )
+            lacking = [k for k, v in row.items() if v is None]  # DictReader's restval: fields the row lacks
+            if lacking:  # an empty field ("abc,") is a value; a field not there at all is a broken row
+                raise BadInput(
+                    f"transcripts CSV {name!r} line {reader.line_num} has {len(columns) - len(lacking)} "
+                    f"field(s), the header {len(columns)}: it lacks {', '.join(k.strip() for k in lacking)} "
+                    f"(an empty field still needs its comma)"
                 )
             # NUL: PostgreSQL text cannot hold it (the whole job's insert would fail); never meaningful.
             row = {(k or "").strip(): (v or "").replace("\x00", "") for k, v in row.items()}
@@ -360,6 +378,13 @@ def iter_transcripts_csv(
             on_bytes(csv_file.size)
     if not count:
         raise BadInput(f"transcripts CSV {name!r} has no rows")
+
+
+def _repeated_columns(columns: Sequence[str]) -> list[str]:
+    """Header names given more than once; unnamed columns (a spreadsheet's trailing commas) are
+    ignored, as their fields are."""
+    counts = Counter(c for c in columns if c)
+    return [c for c, n in counts.items() if n > 1]
 
 
 def _fieldnames(reader: csv.DictReader, name: str) -> list[str]:

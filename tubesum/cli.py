@@ -552,14 +552,23 @@ def eval_cmd(
     ),
     output: str = typer.Option("eval-out", "--output", "-o", help="directory for eval.csv, eval.json, eval.png"),
 ) -> None:
-    """How good the summaries are: words, truncated, cut mid-sentence, repeats, copy rate, prompt
-    echoes; with references, ROUGE-1/2/L and key-fact recall. A table, and per-video figures."""
+    """How good the summaries are: words, cut back to a whole sentence, reached the token limit,
+    cut mid-sentence, repeats, copy rate, prompt echoes; with references, ROUGE-1/2/L and key-fact
+    recall. A table, and per-video figures."""
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from tubesum.eval import evaluate, read_export, read_references, summarise_evals, summary_lines, write_eval
+    from tubesum.eval import (
+        check_references,
+        evaluate,
+        read_export,
+        read_references,
+        summarise_evals,
+        summary_lines,
+        write_eval,
+    )
     from tubesum.read.export import check_writable
 
     with exit_codes():
@@ -575,6 +584,11 @@ def eval_cmd(
                 rows, transcripts = export_rows(session, int(source)), transcript_texts(session, int(source))
         else:
             rows = read_export(Path(source))
+        if refs is not None:
+            what = f"job {source}" if source.isdigit() else repr(source)
+            warning = check_references(rows, refs, source=what, references_name=repr(references))
+            if warning:
+                typer.echo(clean(warning), err=True)
         evals = evaluate(rows, transcripts=transcripts, references=refs)
         summary = summarise_evals(evals)
         write_eval(evals, summary, Path(output))

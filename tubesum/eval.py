@@ -1,6 +1,8 @@
 """`tubesum eval`: how good are a job's summaries? Figures a user can act on, per video and overall.
 
-Per video: words; truncated (cut back at the token limit); cut mid-sentence (does not end with a
+Per video: words; truncated (cut back to its last whole sentence by workers/summarise/finish.py:
+at the token limit, or when the model stopped mid-sentence); reached the token limit
+(finish_reason "length", whether or not it was cut back); cut mid-sentence (does not end with a
 complete sentence); repeated sentences and the share of repeated n-grams (a model looping);
 copy rate (share of the summary's n-grams found in the transcript) and its complement, novel
 n-grams; echoes of the prompt's guard text; empty or failed. With a references CSV (the columns
@@ -17,6 +19,9 @@ matter. It is a recall of facts as words, strict enough that a summary which lea
 fails and lenient enough that paraphrasing its grammar passes.
 
 Reads jobs through the export query (tubesum/read/queries.py `export_rows`), or an export file.
+A file without the export's `video_id` and `summary` columns, a references CSV with neither
+`reference` nor `key_facts`, or references that name none of the job's videos are refused before
+anything is written: each would give figures that count nothing while looking like a result.
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ _UNITS = {
 }
 _TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i > 1}
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000, "billion": 1_000_000_000}
+# Columns of a `tubesum export` that eval reads; a file without them is not an export.
+EXPORT_REQUIRED_COLUMNS = ("video_id", "summary")
+# Columns of a references CSV that give figures (ROUGE, key-fact recall): at least one is needed.
+REFERENCE_FIGURE_COLUMNS = ("reference", "key_facts")
+# The finish_reason of a generation that the token limit (max_new_tokens) stopped.
+FINISH_AT_LIMIT = "length"
+# Video ids of the export named in the refusal when no reference matches, at most.
+IDS_SHOWN = 3
 _WORD = re.compile(r"[a-z0-9]+(?:[,.][0-9]{3})*")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
@@ -170,7 +183,8 @@ class VideoEval:
     words: int = 0
     empty: bool = False
     failed: bool = False
-    truncated: bool = False
+    truncated: bool = False  # cut back to its last whole sentence (the export's `truncated`)
+    reached_limit: bool | None = None  # finish_reason "length"; None: the row has no finish_reason
     cut_mid_sentence: bool = False
     repeated_sentences: int = 0
     repeated_ngram_share: float = 0.0
@@ -202,6 +216,8 @@ def evaluate_video(row: dict[str, object], *, transcript: str | None, ref: Refer
     tokens = words(summary)
     ev.words, ev.empty = len(summary.split()), not summary.strip()
     ev.truncated = str(row.get("truncated")).lower() in ("true", "1", "t")
+    finish_reason = row.get("finish_reason")
+    ev.reached_limit = None if finish_reason in (None, "") else finish_reason == FINISH_AT_LIMIT
     ev.cut_mid_sentence = bool(summary.strip()) and not ends_complete(summary)
     ev.repeated_sentences = repeated_sentences(summary)
     ev.repeated_ngram_share = repeated_ngram_share(tokens)
@@ -234,7 +250,8 @@ class EvalSummary:
     words_median: float | None
     words_p10: float | None
     words_p90: float | None
-    truncated: int
+    truncated: int  # cut back to a whole sentence
+    reached_limit: int | None  # stopped by the token limit; None when no row says (no finish_reason)
     cut_mid_sentence: int
     with_repeated_sentence: int
     repeated_ngram_share_mean: float | None
@@ -257,6 +274,12 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _count_known(flags: Iterable[bool | None]) -> int | None:
+    """How many flags are set; None when none is known (a figure of 0 would claim to know)."""
+    known = [f for f in flags if f is not None]
+    return sum(known) if known else None
+
+
 def _quantile(values: Sequence[int], q: float) -> float | None:
     if not values:
         return None
@@ -277,6 +300,7 @@ def summarise_evals(evals: Sequence[VideoEval]) -> EvalSummary:
         words_p10=_quantile(lengths, 0.1),
         words_p90=_quantile(lengths, 0.9),
         truncated=sum(e.truncated for e in done),
+        reached_limit=_count_known(e.reached_limit for e in done),
         cut_mid_sentence=sum(e.cut_mid_sentence for e in done),
         with_repeated_sentence=sum(e.repeated_sentences > 0 for e in done),
         repeated_ngram_share_mean=_mean(e.repeated_ngram_share for e in done),
@@ -292,16 +316,17 @@ def summarise_evals(evals: Sequence[VideoEval]) -> EvalSummary:
 
 
 def read_references(path: Path) -> dict[str, Reference]:
-    """`video_id` plus any of `reference`, `key_facts` (`fact1|fact2`) and `transcript`."""
+    """`video_id`, at least one of `reference` and `key_facts` (`fact1|fact2`), and optionally
+    `transcript` (for the copy rate of an export file)."""
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if "video_id" not in (reader.fieldnames or []):
-                raise BadInput(f"references CSV {str(path)!r} needs a video_id column")
+            columns = list(reader.fieldnames or [])
+            _check_reference_columns(columns, path)
             refs = {}
             for row in reader:
                 facts = [x.strip() for x in (row.get("key_facts") or "").split("|") if x.strip()]
-                refs[row["video_id"].strip()] = Reference(
+                refs[(row.get("video_id") or "").strip()] = Reference(
                     reference=(row.get("reference") or "").strip() or None,
                     key_facts=facts,
                     transcript=row.get("transcript") or None,
@@ -309,18 +334,77 @@ def read_references(path: Path) -> dict[str, Reference]:
             return refs
     except OSError as exc:
         raise BadInput(f"cannot read references CSV {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise BadInput(f"cannot read references CSV {str(path)!r}: {exc}") from None
+
+
+def _check_reference_columns(columns: Sequence[str], path: Path) -> None:
+    has = f"(has: {', '.join(columns) or 'none'})"
+    if "video_id" not in columns:
+        raise BadInput(f"references CSV {str(path)!r} needs a video_id column {has}")
+    if not any(c in columns for c in REFERENCE_FIGURE_COLUMNS):
+        raise BadInput(
+            f"references CSV {str(path)!r} has neither a reference nor a key_facts column {has}: it needs "
+            f"reference (for ROUGE) or key_facts (fact1|fact2, for key-fact recall)"
+        )
+
+
+def check_references(
+    rows: Sequence[dict[str, object]], references: dict[str, Reference], *, source: str, references_name: str
+) -> str | None:
+    """A warning when only some of the rows' videos have a reference (ROUGE and key-fact recall
+    count those only); BadInput when none has, since those figures would then be missing unsaid."""
+    ids = list(dict.fromkeys(str(r.get("video_id")) for r in rows))
+    matched = [v for v in ids if v in references]
+    if not matched:
+        shown = ", ".join(ids[:IDS_SHOWN]) + (" ..." if len(ids) > IDS_SHOWN else "")
+        raise BadInput(
+            f"no video of {source} is in {references_name} (its ids: {shown}): "
+            f"the references CSV must use the same video_id values"
+        )
+    if len(matched) < len(ids):
+        return (
+            f"warning: only {len(matched)} of {len(ids)} videos of {source} are in {references_name}: "
+            "ROUGE and key-fact recall cover those only"
+        )
+    return None
 
 
 def read_export(path: Path) -> list[dict[str, object]]:
-    """The rows of a `tubesum export` file (.csv or .jsonl)."""
+    """The rows of a `tubesum export` file (.csv or .jsonl); BadInput for a file that is not one."""
     try:
-        if path.suffix.lower() == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (OSError, ValueError) as exc:
+        rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
+    except (OSError, ValueError, csv.Error) as exc:
         raise BadInput(f"cannot read export file {str(path)!r}: {exc}") from None
+    if not rows:
+        raise BadInput(f"export file {str(path)!r} has no rows: nothing to evaluate")
+    for number, row in enumerate(rows, start=1):
+        missing = [c for c in EXPORT_REQUIRED_COLUMNS if c not in row]
+        if missing:
+            where = f" (row {number})" if number > 1 else ""
+            raise BadInput(
+                f"not a tubesum export: {str(path)!r}{where} has no {' / '.join(repr(c) for c in missing)} "
+                f"column (has: {', '.join(map(str, row)) or 'none'}); give a file of `tubesum export`"
+            )
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, object]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise BadInput(f"not a tubesum export: {str(path)!r} line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, object]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def evaluate(
@@ -399,7 +483,8 @@ def summary_lines(s: EvalSummary) -> list[tuple[str, str]]:
             "words mean (p10, median, p90)",
             f"{num(s.words_mean, '.0f')} ({num(s.words_p10, '.0f')}, {num(s.words_median, '.0f')}, {num(s.words_p90, '.0f')})",
         ),
-        ("truncated at the limit", pct(s.truncated, s.summarised)),
+        ("cut back to a whole sentence", pct(s.truncated, s.summarised)),
+        ("reached the token limit", "-" if s.reached_limit is None else pct(s.reached_limit, s.summarised)),
         ("cut mid-sentence", pct(s.cut_mid_sentence, s.summarised)),
         ("with a repeated sentence", pct(s.with_repeated_sentence, s.summarised)),
         (f"repeated {REPEAT_NGRAM}-grams (mean share)", num(s.repeated_ngram_share_mean, ".1%")),

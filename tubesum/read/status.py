@@ -25,7 +25,7 @@ def status_tables(status: JobStatus) -> list[Table | Text]:
     for name in (*STATUS_ORDER, *sorted(set(by_status) - set(STATUS_ORDER))):
         counts.add_row(name, str(by_status.get(name, 0)))
     counts.add_row("total", str(status.counts.total), style="bold")
-    if status.truncated:  # of the done ones: the token limit stopped them (last full sentence kept)
+    if status.truncated:  # of the done ones: cut back to their last full sentence (finish.py)
         counts.add_row("truncated", str(status.truncated), style="dim")
     facts = plain(f"created {status.created_at:%Y-%m-%d %H:%M} · model {status.model_shown}")
     tables: list[Table | Text] = [counts, facts]

@@ -27,7 +27,7 @@ _LAST_WORD = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
 @dataclass(frozen=True)
 class Finished:
     text: str
-    truncated: bool  # the limit stopped it, and its unfinished tail was cut off
+    truncated: bool  # its unfinished tail was cut off (at the token limit, or the model stopped mid-sentence)
 
 
 def _is_sentence_end(text: str, end: int) -> bool:

@@ -35,7 +35,7 @@ class SummaryPlan:
         self.text: str | None = None
         self.token_ids: list[int] = []  # the final generation's tokens
         self.finish_reason: str | None = None
-        self.truncated = False  # stopped by the limit and cut back to its last complete sentence
+        self.truncated = False  # cut back to its last complete sentence (finish.py: at the limit or mid-sentence)
         self.error: str | None = None
         ids = prompts.encode(transcript)
         if len(ids) <= prompts.budgets["single"]:
