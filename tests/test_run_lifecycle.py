@@ -82,10 +82,13 @@ def assert_all_gone(procs: list[psutil.Process], timeout: float = 5) -> None:
 
 
 def test_a_dead_worker_ends_a_run_started_in_the_background(embedded_env, tmp_path: Path) -> None:
-    # A model that passes the quick check (a directory with config.json) but cannot be loaded.
+    # A model that passes the quick check (config.json, a whole safetensors header, a tokenizer
+    # file) but cannot be loaded: the weights hold no tensor and the tokenizer file is not JSON.
     model = tmp_path / "weights-missing"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (model / "model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")
+    (model / "tokenizer.json").write_text("not a tokenizer")
     csv_path = write_csv(tmp_path / "t.csv", [("csvVideo001", "a transcript")])
     command = shlex.join(cli("run", "--transcripts", str(csv_path), "--model", str(model)))
     # `cmd &` in a non-interactive shell runs with SIGINT ignored: the old watchdog's
