@@ -73,6 +73,16 @@ def test_a_header_naming_a_column_twice_is_refused(env, db_url, tmp_path, name) 
     assert jobs_in(db_url) == 0
 
 
+def test_run_names_a_broken_row_further_down_before_it_makes_or_starts_anything(plain_env, tmp_path) -> None:
+    # The first rows are fine: only a check of every row finds line 4 before the embedded run
+    # makes its database and broker folders and starts its workers.
+    path = tmp_path / "late.csv"
+    path.write_text("video_id,transcript\ncsvVideo001,Bees dance.\ncsvVideo002,Owls hoot.\ncsvVideo003\n")
+    result = tubesum(command("run", path), env=plain_env, cwd=tmp_path)
+    assert_one_line(result, "late.csv", "line 4 has 1 field(s), the header 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.csv"]
+
+
 # --- eval: the export --------------------------------------------------------------------------------
 
 
