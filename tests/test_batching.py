@@ -12,6 +12,7 @@ from tubesum.workers.gpu.scheduler import (
     ChunkSizer,
     Pending,
     admit,
+    fold_groups,
     halves,
     plan_chunk,
     plan_token_chunk,
@@ -158,6 +159,20 @@ def test_prefill_groups_keep_order_fit_the_budget_and_leave_nothing_out():
     groups = prefill_groups(lengths, token_budget=9)
     assert [i for a, b in groups for i in range(a, b)] == list(range(len(lengths)))
     assert all(sum(lengths[a:b]) <= 9 or b - a == 1 for a, b in groups)
+
+
+def test_fold_groups_spread_the_joiners_over_the_steps_in_slices_worth_a_gemm():
+    # 8 prompts of 1,000 tokens over 4 steps: two a step, in input order, every prompt once.
+    assert fold_groups([1000] * 8, steps=4, min_tokens=512) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    # Few tokens: not spread thinner than min_tokens a step (here: all in one step).
+    assert fold_groups([100, 200, 50], steps=16, min_tokens=512) == [(0, 3)]
+    # A prompt longer than a step's share goes alone; nothing is left out or reordered.
+    lengths = [3000, 10, 10, 700, 700, 5]
+    groups = fold_groups(lengths, steps=4, min_tokens=256)
+    assert groups[0] == (0, 1)
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(lengths)))
+    assert len(fold_groups([1000] * 64, steps=16, min_tokens=512)) == 16  # in by the next check
+    assert fold_groups([], steps=16, min_tokens=512) == []
 
 
 def test_free_regions_take_first_fit_in_offset_order():

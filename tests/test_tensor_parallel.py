@@ -172,6 +172,11 @@ def _compare_two_ranks_with_one(spec: str, monkeypatch) -> None:
         # Rolling, two rows at a time: every rank gets the setting and takes the same turns.
         rolled, _ = tp.generate(prompts, params, rolling=True, max_rows=2)
         assert [g.token_ids for g in rolled] == [g.token_ids for g in alone]
+        # Folded joins too (rows end at their own limits, so later prompts join while one still
+        # decodes): every rank runs the same mixed steps, their all-reduces included.
+        limits = [3, 20, 5, 17, 9, 4]
+        folded, _ = tp.generate(prompts, params, new_tokens=limits, rolling=True, max_rows=2, fold=True)
+        assert [g.token_ids for g in folded] == [g.token_ids[:n] for g, n in zip(alone, limits)]
         # Out of memory on ONE rank (here rank 0; the other would have room): every rank gives
         # the chunk up together, nobody waits in an all-reduce, and the group goes on.
         monkeypatch.setattr(tp_module, "kv_cache_fits", lambda *a, **k: False)

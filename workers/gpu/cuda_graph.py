@@ -76,8 +76,9 @@ class DecodeGraph:
         if use_graph:
             self._capture(pool)
 
-    def _step(self) -> None:
-        logits = self.step_logits(self.tokens, self.pos, self.cu_k, self.cache, self.max_k)  # [B, V]
+    def _step(self, step_logits: StepLogits | None = None) -> None:
+        fn = step_logits or self.step_logits
+        logits = fn(self.tokens, self.pos, self.cu_k, self.cache, self.max_k)  # [B, V]
         if self.suppress is not None:
             logits.index_fill_(1, self.suppress, float("-inf"))
         ngram, penalty = self.repeat  # on the row's own tokens out[:, :row_step]: no host sync
@@ -141,3 +142,9 @@ class DecodeGraph:
             self.graph.replay()
         else:
             self._step()
+
+    def run_with(self, step_logits: StepLogits) -> None:
+        """One step, eagerly, whose logits come from `step_logits` instead (a mixed step that also
+        prefills joining prompts, workers/gpu/runner.py); the same pick and bookkeeping as a
+        replay, on the same buffers, so the graph replays on from where it left."""
+        self._step(step_logits)

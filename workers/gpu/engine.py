@@ -149,12 +149,15 @@ class Engine:
         new_tokens: list[int] | None = None,
         rolling: bool = False,
         max_rows: int | None = None,
+        fold: bool = False,
     ) -> tuple[list[Generation], BatchTimings]:
         """One batched generation over the whole chunk. Results come back in input order.
         Raises OutOfMemory when the chunk does not fit, with every tensor of the failed attempt
         already freed. `new_tokens`: each prompt's own length (fast backend; the bench).
         `rolling` (fast backend): the chunk may need more KV cache than exists at once; as many
-        rows as fit decode together (at most `max_rows`), and the rest join as rows finish."""
+        rows as fit decode together (at most `max_rows`), and the rest join as rows finish;
+        `fold` (with `rolling`): prompts that join while others decode are prefilled inside the
+        next decode steps (mixed steps) instead of in a pass of their own."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use = backend or self.backend
@@ -175,6 +178,7 @@ class Engine:
                     rolling=rolling,
                     max_rows=max_rows,
                     repeat=params.repeat_rules,
+                    fold=fold,
                 )
                 prefill_s, decode_s, padded = stats.prefill_s, stats.decode_s, stats.computed_prompt_tokens
             else:

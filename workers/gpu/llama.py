@@ -393,6 +393,14 @@ class Llama:
         """Logits [n, V] at each prompt's last position only (never the whole vocabulary for
         every prompt token: at 256 × 1,400 tokens that alone would be ~180 GB). Prompt i's
         token t goes to cache slot starts[i] + t."""
+        ids, pos, dest, last, attend = self._packed(prompts, starts)
+        h = self._forward(ids, pos, cache, dest, attend, calibrate=not cache.calibrated)[last]  # [n, hidden]
+        cache.calibrated = True  # an FP8 cache took its scales from this first prefill
+        return F.linear(h, self.lm_head).float()
+
+    def _packed(self, prompts: list[list[int]], starts: list[int]):
+        """Prompts packed into one sequence: their ids, positions and cache slots [T], each
+        prompt's last token [n], and the causal attention of each prompt over its own tokens."""
         lens = [len(p) for p in prompts]
         dev = self.device
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)  # [T]
@@ -412,9 +420,35 @@ class Llama:
                 return _flash(q, k, v, cu, cu, longest, longest, causal=True)
             return self._sdpa_prefill(q, k, v, offsets)
 
-        h = self._forward(ids, pos, cache, dest, attend, calibrate=not cache.calibrated)[last]  # [n, hidden]
-        cache.calibrated = True  # an FP8 cache took its scales from this first prefill
-        return F.linear(h, self.lm_head).float()
+        return ids, pos, dest, last, attend
+
+    # ------------------------------------------------------------------ mixed step
+    def mixed_logits(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        cu_k: torch.Tensor,
+        cache: KVCache,
+        max_k: int,
+        prompts: list[list[int]],
+        starts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for every row (as `decode_logits`) with `prompts` prefilled in the
+        same pass: their tokens ride in the step's projections and MLPs (one GEMM of rows + T
+        tokens instead of two), each part attends as it would alone. Returns the rows' logits
+        [B, V] and each prompt's first-token logits [n, V] (float32, as `prefill_logits`)."""
+        rows = tokens.shape[0]
+        p_ids, p_pos, p_dest, last, prompt_attend = self._packed(prompts, starts)
+        row_attend = self._decode_attend(rows, pos, cu_k, cache, max_k)
+
+        def attend(layer: int, q, k, v):
+            return torch.cat(
+                [row_attend(layer, q[:rows], k[:rows], v[:rows]), prompt_attend(layer, q[rows:], k[rows:], v[rows:])]
+            )
+
+        dest = torch.cat([cu_k[:-1].long() + pos, p_dest])
+        h = self._forward(torch.cat([tokens, p_ids]), torch.cat([pos, p_pos]), cache, dest, attend)
+        return F.linear(h[:rows], self.lm_head), F.linear(h[rows + last], self.lm_head).float()
 
     def _sdpa_prefill(self, q, k, v, offsets: list[int]) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -432,8 +466,14 @@ class Llama:
     ) -> torch.Tensor:
         """One step for every row: tokens, pos: [B]; cu_k: [B + 1] int32, row i's region starts
         at cu_k[i]; max_k ≥ every row's length → logits [B, V]. Capturable in a CUDA graph."""
-        rows = tokens.shape[0]
         dest = cu_k[:-1].long() + pos  # [B]
+        attend = self._decode_attend(tokens.shape[0], pos, cu_k, cache, max_k)
+        # bf16 logits are fine for a greedy pick (same argmax as after a float cast).
+        return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head)
+
+    def _decode_attend(self, rows: int, pos: torch.Tensor, cu_k: torch.Tensor, cache: KVCache, max_k: int):
+        """The attention of one decode step: each of `rows` rows reads its own region of the
+        cache, its keys up to position `pos` (this step's already written)."""
         used = (pos + 1).to(torch.int32)  # [B] keys each row may read
         cu_q = torch.arange(rows + 1, device=self.device, dtype=torch.int32)
 
@@ -472,8 +512,7 @@ class Llama:
             out = out.view(rows, group, self.n_kv, self.head_dim).transpose(1, 2)
             return out.reshape(rows, self.n_heads, self.head_dim)
 
-        # bf16 logits are fine for a greedy pick (same argmax as after a float cast).
-        return F.linear(self._forward(tokens, pos, cache, dest, attend), self.lm_head)
+        return attend
 
     def _sdpa_decode(self, q, layer: int, cache: KVCache, cu_k: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
         # q: [B, H, D]; each row attends to its own region's written slots only (CPU path: the

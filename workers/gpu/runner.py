@@ -14,7 +14,10 @@ small kernels per token from Python. The runner instead ties together
 
 and runs the decode loop: rows that finish leave the step (a smaller bucket), and with `rolling`
 waiting prompts take the graph rows and KV regions (workers/gpu/kv_regions.py) that finished rows
-give back (workers/gpu/scheduler.py's `admit`).
+give back (workers/gpu/scheduler.py's `admit`). With `fold` as well, the joining prompts are not
+prefilled in a pass of their own while the decode waits: the next decode steps carry them, a slice
+of whole prompts each (`fold_groups`), in one forward pass with the rows (`Llama.mixed_logits`,
+run eagerly outside the graph).
 On CPU (tests) the same code runs with PyTorch SDPA per prompt and without graphs.
 """
 
@@ -33,7 +36,7 @@ from tubesum.workers.gpu.cuda_graph import DecodeGraph, row_bucket
 from tubesum.workers.gpu.kv_cache import CPU_TOKEN_CAPACITY, CacheTooSmall, KVCache, measure_capacity
 from tubesum.workers.gpu.kv_regions import FreeRegions
 from tubesum.workers.gpu.llama import Llama
-from tubesum.workers.gpu.scheduler import admit, prefill_groups
+from tubesum.workers.gpu.scheduler import admit, fold_groups, prefill_groups
 
 # Prompt tokens per prefill forward pass. Big enough for full-speed matmuls, small enough that the
 # MLP activations ([tokens, 2 × intermediate]) stay around a gigabyte for an 8B model.
@@ -46,6 +49,9 @@ MAX_K_ROUNDING = 1024
 MAX_GRAPHS = 8
 # How often (in decode steps) the host checks whether every row has finished.
 FINISH_CHECK_EVERY = 16
+# Folded prefill (`fold`): a mixed step carries at least this many prompt tokens (fewer would not
+# fill the card's GEMMs, and each mixed step runs outside the graph). Tokens.
+FOLD_MIN_TOKENS = 2048
 
 
 @dataclass
@@ -53,6 +59,7 @@ class RunStats:
     prefill_s: float
     decode_s: float
     computed_prompt_tokens: int  # token slots the prefill computed (no padding: = real tokens)
+    folded_prompts: int = 0  # prompts prefilled inside decode steps (`fold`; their time is decode_s)
 
 
 class Runner(Protocol):
@@ -79,6 +86,7 @@ class Runner(Protocol):
         rolling: bool = False,
         max_rows: int | None = None,
         repeat: tuple[int, float] = (0, 1.0),
+        fold: bool = False,
     ) -> tuple[list[list[int]], RunStats]: ...
 
     def shrink_capacity(self, factor: float) -> None: ...
@@ -219,13 +227,15 @@ class LlamaRunner:
         rolling: bool = False,
         max_rows: int | None = None,
         repeat: tuple[int, float] = (0, 1.0),
+        fold: bool = False,
     ) -> tuple[list[list[int]], RunStats]:
         """Greedy continuation of every prompt; returns each row's new tokens (up to and including
         its first stop token) in input order. `new_tokens` gives each row its own limit (at most
         max_new_tokens): the bench's emulation of end tokens on random weights. With `rolling`,
         the prompts together may need more KV cache than the runner holds: they join the decode
         in input order as finished rows free their regions (see `_decode`), at most `max_rows`
-        at once (None: as many as the first admission's bucket)."""
+        at once (None: as many as the first admission's bucket). `fold` (with `rolling`): prompts
+        that join while other rows decode are prefilled inside the next decode steps."""
         n = len(prompts)
         limits = list(new_tokens) if new_tokens is not None else [max_new_tokens] * n
         if len(limits) != n or min(limits) < 1 or max(limits) > max_new_tokens:
@@ -254,11 +264,18 @@ class LlamaRunner:
         dec.park(list(range(dec.rows)))
         self._join(dec, rows, placed, steps=1)
         t1 = _now(self.device)
-        tokens, joined_s = self._decode(dec, rows, stop_ids=stop_ids, ignore_eos=ignore_eos, suppress=suppress)
+        tokens, joined_s = self._decode(
+            dec, rows, stop_ids=stop_ids, ignore_eos=ignore_eos, suppress=suppress, fold=fold and rolling
+        )
         t2 = _now(self.device)
         result = [_cut(row, limit, None if ignore_eos else stop_ids) for row, limit in zip(tokens, limits)]
         total = sum(len(p) for p in prompts)
-        return result, RunStats(prefill_s=t1 - t0 + joined_s, decode_s=t2 - t1 - joined_s, computed_prompt_tokens=total)
+        return result, RunStats(
+            prefill_s=t1 - t0 + joined_s,
+            decode_s=t2 - t1 - joined_s,
+            computed_prompt_tokens=total,
+            folded_prompts=rows.folded,
+        )
 
     def _prefill_all(self, prompts: list[list[int]], starts: list[int], dec: DecodeGraph) -> torch.Tensor:
         """Sub-batches of whole prompts up to the token budget, in input order → first tokens [n]."""
@@ -285,29 +302,34 @@ class LlamaRunner:
         stop_ids: set[int],
         ignore_eos: bool,
         suppress: tuple[int, ...],
+        fold: bool = False,
     ) -> tuple[list[list[int]], float]:
         """Replay decode steps until every row is done; each row's tokens (uncut), input order, and
         the seconds spent prefilling rows that joined on the way. Every FINISH_CHECK_EVERY steps:
         while prompts wait (rolling), finished rows give their graph row and cache region back and
         waiting prompts join there, so the step stays full; once none wait, with
         `drop_finished_rows`, rows that are done leave the step: once the rest fit a smaller row
-        bucket, they move to that bucket's graph (their cache regions stay where they are)."""
+        bucket, they move to that bucket's graph (their cache regions stay where they are). With
+        `fold`, a step with joining prompts still to prefill is a mixed step (`_mixed_step`)."""
         stop = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
         steps, joined_s = 1, 0.0
-        while rows.waiting or steps < rows.end():
+        while rows.waiting or rows.folding or steps < rows.end():
             # While prompts wait, also when a row reaches its limit: a chunk of fixed-length rows
             # then takes its next prompts at once, not up to FINISH_CHECK_EVERY steps later.
             if steps % FINISH_CHECK_EVERY == 0 or (rows.waiting and steps == rows.first_end()):
                 done = self._finished(dec, rows, steps, stop, ignore_eos)
-                if rows.waiting:
-                    joined_s += self._roll(dec, rows, done, steps)
+                if rows.waiting or rows.folding:
+                    joined_s += self._roll(dec, rows, done, steps, fold=fold)
                 elif all(done):
                     break
                 elif self.drop_finished_rows:
                     active = [b for b, d in enumerate(done) if not d]
                     if row_bucket(len(active)) < dec.rows:
                         dec = self._shrink(dec, rows, active, steps, suppress)
-            dec.run()
+            if rows.folding:
+                self._mixed_step(dec, rows, steps)
+            else:
+                dec.run()
             steps += 1
         for b, row in enumerate(dec.out[: len(rows.owner)].tolist()):
             if rows.owner[b] is not None:
@@ -325,16 +347,23 @@ class LlamaRunner:
             done = [a or b for a, b in zip(done, hit)]
         return done
 
-    def _roll(self, dec: DecodeGraph, rows: _Rows, done: list[bool], steps: int) -> float:
+    def _roll(self, dec: DecodeGraph, rows: _Rows, done: list[bool], steps: int, *, fold: bool = False) -> float:
         """Rows that are done leave (tokens kept, region freed); waiting prompts that fit join in
-        their place. Returns the seconds the joining prompts' prefill took."""
+        their place: at once, or with `fold` while other rows still decode, through the next
+        mixed steps (their graph rows and regions reserved now). Returns the seconds the joining
+        prompts' own prefill pass took (none when folded)."""
         gone = [b for b, d in enumerate(done) if d and rows.owner[b] is not None]
         if gone:
             for b, row in zip(gone, dec.out[torch.tensor(gone, device=self.device)].tolist()):
                 rows.retire(b, row[: steps - rows.joined[b]])
-        placed = admit(rows.waiting, rows.lengths, rows.regions, slots=rows.owner.count(None))
+        placed = admit(rows.waiting, rows.lengths, rows.regions, slots=rows.free_slots())
+        decoding = any(r is not None for r in rows.owner)
         took = 0.0
-        if placed:
+        if fold and decoding:
+            rows.fold(placed)
+        elif placed or rows.folding:
+            # Nothing decodes to carry them (or no folding): one prefill pass, as without `fold`.
+            placed = rows.unfold() + placed
             t0 = _now(self.device)
             self._join(dec, rows, placed, steps=steps)
             took = _now(self.device) - t0
@@ -342,6 +371,29 @@ class LlamaRunner:
         # write there any more: it becomes a dummy row.
         dec.park([b for b in gone if rows.owner[b] is None])
         return took
+
+    def _mixed_step(self, dec: DecodeGraph, rows: _Rows, steps: int) -> None:
+        """Decode step `steps` for every row, with the next slice of joining prompts prefilled in
+        the same forward pass; they take their reserved graph rows with their first token, as if
+        they had joined after this step."""
+        group = rows.folding.pop(0)
+        slots, which = [b for b, _ in group], [i for _, i in group]
+        prompts, starts = [rows.prompts[i] for i in which], [rows.starts[i] for i in which]
+        first: list[torch.Tensor] = []
+
+        def step_logits(tokens, pos, cu_k, cache, max_k):
+            logits, joining = self.llama.mixed_logits(tokens, pos, cu_k, cache, max_k, prompts, starts)
+            if dec.suppress is not None:  # as `Llama.prefill` picks a first token
+                joining.index_fill_(1, dec.suppress, float("-inf"))
+            first.append(joining.argmax(dim=-1))
+            return logits
+
+        dec.run_with(step_logits)
+        dec.place(slots, first[0], [len(p) for p in prompts], starts, [rows.lengths[i] for i in which])
+        for b, i in group:
+            rows.owner[b], rows.joined[b] = i, steps
+            rows.reserved.discard(b)
+        rows.folded += len(group)
 
     def _shrink(
         self, dec: DecodeGraph, rows: _Rows, active: list[int], steps: int, suppress: tuple[int, ...]
@@ -381,6 +433,36 @@ class _Rows:
     joined: list[int]  # graph row → the step before its first token (its tokens: steps - joined)
     starts: dict[int, int] = field(default_factory=dict)  # admitted input row → region offset
     kept: dict[int, list[int]] = field(default_factory=dict)  # input row → tokens, once it left
+    # `fold`: admitted prompts still to prefill, one list of (graph row, input row) a mixed step;
+    # their graph rows stay dummy rows, reserved, until their first token.
+    folding: list[list[tuple[int, int]]] = field(default_factory=list)
+    reserved: set[int] = field(default_factory=set)
+    folded: int = 0  # prompts that joined through mixed steps
+
+    def free_slots(self) -> int:
+        """Graph rows no row holds and no folding prompt has reserved."""
+        return self.owner.count(None) - len(self.reserved)
+
+    def fold(self, placed: list[tuple[int, int]]) -> None:
+        """Admitted prompts ((input row, region start)) to be prefilled in the next mixed steps:
+        graph rows reserved, and spread over the steps until the next admission."""
+        if not placed:
+            return
+        slots = [b for b, r in enumerate(self.owner) if r is None and b not in self.reserved][: len(placed)]
+        for (i, start), b in zip(placed, slots):
+            self.starts[i] = start
+            self.reserved.add(b)
+        runs = fold_groups(
+            [len(self.prompts[i]) for i, _ in placed], steps=FINISH_CHECK_EVERY, min_tokens=FOLD_MIN_TOKENS
+        )
+        self.folding += [[(slots[j], placed[j][0]) for j in range(a, b)] for a, b in runs]
+
+    def unfold(self) -> list[tuple[int, int]]:
+        """The folding prompts not prefilled yet, as admitted ((input row, region start)), their
+        graph rows free again: they join in one prefill pass instead."""
+        back = [(i, self.starts[i]) for group in self.folding for _, i in group]
+        self.folding, self.reserved = [], set()
+        return back
 
     def end(self) -> int:
         """The step by which every row in the graph has reached its limit."""

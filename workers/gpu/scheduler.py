@@ -8,7 +8,8 @@ torch, no Celery).
   (``ChunkSizer``: halves after an OOM, grows back after chunks succeed);
 * which pieces one chunk's prefill is computed in (``prefill_groups``);
 * which waiting prompts join a rolling generation now (``admit``; their KV regions come from
-  workers/gpu/kv_regions.py).
+  workers/gpu/kv_regions.py), and, with folded prefill, how the joining prompts are spread over
+  the next decode steps (``fold_groups``).
 
 Cutting long transcripts into pieces is the summarise step's business: workers/summarise/split.py.
 """
@@ -174,3 +175,16 @@ def admit(waiting: list[int], sizes: Sequence[int], regions: FreeRegions, *, slo
             break
         joined.append((waiting.pop(0), start))
     return joined
+
+
+def fold_groups(lengths: Sequence[int], *, steps: int, min_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) runs of whole prompts, in input order, one per mixed decode step: the prompts
+    that join a rolling generation, prefilled inside the next decode steps (their tokens folded
+    into the step's projections) instead of in a pass of their own while the decode waits.
+    Spread evenly over at most ``steps`` steps (the joiners are in before the next admission),
+    each run at least ``min_tokens`` tokens (smaller slices would not fill the card's GEMMs), a
+    prompt longer than that a run of its own."""
+    if not lengths:
+        return []
+    per_step = max(min_tokens, math.ceil(sum(lengths) / max(1, steps)))
+    return prefill_groups(lengths, token_budget=per_step)

@@ -319,9 +319,9 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
     kind, *args = command
     if kind == "generate":
         prompts, max_new_tokens, stop_ids, ignore_eos, new_tokens, decode, repeat = args
-        # Rank 0's decode settings (drop finished rows, rolling, max rows), so every rank makes
-        # the same decisions at the same steps.
-        runner.drop_finished_rows, rolling, max_rows = decode
+        # Rank 0's decode settings (drop finished rows, rolling, max rows, fold), so every rank
+        # makes the same decisions at the same steps.
+        runner.drop_finished_rows, rolling, max_rows, fold = decode
         # Every rank must fail a chunk together: a rank that ran out of memory alone would leave
         # the others waiting in an all-reduce for ever. The KV cache is the big allocation, so
         # the ranks agree on it before any of them allocates. (The ranks agreed on one capacity,
@@ -338,6 +338,7 @@ def _execute(runner: LlamaRunner, command: tuple, commands: dist.ProcessGroup) -
             rolling=rolling,
             max_rows=max_rows,
             repeat=repeat,
+            fold=fold,
         )
     if kind == "probe":
         return probe_logits(runner, args[0])
@@ -506,6 +507,7 @@ class RankGroup:
         rolling: bool = False,
         max_rows: int | None = None,
         repeat: tuple[int, float] = (0, 1.0),
+        fold: bool = False,
     ) -> tuple[list[list[int]], RunStats]:
         command = (
             "generate",
@@ -514,7 +516,7 @@ class RankGroup:
             sorted(stop_ids),
             ignore_eos,
             None if new_tokens is None else list(new_tokens),
-            (self.drop_finished_rows, rolling, max_rows),
+            (self.drop_finished_rows, rolling, max_rows, fold),
             tuple(repeat),
         )
         self._send(command)
