@@ -64,8 +64,9 @@ def test_bench_command_writes_table_json_and_plots(tmp_path: Path):
     assert [r["chunk_size"] for r in fixed] == [1, 2, report["auto_chunk_size"]]
     assert fixed[-1]["note"].startswith("auto")
     varied = [(r["decode"], r["chunk_size"]) for r in report["results"] if r["lengths"] == "varied"]
-    assert varied == [(d, c) for d in ("static", "drop", "rolling") for c in (1, 2, report["auto_chunk_size"])]
+    assert varied == [(d, c) for d in ("static", "drop", "rolling", "fold") for c in (1, 2, report["auto_chunk_size"])]
     assert "dropping finished rows" in proc.stdout and "rolling" in proc.stdout and report["token_capacity"] > 0
+    assert "joiners folded into decode steps" in proc.stdout
     for r in report["results"]:
         assert not r["oom"]
         if r["lengths"] == "varied":
@@ -147,11 +148,11 @@ def test_varied_lengths_are_seeded_and_look_like_summaries():
     assert max(varied_lengths(50, new_tokens=6)) <= 10  # scaled for short CPU runs
 
 
-def test_varied_lengths_rows_stop_at_their_own_length_static_dropped_or_rolling(tiny_engine):
+def test_varied_lengths_rows_stop_at_their_own_length_static_dropped_rolling_or_folded(tiny_engine):
     prompts = reference_prompts(6, vocab_size=512, low=5, high=40)
     own = [3, 25, 7, 1, 12, 4]
     params = SamplingParams(max_new_tokens=25, ignore_eos=True)
-    for decode in ("static", "drop", "rolling"):
+    for decode in ("static", "drop", "rolling", "fold"):
         results, _ = sweep(
             tiny_engine,
             prompts,

@@ -108,3 +108,24 @@ def test_folding_writes_the_same_tokens_with_fp8_projections_and_cache(monkeypat
     folded, _ = engine.generate(prompts, params, new_tokens=limits, rolling=True, fold=True)
     assert [g.token_ids for g in folded] == [g.token_ids for g in rolled]
     assert sum(seen["mixed"]) >= 4
+
+
+def test_fold_prefill_reaches_generate_with_rolling_chunks_only(make_batcher, tiny_engine, monkeypatch):
+    from tests.test_summarise_worker import summarise_all, transcript
+    from tubesum.settings import Settings
+
+    monkeypatch.setenv("TUBESUM_FOLD_PREFILL", "1")
+    assert Settings().fold_prefill and not Settings(fold_prefill=False).fold_prefill
+    seen: list[tuple[bool, bool]] = []
+    real = tiny_engine.generate
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("rolling"), kwargs.get("fold")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "generate", spy)
+    rolling, _ = make_batcher(chunk_size=2, chunk_wait_s=0.05, rolling=True, fold=True)
+    assert summarise_all(rolling, {1: transcript(1)})[1].status == "done"
+    static, _ = make_batcher(chunk_size=2, chunk_wait_s=0.05, rolling=False, fold=True)
+    assert summarise_all(static, {2: transcript(2)})[2].status == "done"
+    assert seen == [(True, True), (False, False)]  # folding needs rolling chunks

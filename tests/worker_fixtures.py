@@ -79,6 +79,7 @@ def make_batcher(tiny_engine):
         engine=None,
         max_new_tokens: int = MAX_NEW,
         rolling: bool = False,
+        fold: bool = False,
     ):
         sink = Recorder()
         batcher = Batcher(
@@ -89,6 +90,7 @@ def make_batcher(tiny_engine):
             max_new_tokens=max_new_tokens,
             instruction=INSTRUCTION,
             rolling=rolling,
+            fold=fold,
         ).start()
         started.append(batcher)
         return batcher, sink

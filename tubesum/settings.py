@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # prompts as fit decode together, and rows that end early hand their place to the chunk's
     # next prompts, so the decode step stays full. `auto` then holds twice the prompts.
     rolling: bool = True
+    # Folded prefill (with rolling chunks): prompts that join while other rows decode are
+    # prefilled inside the next decode steps (one forward pass with the rows) instead of in a
+    # pass of their own while the decode waits. Off until the card shows it pays
+    # (docs/benchmarks.md: `tubesum bench --lengths varied` has a "fold" row).
+    fold_prefill: bool = False
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # The GIL switch interval of the GPU worker's process, seconds (Python's default: 0.005). The

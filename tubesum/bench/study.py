@@ -12,7 +12,9 @@ random weights never pick one). Those sizes run three times over the same prompt
 of chunks: "static" (a finished row keeps its place in the decode step until the chunk's longest
 row is done) and "drop" (finished rows leave the step: the engine's default), one chunk at a time;
 "rolling" hands the runner both chunks of a pair in one call, at most a chunk's size of rows
-decoding at once: waiting prompts take the place of finished rows, so the step stays full.
+decoding at once: waiting prompts take the place of finished rows, so the step stays full; "fold"
+is rolling with the joining prompts prefilled inside the next decode steps (mixed steps) instead
+of in a pass of their own while the decode waits.
 
 With `--tensor-parallel N` the engine runs over N GPUs and the baseline is the tutorial's multi-GPU
 setup: the same model spread layer by layer over the same N GPUs with `device_map`, loaded once the
@@ -37,6 +39,10 @@ import torch
 from tubesum.errors import OutOfMemory
 from tubesum.workers.gpu.engine import Engine, SamplingParams
 from tubesum.workers.gpu.scheduler import Pending, plan_token_chunk
+
+# How varied-length chunks are decoded, each swept in turn (see the module's docstring).
+VARIED_MODES = ("static", "drop", "rolling", "fold")
+ROLLING_MODES = ("rolling", "fold")
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ def run_size(
     pairs = own_lengths is not None
     if pairs:
         max_chunks = 2 * max(1, max_chunks // 2)
-        repeats *= 2 if decode == "rolling" else 1  # rolling times a pair per call
+        repeats *= 2 if decode in ROLLING_MODES else 1  # rolling times a pair per call
     if size == 0:  # auto: each chunk as many prompts as the token budget holds
         own = [own_lengths[id(p)] for p in prompts] if own_lengths else [params.max_new_tokens] * len(prompts)
         cap = engine.auto_chunk_cap(new_tokens=params.max_new_tokens)  # as the worker holds
@@ -202,7 +208,8 @@ def run_size(
         res.note = "auto: " + ", ".join(str(len(c)) for c in chunks)
     else:
         chunks = _chunks_for(size, prompts, max_chunks, pairs=pairs, repeats=repeats)
-    rolling = decode == "rolling" and engine.runner is not None
+    rolling = decode in ROLLING_MODES and engine.runner is not None
+    fold = decode == "fold"
     max_rows = res.chunk_size if rolling else None  # a pair of chunks a call, a chunk's rows at once
     if rolling:
         chunks = [a + b for a, b in zip(chunks[::2], chunks[1::2])]
@@ -220,12 +227,24 @@ def run_size(
             )
         else:
             engine.generate(
-                chunks[0], params, backend=backend, new_tokens=lengths_of(chunks[0]), rolling=rolling, max_rows=max_rows
+                chunks[0],
+                params,
+                backend=backend,
+                new_tokens=lengths_of(chunks[0]),
+                rolling=rolling,
+                max_rows=max_rows,
+                fold=fold,
             )
         peaks = []
         for chunk in chunks:
             gens, t = engine.generate(
-                chunk, params, backend=backend, new_tokens=lengths_of(chunk), rolling=rolling, max_rows=max_rows
+                chunk,
+                params,
+                backend=backend,
+                new_tokens=lengths_of(chunk),
+                rolling=rolling,
+                max_rows=max_rows,
+                fold=fold,
             )
             res.prompts += len(chunk)
             res.runs.append(round(len(chunk) / t.wall_s, 4) if t.wall_s > 0 else 0.0)
@@ -348,7 +367,7 @@ def sweep(
 ) -> tuple[list[SizeResult], int | None]:
     """Every size in turn (then doubling, with `extend`) until one does not fit. With
     `own_lengths` (one per prompt), rows stop at their own length; `decode` "static" keeps
-    finished rows in the step, "rolling" runs two chunks a call (see `run_size`)."""
+    finished rows in the step, "rolling" and "fold" run two chunks a call (see `run_size`)."""
     sizes = sorted(chunk_sizes, key=lambda c: (c == 0, c))  # 0 = auto, last
     numbered = [c for c in sizes if c]
     if extend and numbered:
@@ -599,7 +618,7 @@ def run_bench(
         own = varied_lengths(len(prompt_ids), new_tokens=new_tokens)
         varied_params = SamplingParams(max_new_tokens=max(own), ignore_eos=True)
         fit = [c for c in varied_sizes or chunk_sizes if not report.memory_limit_chunk or c < report.memory_limit_chunk]
-        for decode in ("static", "drop", "rolling"):
+        for decode in VARIED_MODES:
             sweep(
                 engine,
                 prompt_ids,

@@ -82,7 +82,11 @@ def print_table(console: Console, title: str, rows: list[SizeResult]) -> None:
 
 
 # What each decode mode other than static does, in the comparison lines.
-WHAT = {"drop": "dropping finished rows", "rolling": "rolling (waiting prompts join)"}
+WHAT = {
+    "drop": "dropping finished rows",
+    "rolling": "rolling (waiting prompts join)",
+    "fold": "rolling, joiners folded into decode steps",
+}
 
 
 def varied_comparison(results: list[SizeResult]) -> list[str]:

@@ -117,6 +117,7 @@ class Batcher:
         heartbeat: Heartbeat | None = None,
         heartbeat_s: float = 60.0,
         rolling: bool = False,
+        fold: bool = False,
         store_wait_s: float = OUTAGE_MAX_WAIT_S,
         progress: Progress | None = None,
         no_repeat_ngram_size: int = 0,
@@ -126,6 +127,7 @@ class Batcher:
         self.store_wait_s = store_wait_s
         self.progress = progress
         self.waves = rolling_waves(engine, rolling)
+        self.fold = fold and self.waves > 1  # folded prefill needs rolling chunks
         self.sink = sink
         self.chunk_wait_s = chunk_wait_s
         self.params = SamplingParams(
@@ -375,7 +377,9 @@ class Batcher:
         started, t0 = utcnow(), time.perf_counter()
         oom: OutOfMemory | None = None
         try:
-            generations, timings = self.engine.generate([p.ids for p in chunk], self.params, rolling=self.waves > 1)
+            generations, timings = self.engine.generate(
+                [p.ids for p in chunk], self.params, rolling=self.waves > 1, fold=self.fold
+            )
         except OutOfMemory as exc:
             oom = exc  # handled below, outside this block: the halves run with no live traceback
         if oom is not None:

@@ -93,6 +93,7 @@ def build_batcher(engine: Engine, settings: Settings, *, lease_owner: str | None
         ),
         heartbeat_s=settings.heartbeat_s,
         rolling=settings.rolling,
+        fold=settings.fold_prefill,
         progress=partial(note_map_reduce, owner=lease_owner, database_url=settings.database_url),
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=settings.repetition_penalty,
