@@ -33,8 +33,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(engine, prompts, params, limits, rows: int, fold: bool) -> tuple[float, list[list[int]], int]:
-    """Median seconds of REPEATS calls (after one warm-up), the tokens, the prompts folded."""
+def _timed(
+    engine, prompts, params, limits, rows: int, fold: bool, repeats: int = REPEATS
+) -> tuple[float, list[list[int]], int]:
+    """Median seconds of `repeats` calls (after one warm-up), the tokens, the prompts folded."""
     runner = engine.runner
     folded: list[int] = []
     real = runner.generate
@@ -48,7 +50,7 @@ def _timed(engine, prompts, params, limits, rows: int, fold: bool) -> tuple[floa
     try:
         engine.generate(prompts, params, new_tokens=limits, rolling=True, max_rows=rows, fold=fold)
         times = []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             _sync()
             t0 = time.perf_counter()
             gens, _ = engine.generate(prompts, params, new_tokens=limits, rolling=True, max_rows=rows, fold=fold)
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--rows", default="128,256")
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--prompt-tokens", default="700,1400", help="low,high: prompt lengths (a CPU smoke: 20,60)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -85,8 +88,8 @@ def main() -> None:
         prompts = reference_prompts(2 * rows, vocab_size=engine.model.config.vocab_size, low=low, high=high)
         limits = varied_lengths(len(prompts))
         params = SamplingParams(max_new_tokens=max(limits), ignore_eos=True)
-        plain_s, plain, _ = _timed(engine, prompts, params, limits, rows, fold=False)
-        fold_s, folded, n_folded = _timed(engine, prompts, params, limits, rows, fold=True)
+        plain_s, plain, _ = _timed(engine, prompts, params, limits, rows, fold=False, repeats=args.repeats)
+        fold_s, folded, n_folded = _timed(engine, prompts, params, limits, rows, fold=True, repeats=args.repeats)
         same = sum(a == b for a, b in zip(plain, folded)) / len(prompts)
         first32 = sum(a[:32] == b[:32] for a, b in zip(plain, folded)) / len(prompts)
         run = {
