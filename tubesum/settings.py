@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     rolling: bool = True
     # Folded prefill (with rolling chunks): prompts that join while other rows decode are
     # prefilled inside the next decode steps (one forward pass with the rows) instead of in a
-    # pass of their own while the decode waits. Off until the card shows it pays
-    # (docs/benchmarks.md: `tubesum bench --lengths varied` has a "fold" row).
+    # pass of their own while the decode waits. Off: on an H100 it does not pay (0.997x in bf16,
+    # 0.82x in FP8; docs/benchmarks.md; `tubesum bench --lengths varied` has a "fold" row).
     fold_prefill: bool = False
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
